@@ -1,0 +1,31 @@
+"""Errors raised on bad input. Each message says what is wrong and where."""
+
+from __future__ import annotations
+
+
+class SSLCellError(Exception):
+    """Base class of all sslcell errors."""
+
+
+class InputError(SSLCellError, ValueError):
+    """The data given to sslcell is malformed (shape, dtype, values, names)."""
+
+
+class GeneMismatchError(InputError):
+    """The input's genes do not overlap the model's gene list."""
+
+
+class ChannelMismatchError(InputError):
+    """The input's channels do not match the model's channel spec."""
+
+
+class FileFormatError(InputError, OSError):
+    """A file could not be read as the format it claims to be."""
+
+
+class ConfigError(SSLCellError, ValueError):
+    """A configuration field has a wrong name, type or value."""
+
+
+class OverwriteError(SSLCellError, FileExistsError):
+    """An output (file, directory or ``obsm`` key) exists and overwriting was not asked for."""
