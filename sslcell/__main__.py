@@ -1,0 +1,5 @@
+import sys
+
+from sslcell.cli import main
+
+sys.exit(main())

@@ -1,0 +1,126 @@
+"""Model directories: ``model.safetensors`` + ``config.json``. Loading never executes code from the files.
+
+``config.json`` holds the recipe (method, encoder, training settings), the input contract (gene list or
+channel spec, normalisation), the seed, the library versions and what the model was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from sslcell.config import RecipeConfig
+from sslcell.errors import ConfigError, FileFormatError
+from sslcell.methods import SSLModule, build_method
+
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries a model depends on, recorded in every checkpoint and result."""
+    out = {"python": platform.python_version()}
+    for name in ("sslcell", "torch", "lightly", "pytorch-lightning", "anndata", "scanpy", "numpy"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def save_model(model: SSLModule, directory: str | Path, *, trained: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` to ``directory`` (created; its two files are replaced atomically)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "recipe": model.config.to_dict(),
+        "contract": model.inputs.contract(),
+        "embed_dim": model.embed_dim,
+        "seed": model.config.train.seed,
+        "versions": versions(),
+        "trained": trained or {},
+    }
+    _atomic_write(directory / WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    _atomic_write(directory / CONFIG, lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
+    return directory
+
+
+def read_model_config(directory: str | Path) -> dict[str, Any]:
+    """The parsed ``config.json`` of a model directory (or of a run directory's ``model/``)."""
+    directory = model_directory(directory)
+    try:
+        meta = json.loads((directory / CONFIG).read_text())
+    except json.JSONDecodeError as err:
+        raise FileFormatError(f"{directory / CONFIG}: not valid JSON ({err})") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise FileFormatError(
+            f"{directory / CONFIG}: format_version {meta.get('format_version')!r} is not supported "
+            f"(this sslcell reads {FORMAT_VERSION})"
+        )
+    return meta
+
+
+def load(directory: str | Path, *, map_location: str | torch.device = "cpu") -> SSLModule:
+    """Restore a model saved by :func:`save_model` (or a run directory of ``sslcell pretrain``).
+
+    Weights come from safetensors and settings from JSON: nothing in the files is executed.
+    """
+    directory = model_directory(directory)
+    meta = read_model_config(directory)
+    try:
+        config = RecipeConfig.from_dict(meta["recipe"])
+    except (KeyError, ConfigError) as err:
+        raise FileFormatError(f"{directory / CONFIG}: bad recipe ({err})") from None
+    model = build_method(config, meta["contract"])
+    try:
+        state = load_file(str(directory / WEIGHTS), device=str(map_location))
+    except (SafetensorError, OSError) as err:
+        raise FileFormatError(f"{directory / WEIGHTS}: cannot read weights ({err})") from None
+    expected = model.state_dict()
+    wrong = [k for k in expected if k not in state or state[k].shape != expected[k].shape]
+    unexpected = [k for k in state if k not in expected]
+    if wrong or unexpected:
+        raise FileFormatError(
+            f"{directory / WEIGHTS}: weights do not match the recipe in {CONFIG} "
+            f"(missing or misshapen {wrong[:5]}, unexpected {unexpected[:5]})"
+        )
+    model.load_state_dict(state)
+    model.trained_info = meta.get("trained", {})
+    model.source = str(directory)
+    return model.eval()
+
+
+def model_directory(directory: str | Path) -> Path:
+    """Accept a model directory or a run directory containing ``model/``."""
+    directory = Path(directory)
+    if (directory / CONFIG).is_file():
+        return directory
+    if (directory / "model" / CONFIG).is_file():
+        return directory / "model"
+    if not directory.exists():
+        raise FileNotFoundError(f"{directory}: no such model directory")
+    raise FileFormatError(f"{directory}: not an sslcell model directory (no {CONFIG} in it or in {directory}/model)")
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same directory, then rename: a killed run never leaves half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -1,0 +1,1 @@
+"""Data: readers and loaders for expression matrices and cell crops, gene programmes, synthetic data."""

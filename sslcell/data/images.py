@@ -1,0 +1,596 @@
+"""Multi-channel cell crops ``(N, C, H, W)`` with channel names and a per-cell ``obs`` table.
+
+Microscopy is not RGB: a crop has 1 to 6+ channels (brightfield, DIC, darkfield, fluorescence) stored as
+``uint8`` or ``uint16`` at full range, or as ``float32`` (finite values only). Other dtypes are refused rather
+than silently converted. Large sets stay on disk: an uncompressed ``.npz`` member is memory-mapped and a zarr
+array is read chunk by chunk; selecting cells or channels only composes indices (:class:`LazyImages`), and
+pixels are read when a batch is asked for.
+
+Readers (:meth:`CellImages.read`):
+
+* ``.npz``: key ``images`` ``(N, C, H, W)``; optional ``channel_names`` ``(C,)``; per-cell arrays become ``obs``
+  columns (1-D of length ``N``, or ``(N, k)`` with ``k <= 16`` split into ``key_0 .. key_{k-1}``); the label
+  array (``labels`` / ``label`` or ``label_key``) becomes the categorical column ``label``, named through
+  ``label_names`` ``(K,)`` when given (code ``-1`` = unlabelled); ``cell_id`` ``(N,)``, if present, is the index.
+  Scalars (e.g. ``description``) are skipped; a compressed ``images`` member is decompressed into memory.
+* zarr: an array ``(N, C, H, W)``, or a group with an ``images`` array and per-cell arrays as above;
+  ``channel_names`` / ``label_names`` from the attributes (or arrays of the group).
+* a folder of ``.tif`` / ``.tiff`` / ``.png`` crops, one file per cell, at the top level or in class subfolders
+  (subfolder name -> ``label``). A 2-D crop is one channel; in a 3-D crop the channel axis is the shorter of the
+  first and last axes, so ``(C, H, W)`` (tifffile) and ``(H, W, C)`` (PIL, RGB) both work; ties read as
+  ``(C, H, W)``. An optional ``obs.csv`` (first column: file name relative to the folder, with or without
+  suffix) adds columns; ``label_key`` then names the column to use as ``label`` (the subfolder name, if any,
+  moves to ``folder``). A folder is read into memory: convert large sets to zarr or uncompressed npz.
+"""
+
+from __future__ import annotations
+
+import warnings
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from sslcell.errors import ChannelMismatchError, FileFormatError, InputError
+
+SUPPORTED_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
+CROP_SUFFIXES = (".tif", ".tiff", ".png")
+_MAX_SPLIT_COLUMNS = 16  # (N, k) per-cell arrays with k up to this are split into obs columns
+
+
+class LazyImages:
+    """A read-on-demand view ``(N, C, H, W)`` of an on-disk array (``np.memmap``, zarr, h5py dataset).
+
+    ``cells`` (N,) and ``channels`` (C,) index the source; :meth:`take` composes further selections without
+    reading. Indexing (``view[idx]``) reads the rows and returns a fresh ``ndarray``: one fancy index for a
+    memmap; sorted unique rows (chunk locality), then reordered, for zarr / h5py. Pickling a memmap-backed view
+    stores the file mapping, not the pixels (cheap for loader workers).
+    """
+
+    def __init__(self, source: Any, cells: np.ndarray | None = None, channels: np.ndarray | None = None):
+        self.source = source
+        n, c = source.shape[0], source.shape[1]
+        self.cells = np.arange(n, dtype=np.intp) if cells is None else np.asarray(cells, dtype=np.intp)
+        self.channels = np.arange(c, dtype=np.intp) if channels is None else np.asarray(channels, dtype=np.intp)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.cells), len(self.channels), *self.source.shape[2:4])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.source.dtype)
+
+    ndim = 4
+
+    def __len__(self) -> int:
+        return len(self.cells)
+
+    def take(self, cells: Any = slice(None), channels: Any = slice(None)) -> LazyImages:
+        """Sub-view: ``cells`` / ``channels`` index this view (int arrays, bool masks or slices); nothing is read."""
+        return LazyImages(self.source, self.cells[cells], self.channels[channels])
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        rows = self.cells[key[0]]
+        out = self._read(np.atleast_1d(rows))
+        out = out[0] if np.ndim(rows) == 0 else out
+        rest = key[1:]
+        return out[(slice(None), *rest) if np.ndim(rows) else rest] if rest else out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self._read(self.cells)
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def _read(self, rows: np.ndarray) -> np.ndarray:
+        """Rows (any order, repeats allowed) of the source -> ``(len(rows), C, H, W)`` ndarray (a fresh copy)."""
+        if rows.size == 0:
+            return np.empty((0, *self.shape[1:]), dtype=self.dtype)
+        all_channels = np.array_equal(self.channels, np.arange(self.source.shape[1]))
+        if isinstance(self.source, np.ndarray):  # memmap: one fancy-index copy, any row order
+            out = self.source[rows] if all_channels else self.source[rows[:, None], self.channels]
+            return np.asarray(out)
+        # zarr / h5py: read sorted unique rows (chunk locality; h5py needs increasing indices), then reorder
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        key = slice(uniq[0], uniq[-1] + 1) if uniq[-1] - uniq[0] + 1 == len(uniq) else uniq
+        if hasattr(self.source, "oindex"):  # zarr: orthogonal read of the rows and only the selected channels
+            block = np.asarray(self.source.oindex[key] if all_channels else self.source.oindex[key, self.channels])
+        elif all_channels:
+            block = np.asarray(self.source[key])
+        else:  # h5py and others: read whole cells, then drop channels
+            block = np.asarray(self.source[key])[:, self.channels]
+        return block if np.array_equal(inverse, np.arange(len(uniq))) else block[inverse]
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        src = self.source
+        if isinstance(src, np.memmap) and src.filename is not None:  # pickle the mapping, not the pixels
+            order = "F" if src.flags.f_contiguous and not src.flags.c_contiguous else "C"
+            state["source"] = ("memmap", str(src.filename), src.offset, src.dtype.str, src.shape, order)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        src = state["source"]
+        if isinstance(src, tuple) and src and src[0] == "memmap":
+            _, filename, offset, dtype, shape, order = src
+            state["source"] = np.memmap(filename, dtype=dtype, mode="r", offset=offset, shape=shape, order=order)
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        return f"LazyImages(shape={self.shape}, dtype={self.dtype}, source={type(self.source).__name__})"
+
+
+class CellImages:
+    """N cell crops ``(N, C, H, W)`` (uint8 | uint16 | float32) with channel names and a per-cell ``obs`` table.
+
+    ``images`` is an in-memory ``ndarray`` or a :class:`LazyImages` view of an on-disk array; it is never
+    forced into memory (use :meth:`batch` or ``np.asarray(images)``). ``obs`` has one row per cell, indexed by
+    cell ids (strings), with labels and metadata columns. ``source`` names where the crops came from.
+    """
+
+    def __init__(self, images: Any, channel_names: Sequence[str], obs: pd.DataFrame, source: str = "array"):
+        self.images = images
+        self.channel_names = list(channel_names)
+        self.obs = obs
+        self.source = source
+
+    # ----------------------------------------------------------------------------------------------- building
+    @classmethod
+    def from_array(
+        cls,
+        images: Any,
+        *,
+        channel_names: Sequence[str] | None = None,
+        obs: pd.DataFrame | None = None,
+        labels: Any = None,
+        source: str = "array",
+    ) -> CellImages:
+        """Validate and wrap ``images`` ``(N, C, H, W)``: an ndarray, a ``np.memmap`` or zarr / h5py array.
+
+        ``labels`` (N,) becomes the categorical ``obs["label"]``; ``obs`` (N rows) is copied and its index
+        turned into strings (default ids ``"0" .. "N-1"``). On-disk arrays are wrapped in :class:`LazyImages`.
+        Float32 crops are checked for NaN / inf here when in memory, and batch by batch when on disk.
+        """
+        if not (hasattr(images, "shape") and hasattr(images, "dtype")):
+            images = np.asarray(images)
+        shape = tuple(int(s) for s in images.shape)
+        if len(shape) != 4:
+            hint = " (for single-channel crops (N, H, W) use images[:, None])" if len(shape) == 3 else ""
+            raise InputError(f"images must be 4-D (N, C, H, W); got shape {shape}{hint}")
+        if 0 in shape:
+            what = "no cells (N = 0)" if shape[0] == 0 else f"a zero-sized axis in shape {shape}"
+            raise InputError(f"images is empty: {what}")
+        dtype = np.dtype(images.dtype)
+        if dtype not in SUPPORTED_DTYPES:
+            raise InputError(
+                f"images dtype {dtype} is not supported; use uint8 or uint16 (raw intensities, full range) or "
+                f"float32 (e.g. images.astype(np.uint16) or .astype(np.float32))"
+            )
+        if isinstance(images, np.ndarray) and not isinstance(images, np.memmap):
+            if dtype.kind == "f":
+                _check_finite(images, "images")
+        elif not isinstance(images, LazyImages):
+            images = LazyImages(images)
+        names = _channel_names(channel_names, shape[1])
+        obs = _make_obs(obs, labels, shape[0])
+        return cls(images, names, obs, source=source)
+
+    @classmethod
+    def read(
+        cls,
+        path: str | Path,
+        *,
+        channels: Sequence[int | str] | int | str | None = None,
+        label_key: str | None = None,
+    ) -> CellImages:
+        """Read crops from an ``.npz``, a zarr array / group or a folder of TIFF / PNG crops (see module doc).
+
+        ``channels``: indices or names to keep (the selection stays lazy). ``label_key``: the per-cell array
+        (npz / zarr) or ``obs.csv`` column (folder) holding the labels; it becomes the categorical ``label``.
+        """
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such file or folder")
+        if path.is_file() and path.suffix.lower() == ".npz":
+            cells = _read_npz(path, label_key)
+        elif path.is_dir() and (path.suffix == ".zarr" or any((path / m).exists() for m in _ZARR_MARKERS)):
+            cells = _read_zarr(path, label_key)
+        elif path.is_dir():
+            cells = _read_folder(path, label_key)
+        else:
+            raise FileFormatError(
+                f"{path}: unsupported format; expected a .npz file, a zarr store or a folder of "
+                f"{'/'.join(CROP_SUFFIXES)} crops"
+            )
+        return cells if channels is None else cells.select_channels(channels)
+
+    # ------------------------------------------------------------------------------------------- selections
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """``(N, C, H, W)``."""
+        return tuple(int(s) for s in self.images.shape)  # type: ignore[return-value]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.images.dtype)
+
+    def channel_index(self, channels: Sequence[int | str] | int | str) -> list[int]:
+        """Indices or names -> channel indices; raises :class:`ChannelMismatchError` listing what exists."""
+        items = [channels] if isinstance(channels, (int, np.integer, str)) else list(channels)
+        n = len(self.channel_names)
+        available = ", ".join(f"{i}: {name!r}" for i, name in enumerate(self.channel_names))
+        index = []
+        for item in items:
+            if isinstance(item, str):
+                if item not in self.channel_names:
+                    raise ChannelMismatchError(f"unknown channel name {item!r}; available channels: {available}")
+                index.append(self.channel_names.index(item))
+            elif isinstance(item, (int, np.integer)) and not isinstance(item, bool):
+                if not -n <= item < n:
+                    raise ChannelMismatchError(
+                        f"channel index {item} out of range for {n} channels; available channels: {available}"
+                    )
+                index.append(int(item) % n)
+            else:
+                raise ChannelMismatchError(f"channel selector {item!r} is neither an index nor a name")
+        if not index:
+            raise ChannelMismatchError(f"empty channel selection; available channels: {available}")
+        dup = [self.channel_names[i] for i in set(index) if index.count(i) > 1]
+        if dup:
+            raise ChannelMismatchError(f"channel(s) {dup} selected more than once")
+        return index
+
+    def select_channels(self, channels: Sequence[int | str] | int | str) -> CellImages:
+        """Keep ``channels`` (indices or names, in the given order); lazy for on-disk arrays."""
+        index = self.channel_index(channels)
+        images = self.images.take(channels=index) if isinstance(self.images, LazyImages) else self.images[:, index]
+        return CellImages(images, [self.channel_names[i] for i in index], self.obs, self.source)
+
+    def __getitem__(self, idx: Any) -> CellImages:
+        """Subset of cells: an int, slice, int array, bool mask (N,) or cell ids (strings); lazy when on disk."""
+        rows = self._rows(idx)
+        images = self.images.take(cells=rows) if isinstance(self.images, LazyImages) else self.images[rows]
+        return CellImages(images, self.channel_names, self.obs.iloc[rows], self.source)
+
+    def _rows(self, idx: Any) -> np.ndarray | slice:
+        n = len(self)
+        if isinstance(idx, slice):
+            return idx
+        if isinstance(idx, (int, np.integer)):
+            idx = [idx]
+        idx = np.asarray(idx)
+        if idx.dtype.kind in "UO":
+            rows = self.obs.index.get_indexer(idx.astype(str))
+            if (rows < 0).any():
+                raise InputError(f"unknown cell id(s) {idx[rows < 0][:5].tolist()}")
+            return rows
+        if idx.dtype == bool:
+            if idx.shape != (n,):
+                raise InputError(f"boolean cell mask has shape {idx.shape}; expected ({n},)")
+            return np.flatnonzero(idx)
+        if idx.dtype.kind not in "iu" or idx.ndim != 1:
+            raise InputError(f"cell index must be 1-D integers, booleans or ids; got {idx.dtype} {idx.shape}")
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            raise IndexError(f"cell index out of range for {n} cells (min {idx.min()}, max {idx.max()})")
+        return idx % n if idx.size and idx.min() < 0 else idx
+
+    def batch(self, idx: np.ndarray) -> np.ndarray:
+        """Cells ``idx`` (B,) -> ``(B, C, H, W)`` ndarray in the original dtype (for the loader)."""
+        rows = self._rows(idx)
+        out = np.asarray(self.images[rows])
+        if out.dtype.kind == "f" and isinstance(self.images, LazyImages):
+            _check_finite(out, f"{self.source} cells {list(self.obs.index[rows][:3])}...")
+        return out
+
+    # ------------------------------------------------------------------------------------------- exports
+    def to_anndata(self):
+        """One row per cell: ``obs``; ``X`` empty ``(N, 0)`` float32; ``uns["sslcell_images"]`` describes the crops."""
+        import anndata as ad
+
+        adata = ad.AnnData(X=np.zeros((len(self), 0), dtype=np.float32), obs=self.obs.copy())
+        adata.uns["sslcell_images"] = {
+            "channel_names": list(self.channel_names),
+            "shape": list(self.shape),
+            "dtype": str(self.dtype),
+            "source": str(self.source),
+        }
+        return adata
+
+    def channel_stats(self, max_cells: int = 10000, seed: int = 0, batch_size: int = 1024) -> dict:
+        """Per-channel mean / std (float64, population std) over a random subset of ``max_cells`` cells.
+
+        JSON-ready for checkpoints: ``{"channel_names", "mean", "std", "n_cells", "seed", "dtype"}``. Reads in
+        batches and merges (count, mean, M2) per batch (Chan et al.), so uint16 data loses no precision.
+        """
+        n = len(self)
+        rows = np.arange(n) if max_cells >= n else np.sort(np.random.default_rng(seed).choice(n, max_cells, False))
+        count, mean, m2 = 0, np.zeros(self.shape[1]), np.zeros(self.shape[1])
+        for start in range(0, len(rows), batch_size):
+            x = self.batch(rows[start : start + batch_size]).astype(np.float64)
+            x = x.transpose(1, 0, 2, 3).reshape(x.shape[1], -1)  # (C, B*H*W)
+            k, batch_mean = x.shape[1], x.mean(axis=1)
+            batch_m2 = ((x - batch_mean[:, None]) ** 2).sum(axis=1)
+            delta = batch_mean - mean
+            mean = mean + delta * k / (count + k)
+            m2 = m2 + batch_m2 + delta**2 * count * k / (count + k)
+            count += k
+        return {
+            "channel_names": list(self.channel_names),
+            "mean": mean.tolist(),
+            "std": np.sqrt(m2 / count).tolist(),
+            "n_cells": int(len(rows)),
+            "seed": int(seed),
+            "dtype": str(self.dtype),
+        }
+
+    def __repr__(self) -> str:
+        kind = "lazy" if isinstance(self.images, LazyImages) else "in memory"
+        return (
+            f"CellImages({len(self)} cells, {self.shape[1]} channels {self.channel_names}, "
+            f"{self.shape[2]}x{self.shape[3]} {self.dtype}, {kind}, obs columns {list(self.obs.columns)})"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- validation
+def _check_finite(images: np.ndarray, where: str, chunk: int = 4096) -> None:
+    for start in range(0, len(images), chunk):
+        bad = ~np.isfinite(images[start : start + chunk]).reshape(min(chunk, len(images) - start), -1).all(axis=1)
+        if bad.any():
+            raise InputError(f"{where}: NaN or inf in cell(s) {(start + np.flatnonzero(bad)[:5]).tolist()}")
+
+
+def _channel_names(names: Sequence[str] | None, n_channels: int) -> list[str]:
+    if names is None:
+        return [f"channel_{i}" for i in range(n_channels)]
+    names = [str(x) for x in names]
+    if len(names) != n_channels:
+        raise InputError(f"{len(names)} channel_names {names} for {n_channels} channels")
+    if len(set(names)) != len(names):
+        raise InputError(f"channel_names must be unique; got {names}")
+    return names
+
+
+def _make_obs(obs: pd.DataFrame | None, labels: Any, n: int) -> pd.DataFrame:
+    if obs is None:
+        obs = pd.DataFrame(index=pd.Index([str(i) for i in range(n)]))
+    else:
+        if len(obs) != n:
+            raise InputError(f"obs has {len(obs)} rows for {n} cells")
+        obs = obs.copy()
+        obs.index = pd.Index([str(i) for i in obs.index])
+        if obs.index.has_duplicates:
+            raise InputError(f"obs index (cell ids) has duplicates: {list(obs.index[obs.index.duplicated()][:5])}")
+    if labels is not None:
+        labels = labels if isinstance(labels, pd.Categorical) else pd.Categorical(np.asarray(labels))
+        if len(labels) != n:
+            raise InputError(f"labels has {len(labels)} entries for {n} cells")
+        if "label" in obs.columns:
+            raise InputError("labels given and obs already has a 'label' column; give one of them")
+        obs["label"] = labels
+    return obs
+
+
+def _label_column(values: np.ndarray, names: np.ndarray | None, where: str) -> pd.Categorical:
+    """Integer codes + ``names`` (K,) -> categorical with those names; else the values as categories."""
+    if names is None:
+        return pd.Categorical(values)
+    names = [str(x) for x in np.asarray(names).ravel()]
+    if values.dtype.kind not in "iu":
+        raise InputError(f"{where}: label_names given but labels are {values.dtype}, not integer codes")
+    bad = (values < -1) | (values >= len(names))
+    if bad.any():
+        raise InputError(
+            f"{where}: label code {values[bad][0]} (cell {np.flatnonzero(bad)[0]}) outside 0..{len(names) - 1} "
+            f"for label_names {names}"
+        )
+    return pd.Categorical.from_codes(values.astype(np.int64), categories=names)
+
+
+def _cells_from_arrays(
+    images: Any, arrays: dict[str, np.ndarray], attrs: dict, label_key: str | None, source: str
+) -> CellImages:
+    """Assemble a CellImages from ``images`` plus named side arrays (npz members / zarr group arrays)."""
+    n = int(images.shape[0]) if len(images.shape) else 0
+    channel_names = arrays.pop("channel_names", attrs.get("channel_names"))
+    label_names = arrays.pop("label_names", attrs.get("label_names"))
+    if label_key is not None and label_key not in arrays:
+        raise InputError(f"{source}: label_key {label_key!r} not found; per-cell arrays: {sorted(arrays)}")
+    key = label_key or next((k for k in ("labels", "label") if k in arrays), None)
+    columns: dict[str, Any] = {}
+    for name, values in arrays.items():
+        values = np.asarray(values)
+        if values.dtype.kind in "OT":
+            values = values.astype(str)
+        if name == key:
+            if values.shape != (n,):
+                raise InputError(f"{source}: labels {name!r} has shape {values.shape} for {n} cells")
+            columns["label"] = _label_column(values, label_names, f"{source}: {name!r}")
+        elif values.ndim == 1 and len(values) == n:
+            columns[name] = values
+        elif values.ndim == 2 and len(values) == n and values.shape[1] <= _MAX_SPLIT_COLUMNS:
+            columns.update({f"{name}_{j}": values[:, j] for j in range(values.shape[1])})
+        elif values.ndim > 0:
+            warnings.warn(f"{source}: array {name!r} with shape {values.shape} is not per-cell; skipped", stacklevel=3)
+    ids = columns.pop("cell_id", None)
+    index = pd.Index([str(i) for i in (ids if ids is not None else range(n))])
+    obs = pd.DataFrame(columns, index=index) if n else None
+    names = None if channel_names is None else [str(x) for x in np.asarray(channel_names).ravel()]
+    return CellImages.from_array(images, channel_names=names, obs=obs, source=source)
+
+
+# ----------------------------------------------------------------------------------------------------- npz
+def _npy_header(fp) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = np.lib.format.read_magic(fp)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(fp)
+    return np.lib.format.read_array_header_2_0(fp)
+
+
+def _npz_memmap(path: Path, zf: zipfile.ZipFile, member: str) -> np.memmap | None:
+    """Memory-map an npz member stored uncompressed; ``None`` when it is compressed (then load it)."""
+    info = zf.getinfo(member)
+    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+        return None
+    with open(path, "rb") as fp:
+        fp.seek(info.header_offset)
+        local = fp.read(30)
+        if local[:4] != b"PK\x03\x04":
+            raise FileFormatError(f"{path}: bad zip local header for member {member!r}")
+        name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+        fp.seek(info.header_offset + 30 + name_len + extra_len)  # local extra field may differ from the central one
+        shape, fortran, dtype = _npy_header(fp)
+        offset = fp.tell()
+    if dtype.hasobject or 0 in shape:
+        return None
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+
+
+def _read_npz(path: Path, label_key: str | None) -> CellImages:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = {name[:-4]: name for name in zf.namelist() if name.endswith(".npy")}
+            if "images" not in members:
+                raise FileFormatError(f"{path}: no 'images' array in the .npz; keys found: {sorted(members)}")
+            images = _npz_memmap(path, zf, members["images"])
+            arrays = {}
+            for key, member in members.items():
+                if key == "images":
+                    continue
+                with zf.open(member) as fp:
+                    shape, _, _ = _npy_header(fp)
+                if len(shape) <= 1 or (len(shape) == 2 and shape[1] <= _MAX_SPLIT_COLUMNS):
+                    with zf.open(member) as fp:
+                        arrays[key] = np.lib.format.read_array(fp, allow_pickle=False)
+                else:
+                    warnings.warn(f"{path}: array {key!r} with shape {shape} is not per-cell; skipped", stacklevel=3)
+            if images is None:
+                with zf.open(members["images"]) as fp:
+                    images = np.lib.format.read_array(fp, allow_pickle=False)
+    except FileFormatError:
+        raise
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as err:
+        raise FileFormatError(f"{path}: cannot read as .npz ({type(err).__name__}: {err})") from err
+    arrays = {k: v for k, v in arrays.items() if v.ndim > 0}  # scalars such as "description" are not per-cell
+    return _cells_from_arrays(images, arrays, {}, label_key, str(path))
+
+
+# ---------------------------------------------------------------------------------------------------- zarr
+_ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup")
+
+
+def _read_zarr(path: Path, label_key: str | None) -> CellImages:
+    import zarr
+
+    try:
+        node = zarr.open(str(path), mode="r")
+    except Exception as err:  # zarr raises many types for broken stores
+        raise FileFormatError(f"{path}: cannot open as zarr ({type(err).__name__}: {err})") from err
+    attrs = dict(node.attrs)
+    if isinstance(node, zarr.Array):
+        return _cells_from_arrays(node, {}, attrs, label_key, str(path))
+    if "images" not in node.array_keys():
+        raise FileFormatError(f"{path}: zarr group has no 'images' array; arrays: {sorted(node.array_keys())}")
+    images = node["images"]
+    attrs = {**dict(images.attrs), **attrs}
+    arrays = {k: node[k][...] for k in node.array_keys() if k != "images" and node[k].ndim <= 2}
+    return _cells_from_arrays(images, arrays, attrs, label_key, str(path))
+
+
+# -------------------------------------------------------------------------------------------------- folder
+def _read_crop(file: Path) -> np.ndarray:
+    """One crop file -> ``(C, H, W)``; see the module doc for the axis rule."""
+    try:
+        if file.suffix.lower() == ".png":
+            from PIL import Image
+
+            with Image.open(file) as im:
+                arr = np.asarray(im)
+            if arr.dtype == np.int32 and arr.size and 0 <= arr.min() and arr.max() <= 65535:  # old 16-bit PNG mode "I"
+                arr = arr.astype(np.uint16)
+        else:
+            import tifffile
+
+            arr = tifffile.imread(file)
+    except Exception as err:  # PIL / tifffile raise many types for corrupt files
+        raise FileFormatError(f"{file}: cannot read crop ({type(err).__name__}: {err})") from err
+    arr = np.squeeze(arr) if arr.ndim > 3 else arr
+    if arr.ndim == 2:
+        return arr[None]
+    if arr.ndim == 3:
+        return np.moveaxis(arr, -1, 0) if arr.shape[-1] < arr.shape[0] else arr
+    raise FileFormatError(f"{file}: crop has shape {arr.shape}; expected (H, W), (C, H, W) or (H, W, C)")
+
+
+def _crop_files(path: Path) -> list[Path]:
+    """Crop files at the top level of ``path`` or in its direct subfolders (not both), sorted."""
+    def crops_in(folder: Path) -> list[Path]:
+        return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in CROP_SUFFIXES)
+
+    top = crops_in(path)
+    nested = [p for d in sorted(path.iterdir()) if d.is_dir() for p in crops_in(d)]
+    if not top and not nested:
+        raise FileFormatError(f"{path}: no {'/'.join(CROP_SUFFIXES)} crops at the top level or in subfolders")
+    if top and nested:
+        raise InputError(
+            f"{path}: crops both at the top level ({top[0].name}) and in subfolders ({nested[0].relative_to(path)}); "
+            "put all crops in class subfolders or all at the top level"
+        )
+    return top or nested
+
+
+def _folder_obs(path: Path, ids: list[str], folder_labels: list[str] | None, label_key: str | None) -> pd.DataFrame:
+    """``obs`` for a crop folder: ``obs.csv`` rows matched to crop ids, and the ``label`` column (module doc)."""
+    csv = path / "obs.csv"
+    if not csv.exists():
+        if label_key is not None:
+            raise InputError(f"{path}: label_key {label_key!r} given but the folder has no obs.csv")
+        obs = pd.DataFrame(index=pd.Index(ids))
+    else:
+        table = pd.read_csv(csv, index_col=0)
+        table.index = [_strip_crop_suffix(str(i)) for i in table.index]
+        missing = [i for i in ids if i not in table.index]
+        if missing:
+            raise InputError(f"{csv}: no row for {len(missing)} crop(s), e.g. {missing[:5]}")
+        obs = table.loc[ids].copy()
+        if label_key is not None:
+            if label_key not in obs.columns:
+                raise InputError(f"{csv}: label_key {label_key!r} is not a column; columns: {list(obs.columns)}")
+            if folder_labels is not None:
+                obs["folder"] = folder_labels
+            obs["label"] = obs.pop(label_key)
+        elif folder_labels is not None and "label" in obs.columns:
+            raise InputError(f"{csv}: has a 'label' column and crops sit in class subfolders; pass label_key")
+    if folder_labels is not None and "label" not in obs.columns:
+        obs["label"] = folder_labels
+    if "label" in obs.columns:
+        obs["label"] = pd.Categorical(obs["label"])
+    return obs
+
+
+def _strip_crop_suffix(name: str) -> str:
+    return name[: -len(Path(name).suffix)] if Path(name).suffix.lower() in CROP_SUFFIXES else name
+
+
+def _read_folder(path: Path, label_key: str | None) -> CellImages:
+    files = _crop_files(path)
+    first = _read_crop(files[0])
+    images = np.empty((len(files), *first.shape), dtype=first.dtype)
+    images[0] = first
+    for i, file in enumerate(files[1:], start=1):
+        crop = _read_crop(file)
+        if crop.shape != first.shape or crop.dtype != first.dtype:
+            raise InputError(
+                f"{path}: crops differ: {files[0].relative_to(path)} is {first.shape} {first.dtype} (C, H, W) but "
+                f"{file.relative_to(path)} is {crop.shape} {crop.dtype}; all crops must have one shape and dtype"
+            )
+        images[i] = crop
+    ids = [_strip_crop_suffix(f.relative_to(path).as_posix()) for f in files]
+    nested = files[0].parent != path
+    obs = _folder_obs(path, ids, [f.parent.name for f in files] if nested else None, label_key)
+    return CellImages.from_array(images, obs=obs, source=str(path))

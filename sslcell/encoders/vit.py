@@ -1,0 +1,235 @@
+"""A compact Vision Transformer for single-cell crops with any number of channels, with MAE masking.
+
+Follows facebookresearch/mae ``models_mae.py`` (He et al., "Masked Autoencoders Are Scalable Vision Learners",
+2021): ``patchify``, ``random_masking`` (argsort of noise, then gather), an encoder that only sees the visible
+tokens, a light decoder, and a per-patch normalised pixel loss. Differences: ``C`` input channels instead of 3,
+no host synchronisation in the forward (the number of kept tokens is computed from Python numbers), explicit
+``torch.Generator`` for the masks, and torchvision's ``EncoderBlock`` as the transformer block.
+
+Shapes: images ``(N, C, H, W)`` with ``H == W == image_size``; ``L = (image_size // patch_size) ** 2`` patches;
+a patch flattened in ``(p, p, C)`` order has ``patch_dim = p * p * C`` values; tokens ``(N, 1 + L, D)`` with the CLS
+token first.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+from lightly.models import utils as lightly_utils
+from torch import Tensor, nn
+from torchvision.models.vision_transformer import EncoderBlock
+from torchvision.ops import StochasticDepth
+
+from sslcell.errors import ChannelMismatchError, ConfigError, InputError
+
+POOLS = ("cls", "mean")
+
+
+def _sincos_pos_embed(dim: int, grid_size: int, where: str) -> Tensor:
+    """Fixed 2-D sin-cos positional embedding, a zero row first for the CLS token: ``(1, 1 + grid_size**2, dim)``."""
+    if dim % 4:
+        raise ConfigError(f"{where}: the embedding dimension must be divisible by 4 for 2-D sin-cos positions, got {dim}")
+    table = lightly_utils.get_2d_sine_cosine_positional_embedding(dim, grid_size, cls_token=True)
+    return torch.from_numpy(table).float().unsqueeze(0)
+
+
+def _transformer_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float, drop_path: float) -> nn.Sequential:
+    """``depth`` pre-norm blocks ``(N, T, dim) -> (N, T, dim)``; stochastic depth rises linearly from 0 to ``drop_path``.
+
+    The drop-path modules replace the parameter-free dropouts of torchvision's block, so parameter names (and
+    checkpoints) are the same whatever ``drop_path`` is.
+    """
+    blocks = nn.Sequential()
+    for i in range(depth):
+        block = EncoderBlock(num_heads, dim, int(dim * mlp_ratio), dropout=0.0, attention_dropout=0.0,
+                             norm_layer=partial(nn.LayerNorm, eps=1e-6))
+        rate = drop_path * i / max(depth - 1, 1)
+        block.dropout = StochasticDepth(rate, mode="row")  # after attention, before the residual sum
+        block.mlp[-1] = StochasticDepth(rate, mode="row")  # last module of the MLP is its output dropout
+        blocks.append(block)
+    return blocks
+
+
+def _init_mae_weights(module: nn.Module) -> None:
+    """MAE initialisation: Xavier-uniform linear weights, zero biases, unit LayerNorms."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def _check_heads(dim: int, num_heads: int, where: str) -> None:
+    if num_heads < 1 or dim % num_heads:
+        raise ConfigError(f"{where}: num_heads={num_heads} must divide the embedding dimension {dim}")
+
+
+class ViTEncoder(nn.Module):
+    """Vision Transformer on ``(N, C, H, W)`` crops: patch embedding, CLS token, fixed 2-D sin-cos positions.
+
+    ``forward`` returns ``(N, embed_dim)``: by default the CLS token after the final LayerNorm (``pool="cls"``),
+    the usual choice for contrastive methods and MAE linear probing; ``pool="mean"`` averages the normalised patch
+    tokens instead, which often probes better after MAE pretraining.
+    """
+
+    def __init__(self, in_channels: int, image_size: int, patch_size: int = 4, embed_dim: int = 192, depth: int = 6,
+                 num_heads: int = 3, mlp_ratio: float = 4.0, drop_path: float = 0.0, pool: str = "cls") -> None:
+        super().__init__()
+        if in_channels < 1:
+            raise ConfigError(f"ViTEncoder: in_channels must be >= 1, got {in_channels}")
+        if patch_size < 1 or image_size < patch_size or image_size % patch_size:
+            raise ConfigError(f"ViTEncoder: image_size={image_size} must be a positive multiple of "
+                              f"patch_size={patch_size}")
+        _check_heads(embed_dim, num_heads, "ViTEncoder")
+        if not 0.0 <= drop_path < 1.0:
+            raise ConfigError(f"ViTEncoder: drop_path must be in [0, 1), got {drop_path}")
+        if pool not in POOLS:
+            raise ConfigError(f"ViTEncoder: pool must be one of {POOLS}, got {pool!r}")
+        self.in_channels, self.image_size, self.patch_size = in_channels, image_size, patch_size
+        self.embed_dim, self.pool = embed_dim, pool
+        self.grid_size = image_size // patch_size
+        self.num_patches = self.grid_size**2
+        self.patch_dim = patch_size * patch_size * in_channels
+
+        self.patch_embed = nn.Conv2d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.register_buffer("pos_embed", _sincos_pos_embed(embed_dim, self.grid_size, "ViTEncoder"),
+                             persistent=False)  # (1, 1 + L, D), fixed
+        self.blocks = _transformer_blocks(embed_dim, depth, num_heads, mlp_ratio, drop_path)
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+
+        _init_mae_weights(self)
+        nn.init.xavier_uniform_(self.patch_embed.weight.view(embed_dim, -1))  # as a linear layer, like MAE
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    def _check_images(self, images: Tensor) -> None:
+        """Raise if ``images`` is not a floating ``(N, in_channels, image_size, image_size)`` batch."""
+        if images.ndim != 4 or not images.is_floating_point():
+            raise InputError(f"ViTEncoder: expected floating images (N, C, H, W), got dtype {images.dtype} "
+                             f"and shape {tuple(images.shape)}")
+        if images.shape[1] != self.in_channels:
+            raise ChannelMismatchError(f"ViTEncoder: images have {images.shape[1]} channels (dim 1), the model "
+                                       f"expects {self.in_channels}")
+        if images.shape[-2:] != (self.image_size, self.image_size):
+            raise InputError(f"ViTEncoder: images are {tuple(images.shape[-2:])} pixels (H, W), the model expects "
+                             f"({self.image_size}, {self.image_size})")
+
+    def patchify(self, images: Tensor) -> Tensor:
+        """``(N, C, H, W) -> (N, L, p*p*C)``, patches in row-major order, pixels in ``(p, p, C)`` order."""
+        self._check_images(images)
+        return lightly_utils.patchify(images, self.patch_size)
+
+    def unpatchify(self, patches: Tensor) -> Tensor:
+        """``(N, L, p*p*C) -> (N, C, H, W)``, the inverse of :meth:`patchify`."""
+        if patches.shape[1:] != (self.num_patches, self.patch_dim):
+            raise InputError(f"ViTEncoder.unpatchify: expected patches (N, {self.num_patches}, {self.patch_dim}), "
+                             f"got {tuple(patches.shape)}")
+        return lightly_utils.unpatchify(patches, self.patch_size, self.in_channels)
+
+    @staticmethod
+    def random_masking(tokens: Tensor, mask_ratio: float,
+                       generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Keep a random ``round(L * (1 - mask_ratio))`` tokens of each sample.
+
+        ``tokens (N, L, D) -> kept (N, L_vis, D), mask (N, L) float32 with 1 = masked, ids_restore (N, L)``;
+        ``ids_restore`` puts ``cat(kept, masked)`` back into the original order. ``generator`` must live on
+        ``tokens.device``.
+        """
+        n, length, _ = tokens.shape
+        len_keep = _num_visible(length, mask_ratio)
+        noise = torch.rand(n, length, generator=generator, device=tokens.device)  # (N, L)
+        ids_shuffle = noise.argsort(dim=1)  # (N, L): the tokens with the smallest noise are kept
+        ids_restore = ids_shuffle.argsort(dim=1)  # (N, L)
+        kept = lightly_utils.get_at_index(tokens, ids_shuffle[:, :len_keep])  # (N, L_vis, D)
+        mask = (ids_restore >= len_keep).float()  # (N, L)
+        return kept, mask, ids_restore
+
+    def forward_features(self, images: Tensor, mask_ratio: float = 0.0,
+                         generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``(N, C, H, W) -> tokens (N, 1 + L_vis, D), mask (N, L), ids_restore (N, L)``.
+
+        Only the CLS token and the visible patch tokens enter the blocks; tokens are after the final norm.
+        With ``mask_ratio == 0`` nothing is masked or shuffled (``ids_restore`` is the identity).
+        """
+        self._check_images(images)
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (N, L, D), row-major patches
+        x = x + self.pos_embed[:, 1:]
+        if mask_ratio > 0.0:
+            x, mask, ids_restore = self.random_masking(x, mask_ratio, generator)  # (N, L_vis, D)
+        else:
+            _num_visible(self.num_patches, mask_ratio)  # validates the ratio
+            mask = x.new_zeros(x.shape[:2], dtype=torch.float32)  # (N, L)
+            ids_restore = torch.arange(self.num_patches, device=x.device).expand(x.shape[0], -1)  # (N, L)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # (N, 1, D)
+        x = torch.cat([cls, x], dim=1)  # (N, 1 + L_vis, D)
+        return self.norm(self.blocks(x)), mask, ids_restore
+
+    def forward(self, images: Tensor) -> Tensor:
+        """``(N, C, H, W) -> (N, D)``: CLS token, or the mean patch token if ``pool == "mean"``."""
+        tokens, _, _ = self.forward_features(images)  # (N, 1 + L, D)
+        return tokens[:, 0] if self.pool == "cls" else tokens[:, 1:].mean(dim=1)
+
+
+def _num_visible(length: int, mask_ratio: float) -> int:
+    """Number of tokens kept out of ``length``: ``round(length * (1 - mask_ratio))``, computed on the host."""
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ConfigError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    return int(round(length * (1.0 - mask_ratio)))
+
+
+class MAEDecoder(nn.Module):
+    """MAE decoder: visible encoder tokens plus mask tokens, in image order, to predicted pixels of every patch."""
+
+    def __init__(self, num_patches: int, patch_dim: int, encoder_dim: int, decoder_dim: int = 128, depth: int = 2,
+                 num_heads: int = 4, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        grid_size = math.isqrt(num_patches)
+        if num_patches < 1 or grid_size * grid_size != num_patches:
+            raise ConfigError(f"MAEDecoder: num_patches={num_patches} must be a square (a square grid of patches)")
+        _check_heads(decoder_dim, num_heads, "MAEDecoder")
+        self.num_patches, self.patch_dim = num_patches, patch_dim
+        self.decoder_embed = nn.Linear(encoder_dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.register_buffer("pos_embed", _sincos_pos_embed(decoder_dim, grid_size, "MAEDecoder"),
+                             persistent=False)  # (1, 1 + L, Dd), fixed
+        self.blocks = _transformer_blocks(decoder_dim, depth, num_heads, mlp_ratio, drop_path=0.0)
+        self.norm = nn.LayerNorm(decoder_dim, eps=1e-6)
+        self.pred = nn.Linear(decoder_dim, patch_dim)
+
+        _init_mae_weights(self)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward(self, tokens: Tensor, ids_restore: Tensor) -> Tensor:
+        """``tokens (N, 1 + L_vis, D), ids_restore (N, L) -> predicted patches (N, L, p*p*C)``."""
+        n, num_tokens, _ = tokens.shape
+        if ids_restore.shape != (n, self.num_patches) or num_tokens > 1 + self.num_patches:
+            raise InputError(f"MAEDecoder: expected tokens (N, 1 + L_vis <= {1 + self.num_patches}, D) and "
+                             f"ids_restore (N, {self.num_patches}), got {tuple(tokens.shape)} and "
+                             f"{tuple(ids_restore.shape)}")
+        x = self.decoder_embed(tokens)  # (N, 1 + L_vis, Dd)
+        mask_tokens = self.mask_token.expand(n, 1 + self.num_patches - num_tokens, -1)  # (N, L - L_vis, Dd)
+        patches = torch.cat([x[:, 1:], mask_tokens], dim=1)  # (N, L, Dd), visible first
+        patches = lightly_utils.get_at_index(patches, ids_restore)  # (N, L, Dd), image order
+        x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed  # (N, 1 + L, Dd)
+        x = self.norm(self.blocks(x))
+        return self.pred(x[:, 1:])  # (N, L, p*p*C)
+
+
+def mae_loss(target_patches: Tensor, pred_patches: Tensor, mask: Tensor, norm_pix_loss: bool = True) -> Tensor:
+    """Mean squared error over the masked patches only: ``(N, L, P), (N, L, P), (N, L) -> ()``.
+
+    With ``norm_pix_loss`` each target patch is standardised by its own mean and (unbiased) variance first, as in
+    MAE. The per-patch MSE is averaged over patches with ``mask == 1``; it is 0 if no patch is masked.
+    """
+    if pred_patches.shape != target_patches.shape or mask.shape != target_patches.shape[:2]:
+        raise InputError(f"mae_loss: expected target and prediction (N, L, P) and mask (N, L), got "
+                         f"{tuple(target_patches.shape)}, {tuple(pred_patches.shape)} and {tuple(mask.shape)}")
+    target = lightly_utils.normalize_mean_var(target_patches, dim=-1) if norm_pix_loss else target_patches
+    per_patch = (pred_patches - target).pow(2).mean(dim=-1)  # (N, L)
+    mask = mask.to(per_patch.dtype)
+    return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)

@@ -1,0 +1,239 @@
+"""Pretraining with Lightning: devices and DDP, precision, periodic atomic checkpoints, exact resume, logs.
+
+A run directory holds::
+
+    run.json                 recipe + input contract, written once at the start (resume reads it back)
+    checkpoints/last.ckpt    full training state (weights, optimiser, schedule, loader position)
+    model/                   the exported model (safetensors + config.json), refreshed at every checkpoint
+    logs/version_N/          CSV (or TensorBoard) logs, one version per start or resume
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+from sslcell.checkpoint import save_model, versions
+from sslcell.config import RecipeConfig
+from sslcell.data.expression import ExpressionDataset
+from sslcell.data.genes import select_highly_variable
+from sslcell.data.loader import make_dataloader
+from sslcell.errors import ConfigError, OverwriteError
+from sslcell.methods import SSLModule, build_method
+
+log = logging.getLogger(__name__)
+RUN_FILE = "run.json"
+LAST = "last.ckpt"
+
+
+def pretrain(
+    config: RecipeConfig,
+    data: Any,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    max_epochs: int | None = None,
+    max_steps: int | None = None,
+    devices: int | None = None,
+    accelerator: str | None = None,
+    callbacks: list[Callback] | None = None,
+) -> SSLModule:
+    """Pretrain an encoder on ``data`` without labels and write the run to ``out``.
+
+    Args:
+        config: the recipe (see ``configs/``).
+        data: expression: an AnnData, an ``.h5ad`` path, a folder or list of ``.h5ad`` shards.
+        out: the run directory. An existing run is refused unless ``resume`` or ``overwrite``.
+        resume: continue the run in ``out`` from its last checkpoint, with its recipe and genes.
+        max_epochs, max_steps, devices, accelerator: override the recipe's ``train`` settings.
+        callbacks: extra Lightning callbacks (early stopping, monitors).
+
+    Returns:
+        The trained model (also saved in ``out/model``).
+    """
+    out = Path(out)
+    spawned = _is_spawned_rank()
+    if resume:
+        config, contract = _read_run(out)
+    else:
+        if not spawned:
+            _check_new_run(out, overwrite)
+        contract = None
+    if max_epochs is not None:
+        config.train.max_epochs = max_epochs
+    if max_steps is not None:
+        config.train.max_steps = max_steps
+    if devices is not None:
+        config.train.devices = devices
+    if accelerator is not None:
+        config.train.accelerator = accelerator
+
+    dataset, contract = _prepare_expression(config, data, contract)
+    if not spawned and not resume:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_run(out, config, contract, data)
+
+    pl.seed_everything(config.train.seed, workers=True, verbose=False)
+    model = build_method(config, contract)
+    trainer = _trainer(config, out, callbacks or [])
+    loader = make_dataloader(
+        dataset,
+        batch_size=config.data.batch_size,
+        block_size=config.data.block_size,
+        buffer_blocks=config.data.buffer_blocks,
+        seed=config.train.seed,
+        num_workers=config.data.num_workers,
+        pin_memory=trainer.accelerator.__class__.__name__ == "CUDAAccelerator",
+    )
+    ckpt = out / "checkpoints" / LAST
+    if resume and not ckpt.is_file():
+        raise FileNotFoundError(f"{ckpt}: nothing to resume from (the run stopped before its first checkpoint)")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
+        trainer.fit(model, loader, ckpt_path=ckpt if resume else None, weights_only=True)
+    if trainer.is_global_zero:
+        save_model(model, out / "model", trained=_trained_info(trainer, dataset, data))
+    return model
+
+
+def _prepare_expression(
+    config: RecipeConfig, data: Any, contract: dict[str, Any] | None
+) -> tuple[ExpressionDataset, dict[str, Any]]:
+    """Open the data and fix the model's genes (highly variable genes of this data, unless resuming)."""
+    if config.modality != "expression":
+        raise ConfigError(f"modality: {config.modality!r} pretraining is not available yet")
+    d = config.data
+    if contract is not None:
+        dataset = ExpressionDataset.open(
+            data, layer=d.layer, genes=contract["genes"], counts_are_log_normalized=d.counts_are_log_normalized
+        )
+        return dataset, contract
+    dataset = ExpressionDataset.open(data, layer=d.layer, counts_are_log_normalized=d.counts_are_log_normalized)
+    genes = [str(g) for g in dataset.genes]
+    if d.n_top_genes is not None and d.n_top_genes < len(genes):
+        genes = [str(g) for g in select_highly_variable(dataset, d.n_top_genes)]
+        dataset = dataset.with_genes(genes)
+    contract = {
+        "modality": "expression",
+        "genes": genes,
+        "target_sum": d.target_sum,
+        "counts_are_log_normalized": d.counts_are_log_normalized,
+    }
+    return dataset, contract
+
+
+def _trainer(config: RecipeConfig, out: Path, callbacks: list[Callback]) -> pl.Trainer:
+    t = config.train
+    accelerator = t.accelerator
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    precision = t.precision if t.precision != "auto" else ("bf16-mixed" if on_gpu else "32-true")
+    strategy = t.strategy
+    if strategy == "auto" and t.devices * t.num_nodes > 1:
+        strategy = "ddp"
+    if t.logger == "csv":
+        logger = CSVLogger(save_dir=str(out), name="logs")
+    else:
+        logger = TensorBoardLogger(save_dir=str(out), name="logs")
+    return pl.Trainer(
+        max_epochs=t.max_epochs if t.max_epochs > 0 else -1,
+        max_steps=t.max_steps,
+        accelerator=accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=strategy,
+        precision=precision,
+        logger=logger,
+        log_every_n_steps=t.log_every_n_steps,
+        enable_checkpointing=False,  # RunCheckpoint below writes atomically and exports the model
+        callbacks=[RunCheckpoint(out, every_n_steps=t.checkpoint_every_n_steps), *callbacks],
+        enable_progress_bar=t.progress_bar,
+        enable_model_summary=False,
+        use_distributed_sampler=False,  # the block-shuffle loader shards by rank itself
+    )
+
+
+class RunCheckpoint(Callback):
+    """Every ``every_n_steps`` optimiser steps and at each epoch end: write ``checkpoints/last.ckpt``
+    atomically and refresh ``model/``, so a killed run loses at most ``every_n_steps`` steps."""
+
+    def __init__(self, out: Path, every_n_steps: int) -> None:
+        self.out = Path(out)
+        self.every_n_steps = max(int(every_n_steps), 1)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: SSLModule, *args: Any) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            self._save(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: SSLModule) -> None:
+        if pl_module._batches_done >= trainer.num_training_batches:  # a stop mid-epoch keeps its batch checkpoint
+            self._save(trainer, pl_module)
+
+    def _save(self, trainer: pl.Trainer, pl_module: SSLModule) -> None:
+        directory = self.out / "checkpoints"
+        tmp = directory / f".{LAST}.tmp"
+        if trainer.is_global_zero:
+            directory.mkdir(parents=True, exist_ok=True)
+        trainer.strategy.barrier()
+        trainer.save_checkpoint(tmp, weights_only=False)  # collective: every rank calls it, rank 0 writes
+        if trainer.is_global_zero:
+            os.replace(tmp, directory / LAST)
+            save_model(
+                pl_module,
+                self.out / "model",
+                trained={"epoch": int(trainer.current_epoch), "global_step": int(trainer.global_step)},
+            )
+        trainer.strategy.barrier()
+
+
+def _trained_info(trainer: pl.Trainer, dataset: ExpressionDataset, data: Any) -> dict[str, Any]:
+    return {
+        "epochs": int(trainer.current_epoch),
+        "global_step": int(trainer.global_step),
+        "n_cells": int(dataset.n_obs),
+        "data": _describe(data),
+        "world_size": int(trainer.world_size),
+    }
+
+
+def _describe(data: Any) -> Any:
+    if isinstance(data, (str, Path)):
+        return str(data)
+    if isinstance(data, (list, tuple)):
+        return [str(d) for d in data]
+    return f"<{type(data).__name__}>"
+
+
+def _check_new_run(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        what = "a previous run" if (out / RUN_FILE).exists() else "files"
+        raise OverwriteError(
+            f"{out}: holds {what}; pass --resume to continue it, --overwrite to replace it, or choose another --out"
+        )
+
+
+def _write_run(out: Path, config: RecipeConfig, contract: dict[str, Any], data: Any) -> None:
+    payload = {"recipe": config.to_dict(), "contract": contract, "data": _describe(data), "versions": versions()}
+    (out / RUN_FILE).write_text(json.dumps(payload, indent=1))
+
+
+def _read_run(out: Path) -> tuple[RecipeConfig, dict[str, Any]]:
+    path = out / RUN_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no run to resume in {out}")
+    payload = json.loads(path.read_text())
+    return RecipeConfig.from_dict(payload["recipe"]), payload["contract"]
+
+
+def _is_spawned_rank() -> bool:
+    """True in the extra processes Lightning's DDP launcher starts (they re-run the same command)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("NODE_RANK", "0")) > 0

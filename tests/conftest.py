@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# two pytest-xdist workers share two cores: one thread each avoids oversubscription
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def small_counts():
+    """A small synthetic raw-count AnnData (400 cells x 200 genes, 4 cell types, 2 batches)."""
+    from sslcell.data.synthetic import make_expression
+
+    return make_expression(n_cells=400, n_genes=200, n_cell_types=4, n_batches=2, seed=1)
+
+
+@pytest.fixture(scope="session")
+def small_counts_file(small_counts, tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "counts.h5ad"
+    small_counts.write_h5ad(path)
+    return path
+
+
+def tiny_recipe(name: str = "mae", **overrides):
+    """A recipe small enough to train in seconds on a CPU."""
+    from sslcell.config import RecipeConfig
+
+    values = {
+        "modality": "expression",
+        "method": {"name": name, "projection_dim": 16, "projection_hidden": 32},
+        "encoder": {"hidden": [32, 16], "latent": 8, "dropout": 0.0},
+        "data": {"n_top_genes": 100, "batch_size": 64, "block_size": 32, "buffer_blocks": 4},
+        "train": {"max_epochs": 2, "seed": 0, "progress_bar": False, "checkpoint_every_n_steps": 3,
+                  "accelerator": "cpu", "log_every_n_steps": 1},
+    }
+    for section, fields in overrides.items():
+        values.setdefault(section, {}).update(fields)
+    return RecipeConfig.from_dict(values)

@@ -1,0 +1,56 @@
+import json
+
+import pytest
+import torch
+
+from sslcell.checkpoint import load, save_model
+from sslcell.errors import FileFormatError
+from sslcell.methods import build_method
+from tests.conftest import tiny_recipe
+
+GENES = [f"g{i}" for i in range(30)]
+CONTRACT = {"modality": "expression", "genes": GENES, "target_sum": 1e4, "counts_are_log_normalized": False}
+
+
+@pytest.mark.parametrize("method", ["mae", "byol"])
+def test_round_trip(tmp_path, method):
+    model = build_method(tiny_recipe(method), CONTRACT)
+    save_model(model, tmp_path / "m", trained={"epochs": 3})
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert meta["contract"]["genes"] == GENES
+    assert meta["recipe"]["method"]["name"] == method
+    assert meta["seed"] == 0 and "torch" in meta["versions"]
+    restored = load(tmp_path / "m")
+    x = torch.poisson(torch.full((8, 30), 3.0))
+    assert torch.equal(model.embed(x), restored.embed(x))
+    assert restored.trained_info == {"epochs": 3}
+
+
+def test_weights_are_safetensors_not_pickle(tmp_path):
+    save_model(build_method(tiny_recipe(), CONTRACT), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    head = (tmp_path / "model.safetensors").read_bytes()[:2]
+    assert head != b"\x80\x04" and head[:1] != b"PK"  # neither a pickle nor a torch zip
+
+
+def test_corrupt_or_missing_files(tmp_path):
+    save_model(build_method(tiny_recipe(), CONTRACT), tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(FileFormatError, match="model.safetensors"):
+        load(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(FileFormatError, match="config.json"):
+        load(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        load(tmp_path / "nowhere")
+    with pytest.raises(FileFormatError, match="not an sslcell model"):
+        load(tmp_path.parent)
+
+
+def test_weights_for_another_recipe_are_refused(tmp_path):
+    save_model(build_method(tiny_recipe(), CONTRACT), tmp_path)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    meta["recipe"]["encoder"]["hidden"] = [64]
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(FileFormatError, match="do not match"):
+        load(tmp_path)

@@ -1,0 +1,56 @@
+import json
+
+import anndata as ad
+import numpy as np
+import pytest
+import yaml
+
+from sslcell.cli import main
+from tests.conftest import tiny_recipe
+
+
+@pytest.fixture(scope="module")
+def recipe_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe("mae", train={"max_epochs": 3}).to_dict()))
+    return path
+
+
+def test_pretrain_embed_evaluate(recipe_file, small_counts_file, tmp_path, capsys):
+    run, out = tmp_path / "run", tmp_path / "embedded.h5ad"
+    assert main(["pretrain", "--config", str(recipe_file), "--data", str(small_counts_file), "--out", str(run)]) == 0
+    assert main(["embed", "--model", str(run), "--data", str(small_counts_file), "--out", str(out)]) == 0
+    adata = ad.read_h5ad(out)
+    source = ad.read_h5ad(small_counts_file)
+    assert adata.obsm["X_sslcell"].shape == (400, 8)
+    assert (adata.X != source.X).nnz == 0  # counts copied untouched
+    assert main(["evaluate", "--data", str(out), "--label-key", "cell_type", "--out", str(tmp_path / "rep")]) == 0
+    printed = capsys.readouterr().out
+    assert "X_sslcell" in printed and "pca" in printed.lower()
+    report = json.loads((tmp_path / "rep.json").read_text())
+    assert report  # machine-readable copy written
+    # a second embed into the same file is refused, and the file is kept
+    before = out.read_bytes()
+    assert main(["embed", "--model", str(run), "--data", str(small_counts_file), "--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert out.read_bytes() == before
+
+
+def test_bad_inputs_exit_2_with_a_message(recipe_file, tmp_path, capsys):
+    bogus = tmp_path / "notes.h5ad"
+    bogus.write_text("this is not an AnnData")
+    assert main(["pretrain", "--config", str(recipe_file), "--data", str(bogus), "--out", str(tmp_path / "r")]) == 2
+    assert "notes.h5ad" in capsys.readouterr().err
+    assert main(["pretrain", "--config", str(tmp_path / "nope.yaml"), "--data", str(bogus), "--out", str(tmp_path / "r")]) == 2
+    assert "nope.yaml" in capsys.readouterr().err
+
+
+def test_nan_counts_are_refused(recipe_file, small_counts, tmp_path, capsys):
+    adata = small_counts.copy()
+    adata.X = adata.X.astype(np.float32)
+    adata.X.data[5] = np.nan
+    path = tmp_path / "nan.h5ad"
+    adata.write_h5ad(path)
+    assert main(["pretrain", "--config", str(recipe_file), "--data", str(path), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "nan.h5ad" in err and "NaN" in err

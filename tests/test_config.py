@@ -1,0 +1,55 @@
+from pathlib import Path
+
+import pytest
+
+from sslcell.config import RecipeConfig, load_config
+from sslcell.errors import ConfigError
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_recipes_load(path):
+    config = load_config(path)
+    assert config.method.name in path.stem
+
+
+def test_one_recipe_per_expression_method():
+    names = {load_config(p).method.name for p in CONFIGS if load_config(p).modality == "expression"}
+    assert {"mae", "byol", "barlow_twins", "simclr", "vicreg"} <= names
+
+
+def test_round_trip():
+    config = RecipeConfig.from_dict({"method": {"name": "byol", "momentum": 0.9}, "optim": {"lr": "1e-3"}})
+    assert config.optim.lr == pytest.approx(1e-3)
+    assert RecipeConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize(
+    "values, field",
+    [
+        ({"method": {"nmae": "mae"}}, "method.nmae"),
+        ({"encoder": {"hidden": [512, "wide"]}}, "encoder.hidden[1]"),
+        ({"train": {"max_epochs": 1.5}}, "train.max_epochs"),
+        ({"method": {"masking": "genes"}}, "method.masking"),
+        ({"method": {"mask_rate": 1.5}}, "method.mask_rate"),
+        ({"method": {"name": "dino"}}, "method.name"),
+        ({"data": {"batch_size": 0}}, "data.batch_size"),
+        ({"train": {"progress_bar": "yes"}}, "train.progress_bar"),
+    ],
+)
+def test_errors_name_the_field(values, field):
+    with pytest.raises(ConfigError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        RecipeConfig.from_dict(values)
+
+
+def test_load_config_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("method: {name: mae, mask_rate: [1]}\n")
+    with pytest.raises(ConfigError, match="bad.yaml.*method.mask_rate"):
+        load_config(path)
+    path.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="no such config"):
+        load_config(tmp_path / "missing.yaml")

@@ -1,0 +1,64 @@
+import anndata as ad
+import numpy as np
+import pytest
+import scanpy as sc
+
+import sslcell
+from sslcell.errors import GeneMismatchError, OverwriteError
+from tests.conftest import tiny_recipe
+
+
+@pytest.fixture(scope="module")
+def trained(small_counts_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tl") / "run"
+    return sslcell.pretrain(tiny_recipe("mae", train={"max_epochs": 3}), small_counts_file, out), out
+
+
+def test_embed_writes_obsm_and_scanpy_runs(trained, small_counts):
+    model, _ = trained
+    adata = small_counts.copy()
+    assert sslcell.tl.embed(adata, model) is None
+    emb = adata.obsm["X_sslcell"]
+    assert emb.shape == (adata.n_obs, model.embed_dim) and emb.dtype == np.float32
+    assert np.isfinite(emb).all()
+    assert adata.uns["sslcell"]["X_sslcell"]["n_missing_genes"] == 0
+    sc.pp.neighbors(adata, use_rep="X_sslcell")
+    sc.tl.umap(adata)
+    assert adata.obsm["X_umap"].shape == (adata.n_obs, 2)
+
+
+def test_existing_key_is_kept_unless_overwrite(trained, small_counts):
+    model, _ = trained
+    adata = small_counts.copy()
+    adata.obsm["X_sslcell"] = np.zeros((adata.n_obs, 2))
+    with pytest.raises(OverwriteError, match="X_sslcell"):
+        sslcell.tl.embed(adata, model)
+    assert adata.obsm["X_sslcell"].shape[1] == 2
+    sslcell.tl.embed(adata, model, overwrite=True)
+    assert adata.obsm["X_sslcell"].shape[1] == model.embed_dim
+    new = sslcell.tl.embed(adata, model, key_added="X_other", copy=True)
+    assert "X_other" in new.obsm and "X_other" not in adata.obsm
+
+
+def test_backed_and_reordered_genes_give_the_same_embedding(trained, small_counts, small_counts_file, tmp_path):
+    model, run = trained
+    reference = small_counts.copy()
+    sslcell.tl.embed(reference, run)  # from the run directory
+    backed = ad.read_h5ad(small_counts_file, backed="r")
+    sslcell.tl.embed(backed, model, batch_size=37)
+    np.testing.assert_allclose(backed.obsm["X_sslcell"], reference.obsm["X_sslcell"], atol=1e-5)
+    shuffled = small_counts[:, np.random.default_rng(0).permutation(small_counts.n_vars)].copy()
+    sslcell.tl.embed(shuffled, model)
+    np.testing.assert_allclose(shuffled.obsm["X_sslcell"], reference.obsm["X_sslcell"], atol=1e-5)
+
+
+def test_missing_genes_are_zero_filled_and_reported(trained, small_counts):
+    model, _ = trained
+    keep = [g for g in small_counts.var_names if g not in set(model.inputs.genes[:10])]
+    adata = small_counts[:, keep].copy()
+    sslcell.tl.embed(adata, model)
+    assert adata.uns["sslcell"]["X_sslcell"]["n_missing_genes"] == 10
+    disjoint = small_counts.copy()
+    disjoint.var_names = [f"other_{i}" for i in range(disjoint.n_vars)]
+    with pytest.raises(GeneMismatchError):
+        sslcell.tl.embed(disjoint, model)

@@ -1,0 +1,90 @@
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import pytorch_lightning as pl
+import torch
+import yaml
+
+from sslcell.checkpoint import load
+from sslcell.errors import OverwriteError
+from sslcell.train import pretrain
+from tests.conftest import REPO, tiny_recipe
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_pretrain_writes_a_complete_run(small_counts_file, tmp_path):
+    out = tmp_path / "run"
+    model = pretrain(tiny_recipe("mae"), small_counts_file, out)
+    assert (out / "run.json").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
+    restored = load(out)
+    assert len(restored.inputs.genes) == 100  # n_top_genes
+    assert restored.trained_info["global_step"] == 2 * (400 // 64)
+    x = torch.poisson(torch.full((4, 100), 2.0))
+    assert torch.equal(restored.embed(x), model.embed(x))
+    metrics = pd.concat(pd.read_csv(p) for p in out.glob("logs/*/metrics.csv"))
+    assert metrics["train/loss"].notna().sum() >= 10
+
+
+def test_existing_run_is_not_overwritten(small_counts_file, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(OverwriteError, match="--resume.*--overwrite"):
+        pretrain(tiny_recipe(), small_counts_file, out)
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+class StopAt(pl.Callback):
+    """Simulates a run killed after ``step`` optimiser steps (mid-epoch)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+@pytest.mark.parametrize("method", ["mae", "byol"])
+def test_resume_mid_epoch_is_exact(small_counts_file, tmp_path, method):
+    recipe = tiny_recipe(method, train={"checkpoint_every_n_steps": 2})
+    full = pretrain(recipe, small_counts_file, tmp_path / "full")
+    pretrain(tiny_recipe(method, train={"checkpoint_every_n_steps": 2}), small_counts_file, tmp_path / "cut",
+             callbacks=[StopAt(4)])
+    assert load(tmp_path / "cut").trained_info["global_step"] == 4
+    resumed = pretrain(tiny_recipe(method), small_counts_file, tmp_path / "cut", resume=True)
+    a, b = _state(full), _state(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path, small_counts_file):
+    with pytest.raises(FileNotFoundError, match="no run to resume"):
+        pretrain(tiny_recipe(), small_counts_file, tmp_path / "none", resume=True)
+
+
+def test_ddp_two_processes_on_cpu(small_counts_file, tmp_path):
+    config = tmp_path / "tiny.yaml"
+    recipe = tiny_recipe("mae", train={"max_epochs": 4}, data={"block_size": 50})  # 8 blocks, 4 per rank
+    config.write_text(yaml.safe_dump(recipe.to_dict()))
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "sslcell", "pretrain", "--config", str(config), "--data", str(small_counts_file),
+           "--out", str(out), "--devices", "2", "--accelerator", "cpu"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = json.loads((out / "model" / "config.json").read_text())["trained"]
+    assert trained["world_size"] == 2
+    # each rank reads 4 of the 8 blocks: 200 cells / 64 per batch = 3 steps per epoch
+    assert trained["global_step"] == 4 * 3
+    metrics = pd.concat(pd.read_csv(p) for p in out.glob("logs/*/metrics.csv"))
+    loss = metrics["train/loss"].dropna().to_numpy()
+    assert loss[-3:].mean() < loss[:3].mean()
