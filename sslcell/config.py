@@ -39,6 +39,7 @@ class DataConfig:
     counts_are_log_normalized: bool = False
     n_top_genes: int | None = 2000  # model genes = highly variable genes of the pretraining data; None = all genes
     target_sum: float = 1e4
+    scale: bool = True  # standardise each gene with the pretraining data's mean and std (clipped at 10)
     block_size: int = 1024
     buffer_blocks: int = 8
     # images

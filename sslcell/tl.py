@@ -64,9 +64,8 @@ def embed(
     out = np.empty((dataset.n_obs, model.embed_dim), dtype=np.float32)
     for start, stop, chunk in dataset.iter_chunks(batch_size):
         x = torch.from_numpy(chunk.toarray()).to(device, non_blocking=True)
-        if not counts_are_log_normalized:
-            x = normalize_log1p(x.float(), contract["target_sum"])
-        out[start:stop] = model.embed(x, normalized=True).cpu().numpy()
+        x = x.float() if counts_are_log_normalized else normalize_log1p(x.float(), contract["target_sum"])
+        out[start:stop] = model.embed(model.inputs.scale(x), normalized=True).cpu().numpy()
     adata.obsm[key_added] = out
     info = dataset.alignment
     adata.uns.setdefault("sslcell", {})[key_added] = {

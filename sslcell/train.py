@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
@@ -25,7 +26,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from sslcell.checkpoint import save_model, versions
 from sslcell.config import RecipeConfig
 from sslcell.data.expression import ExpressionDataset
-from sslcell.data.genes import select_highly_variable
+from sslcell.data.genes import gene_statistics, select_highly_variable
 from sslcell.data.loader import make_dataloader
 from sslcell.errors import ConfigError, OverwriteError
 from sslcell.methods import SSLModule, build_method
@@ -129,6 +130,10 @@ def _prepare_expression(
         "target_sum": d.target_sum,
         "counts_are_log_normalized": d.counts_are_log_normalized,
     }
+    if d.scale:
+        stats = gene_statistics(dataset, target_sum=d.target_sum)
+        contract["gene_mean"] = stats["mean_log1p"].astype(float).tolist()
+        contract["gene_std"] = np.sqrt(stats["var_log1p"].to_numpy()).astype(float).tolist()
     return dataset, contract
 
 

@@ -30,6 +30,9 @@ def build_inputs(config: RecipeConfig, contract: dict[str, Any]) -> Inputs:
             contract["genes"],
             target_sum=contract["target_sum"],
             counts_are_log_normalized=contract["counts_are_log_normalized"],
+            gene_mean=contract.get("gene_mean"),
+            gene_std=contract.get("gene_std"),
+            clip=contract.get("clip", 10.0),
             augment=config.method.augment,
         )
     raise ConfigError(f"modality: {contract['modality']!r} is not supported")

@@ -32,8 +32,11 @@ class Inputs(nn.Module):
 class ExpressionInputs(Inputs):
     """Counts ``(N, G)`` over the model's genes -> library-size normalised log1p values ``(N, G)``.
 
-    Normalisation runs per batch on the model's device. With ``counts_are_log_normalized`` the input is
-    taken as already ``log1p(count / library * target_sum)`` and passed through unchanged.
+    Normalisation runs per batch on the model's device: library size (total counts over the model's genes)
+    to ``target_sum``, ``log1p``, then, when ``gene_mean``/``gene_std`` are given, each gene is standardised
+    with the statistics of the pretraining data and clipped to ``[-clip, clip]`` (as ``sc.pp.scale``), so the
+    encoder and the reconstruction loss weigh every gene alike. A masked entry is 0 after this: the gene's mean.
+    With ``counts_are_log_normalized`` the input is taken as already ``log1p(count / library * target_sum)``.
     """
 
     modality = "expression"
@@ -44,10 +47,21 @@ class ExpressionInputs(Inputs):
         *,
         target_sum: float = 1e4,
         counts_are_log_normalized: bool = False,
+        gene_mean: list[float] | None = None,
+        gene_std: list[float] | None = None,
+        clip: float = 10.0,
         augment: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.genes = list(genes)
+        self.clip = float(clip)
+        self.scaled = gene_mean is not None
+        if self.scaled:
+            mean, std = torch.as_tensor(gene_mean, dtype=torch.float32), torch.as_tensor(gene_std, dtype=torch.float32)
+            if mean.shape != (len(self.genes),) or std.shape != mean.shape:
+                raise ValueError(f"gene_mean/gene_std must have one value per gene ({len(self.genes)})")
+            self.register_buffer("gene_mean", mean)
+            self.register_buffer("gene_std", std.clamp_min(1e-6))
         self.target_sum = float(target_sum)
         self.counts_are_log_normalized = bool(counts_are_log_normalized)
         self.augment_config = from_dict(ExpressionAugmentConfig, dict(augment or {}), "method.augment")
@@ -62,16 +76,25 @@ class ExpressionInputs(Inputs):
         return len(self.genes)
 
     def normalize(self, batch: Tensor) -> Tensor:
-        """(N, G) counts -> (N, G) log-normalised float32."""
+        """(N, G) counts -> (N, G) normalised float32 model input."""
         batch = batch.float()
-        if self.counts_are_log_normalized:
-            return batch
-        return normalize_log1p(batch, self.target_sum)
+        x = batch if self.counts_are_log_normalized else normalize_log1p(batch, self.target_sum)
+        return self.scale(x)
+
+    def scale(self, x: Tensor) -> Tensor:
+        """(N, G) log-normalised -> standardised and clipped (identity for an unscaled model)."""
+        if not self.scaled:
+            return x
+        return ((x - self.gene_mean) / self.gene_std).clamp(-self.clip, self.clip)
 
     def views(self, batch: Tensor, generator: torch.Generator, n: int = 2) -> list[Tensor]:
         """n independently augmented, normalised views of the same cells, each (N, G)."""
         batch = batch.float()
-        return [self.augment(batch, generator) for _ in range(n)]
+        views = []
+        for _ in range(n):
+            x, mask = self.augment(batch, generator, return_mask=True)
+            views.append(self.scale(x).masked_fill(mask, 0.0))
+        return views
 
     def contract(self) -> dict[str, Any]:
         return {
@@ -79,4 +102,7 @@ class ExpressionInputs(Inputs):
             "genes": self.genes,
             "target_sum": self.target_sum,
             "counts_are_log_normalized": self.counts_are_log_normalized,
+            "gene_mean": self.gene_mean.tolist() if self.scaled else None,
+            "gene_std": self.gene_std.tolist() if self.scaled else None,
+            "clip": self.clip,
         }
