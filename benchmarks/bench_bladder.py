@@ -92,6 +92,7 @@ def main() -> None:
         except ImportError:
             notes["scvi"] = "not run: scvi-tools is not installed (pip install -e '.[bench]')"
     report = evaluate(adata, args.label_key, use_rep=reps, baselines=("pca",), seed=args.seed)
+    adata.write_h5ad(Path(args.workdir) / "embedded.h5ad")  # every embedding, for re-scoring without retraining
 
     command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")

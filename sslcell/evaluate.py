@@ -5,7 +5,10 @@ Protocols, each run on every representation and the same cells:
 - ``knn_cv``: kNN (``k`` neighbours, euclidean, uniform votes), stratified ``n_splits``-fold CV;
 - ``logistic_cv``: standardised multinomial logistic regression, the same folds;
 - ``logistic_few_label``: logistic regression trained on ``n_per_class`` labelled cells per class,
-  tested on all other cells, repeated over ``seeds`` (rule: :func:`sslcell.transfer.probes.few_label_split`).
+  tested on all other cells, repeated over ``seeds`` (rule: :func:`sslcell.transfer.probes.few_label_split`),
+  features standardised on the few labelled cells;
+- ``logistic_few_label_raw``: the same without standardisation (standardising on so few cells gives
+  low-variance components as much weight as strong ones, which can favour or hurt either side; both are shown).
 
 Cells without a label are dropped, and so are classes with fewer than ``n_splits`` cells (they
 cannot appear in every fold); both are counted in the report. Baselines are computed from the counts
@@ -80,6 +83,7 @@ class EvaluationReport:
             "knn_cv": f"kNN-{self.k}, {self.n_splits}-fold CV",
             "logistic_cv": f"logistic, {self.n_splits}-fold CV",
             "logistic_few_label": f"logistic, {self.n_per_class} labels/class, {len(self.seeds)} draws",
+            "logistic_few_label_raw": f"logistic (unscaled), {self.n_per_class} labels/class, {len(self.seeds)} draws",
         }
         dropped = ", ".join(f"`{name}` ({n})" for name, n in self.dropped_classes.items()) or "none"
         lines = [
@@ -192,6 +196,9 @@ def evaluate(
             "knn_cv": cross_validated_scores(x, y, "knn", n_splits=n_splits, seed=seed, k=k),
             "logistic_cv": cross_validated_scores(x, y, "logistic", n_splits=n_splits, seed=seed),
             "logistic_few_label": few_label_scores(x, y, n_per_class=n_per_class, seeds=tuple(seeds), probe="logistic"),
+            "logistic_few_label_raw": few_label_scores(
+                x, y, n_per_class=n_per_class, seeds=tuple(seeds), probe="logistic", standardize=False
+            ),
         }
         for protocol, res in results.items():
             rows.append({"representation": rep, "dims": int(x.shape[1]), "protocol": protocol}

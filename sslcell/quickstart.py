@@ -34,7 +34,9 @@ def quickstart_recipe(max_epochs: int = 30) -> RecipeConfig:
     )
 
 
-def quickstart(out: str | Path = "quickstart_out", *, max_epochs: int | None = None, overwrite: bool = False) -> ad.AnnData:
+def quickstart(
+    out: str | Path = "quickstart_out", *, max_epochs: int | None = None, overwrite: bool = False, n_cells: int = 3000
+) -> ad.AnnData:
     """Run the demo into ``out`` and print the evaluation table. Returns the embedded AnnData."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -43,7 +45,7 @@ def quickstart(out: str | Path = "quickstart_out", *, max_epochs: int | None = N
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 
-    adata = make_expression(n_cells=3000, n_genes=1000, seed=0)
+    adata = make_expression(n_cells=n_cells, n_genes=1000, seed=0)
     data_path = out / "synthetic_counts.h5ad"
     adata.write_h5ad(data_path)
     print(f"[1/4] generated {adata.n_obs} cells x {adata.n_vars} genes of raw counts -> {data_path}")

@@ -37,14 +37,15 @@ def test_end_to_end_scores_and_outputs(tmp_path):
         "representation", "dims", "protocol", "macro_f1", "macro_f1_std", "accuracy", "accuracy_std", "n_cells",
         "n_classes",
     ]  # fmt: skip
-    assert len(df) == 9 and set(df.representation) == {"X_sslcell", "X_random", "pca"}
-    assert set(df.protocol) == {"knn_cv", "logistic_cv", "logistic_few_label"}
+    assert len(df) == 12 and set(df.representation) == {"X_sslcell", "X_random", "pca"}
+    assert set(df.protocol) == {"knn_cv", "logistic_cv", "logistic_few_label", "logistic_few_label_raw"}
     assert (df.n_cells == 180).all() and (df.n_classes == 3).all()
     by_rep = df.groupby("representation").macro_f1
     assert by_rep.min()["X_sslcell"] == 1.0  # separated clusters: every protocol is perfect
     pca = df[df.representation == "pca"].set_index("protocol").macro_f1
     assert pca["knn_cv"] > 0.95 and pca["logistic_cv"] > 0.95  # strong marker programmes survive the pipeline
     assert pca["logistic_few_label"] > 0.45  # above chance; standardised noise PCs hurt with 15 labels
+    assert pca["logistic_few_label_raw"] > pca["logistic_few_label"]  # unscaled, the strong PCs dominate
     assert by_rep.max()["X_random"] < 0.6  # chance is 1/3
     assert df.set_index("representation").dims.to_dict() == {"X_sslcell": 16, "X_random": 16, "pca": 50}
     assert (report.n_missing_labels, report.dropped_classes, report.seeds) == (0, {}, [0, 1, 2, 3, 4])

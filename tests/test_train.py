@@ -88,3 +88,33 @@ def test_ddp_two_processes_on_cpu(small_counts_file, tmp_path):
     metrics = pd.concat(pd.read_csv(p) for p in out.glob("logs/*/metrics.csv"))
     loss = metrics["train/loss"].dropna().to_numpy()
     assert loss[-3:].mean() < loss[:3].mean()
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(small_counts_file, tmp_path):
+    import signal
+    import time
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_recipe("mae", train={"max_epochs": 1000, "checkpoint_every_n_steps": 1}).to_dict()))
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    base = [sys.executable, "-m", "sslcell", "pretrain", "--config", str(config), "--data", str(small_counts_file),
+            "--out", str(out)]
+    proc = subprocess.Popen(base, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(1200):  # wait (at most ~2 min) for the first checkpoint, then kill without warning
+            if (out / "model" / "config.json").is_file() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    stopped_at = json.loads((out / "model" / "config.json").read_text())["trained"]["global_step"]
+    steps_per_epoch = 400 // 64
+    target_epochs = stopped_at // steps_per_epoch + 2
+    result = subprocess.run([*base, "--resume", "--max-epochs", str(target_epochs)], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = json.loads((out / "model" / "config.json").read_text())["trained"]
+    assert trained["global_step"] == target_epochs * steps_per_epoch
+    assert len(list(out.glob("logs/version_*"))) == 2  # the resumed run logs beside the first, nothing overwritten
