@@ -130,3 +130,18 @@ def warmup_cosine(step: int, total: int, warmup: int, floor: float) -> float:
         return (step + 1) / warmup
     progress = min((step - warmup) / max(total - warmup, 1), 1.0)
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class TwoViewMethod(SSLModule):
+    """Joint-embedding methods scored on the projections of two augmented views.
+
+    Subclasses set ``self.projection`` (a lightly head) and ``self.criterion`` (a lightly loss).
+    """
+
+    projection: nn.Module
+    criterion: nn.Module
+
+    def loss(self, batch: Tensor, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+        x0, x1 = self.inputs.views(batch, generator)
+        z0, z1 = self.projection(self.encoder(x0)), self.projection(self.encoder(x1))
+        return self.criterion(z0.float(), z1.float()), {}

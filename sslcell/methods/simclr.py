@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import torch
 from lightly.loss import NTXentLoss
 from lightly.models.modules import SimCLRProjectionHead
-from torch import Tensor, nn
+from torch import nn
 
 from sslcell.config import RecipeConfig
-from sslcell.methods.base import SSLModule
+from sslcell.methods.base import TwoViewMethod
 from sslcell.methods.inputs import Inputs
 
 
-class SimCLR(SSLModule):
+class SimCLR(TwoViewMethod):
     def __init__(self, config: RecipeConfig, inputs: Inputs, encoder: nn.Module) -> None:
         super().__init__(config, inputs, encoder)
         m = config.method
         self.projection = SimCLRProjectionHead(encoder.embed_dim, m.projection_hidden, m.projection_dim)
         self.criterion = NTXentLoss(temperature=m.temperature, gather_distributed=True)
-
-    def loss(self, batch: Tensor, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
-        x0, x1 = self.inputs.views(batch, generator)
-        z0, z1 = self.projection(self.encoder(x0)), self.projection(self.encoder(x1))
-        return self.criterion(z0, z1), {}
