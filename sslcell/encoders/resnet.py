@@ -14,7 +14,8 @@ from torch import Tensor, nn
 from torchvision import models
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
-from sslcell.errors import ChannelMismatchError, ConfigError, InputError
+from sslcell.encoders.checks import check_image_batch
+from sslcell.errors import ConfigError
 
 _TORCHVISION_ARCHS = {"resnet18": models.resnet18, "resnet34": models.resnet34, "resnet50": models.resnet50}
 ARCHS = ("resnet_tiny", *_TORCHVISION_ARCHS)
@@ -89,12 +90,7 @@ class ResNetEncoder(nn.Module):
 
     def forward_feature_map(self, images: Tensor) -> Tensor:
         """``(N, C, H, W) -> (N, D, ceil(H/8), ceil(W/8))``, the last stage before pooling."""
-        if images.ndim != 4 or not images.is_floating_point():
-            raise InputError(f"ResNetEncoder: expected floating images (N, C, H, W), got dtype {images.dtype} "
-                             f"and shape {tuple(images.shape)}")
-        if images.shape[1] != self.in_channels:
-            raise ChannelMismatchError(f"ResNetEncoder: images have {images.shape[1]} channels (dim 1), the model "
-                                       f"expects {self.in_channels}")
+        check_image_batch(images, self.in_channels, "ResNetEncoder")
         return self.stages(self.stem(images))
 
     def forward(self, images: Tensor) -> Tensor:

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from torchvision.models.vision_transformer import EncoderBlock
 from torchvision.ops import StochasticDepth
 
-from sslcell.errors import ChannelMismatchError, ConfigError, InputError
+from sslcell.encoders.checks import check_image_batch
+from sslcell.errors import ConfigError, InputError
 
 POOLS = ("cls", "mean")
 
@@ -109,12 +110,7 @@ class ViTEncoder(nn.Module):
 
     def _check_images(self, images: Tensor) -> None:
         """Raise if ``images`` is not a floating ``(N, in_channels, image_size, image_size)`` batch."""
-        if images.ndim != 4 or not images.is_floating_point():
-            raise InputError(f"ViTEncoder: expected floating images (N, C, H, W), got dtype {images.dtype} "
-                             f"and shape {tuple(images.shape)}")
-        if images.shape[1] != self.in_channels:
-            raise ChannelMismatchError(f"ViTEncoder: images have {images.shape[1]} channels (dim 1), the model "
-                                       f"expects {self.in_channels}")
+        check_image_batch(images, self.in_channels, "ViTEncoder")
         if images.shape[-2:] != (self.image_size, self.image_size):
             raise InputError(f"ViTEncoder: images are {tuple(images.shape[-2:])} pixels (H, W), the model expects "
                              f"({self.image_size}, {self.image_size})")
