@@ -28,7 +28,10 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="pretrain an encoder without labels")
     p.add_argument("--config", required=True, help="recipe YAML, e.g. configs/expression_mae.yaml")
-    p.add_argument("--data", required=True, nargs="+", help=".h5ad file, folder of .h5ad shards, or several files")
+    p.add_argument(
+        "--data", required=True, nargs="+", help=".h5ad file, folder of .h5ad shards or several files; crops: .npz, zarr or folder"
+    )
+    p.add_argument("--channels", type=_channels, help="images: channels to train on, indices or names, e.g. 0,2")
     p.add_argument("--out", required=True, help="run directory (model in <out>/model)")
     p.add_argument("--max-epochs", type=int)
     p.add_argument("--max-steps", type=int)
@@ -67,6 +70,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _channels(text: str) -> list[int | str]:
+    """``"0,2"`` -> ``[0, 2]``; ``"brightfield,darkfield"`` -> names."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("give channel indices or names separated by commas, e.g. 0,2")
+    return [int(item) if item.lstrip("-").isdigit() else item for item in items]
+
+
 def _pretrain(args: argparse.Namespace) -> int:
     from sslcell.config import load_config
     from sslcell.train import pretrain
@@ -82,6 +93,7 @@ def _pretrain(args: argparse.Namespace) -> int:
         max_steps=args.max_steps,
         devices=args.devices,
         accelerator=args.accelerator,
+        channels=args.channels,
     )
     print(f"model written to {Path(args.out) / 'model'}")
     return 0

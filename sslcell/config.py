@@ -43,8 +43,9 @@ class DataConfig:
     block_size: int = 1024
     buffer_blocks: int = 8
     # images
-    channels: list[int | str] | None = None
-    label_key: str | None = None
+    channels: list[int | str] | None = None  # channels to train on (indices or names); None = all
+    label_key: str | None = None  # npz / zarr array or obs.csv column holding labels (kept in obs, unused by pretraining)
+    stats_max_cells: int = 10000  # cells sampled for the per-channel mean / std stored in the model
 
 
 @dataclass
@@ -69,12 +70,19 @@ class MethodConfig:
     masking: Literal["random", "programme"] = "random"
     programmes: str | None = None  # GMT path for programme masking; None = the shipped example set
     decoder_hidden: list[int] | None = None  # expression MAE decoder widths; None = the encoder's, reversed
-    norm_pix_loss: bool = True  # image MAE
+    norm_pix_loss: bool = True  # image MAE: standardise each target patch
+    decoder_dim: int = 128  # image MAE decoder width, depth and heads
+    decoder_depth: int = 2
+    decoder_heads: int = 4
     # joint-embedding methods
     projection_dim: int = 128
     projection_hidden: int = 512
     temperature: float = 0.1  # SimCLR
     momentum: float = 0.99  # BYOL / DINO start momentum (cosine-annealed to 1)
+    bottleneck_dim: int = 256  # DINO head bottleneck; projection_dim is its number of prototypes
+    teacher_temp: float = 0.04  # DINO teacher temperature (temperature is the student's)
+    warmup_teacher_temp_epochs: int = 0  # DINO: teacher temperature ramps up from 0.04 over these epochs
+    n_views: int = 2  # DINO: augmented views per cell (the first two are also the teacher's)
     augment: dict[str, Any] = field(default_factory=dict)  # modality augmentation settings
 
 
@@ -134,6 +142,8 @@ class RecipeConfig:
                 f"method.name: {self.method.name!r} is not available for modality {self.modality!r}; "
                 f"choose one of {list(allowed)}"
             )
+        if self.method.n_views < 2:
+            raise ConfigError(f"method.n_views: must be >= 2, got {self.method.n_views}")
         if not 0.0 < self.method.mask_rate < 1.0:
             raise ConfigError(f"method.mask_rate: must lie in (0, 1), got {self.method.mask_rate}")
         for name in ("batch_size", "block_size", "buffer_blocks"):

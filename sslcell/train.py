@@ -27,6 +27,8 @@ from sslcell.checkpoint import save_model, versions
 from sslcell.config import RecipeConfig
 from sslcell.data.expression import ExpressionDataset
 from sslcell.data.genes import gene_statistics, select_highly_variable
+from sslcell.data.image_loader import make_image_dataloader
+from sslcell.data.images import CellImages
 from sslcell.data.loader import make_dataloader
 from sslcell.errors import ConfigError, OverwriteError
 from sslcell.methods import SSLModule, build_method
@@ -47,6 +49,7 @@ def pretrain(
     max_steps: int | None = None,
     devices: int | None = None,
     accelerator: str | None = None,
+    channels: list[int | str] | None = None,
     callbacks: list[Callback] | None = None,
 ) -> SSLModule:
     """Pretrain an encoder on ``data`` without labels and write the run to ``out``.
@@ -54,9 +57,11 @@ def pretrain(
     Args:
         config: the recipe (see ``configs/``).
         data: expression: an AnnData, an ``.h5ad`` path, a folder or list of ``.h5ad`` shards.
+            images: :class:`CellImages`, or an ``.npz`` / zarr / crop-folder path.
         out: the run directory. An existing run is refused unless ``resume`` or ``overwrite``.
-        resume: continue the run in ``out`` from its last checkpoint, with its recipe and genes.
+        resume: continue the run in ``out`` from its last checkpoint, with its recipe and genes or channels.
         max_epochs, max_steps, devices, accelerator: override the recipe's ``train`` settings.
+        channels: images: the channels to train on (indices or names); overrides ``data.channels``.
         callbacks: extra Lightning callbacks (early stopping, monitors).
 
     Returns:
@@ -78,24 +83,36 @@ def pretrain(
         config.train.devices = devices
     if accelerator is not None:
         config.train.accelerator = accelerator
+    if channels is not None:
+        if resume:
+            raise ConfigError("channels: a resumed run keeps its channels; drop --channels")
+        config.data.channels = list(channels)
 
-    dataset, contract = _prepare_expression(config, data, contract)
-    if not spawned and not resume:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_run(out, config, contract, data)
-
+    prepare = _prepare_images if config.modality == "image" else _prepare_expression
+    dataset, contract = prepare(config, data, contract)
     pl.seed_everything(config.train.seed, workers=True, verbose=False)
     model = build_method(config, contract)
     trainer = _trainer(config, out, callbacks or [])
-    loader = make_dataloader(
-        dataset,
-        batch_size=config.data.batch_size,
-        block_size=config.data.block_size,
-        buffer_blocks=config.data.buffer_blocks,
-        seed=config.train.seed,
-        num_workers=config.data.num_workers,
-        pin_memory=trainer.accelerator.__class__.__name__ == "CUDAAccelerator",
-    )
+    pin_memory = trainer.accelerator.__class__.__name__ == "CUDAAccelerator"
+    d = config.data
+    if config.modality == "image":
+        loader = make_image_dataloader(
+            dataset, batch_size=d.batch_size, seed=config.train.seed, num_workers=d.num_workers, pin_memory=pin_memory
+        )
+    else:
+        loader = make_dataloader(
+            dataset,
+            batch_size=d.batch_size,
+            block_size=d.block_size,
+            buffer_blocks=d.buffer_blocks,
+            seed=config.train.seed,
+            num_workers=d.num_workers,
+            pin_memory=pin_memory,
+        )
+    len(loader.dataset)  # raises now, before the run directory is written, if the data cannot fill a batch
+    if not spawned and not resume:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_run(out, config, contract, data)
     ckpt = out / "checkpoints" / LAST
     if resume and not ckpt.is_file():
         raise FileNotFoundError(f"{ckpt}: nothing to resume from (the run stopped before its first checkpoint)")
@@ -107,12 +124,32 @@ def pretrain(
     return model
 
 
+def _prepare_images(
+    config: RecipeConfig, data: Any, contract: dict[str, Any] | None
+) -> tuple[CellImages, dict[str, Any]]:
+    """Open the crops, select the channels and fix the channel spec and per-channel statistics (unless resuming)."""
+    d = config.data
+    cells = data if isinstance(data, CellImages) else CellImages.read(data, label_key=d.label_key)
+    if contract is not None:
+        return cells.select_channels(contract["channel_names"]), contract
+    if d.channels is not None:
+        cells = cells.select_channels(d.channels)
+    stats = cells.channel_stats(max_cells=d.stats_max_cells, seed=config.train.seed)
+    contract = {
+        "modality": "image",
+        "channel_names": list(cells.channel_names),
+        "channel_mean": stats["mean"],
+        "channel_std": stats["std"],
+        "image_size": list(cells.shape[2:]),
+        "dtype": str(cells.dtype),
+    }
+    return cells, contract
+
+
 def _prepare_expression(
     config: RecipeConfig, data: Any, contract: dict[str, Any] | None
 ) -> tuple[ExpressionDataset, dict[str, Any]]:
     """Open the data and fix the model's genes (highly variable genes of this data, unless resuming)."""
-    if config.modality != "expression":
-        raise ConfigError(f"modality: {config.modality!r} pretraining is not available yet")
     d = config.data
     if contract is not None:
         dataset = ExpressionDataset.open(
@@ -200,17 +237,19 @@ class RunCheckpoint(Callback):
         trainer.strategy.barrier()
 
 
-def _trained_info(trainer: pl.Trainer, dataset: ExpressionDataset, data: Any) -> dict[str, Any]:
+def _trained_info(trainer: pl.Trainer, dataset: ExpressionDataset | CellImages, data: Any) -> dict[str, Any]:
     return {
         "epochs": int(trainer.current_epoch),
         "global_step": int(trainer.global_step),
-        "n_cells": int(dataset.n_obs),
+        "n_cells": int(len(dataset) if isinstance(dataset, CellImages) else dataset.n_obs),
         "data": _describe(data),
         "world_size": int(trainer.world_size),
     }
 
 
 def _describe(data: Any) -> Any:
+    if isinstance(data, CellImages):
+        return str(data.source)
     if isinstance(data, (str, Path)):
         return str(data)
     if isinstance(data, (list, tuple)):

@@ -10,17 +10,21 @@ from typing import Any
 from torch import nn
 
 from sslcell.config import RecipeConfig
+from sslcell.encoders.image import build_image_encoder
 from sslcell.encoders.mlp import MLPEncoder
 from sslcell.errors import ConfigError
 from sslcell.methods.barlow_twins import BarlowTwins
 from sslcell.methods.base import SSLModule
 from sslcell.methods.byol import BYOL
-from sslcell.methods.inputs import ExpressionInputs, Inputs
+from sslcell.methods.dino import DINO
+from sslcell.methods.image_mae import ImageMAE
+from sslcell.methods.inputs import ExpressionInputs, ImageInputs, Inputs
 from sslcell.methods.mae import ExpressionMAE
 from sslcell.methods.simclr import SimCLR
 from sslcell.methods.vicreg import VICReg
 
 EXPRESSION = {"mae": ExpressionMAE, "byol": BYOL, "barlow_twins": BarlowTwins, "simclr": SimCLR, "vicreg": VICReg}
+IMAGE = {"mae": ImageMAE, "simclr": SimCLR, "byol": BYOL, "dino": DINO}
 
 
 def build_inputs(config: RecipeConfig, contract: dict[str, Any]) -> Inputs:
@@ -35,6 +39,15 @@ def build_inputs(config: RecipeConfig, contract: dict[str, Any]) -> Inputs:
             clip=contract.get("clip", 10.0),
             augment=config.method.augment,
         )
+    if contract["modality"] == "image":
+        return ImageInputs(
+            contract["channel_names"],
+            contract["channel_mean"],
+            contract["channel_std"],
+            contract["image_size"],
+            dtype=contract.get("dtype", "uint8"),
+            augment=config.method.augment,
+        )
     raise ConfigError(f"modality: {contract['modality']!r} is not supported")
 
 
@@ -44,13 +57,24 @@ def build_encoder(config: RecipeConfig, inputs: Inputs) -> nn.Module:
         if enc.name != "mlp":
             raise ConfigError(f"encoder.name: expression models use 'mlp', got {enc.name!r}")
         return MLPEncoder(inputs.n_genes, enc.hidden, enc.latent, dropout=enc.dropout, norm=enc.norm)
+    if inputs.modality == "image":
+        height, width = inputs.image_size
+        size = inputs.augment_config.output_size
+        if size is not None and tuple((size, size) if isinstance(size, int) else size) != (height, width):
+            raise ConfigError(
+                f"method.augment.output_size: {size} differs from the crops' {height}x{width}; views must keep the "
+                "crop size the encoder is built for (leave output_size unset)"
+            )
+        if enc.name.startswith("vit") and height != width:
+            raise ConfigError(f"encoder.name: {enc.name} needs square crops, got {height}x{width}")
+        return build_image_encoder(enc.name, inputs.n_channels, height, **enc.options)
     raise ConfigError(f"modality: {inputs.modality!r} is not supported")
 
 
 def build_method(config: RecipeConfig, contract: dict[str, Any]) -> SSLModule:
     """Recipe + input contract -> an untrained model."""
     inputs = build_inputs(config, contract)
-    registry = EXPRESSION
+    registry = EXPRESSION if inputs.modality == "expression" else IMAGE
     if config.method.name not in registry:
         raise ConfigError(
             f"method.name: {config.method.name!r} is not available for {inputs.modality}; choose from {sorted(registry)}"

@@ -11,6 +11,8 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from lightly.models.utils import update_momentum
+from lightly.utils.scheduler import cosine_schedule
 from torch import Tensor, nn
 
 from sslcell.config import RecipeConfig
@@ -145,3 +147,20 @@ class TwoViewMethod(SSLModule):
         x0, x1 = self.inputs.views(batch, generator)
         z0, z1 = self.projection(self.encoder(x0)), self.projection(self.encoder(x1))
         return self.criterion(z0.float(), z1.float()), {}
+
+
+class MomentumMethod(SSLModule):
+    """Methods with a momentum (EMA) target network (BYOL, DINO).
+
+    Subclasses list ``self.momentum_pairs = [(online, target), ...]``; before each step every target moves
+    towards its online module with a momentum cosine-annealed from ``method.momentum`` to 1, as in lightly's
+    examples.
+    """
+
+    momentum_pairs: list[tuple[nn.Module, nn.Module]]
+
+    def before_step(self) -> None:
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        momentum = cosine_schedule(self.global_step, total, self.config.method.momentum, 1.0)
+        for online, target in self.momentum_pairs:
+            update_momentum(online, target, m=momentum)

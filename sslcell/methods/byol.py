@@ -7,16 +7,15 @@ import copy
 import torch
 from lightly.loss import NegativeCosineSimilarity
 from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
-from lightly.models.utils import deactivate_requires_grad, update_momentum
-from lightly.utils.scheduler import cosine_schedule
+from lightly.models.utils import deactivate_requires_grad
 from torch import Tensor, nn
 
 from sslcell.config import RecipeConfig
-from sslcell.methods.base import SSLModule
+from sslcell.methods.base import MomentumMethod
 from sslcell.methods.inputs import Inputs
 
 
-class BYOL(SSLModule):
+class BYOL(MomentumMethod):
     def __init__(self, config: RecipeConfig, inputs: Inputs, encoder: nn.Module) -> None:
         super().__init__(config, inputs, encoder)
         m = config.method
@@ -26,6 +25,7 @@ class BYOL(SSLModule):
         self.projection_momentum = copy.deepcopy(self.projection)
         deactivate_requires_grad(self.encoder_momentum)
         deactivate_requires_grad(self.projection_momentum)
+        self.momentum_pairs = [(self.encoder, self.encoder_momentum), (self.projection, self.projection_momentum)]
         self.criterion = NegativeCosineSimilarity()
 
     def _online(self, x: Tensor) -> Tensor:
@@ -40,10 +40,3 @@ class BYOL(SSLModule):
         p0, p1 = self._online(x0), self._online(x1)
         t0, t1 = self._target(x0), self._target(x1)
         return 0.5 * (self.criterion(p0, t1) + self.criterion(p1, t0)), {}
-
-    def before_step(self) -> None:
-        momentum = cosine_schedule(
-            self.global_step, max(int(self.trainer.estimated_stepping_batches), 1), self.config.method.momentum, 1.0
-        )
-        update_momentum(self.encoder, self.encoder_momentum, m=momentum)
-        update_momentum(self.projection, self.projection_momentum, m=momentum)

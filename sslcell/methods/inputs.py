@@ -11,7 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from sslcell.augment.expression import ExpressionAugment, ExpressionAugmentConfig, normalize_log1p
+from sslcell.augment.image import ImageAugment, ImageAugmentConfig
 from sslcell.config import from_dict
+from sslcell.errors import ChannelMismatchError, InputError
 
 
 class Inputs(nn.Module):
@@ -106,3 +108,88 @@ class ExpressionInputs(Inputs):
             "gene_std": self.gene_std.tolist() if self.scaled else None,
             "clip": self.clip,
         }
+
+
+class ImageInputs(Inputs):
+    """Crops ``(N, C, H, W)`` uint8 / uint16 / float32 -> per-channel standardised float32 ``(N, C, H, W)``.
+
+    The channel spec (names, in order) and each channel's mean and std over the pretraining crops are the
+    contract: a uint16 brightfield channel and a uint8 one both reach the encoder at zero mean, unit variance.
+    Views are made by :class:`ImageAugment` (settings from ``method.augment``) on the model's device.
+    """
+
+    modality = "image"
+
+    def __init__(
+        self,
+        channel_names: list[str],
+        channel_mean: list[float],
+        channel_std: list[float],
+        image_size: list[int],
+        *,
+        dtype: str = "uint8",
+        augment: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.channel_names = [str(c) for c in channel_names]
+        n = len(self.channel_names)
+        mean = torch.as_tensor(channel_mean, dtype=torch.float32)
+        std = torch.as_tensor(channel_std, dtype=torch.float32)
+        if mean.shape != (n,) or std.shape != (n,):
+            raise ValueError(f"channel_mean/channel_std must have one value per channel ({n})")
+        self.register_buffer("channel_mean", mean.view(1, n, 1, 1))
+        self.register_buffer("channel_std", std.clamp_min(1e-6).view(1, n, 1, 1))
+        self.image_size = [int(s) for s in image_size]
+        self.dtype = str(dtype)
+        self.augment_config = image_augment_config(augment)
+        self.augment = ImageAugment(self.augment_config)
+
+    @property
+    def n_channels(self) -> int:
+        return len(self.channel_names)
+
+    def check(self, batch: Tensor) -> None:
+        """Raise if ``batch`` is not ``(N, C, H, W)`` with the model's channel count and crop size."""
+        if batch.ndim != 4:
+            raise InputError(f"images must be 4-D (N, C, H, W); got shape {tuple(batch.shape)}")
+        if batch.shape[1] != self.n_channels:
+            raise ChannelMismatchError(
+                f"images have {batch.shape[1]} channels; the model expects {self.n_channels} {self.channel_names}"
+            )
+        if list(batch.shape[2:]) != self.image_size:
+            raise InputError(
+                f"images are {tuple(batch.shape[2:])} pixels (H, W); the model expects {tuple(self.image_size)}"
+            )
+
+    def normalize(self, batch: Tensor) -> Tensor:
+        """(N, C, H, W) raw crops -> (N, C, H, W) float32, standardised per channel."""
+        self.check(batch)
+        x = batch.float()
+        if batch.is_floating_point() and not torch.isfinite(x).all():
+            raise InputError("images contain NaN or inf")
+        return (x - self.channel_mean) / self.channel_std
+
+    def views(self, batch: Tensor, generator: torch.Generator, n: int = 2) -> list[Tensor]:
+        """n independently augmented views of the same crops, each (N, C, h, w), made in one batched call."""
+        x = self.normalize(batch)
+        return list(self.augment(torch.cat([x] * n), generator).chunk(n))
+
+    def contract(self) -> dict[str, Any]:
+        return {
+            "modality": self.modality,
+            "channel_names": self.channel_names,
+            "channel_mean": self.channel_mean.flatten().tolist(),
+            "channel_std": self.channel_std.flatten().tolist(),
+            "image_size": self.image_size,
+            "dtype": self.dtype,
+        }
+
+
+def image_augment_config(values: dict[str, Any] | None) -> ImageAugmentConfig:
+    """``method.augment`` -> :class:`ImageAugmentConfig` (YAML lists become the tuples the config expects)."""
+    config = from_dict(ImageAugmentConfig, dict(values or {}), "method.augment")
+    for name in ("scale", "ratio", "blur_sigma", "output_size"):
+        value = getattr(config, name)
+        if isinstance(value, list):
+            setattr(config, name, tuple(value))
+    return config
