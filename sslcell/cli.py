@@ -1,4 +1,4 @@
-"""Command line: ``sslcell pretrain | embed | evaluate | quickstart``."""
+"""Command line: ``sslcell pretrain | embed | finetune | predict | evaluate | quickstart``."""
 
 from __future__ import annotations
 
@@ -43,14 +43,38 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("embed", help="embed cells with a pretrained model into obsm")
     p.add_argument("--model", required=True, help="model or run directory")
-    p.add_argument("--data", required=True, help="input .h5ad")
-    p.add_argument("--out", required=True, help="output .h5ad (the input plus the embedding)")
+    p.add_argument("--data", required=True, help="input .h5ad; crops: .npz, zarr or folder")
+    p.add_argument("--out", required=True, help="output .h5ad (the input plus the embedding; for crops: obs + obsm)")
     p.add_argument("--key", default="X_sslcell", help="obsm key (default X_sslcell)")
     p.add_argument("--layer", help="read counts from this layer instead of X")
     p.add_argument("--counts-are-log-normalized", action="store_true", help="input is already log1p-normalised")
+    p.add_argument("--channels", type=_channels, help="crops: channels to use (default: the model's, by name)")
+    p.add_argument("--label-key", help="crops: npz/zarr array or obs.csv column with labels, kept in obs")
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--overwrite", action="store_true", help="replace --out and an existing obsm key")
     p.set_defaults(run=_embed)
+
+    p = sub.add_parser("finetune", help="train a cell-type / fate classifier on labelled crops")
+    p.add_argument("--model", required=True, help="pretrained model or run directory")
+    p.add_argument("--data", required=True, help="labelled crops: .npz, zarr or folder")
+    p.add_argument("--label-key", default="label", help="obs column (npz/zarr array, obs.csv column) with labels")
+    p.add_argument("--out", required=True, help="classifier directory")
+    p.add_argument("--config", help="YAML with FinetuneConfig fields (flags below override it)")
+    p.add_argument("--head", choices=["linear", "full"], help="linear probe on frozen embeddings, or full fine-tuning")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--lr", type=float, help="head learning rate (encoder: lr x encoder_lr_factor)")
+    p.add_argument("--channels", type=_channels, help="channels to use (default: the model's, by name)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing classifier in --out")
+    p.set_defaults(run=_finetune)
+
+    p = sub.add_parser("predict", help="predict classes of crops with a fine-tuned classifier")
+    p.add_argument("--model", required=True, help="classifier directory (from sslcell finetune)")
+    p.add_argument("--data", required=True, help="crops: .npz, zarr or folder")
+    p.add_argument("--out", required=True, help="output directory: predictions.h5ad, and metrics + plots with --label-key")
+    p.add_argument("--label-key", help="obs column with true labels: writes metrics.json/.md and PNG plots")
+    p.add_argument("--channels", type=_channels, help="channels to use (default: the model's, by name)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files in --out")
+    p.set_defaults(run=_predict)
 
     p = sub.add_parser("evaluate", help="score embeddings with kNN and logistic probes against baselines")
     p.add_argument("--data", required=True, help=".h5ad with labels in obs and embeddings in obsm")
@@ -103,9 +127,12 @@ def _embed(args: argparse.Namespace) -> int:
     import anndata as ad
     import h5py
 
+    from sslcell.checkpoint import read_model_config
     from sslcell.data.expression import ExpressionDataset
     from sslcell.tl import embed
 
+    if read_model_config(args.model)["contract"]["modality"] == "image":
+        return _embed_images(args)
     src, out = Path(args.data), Path(args.out)
     if out.exists() and not args.overwrite:
         raise OverwriteError(f"{out}: exists; pass --overwrite to replace it")
@@ -139,6 +166,82 @@ def _embed(args: argparse.Namespace) -> int:
     tmp.replace(out)
     print(f"wrote {out}: obsm[{args.key!r}] {embedding.shape}")
     return 0
+
+
+def _embed_images(args: argparse.Namespace) -> int:
+    from sslcell.data.images import CellImages
+    from sslcell.tl import embed
+
+    out = _new_file(Path(args.out), args.overwrite)
+    cells = CellImages.read(args.data, label_key=args.label_key)
+    adata = embed(cells, args.model, key_added=args.key, channels=args.channels, batch_size=args.batch_size)
+    _write_h5ad(adata, out)
+    print(f"wrote {out}: {adata.n_obs} cells, obsm[{args.key!r}] {adata.obsm[args.key].shape}")
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    import yaml
+
+    from sslcell.checkpoint import load
+    from sslcell.classify import FinetuneConfig, finetune, save_classifier
+    from sslcell.config import ConfigError
+    from sslcell.data.images import CellImages
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise OverwriteError(f"{out}: is not empty; pass --overwrite to replace it or choose another --out")
+    values = {}
+    if args.config:
+        try:
+            values = yaml.safe_load(Path(args.config).read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{args.config}: not valid YAML ({err})") from None
+    for name in ("head", "epochs", "lr"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    config = FinetuneConfig.from_dict(values)
+    cells = CellImages.read(args.data, label_key=args.label_key if args.label_key != "label" else None)
+    classifier = finetune(load(args.model), cells, "label", config, channels=args.channels)
+    save_classifier(classifier, out)
+    print(f"classifier ({config.head}, {len(classifier.classes)} classes) written to {out}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from sslcell.classify import load_classifier, predict
+    from sslcell.classify.predict import write_report
+    from sslcell.data.images import CellImages
+
+    out = Path(args.out)
+    target = out / "predictions.h5ad"
+    _new_file(target, args.overwrite)
+    classifier = load_classifier(args.model)
+    cells = CellImages.read(args.data, label_key=args.label_key if args.label_key not in (None, "label") else None)
+    label_key = None if args.label_key is None else "label"
+    adata, report = predict(classifier, cells, channels=args.channels, label_key=label_key)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_h5ad(adata, target)
+    print(f"wrote {target}: obs['sslcell_pred'] and per-class scores for {adata.n_obs} cells")
+    if report is not None:
+        files = write_report(report, adata, label_key, out)
+        print(report.to_markdown(title="Prediction metrics"))
+        print("wrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
+def _new_file(path: Path, overwrite: bool) -> Path:
+    if path.exists() and not overwrite:
+        raise OverwriteError(f"{path}: exists; pass --overwrite to replace it")
+    return path
+
+
+def _write_h5ad(adata, path: Path) -> None:
+    """Write through a temporary file and rename: an interrupted write never leaves half a file at ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    adata.write_h5ad(tmp)
+    tmp.replace(path)
 
 
 def _evaluate(args: argparse.Namespace) -> int:

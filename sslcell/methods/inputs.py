@@ -5,6 +5,7 @@ The contract is stored in every checkpoint's ``config.json`` and checked against
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 from sslcell.augment.expression import ExpressionAugment, ExpressionAugmentConfig, normalize_log1p
 from sslcell.augment.image import ImageAugment, ImageAugmentConfig
 from sslcell.config import from_dict
+from sslcell.data.images import CellImages
 from sslcell.errors import ChannelMismatchError, InputError
 
 
@@ -147,6 +149,25 @@ class ImageInputs(Inputs):
     @property
     def n_channels(self) -> int:
         return len(self.channel_names)
+
+    def align(self, cells: CellImages, channels: Sequence[int | str] | None = None) -> CellImages:
+        """Select the model's channels from ``cells``: ``channels`` (indices or names) when given, else by the
+        model's channel names. Raises :class:`ChannelMismatchError` when the result differs from the model's
+        channel spec in count or names, or when the crop size differs."""
+        if channels is not None:
+            cells = cells.select_channels(channels)
+        elif cells.channel_names != self.channel_names and set(self.channel_names) <= set(cells.channel_names):
+            cells = cells.select_channels(self.channel_names)
+        if cells.channel_names != self.channel_names:
+            raise ChannelMismatchError(
+                f"{cells.source}: channels {cells.channel_names} do not match the model's {self.channel_names}; "
+                "select matching channels (channels=... / --channels) or name them as the model does"
+            )
+        if list(cells.shape[2:]) != self.image_size:
+            raise InputError(
+                f"{cells.source}: crops are {tuple(cells.shape[2:])} pixels; the model expects {tuple(self.image_size)}"
+            )
+        return cells
 
     def check(self, batch: Tensor) -> None:
         """Raise if ``batch`` is not ``(N, C, H, W)`` with the model's channel count and crop size."""

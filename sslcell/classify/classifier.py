@@ -1,0 +1,114 @@
+"""A pretrained encoder with a classification head, saved as safetensors + JSON (nothing executable)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from sslcell.checkpoint import FORMAT_VERSION, _atomic_write, versions
+from sslcell.config import RecipeConfig
+from sslcell.errors import ConfigError, FileFormatError
+from sslcell.methods import SSLModule, build_method
+from sslcell.methods.inputs import Inputs
+
+WEIGHTS = "classifier.safetensors"
+CONFIG = "classifier.json"
+
+
+class CellClassifier(nn.Module):
+    """Raw crops ``(N, C, H, W)`` -> class logits ``(N, K)``: input normalisation, encoder, standardised
+    features, dropout, linear layer.
+
+    ``feature_mean`` / ``feature_std`` ``(D,)`` standardise the embedding (a linear probe is fitted on
+    standardised features); they are 0 / 1 for a fine-tuned head. ``base`` is the pretrained model's recipe
+    and input contract, so :func:`load_classifier` can rebuild the encoder from JSON.
+    """
+
+    def __init__(self, inputs: Inputs, encoder: nn.Module, classes: list[str], base: dict[str, Any], dropout: float = 0.0):
+        super().__init__()
+        if len(classes) < 2:
+            raise ConfigError(f"a classifier needs at least 2 classes, got {classes}")
+        self.inputs, self.encoder, self.classes, self.base = inputs, encoder, [str(c) for c in classes], base
+        dim = encoder.embed_dim
+        self.register_buffer("feature_mean", torch.zeros(dim))
+        self.register_buffer("feature_std", torch.ones(dim))
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(dim, len(self.classes))
+        self.dropout_rate = float(dropout)
+        self.info: dict[str, Any] = {}
+
+    @classmethod
+    def from_pretrained(cls, model: SSLModule, classes: list[str], dropout: float = 0.0) -> CellClassifier:
+        base = {"recipe": model.config.to_dict(), "contract": model.inputs.contract(), "source": getattr(model, "source", None)}
+        return cls(model.inputs, model.encoder, classes, base, dropout)
+
+    def features(self, x: Tensor) -> Tensor:
+        """Normalised input ``(N, C, H, W)`` -> standardised embedding ``(N, D)``."""
+        return (self.encoder(x).float() - self.feature_mean) / self.feature_std
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalised input -> logits ``(N, K)``."""
+        return self.head(self.dropout(self.features(x)))
+
+    @torch.no_grad()
+    def predict_proba(self, batch: Tensor) -> Tensor:
+        """Raw batch -> class probabilities ``(N, K)`` float32 (eval mode)."""
+        was_training = self.training
+        self.eval()
+        try:
+            device = next(self.parameters()).device
+            return self(self.inputs.normalize(batch.to(device))).float().softmax(dim=1)
+        finally:
+            self.train(was_training)
+
+
+def save_classifier(classifier: CellClassifier, directory: str | Path, *, info: dict[str, Any] | None = None) -> Path:
+    """Write ``classifier.safetensors`` and ``classifier.json`` into ``directory`` (atomically each)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()}
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "kind": "classifier",
+        "classes": classifier.classes,
+        "dropout": classifier.dropout_rate,
+        "base": classifier.base,
+        "versions": versions(),
+        "info": {**classifier.info, **(info or {})},
+    }
+    _atomic_write(directory / WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    _atomic_write(directory / CONFIG, lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
+    return directory
+
+
+def load_classifier(directory: str | Path, *, map_location: str | torch.device = "cpu") -> CellClassifier:
+    """Restore a classifier written by :func:`save_classifier`; weights from safetensors, settings from JSON."""
+    directory = Path(directory)
+    if not (directory / CONFIG).is_file():
+        if not directory.exists():
+            raise FileNotFoundError(f"{directory}: no such classifier directory")
+        raise FileFormatError(f"{directory}: not an sslcell classifier (no {CONFIG}; was it made by `sslcell finetune`?)")
+    try:
+        meta = json.loads((directory / CONFIG).read_text())
+        base = meta["base"]
+        model = build_method(RecipeConfig.from_dict(base["recipe"]), base["contract"])
+        classifier = CellClassifier(model.inputs, model.encoder, meta["classes"], base, meta.get("dropout", 0.0))
+    except (json.JSONDecodeError, KeyError, TypeError, ConfigError) as err:
+        raise FileFormatError(f"{directory / CONFIG}: not a valid classifier description ({err})") from None
+    try:
+        state = load_file(str(directory / WEIGHTS), device=str(map_location))
+    except (SafetensorError, OSError) as err:
+        raise FileFormatError(f"{directory / WEIGHTS}: cannot read weights ({err})") from None
+    expected = classifier.state_dict()
+    bad = [k for k in expected if k not in state or state[k].shape != expected[k].shape]
+    if bad or set(state) - set(expected):
+        raise FileFormatError(f"{directory / WEIGHTS}: weights do not match {CONFIG} (e.g. {bad[:3]})")
+    classifier.load_state_dict(state)
+    classifier.info = meta.get("info", {})
+    return classifier.eval()
