@@ -86,7 +86,7 @@ def pretrain(
     if channels is not None:
         if resume:
             raise ConfigError("channels: a resumed run keeps its channels; drop --channels")
-        config.data.channels = list(channels)
+        config.data.channels = [channels] if isinstance(channels, (str, int)) else list(channels)
 
     prepare = _prepare_images if config.modality == "image" else _prepare_expression
     dataset, contract = prepare(config, data, contract)
@@ -116,12 +116,25 @@ def pretrain(
     ckpt = out / "checkpoints" / LAST
     if resume and not ckpt.is_file():
         raise FileNotFoundError(f"{ckpt}: nothing to resume from (the run stopped before its first checkpoint)")
+    if resume:
+        _position_loader(loader.dataset, ckpt)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
         trainer.fit(model, loader, ckpt_path=ckpt if resume else None, weights_only=True)
     if trainer.is_global_zero:
         save_model(model, out / "model", trained=_trained_info(trainer, dataset, data))
     return model
+
+
+def _position_loader(dataset: Any, ckpt: Path) -> None:
+    """Put the loader at the saved epoch and batch before ``fit``: Lightning makes the epoch's iterator (and
+    copies the loader into its workers) before any hook of a resumed run, so the hooks are too late for workers."""
+    state = torch.load(ckpt, map_location="cpu", weights_only=True).get("sslcell_loader") or {}
+    epoch, done = int(state.get("epoch", 0)), int(state.get("batches_done", 0))
+    if done >= len(dataset):
+        epoch, done = epoch + 1, 0
+    dataset.set_epoch(epoch)
+    dataset.skip_batches(done)
 
 
 def _prepare_images(

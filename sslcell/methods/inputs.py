@@ -181,6 +181,12 @@ class ImageInputs(Inputs):
             raise InputError(
                 f"images are {tuple(batch.shape[2:])} pixels (H, W); the model expects {tuple(self.image_size)}"
             )
+        dtype = str(batch.dtype).removeprefix("torch.")
+        if dtype in _INTEGER_DTYPES and self.dtype in _INTEGER_DTYPES and dtype != self.dtype:
+            raise InputError(
+                f"images are {dtype}; the model was trained on {self.dtype} crops and its per-channel statistics are "
+                f"in {self.dtype} units (convert the crops to {self.dtype} at the same scale)"
+            )
 
     def normalize(self, batch: Tensor) -> Tensor:
         """(N, C, H, W) raw crops -> (N, C, H, W) float32, standardised per channel."""
@@ -204,6 +210,9 @@ class ImageInputs(Inputs):
             "image_size": self.image_size,
             "dtype": self.dtype,
         }
+
+
+_INTEGER_DTYPES = ("uint8", "uint16")
 
 
 def image_augment_config(values: dict[str, Any] | None) -> ImageAugmentConfig:

@@ -1,0 +1,262 @@
+"""Image models: ImageInputs (contract, normalisation, checks, views) and the methods MAE, SimCLR, BYOL, DINO."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sslcell.checkpoint import load, save_model
+from sslcell.config import RecipeConfig
+from sslcell.data.images import CellImages
+from sslcell.errors import ChannelMismatchError, ConfigError, InputError
+from sslcell.methods import build_method
+from sslcell.methods.inputs import ImageInputs
+
+C, S = 4, 16  # channels, crop side
+NAMES = ["brightfield", "dna", "darkfield", "actin"]
+ENCODERS = {
+    "resnet": {"name": "resnet_tiny", "options": {"base_width": 4}},
+    "vit": {"name": "vit_tiny", "options": {"patch_size": 4, "depth": 1, "embed_dim": 32, "num_heads": 2}},
+}
+
+
+def image_recipe(name: str = "simclr", kind: str = "resnet", **overrides) -> RecipeConfig:
+    """A tiny image recipe (4 x 16 x 16 crops, 32-wide encoders) that trains in seconds on a CPU."""
+    values = {
+        "modality": "image",
+        "method": {"name": name, "projection_dim": 16, "projection_hidden": 32, "bottleneck_dim": 8,
+                   "decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2},
+        "encoder": dict(ENCODERS[kind]),
+        "data": {"batch_size": 32},
+        "train": {"max_epochs": 1, "seed": 0, "progress_bar": False, "accelerator": "cpu"},
+    }
+    for section, fields in overrides.items():
+        values.setdefault(section, {}).update(fields)
+    return RecipeConfig.from_dict(values)
+
+
+def make_crops(n: int = 32, size: tuple[int, int] = (S, S), dtype=np.uint16, seed: int = 0) -> np.ndarray:
+    """Structured crops ``(n, C, H, W)``: a gaussian cell at a random place, channel intensities on different scales."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    yy, xx = np.mgrid[:h, :w]
+    centre = rng.uniform(4, [h - 4, w - 4], size=(n, 2))
+    radius = rng.uniform(2, 4, size=(n, 1, 1))
+    blob = np.exp(-((yy - centre[:, 0, None, None]) ** 2 + (xx - centre[:, 1, None, None]) ** 2) / (2 * radius**2))
+    top = np.iinfo(dtype).max
+    scale = np.array([0.9, 0.3, 0.05, 0.6])[:C] * top  # channels on very different scales
+    offset = np.array([0.05, 0.0, 0.01, 0.1])[:C] * top
+    x = offset[None, :, None, None] + scale[None, :, None, None] * blob[:, None] * rng.uniform(0.5, 1.0, (n, C, 1, 1))
+    x = x + rng.normal(0, 0.01 * top, x.shape)
+    return np.clip(x, 0, top).astype(dtype)
+
+
+def image_contract(crops: np.ndarray, names=NAMES) -> dict:
+    stats = CellImages.from_array(crops, channel_names=names).channel_stats()
+    return {"modality": "image", "channel_names": list(names), "channel_mean": stats["mean"],
+            "channel_std": stats["std"], "image_size": list(crops.shape[2:]), "dtype": str(crops.dtype)}
+
+
+@pytest.fixture(scope="module")
+def crops() -> np.ndarray:
+    return make_crops(200)
+
+
+@pytest.fixture(scope="module")
+def batch(crops) -> torch.Tensor:
+    return torch.from_numpy(crops[:32])
+
+
+# ------------------------------------------------------------------------------------------- ImageInputs
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint8])
+def test_normalize_standardises_each_channel(dtype):
+    x = make_crops(200, dtype=dtype, seed=1)
+    c = image_contract(x)
+    inputs = ImageInputs(c["channel_names"], c["channel_mean"], c["channel_std"], c["image_size"], dtype=c["dtype"])
+    assert c["channel_std"][0] > 10 * c["channel_std"][2]  # the test data really has channels on different scales
+    out = inputs.normalize(torch.from_numpy(x))
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    per_channel = out.double().transpose(0, 1).reshape(C, -1)
+    np.testing.assert_allclose(per_channel.mean(1).numpy(), 0.0, atol=1e-4)
+    np.testing.assert_allclose(per_channel.std(1, unbiased=False).numpy(), 1.0, atol=1e-4)
+    mean, std = np.asarray(c["channel_mean"])[:, None, None], np.asarray(c["channel_std"])[:, None, None]
+    ref = (x.astype(np.float64) - mean) / std
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-4)
+
+
+def _inputs(size=(S, S)) -> ImageInputs:
+    return ImageInputs(NAMES, [100.0] * C, [10.0] * C, list(size))
+
+
+def test_inputs_are_checked():
+    inputs = _inputs()
+    with pytest.raises(ChannelMismatchError, match=r"3 channels.*expects 4"):
+        inputs.normalize(torch.zeros(2, 3, S, S, dtype=torch.uint16))
+    with pytest.raises(ChannelMismatchError, match=r"5 channels.*expects 4"):
+        inputs.views(torch.zeros(2, 5, S, S, dtype=torch.uint16), torch.Generator().manual_seed(0))
+    with pytest.raises(InputError, match=r"\(16, 12\).*\(16, 16\)"):
+        inputs.normalize(torch.zeros(2, C, S, 12, dtype=torch.uint8))
+    with pytest.raises(InputError, match="4-D"):
+        inputs.normalize(torch.zeros(C, S, S, dtype=torch.uint8))
+    bad = torch.zeros(2, C, S, S)
+    bad[1, 2, 3, 4] = float("nan")
+    with pytest.raises(InputError, match="NaN"):
+        inputs.normalize(bad)
+    bad[1, 2, 3, 4] = float("inf")
+    with pytest.raises(InputError, match="inf"):
+        inputs.normalize(bad)
+
+
+def test_views_differ_and_are_reproducible(batch):
+    inputs = ImageInputs(**{k: v for k, v in image_contract(batch.numpy()).items() if k not in ("modality",)})
+    original = batch.clone()
+    views = inputs.views(batch, torch.Generator().manual_seed(5), n=3)
+    assert len(views) == 3 and all(v.shape == (32, C, S, S) and v.dtype == torch.float32 for v in views)
+    for i in range(3):
+        for j in range(i + 1, 3):
+            assert not torch.allclose(views[i], views[j])
+    again = inputs.views(batch, torch.Generator().manual_seed(5), n=3)
+    assert all(torch.equal(a, b) for a, b in zip(views, again))
+    other = inputs.views(batch, torch.Generator().manual_seed(6), n=3)
+    assert not torch.allclose(views[0], other[0])
+    assert torch.equal(batch, original)  # the raw batch is left alone
+    assert abs(float(views[0].mean())) < 1.0  # views are made from normalised crops, not raw uint16 values
+
+
+def test_contract_round_trips_through_build_save_load(crops, batch, tmp_path):
+    contract = image_contract(crops)
+    model = build_method(image_recipe("simclr"), contract)
+    assert model.inputs.channel_names == NAMES and model.encoder.in_channels == C
+    stored = model.inputs.contract()
+    assert stored["channel_names"] == NAMES and stored["image_size"] == [S, S] and stored["dtype"] == "uint16"
+    np.testing.assert_allclose(stored["channel_mean"], contract["channel_mean"], rtol=1e-6)
+    np.testing.assert_allclose(stored["channel_std"], contract["channel_std"], rtol=1e-6)
+    # train a step so the saved state differs from a fresh build (BatchNorm running stats, weights)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    loss, _ = model.loss(batch, torch.Generator().manual_seed(0))
+    loss.backward()
+    opt.step()
+    save_model(model, tmp_path / "m")
+    restored = load(tmp_path / "m")
+    assert restored.inputs.contract() == stored
+    assert torch.equal(restored.embed(batch), model.embed(batch))
+    fresh = build_method(image_recipe("simclr"), stored)
+    assert not torch.allclose(fresh.embed(batch), model.embed(batch))
+
+
+def test_output_size_other_than_the_crop_is_refused_at_build(crops):
+    contract = image_contract(crops)
+    with pytest.raises(ConfigError, match=r"output_size.*16x16"):
+        build_method(image_recipe("simclr", method={"augment": {"output_size": 12}}), contract)
+    with pytest.raises(ConfigError, match="output_size"):
+        build_method(image_recipe("byol", method={"augment": {"output_size": [16, 12]}}), contract)
+    model = build_method(image_recipe("simclr", method={"augment": {"output_size": [16, 16]}}), contract)
+    assert model.inputs.augment_config.output_size == (16, 16)
+
+
+def test_vit_needs_square_crops_resnet_does_not():
+    x = make_crops(8, size=(16, 12))
+    contract = image_contract(x)
+    with pytest.raises(ConfigError, match=r"square.*16x12"):
+        build_method(image_recipe("dino", "vit"), contract)
+    model = build_method(image_recipe("simclr", "resnet"), contract)
+    assert model.embed(torch.from_numpy(x)).shape == (8, model.embed_dim)
+    with pytest.raises(InputError, match=r"\(12, 16\)"):
+        model.embed(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 1, 3, 2))))
+
+
+def test_unknown_method_and_mae_on_resnet_are_config_errors(crops):
+    with pytest.raises(ConfigError, match="ViT"):
+        build_method(image_recipe("mae", "resnet"), image_contract(crops))
+    with pytest.raises(ConfigError, match="barlow_twins"):
+        image_recipe("barlow_twins")
+
+
+# ------------------------------------------------------------------------------------------------ methods
+METHODS = [("mae", "vit"), ("simclr", "resnet"), ("simclr", "vit"), ("byol", "resnet"), ("dino", "vit"),
+           ("dino", "resnet")]
+
+
+@pytest.mark.parametrize("method,encoder", METHODS)
+def test_loss_is_finite_and_training_moves_it(crops, batch, method, encoder):
+    torch.manual_seed(0)
+    extra = {"method": {"n_views": 3}} if method == "dino" else {}
+    model = build_method(image_recipe(method, encoder, **extra), image_contract(crops))
+    model.train()
+    before = {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(12):
+        loss, logs = model.loss(batch, torch.Generator().manual_seed(0))  # same views each step: a fixed objective
+        assert loss.ndim == 0 and isinstance(logs, dict)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert np.isfinite(losses).all()
+    if method in ("mae", "simclr", "byol"):  # DINO's teacher centre moves with every call: no fixed objective
+        assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+    if method == "byol":
+        assert all(-1.0 <= v <= 1.0 for v in losses)  # negative cosine similarity
+    after = dict(model.named_parameters())
+    moved = [k for k, p in before.items() if not torch.equal(p, after[k].detach())]
+    assert any(k.startswith("encoder.") for k in moved)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    if method in ("byol", "dino"):  # the momentum networks get no gradient
+        target = model.encoder_momentum if method == "byol" else model.teacher_encoder
+        assert not any(p.requires_grad for p in target.parameters())
+
+
+@pytest.mark.parametrize("method,encoder", METHODS)
+def test_embed_is_float32_of_encoder_width_and_deterministic(crops, batch, method, encoder):
+    model = build_method(image_recipe(method, encoder, encoder={"options": {**ENCODERS[encoder]["options"]}}),
+                         image_contract(crops))
+    model.train()
+    emb = model.embed(batch)
+    assert emb.shape == (32, model.encoder.embed_dim) and emb.dtype == torch.float32
+    assert model.embed_dim == model.encoder.embed_dim
+    assert torch.isfinite(emb).all()
+    assert torch.equal(model.embed(batch), emb)
+    torch.testing.assert_close(model.embed(batch[:5]), emb[:5])  # eval mode: no batch statistics
+    assert model.training  # restored
+    normalized = model.inputs.normalize(batch)
+    torch.testing.assert_close(model.embed(normalized, normalized=True), emb)
+
+
+def test_vit_embed_ignores_drop_path(crops, batch):
+    options = {**ENCODERS["vit"]["options"], "drop_path": 0.5, "depth": 2}
+    model = build_method(image_recipe("simclr", "vit", encoder={"options": options}), image_contract(crops))
+    model.train()
+    assert torch.equal(model.embed(batch), model.embed(batch))
+
+
+@pytest.mark.parametrize("mask_rate", [0.75, 0.5])
+def test_mae_encoder_sees_only_visible_tokens(crops, batch, mask_rate):
+    model = build_method(image_recipe("mae", "vit", method={"mask_rate": mask_rate}), image_contract(crops))
+    n_patches = (S // 4) ** 2
+    seen = []
+    model.encoder.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    loss, _ = model.loss(batch, torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)
+    assert seen == [(32, 1 + round(n_patches * (1 - mask_rate)), 32)]
+    seen.clear()
+    model.embed(batch)  # inference: every patch
+    assert seen == [(32, 1 + n_patches, 32)]
+
+
+def test_mae_loss_scores_masked_patches_only(crops, batch):
+    """The loss equals the normalised-pixel error recomputed by hand over the masked patches."""
+    model = build_method(image_recipe("mae", "vit", method={"mask_rate": 0.75}), image_contract(crops))
+    loss, _ = model.loss(batch, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)  # replay the same draws
+    x = model.inputs.augment(model.inputs.normalize(batch), g)
+    tokens, mask, ids_restore = model.encoder.forward_features(x, 0.75, g)
+    pred = model.decoder(tokens, ids_restore)  # (N, L, p*p*C)
+    p = 4
+    target = x.unfold(2, p, p).unfold(3, p, p)  # (N, C, 4, 4, p, p)
+    target = target.permute(0, 2, 3, 4, 5, 1).reshape(32, (S // p) ** 2, p * p * C)  # (p, p, C) pixel order
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    per_patch = ((pred - target) ** 2).mean(-1)
+    assert mask.sum().item() == 32 * 12
+    torch.testing.assert_close(loss, per_patch[mask.bool()].mean(), rtol=1e-4, atol=1e-5)
