@@ -1,0 +1,229 @@
+"""Fate / cell-type prediction from crops: sslcell pretraining + linear probe / fine-tuning vs baselines.
+
+One fixed split per dataset, the same for every entry:
+
+* ``jurkat``: Jurkat cell cycle (imaging flow cytometry), channels 0 and 2 only (brightfield, darkfield;
+  channel 1 is the DNA stain the labels came from), 7 phases, stratified 80/20 split, seed 0.
+* ``chula``: Chula RBC-12 smears, 13 classes, split by ``image_id`` (no smear on both sides): the first fold of
+  ``StratifiedGroupKFold(5, shuffle=True, random_state=0)``, about 80/20.
+
+Entries, each trained on the training part only and scored once on the test part:
+
+* raw-pixel PCA-50 + logistic regression (pixels standardised, PCA and the classifier fitted on train);
+* a supervised CNN from scratch: the same encoder architecture, randomly initialised, trained end to end with
+  the fine-tuning procedure (all layers at the head's learning rate);
+* per recipe: pretrain on the training crops WITHOUT labels, then (a) a linear probe on frozen embeddings and
+  (b) full fine-tuning (encoder at 1% of the head's learning rate, oversampling, dropout head);
+* the same with 10% of the training labels (stratified, seed 0, at least one per class); pretraining still
+  sees all training crops (unlabelled), as a user with few labels would do.
+
+    python benchmarks/bench_images.py --dataset jurkat [--recipes benchmarks/configs/jurkat_*.yaml]
+
+Writes benchmarks/results/images_<dataset>.md / .json and a confusion matrix PNG of the best fine-tuned model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from sklearn.decomposition import PCA
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+import sslcell
+from sslcell.checkpoint import versions
+from sslcell.classify import FinetuneConfig, finetune, predict
+from sslcell.config import RecipeConfig, load_config
+from sslcell.data.images import CellImages
+from sslcell.methods import build_method
+from sslcell.metrics import classification_report, plot_confusion_matrix
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+DATASETS = {
+    "jurkat": {"file": "jurkat_cellcycle_ifc_mlcp.npz", "channels": [0, 2], "split": "stratified"},
+    "chula": {"file": "chula_rbc12_crops48.npz", "channels": None, "split": "image_id"},
+}
+
+
+def split(cells: CellImages, how: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    y = cells.obs["label"].astype(str).to_numpy()
+    idx = np.arange(len(cells))
+    if how == "stratified":
+        return train_test_split(idx, test_size=0.2, stratify=y, random_state=seed)
+    groups = cells.obs["image_id"].to_numpy()
+    train, test = next(StratifiedGroupKFold(5, shuffle=True, random_state=seed).split(idx, y, groups))
+    assert not set(groups[train]) & set(groups[test])
+    return train, test
+
+
+def few_labels(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Positions of a stratified ``fraction`` of ``y`` (at least one per class)."""
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in np.unique(y):
+        members = np.flatnonzero(y == c)
+        keep.append(rng.choice(members, max(1, int(round(fraction * len(members)))), replace=False))
+    return np.sort(np.concatenate(keep))
+
+
+def pca_logistic(cells: CellImages, train: np.ndarray, test: np.ndarray, seed: int) -> dict:
+    x = np.asarray(cells.images).reshape(len(cells), -1).astype(np.float32)
+    y = cells.obs["label"].astype(str).to_numpy()
+    model = make_pipeline(
+        StandardScaler(), PCA(50, random_state=seed), LogisticRegression(max_iter=3000)
+    ).fit(x[train], y[train])
+    scores = model.predict_proba(x[test])
+    classes = [str(c) for c in model.classes_]
+    return score(y[test], np.asarray(classes)[scores.argmax(1)], scores, classes, cells)
+
+
+def score(y_true, y_pred, scores, classes, cells) -> dict:
+    all_classes = [str(c) for c in cells.obs["label"].cat.categories]
+    full = np.zeros((len(y_true), len(all_classes)))
+    for k, c in enumerate(classes):
+        full[:, all_classes.index(c)] = scores[:, k]
+    report = classification_report(y_true, y_pred, full, classes=all_classes)
+    return {"report": report, **{k: getattr(report, k) for k in ("accuracy", "macro_f1", "balanced_accuracy", "macro_roc_auc")}}
+
+
+def classify(model, cells: CellImages, train: np.ndarray, test: np.ndarray, config: FinetuneConfig) -> dict:
+    t0 = time.time()
+    clf = finetune(model, cells[train], "label", config)
+    _, report = predict(clf, cells[test], label_key="label")
+    return {"report": report, "seconds": time.time() - t0,
+            **{k: getattr(report, k) for k in ("accuracy", "macro_f1", "balanced_accuracy", "macro_roc_auc")}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", choices=sorted(DATASETS), required=True)
+    parser.add_argument("--recipes", nargs="+", help="pretraining recipes (default benchmarks/configs/<dataset>_*.yaml)")
+    parser.add_argument("--finetune", help="FinetuneConfig YAML (default benchmarks/configs/<dataset>_finetune.yaml)")
+    parser.add_argument("--max-epochs", type=int, help="override every recipe's pretraining epochs")
+    parser.add_argument("--finetune-epochs", type=int, help="override the fine-tuning epochs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-baselines", action="store_true")
+    parser.add_argument("--workdir", default=str(ROOT / "bench_runs"))
+    parser.add_argument("--out", help="results prefix (default benchmarks/results/images_<dataset>)")
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    spec = DATASETS[args.dataset]
+    recipes = args.recipes or sorted(str(p) for p in (ROOT / "benchmarks" / "configs").glob(f"{args.dataset}_*.yaml")
+                                     if not p.name.endswith("_finetune.yaml"))
+    ft_path = Path(args.finetune or ROOT / "benchmarks" / "configs" / f"{args.dataset}_finetune.yaml")
+    ft_values = yaml.safe_load(ft_path.read_text()) or {}
+    if args.finetune_epochs:
+        ft_values["epochs"] = args.finetune_epochs
+    ft_values["progress_bar"] = False
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"images_{args.dataset}")
+
+    cells = CellImages.read(DATA / spec["file"], channels=spec["channels"])
+    train, test = split(cells, spec["split"], args.seed)
+    y = cells.obs["label"].astype(str).to_numpy()
+    few = train[few_labels(y[train], 0.1, args.seed)]
+    print(f"{args.dataset}: {cells}\ntrain {len(train)}, test {len(test)}, 10% labels {len(few)}", flush=True)
+
+    rows: list[dict] = []
+
+    def add(entry: str, labels: str, result: dict, **extra) -> None:
+        row = {"entry": entry, "labels": labels, **{k: v for k, v in result.items() if k != "report"}, **extra}
+        rows.append(row)
+        print(json.dumps(row, default=float), flush=True)
+        results[(entry, labels)] = result
+
+    results: dict = {}
+    base = {k: v for k, v in ft_values.items() if k != "scratch"}
+    full_cfg = FinetuneConfig.from_dict({**base, "head": "full"})
+    linear_cfg = FinetuneConfig.from_dict({**base, "head": "linear"})
+    # the from-scratch CNN trains every layer at the head's rate (plus the "scratch" overrides of the YAML)
+    scratch_cfg = FinetuneConfig.from_dict({**base, "head": "full", "encoder_lr_factor": 1.0,
+                                            **ft_values.get("scratch", {})})
+
+    for recipe_path in recipes:
+        config = load_config(recipe_path)
+        if args.max_epochs:
+            config.train.max_epochs = args.max_epochs
+        config.train.progress_bar = False
+        name = Path(recipe_path).stem
+        run = Path(args.workdir) / args.dataset / name
+        t0 = time.time()
+        model = sslcell.pretrain(config, cells[train], run, overwrite=True)
+        pretrain_s = time.time() - t0
+        extra = {"recipe": str(Path(recipe_path).relative_to(ROOT)), "pretrain_s": round(pretrain_s)}
+        for labels, part in (("100%", train), ("10%", few)):
+            add(f"sslcell {name} + linear probe", labels, classify(model, cells, part, test, linear_cfg), **extra)
+            add(f"sslcell {name} + fine-tune", labels, classify(model, cells, part, test, full_cfg), **extra)
+        encoder_spec = (config.encoder.name, config.encoder.options)
+
+    if not args.skip_baselines:
+        for labels, part in (("100%", train), ("10%", few)):
+            add("raw pixels PCA-50 + logistic", labels, pca_logistic(cells, part, test, args.seed))
+        # supervised CNN from scratch: the last recipe's encoder architecture, random weights
+        scratch = RecipeConfig.from_dict(load_config(recipes[-1]).to_dict())
+        contract = model.inputs.contract()
+        torch.manual_seed(args.seed)
+        untrained = build_method(scratch, contract)
+        for labels, part in (("100%", train), ("10%", few)):
+            add(f"supervised CNN from scratch ({encoder_spec[0]} {encoder_spec[1]})", labels,
+                classify(untrained, cells, part, test, scratch_cfg))
+
+    write(out, args, cells, train, test, few, rows, results, ft_values, recipes)
+
+
+def write(out: Path, args, cells, train, test, few, rows, results, ft_values, recipes) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    best = max((r for r in rows if "fine-tune" in r["entry"] and r["labels"] == "100%"),
+               key=lambda r: r["macro_f1"], default=None)
+    if best is not None:
+        report = results[(best["entry"], best["labels"])]["report"]
+        plot_confusion_matrix(report, out.with_name(out.name + "_confusion.png"),
+                              title=f"{args.dataset}: {best['entry']} (test split)")
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    command = "python " + " ".join([Path(sys.argv[0]).relative_to(ROOT).as_posix() if Path(sys.argv[0]).is_absolute()
+                                    else sys.argv[0], *sys.argv[1:]])
+    lines = [
+        f"# Crop classification: {args.dataset}",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {os.cpu_count()} cores, {cpu}, no GPU; torch threads {torch.get_num_threads()}  ",
+        f"Versions: {', '.join(f'{k} {v}' for k, v in versions().items())}  ",
+        f"Data: `{DATASETS[args.dataset]['file']}`, channels {cells.channel_names}, {len(cells)} cells; "
+        f"train {len(train)}, test {len(test)} (split: {DATASETS[args.dataset]['split']}, seed {args.seed}); "
+        f"10% labels: {len(few)} training cells  ",
+        f"Recipes: {', '.join(f'`{Path(r).relative_to(ROOT) if Path(r).is_absolute() else r}`' for r in recipes)}; "
+        f"fine-tuning: `{json.dumps(ft_values)}`",
+        "",
+        "Scores on the test split (one run, seed 0). Pretraining used the training crops only, without labels.",
+        "",
+        "| entry | labels | accuracy | macro-F1 | balanced acc. | macro ROC-AUC | pretrain s | train+predict s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["labels"] != "100%", -r["macro_f1"])):
+        lines.append(f"| {r['entry']} | {r['labels']} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} | "
+                     f"{r['balanced_accuracy']:.3f} | {r['macro_roc_auc']:.3f} | {r.get('pretrain_s', '')} | "
+                     f"{round(r['seconds']) if 'seconds' in r else ''} |")
+    if best is not None:
+        lines += ["", f"Per-class scores of the best fine-tuned entry ({best['entry']}, 100% labels):", "",
+                  results[(best["entry"], best["labels"])]["report"].to_markdown()]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    payload = {"dataset": args.dataset, "command": command, "seed": args.seed, "versions": versions(),
+               "rows": rows, "finetune": ft_values, "n_train": len(train), "n_test": len(test), "n_few": len(few)}
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=float))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
