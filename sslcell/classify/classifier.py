@@ -96,10 +96,15 @@ def load_classifier(directory: str | Path, *, map_location: str | torch.device =
         raise FileFormatError(f"{directory}: not an sslcell classifier (no {CONFIG}; was it made by `sslcell finetune`?)")
     try:
         meta = json.loads((directory / CONFIG).read_text())
+        if meta.get("format_version") != FORMAT_VERSION or meta.get("kind") != "classifier":
+            raise FileFormatError(
+                f"{directory / CONFIG}: kind {meta.get('kind')!r} format_version {meta.get('format_version')!r} is not "
+                f"an sslcell classifier this version reads (format_version {FORMAT_VERSION})"
+            )
         base = meta["base"]
         model = build_method(RecipeConfig.from_dict(base["recipe"]), base["contract"])
         classifier = CellClassifier(model.inputs, model.encoder, meta["classes"], base, meta.get("dropout", 0.0))
-    except (json.JSONDecodeError, KeyError, TypeError, ConfigError) as err:
+    except (ValueError, KeyError, TypeError, AttributeError, ConfigError) as err:  # ValueError covers bad JSON
         raise FileFormatError(f"{directory / CONFIG}: not a valid classifier description ({err})") from None
     try:
         state = load_file(str(directory / WEIGHTS), device=str(map_location))

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -78,6 +79,9 @@ class FinetuneConfig:
             raise ConfigError("lr and C must be > 0 and encoder_lr_factor >= 0")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.warmup_fraction < 1.0 or not 0.0 <= self.label_smoothing < 1.0 or self.weight_decay < 0:
+            raise ConfigError("warmup_fraction and label_smoothing must be in [0, 1), weight_decay >= 0")
+        image_augment_config(self.augment)  # raises ConfigError naming the bad augment field
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> FinetuneConfig:
@@ -121,11 +125,17 @@ def finetune(
             raise InputError(f"need labelled cells of at least 2 classes; got counts {dict(zip(classes, present.tolist()))}")
         log.info("classes without training cells (kept as outputs, never predicted): %s", absent)
     model = copy.deepcopy(model).cpu()
-    classifier = CellClassifier.from_pretrained(model, classes, dropout=config.dropout if config.head == "full" else 0.0)
-    if config.head == "linear":
-        _fit_linear(classifier, cells, codes, config, device)
-    else:
-        _fit_full(classifier, cells, codes, config)
+    with torch.random.fork_rng(devices=[]):  # seeded by config.seed; the caller's global random state is kept
+        torch.manual_seed(config.seed)
+        classifier = CellClassifier.from_pretrained(
+            model, classes, dropout=config.dropout if config.head == "full" else 0.0
+        )
+        if config.head == "linear":
+            _fit_linear(classifier, cells, codes, config, device)
+        else:
+            _fit_full(classifier, cells, codes, config)
+    with torch.no_grad():  # a class without training cells is never predicted
+        classifier.head.bias[torch.from_numpy(present == 0)] = -1e4
     classifier.info = {
         "finetune": asdict(config),
         "n_train": int(len(codes)),
@@ -135,17 +145,16 @@ def finetune(
     return classifier.eval()
 
 
-def _labels(cells: CellImages, labels: Any):
-    import pandas as pd
-
+def _labels(cells: CellImages, labels: Any) -> pd.Series:
     if isinstance(labels, str):
         if labels not in cells.obs.columns:
             raise InputError(f"{cells.source}: no obs column {labels!r}; columns are {list(cells.obs.columns)}")
         values = cells.obs[labels]
     else:
-        values = pd.Series(np.asarray(labels), index=cells.obs.index)
-        if len(values) != len(cells):
-            raise InputError(f"labels has {len(values)} entries for {len(cells)} cells")
+        labels = np.asarray(labels)
+        if labels.shape != (len(cells),):
+            raise InputError(f"labels has shape {labels.shape} for {len(cells)} cells; expected ({len(cells)},)")
+        values = pd.Series(labels, index=cells.obs.index)
     if not isinstance(values.dtype, pd.CategoricalDtype):
         values = values.astype("category")
     return values
@@ -169,8 +178,6 @@ def _fit_linear(classifier: CellClassifier, cells: CellImages, codes: np.ndarray
         weight[fitted[1]], bias[fitted[1]] = logistic.coef_[0], logistic.intercept_[0]
     else:
         weight[fitted], bias[fitted] = logistic.coef_, logistic.intercept_
-    absent = np.setdiff1d(np.arange(len(classifier.classes)), fitted)
-    bias[absent] = -1e4  # never predicted
     with torch.no_grad():
         classifier.cpu()
         classifier.feature_mean.copy_(torch.from_numpy(mean))
@@ -238,7 +245,6 @@ class _FinetuneModule(pl.LightningModule):
 
 
 def _fit_full(classifier: CellClassifier, cells: CellImages, codes: np.ndarray, config: FinetuneConfig) -> None:
-    pl.seed_everything(config.seed, verbose=False)
     weights = None
     if config.oversample:
         counts = np.bincount(codes)

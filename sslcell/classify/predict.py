@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from anndata import AnnData
 
@@ -41,8 +42,6 @@ def predict(
         scores[rows] = classifier.predict_proba(torch.from_numpy(cells.batch(rows))).cpu().numpy()
     adata = cells.to_anndata()
     classes = np.asarray(classifier.classes)
-    import pandas as pd
-
     adata.obs[f"{key_added}_pred"] = pd.Categorical(classes[scores.argmax(axis=1)], categories=list(classes))
     for k, name in enumerate(classes):
         adata.obs[f"{key_added}_score_{name}"] = scores[:, k]

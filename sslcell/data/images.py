@@ -410,7 +410,9 @@ def _cells_from_arrays(
         if name == key:
             if values.shape != (n,):
                 raise InputError(f"{source}: labels {name!r} has shape {values.shape} for {n} cells")
-            columns["label"] = _label_column(values, label_names, f"{source}: {name!r}")
+            # label_names decode integer codes; a string label array is already named
+            names_for = label_names if values.dtype.kind in "iu" else None
+            columns["label"] = _label_column(values, names_for, f"{source}: {name!r}")
         elif values.ndim == 1 and len(values) == n:
             columns[name] = values
         elif values.ndim == 2 and len(values) == n and values.shape[1] <= _MAX_SPLIT_COLUMNS:

@@ -1,0 +1,326 @@
+"""finetune: linear probe and full fine-tuning on a learnable crop task, label handling, refusals, settings."""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+
+from sslcell.checkpoint import load
+from sslcell.classify import FinetuneConfig, finetune
+from sslcell.config import RecipeConfig
+from sslcell.data.images import CellImages
+from sslcell.errors import ConfigError, InputError
+from sslcell.methods import build_method
+from sslcell.train import pretrain
+from tests.conftest import tiny_recipe
+
+# the module, not the function: ``sslcell.classify`` re-exports ``finetune``, shadowing the submodule's name
+finetune_module = importlib.import_module("sslcell.classify.finetune")
+
+S = 16
+NAMES = ["dna", "actin"]
+CLASSES = np.array(["neg", "pos", "mid"])
+LEVEL = np.array([30.0, 180.0, 100.0])  # blob brightness in the "actin" channel per class
+
+
+def crops_of(y: np.ndarray, seed: int) -> np.ndarray:
+    """(n, 2, 16, 16) uint8 crops: a gaussian cell at a random place; its "actin" brightness gives the class."""
+    rng = np.random.default_rng(seed)
+    n = len(y)
+    yy, xx = np.mgrid[:S, :S]
+    centre = rng.uniform(5, S - 5, size=(n, 2))
+    blob = np.exp(-((yy - centre[:, 0, None, None]) ** 2 + (xx - centre[:, 1, None, None]) ** 2) / (2 * 2.5**2))
+    x = np.empty((n, 2, S, S))
+    x[:, 0] = 20 + 150 * blob * rng.uniform(0.7, 1.0, (n, 1, 1))
+    x[:, 1] = 20 + LEVEL[y][:, None, None] * blob
+    x += rng.normal(0, 8, x.shape)
+    return np.clip(x, 0, 255).astype(np.uint8)
+
+
+def task(n: int, seed: int, n_classes: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Crops and integer classes, classes in shuffled order (row order carries no information)."""
+    y = np.random.default_rng(seed + 100).permutation(np.arange(n) % n_classes)
+    return crops_of(y, seed), y
+
+
+def cells_of(x: np.ndarray, labels) -> CellImages:
+    return CellImages.from_array(x, channel_names=NAMES, labels=labels)
+
+
+def recipe() -> RecipeConfig:
+    return RecipeConfig.from_dict({
+        "modality": "image",
+        "method": {"name": "simclr", "projection_dim": 16, "projection_hidden": 32},
+        "encoder": {"name": "resnet_tiny", "options": {"base_width": 4}},
+        "data": {"batch_size": 32},
+        "train": {"max_epochs": 1, "seed": 0, "progress_bar": False, "accelerator": "cpu"},
+    })
+
+
+def full(**kw) -> FinetuneConfig:
+    """Settings that learn the task in every run (checked over 10 head initialisations: >= 0.99 held out)."""
+    values = {"head": "full", "epochs": 6, "lr": 1e-2, "encoder_lr_factor": 0.1, "batch_size": 32,
+              "progress_bar": False, "accelerator": "cpu"}
+    return FinetuneConfig(**{**values, **kw})
+
+
+def linear(**kw) -> FinetuneConfig:
+    return FinetuneConfig(head="linear", **kw)
+
+
+@pytest.fixture(scope="module")
+def train():
+    x, y = task(192, 0)
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    return task(96, 1)
+
+
+@pytest.fixture(scope="module")
+def model(train, tmp_path_factory):
+    """A tiny ResNet pretrained for 2 steps on the training crops, loaded back from its run directory."""
+    out = tmp_path_factory.mktemp("pretrain") / "run"
+    pretrain(recipe(), cells_of(train[0], None), out, max_steps=2)
+    return load(out)
+
+
+def accuracy(classifier, x: np.ndarray, y: np.ndarray) -> float:
+    proba = classifier.predict_proba(torch.from_numpy(x)).numpy()
+    return float((proba.argmax(1) == y).mean())
+
+
+def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+# ------------------------------------------------------------------------------------------ learning
+@pytest.mark.parametrize("config", [linear(), full()], ids=["linear", "full"])
+def test_learns_a_learnable_task_and_leaves_the_model_unchanged(model, train, heldout, config):
+    before = state(model)
+    grads = {k: p.requires_grad for k, p in model.named_parameters()}
+    classifier = finetune(model, cells_of(train[0], CLASSES[train[1]]), "label", config)
+    assert classifier.classes == ["neg", "pos"]
+    assert accuracy(classifier, *train) > 0.9
+    assert accuracy(classifier, *heldout) > 0.9
+    after = state(model)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert {k: p.requires_grad for k, p in model.named_parameters()} == grads
+    assert classifier.encoder is not model.encoder
+    assert not classifier.training  # returned ready for inference
+    assert classifier.info["n_train"] == len(train[1])
+    assert classifier.info["train_class_counts"] == {"neg": 96, "pos": 96}
+    assert classifier.dropout.p == (config.dropout if config.head == "full" else 0.0)
+
+
+@pytest.mark.parametrize("config", [linear(), full()], ids=["linear", "full"])
+def test_shuffled_labels_give_chance(model, train, heldout, config):
+    """The same crops with labels permuted: nothing to learn, so held-out accuracy stays near 0.5."""
+    shuffled = np.random.default_rng(7).permutation(train[1])
+    classifier = finetune(model, cells_of(train[0], CLASSES[shuffled]), "label", config)
+    assert accuracy(classifier, *heldout) < 0.7
+
+
+def test_linear_probe_matches_sklearn_on_standardised_embeddings(model):
+    """Reference: embed, standardise, fit sklearn's multinomial logistic regression; same probabilities.
+    Three present classes plus one declared class without cells, listed first: every column must line up."""
+    x, y = task(150, 3, n_classes=3)
+    labels = pd.Categorical(CLASSES[y], categories=["none", "mid", "neg", "pos"])
+    classifier = finetune(model, cells_of(x, labels), "label", linear(oversample=False))
+    assert classifier.classes == ["none", "mid", "neg", "pos"]
+    with torch.no_grad():
+        z = model.embed(torch.from_numpy(x)).double().numpy()
+    z = (z - z.mean(0)) / (z.std(0) + 1e-6)
+    codes = labels.codes
+    reference = LogisticRegression(C=1.0, max_iter=2000).fit(z, codes)
+    proba = classifier.predict_proba(torch.from_numpy(x)).double().numpy()
+    assert proba.shape == (150, 4)
+    assert proba[:, 0].max() < 1e-12  # the class without training cells is never predicted
+    np.testing.assert_allclose(proba[:, 1:], reference.predict_proba(z), atol=2e-3)
+
+
+def test_binary_linear_probe_matches_sklearn(model, train):
+    """Binary: sklearn keeps one coefficient row (class 1 vs 0); the two-column softmax must equal its sigmoid."""
+    x, y = train
+    classifier = finetune(model, cells_of(x, CLASSES[y]), "label", linear(C=0.1))
+    with torch.no_grad():
+        z = model.embed(torch.from_numpy(x)).double().numpy()
+    z = (z - z.mean(0)) / (z.std(0) + 1e-6)
+    reference = LogisticRegression(C=0.1, max_iter=2000, class_weight="balanced").fit(z, y)
+    proba = classifier.predict_proba(torch.from_numpy(x)).double().numpy()
+    np.testing.assert_allclose(proba, reference.predict_proba(z), atol=2e-3)
+
+
+# ------------------------------------------------------------------------------------------ labels
+def test_classes_follow_the_categories_including_empty_ones(model, train, heldout):
+    labels = pd.Categorical(CLASSES[train[1]], categories=["pos", "empty", "neg"])
+    classifier = finetune(model, cells_of(train[0], labels), "label", full())
+    assert classifier.classes == ["pos", "empty", "neg"]
+    assert classifier.info["train_class_counts"] == {"pos": 96, "empty": 0, "neg": 96}
+    proba = classifier.predict_proba(torch.from_numpy(heldout[0])).numpy()
+    predicted = np.asarray(classifier.classes)[proba.argmax(1)]
+    assert "empty" not in set(predicted)
+    assert (predicted == CLASSES[heldout[1]]).mean() > 0.9  # columns follow the categories, not sorted names
+
+
+def test_cells_without_labels_are_skipped(model, train, heldout):
+    """The first 40% of the rows are unlabelled: training on the rest must keep images and labels aligned."""
+    x, y = train
+    labels = CLASSES[y].astype(object)
+    labels[: int(0.4 * len(y))] = None
+    classifier = finetune(model, cells_of(x, labels), "label", full())
+    n = len(y) - int(0.4 * len(y))
+    assert classifier.info["n_train"] == n
+    kept = y[int(0.4 * len(y)) :]
+    assert classifier.info["train_class_counts"] == {"neg": int((kept == 0).sum()), "pos": int((kept == 1).sum())}
+    assert accuracy(classifier, *heldout) > 0.9
+
+
+def test_labels_as_an_array_and_as_another_obs_column(model, train, heldout):
+    x, y = train
+    obs = pd.DataFrame({"fate": CLASSES[y], "other": np.zeros(len(y))})
+    by_column = finetune(model, CellImages.from_array(x, channel_names=NAMES, obs=obs), "fate", linear())
+    by_array = finetune(model, cells_of(x, None), CLASSES[y], linear())
+    assert by_column.classes == by_array.classes == ["neg", "pos"]
+    probe = torch.from_numpy(heldout[0])
+    torch.testing.assert_close(by_column.predict_proba(probe), by_array.predict_proba(probe))
+    assert accuracy(by_array, *heldout) > 0.9
+
+
+def test_labels_array_of_wrong_length_is_refused(model, train):
+    x, y = train
+    with pytest.raises(InputError, match=r"labels has shape \(10,\) for 192 cells"):
+        finetune(model, cells_of(x, None), CLASSES[y][:10], linear())
+
+
+def test_label_refusals(model, train):
+    x, y = train
+    cells = cells_of(x, CLASSES[y])
+    with pytest.raises(InputError, match=r"no obs column 'fate'.*\['label'\]"):
+        finetune(model, cells, "fate", linear())
+    with pytest.raises(InputError, match="at least 2 classes"):
+        finetune(model, cells_of(x, np.full(len(y), "neg")), "label", linear())
+    one_present = pd.Categorical(np.full(len(y), "neg"), categories=["neg", "pos"])
+    with pytest.raises(InputError, match="at least 2 classes"):
+        finetune(model, cells_of(x, one_present), "label", full())
+
+
+def test_expression_model_is_refused(train):
+    contract = {"modality": "expression", "genes": [f"g{i}" for i in range(100)], "target_sum": 1e4,
+                "counts_are_log_normalized": False}
+    expression_model = build_method(tiny_recipe("mae"), contract)
+    with pytest.raises(InputError, match="expression"):
+        finetune(expression_model, cells_of(train[0], CLASSES[train[1]]), "label", linear())
+
+
+@pytest.mark.parametrize("values,field", [
+    ({"head": "mlp"}, "head"),
+    ({"epochs": 0}, "epochs"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"dropout": 1.0}, "dropout"),
+    ({"dropout": -0.1}, "dropout"),
+    ({"lr": 0.0}, "lr"),
+    ({"encoder_lr_factor": -1.0}, "encoder_lr_factor"),
+    ({"epoch": 3}, "epoch"),  # unknown field, through from_dict
+    ({"epochs": "many"}, "epochs"),
+])
+def test_config_validation(values, field):
+    with pytest.raises(ConfigError, match=field):
+        FinetuneConfig.from_dict(values)
+
+
+# ------------------------------------------------------------------------------------------ settings
+def test_oversampling_weights_are_inverse_class_counts(model, monkeypatch):
+    """95/5 classes: each cell is drawn with weight 1/(its class count), so an epoch draws both classes ~equally."""
+    y = np.zeros(200, dtype=int)
+    y[np.random.default_rng(0).choice(200, 10, replace=False)] = 1
+    x = crops_of(y, 5)
+    captured = []
+    original = finetune_module.make_image_dataloader
+
+    def spy(cells, **kwargs):
+        loader = original(cells, **kwargs)
+        captured.append((kwargs.get("weights"), loader.dataset))
+        return loader
+
+    monkeypatch.setattr(finetune_module, "make_image_dataloader", spy)
+    finetune(model, cells_of(x, CLASSES[y]), "label", full(epochs=1))
+    weights, dataset = captured[-1]
+    expected = np.where(y == 1, 1 / 10, 1 / 190)
+    np.testing.assert_allclose(weights / weights.sum(), expected / expected.sum())
+    drawn = y[dataset.epoch_order()]
+    assert 0.4 < drawn.mean() < 0.6  # minority class drawn about half the time (5% without oversampling)
+
+    finetune(model, cells_of(x, CLASSES[y]), "label", full(epochs=1, oversample=False))
+    assert captured[-1][0] is None
+
+
+@pytest.mark.parametrize("oversample", [True, False])
+def test_linear_probe_balances_class_weights_when_oversampling(model, train, monkeypatch, oversample):
+    seen = {}
+
+    class Spy(LogisticRegression):
+        def fit(self, X, y, sample_weight=None):
+            seen["class_weight"] = self.class_weight
+            return super().fit(X, y, sample_weight)
+
+    monkeypatch.setattr(finetune_module, "LogisticRegression", Spy)
+    finetune(model, cells_of(train[0], CLASSES[train[1]]), "label", linear(oversample=oversample))
+    assert seen["class_weight"] == ("balanced" if oversample else None)
+
+
+def test_encoder_learning_rate_is_lr_times_factor(model, train, monkeypatch):
+    groups = []
+    original = finetune_module._FinetuneModule.configure_optimizers
+
+    def spy(self):
+        out = original(self)
+        groups.append([(g["initial_lr"], {id(p) for p in g["params"]}) for g in out["optimizer"].param_groups])
+        groups.append(self.classifier)
+        return out
+
+    monkeypatch.setattr(finetune_module._FinetuneModule, "configure_optimizers", spy)
+    finetune(model, cells_of(train[0], CLASSES[train[1]]), "label", full(epochs=1, lr=2e-3, encoder_lr_factor=0.05))
+    (head_lr, head_ids), (encoder_lr, encoder_ids) = groups[0]
+    classifier = groups[1]
+    assert head_lr == pytest.approx(2e-3) and encoder_lr == pytest.approx(2e-3 * 0.05)
+    assert head_ids == {id(p) for p in classifier.head.parameters()}
+    assert encoder_ids == {id(p) for p in classifier.encoder.parameters()}
+
+
+@pytest.mark.parametrize("factor", [0.0, 0.1])
+def test_encoder_is_frozen_only_with_factor_zero(model, train, factor):
+    cells = cells_of(train[0], CLASSES[train[1]])
+    classifier = finetune(model, cells, "label", full(epochs=1, encoder_lr_factor=factor))
+    start = dict(model.encoder.named_parameters())
+    moved = [k for k, p in classifier.encoder.named_parameters() if not torch.equal(p.detach(), start[k].detach())]
+    assert (len(moved) == 0) == (factor == 0.0)
+    assert not torch.equal(classifier.head.weight, torch.zeros_like(classifier.head.weight))
+
+
+def test_full_finetuning_is_reproducible(model, train):
+    cells = cells_of(train[0], CLASSES[train[1]])
+    probe = torch.from_numpy(train[0][:16])
+    runs = []
+    for seed in (3, 3, 4):
+        torch.manual_seed(0)  # the same global state each time
+        runs.append(finetune(model, cells, "label", full(epochs=1, seed=seed)).predict_proba(probe))
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
+
+
+def test_full_finetuning_depends_only_on_its_seed(model, train):
+    cells = cells_of(train[0], CLASSES[train[1]])
+    probe = torch.from_numpy(train[0][:16])
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        runs.append(finetune(model, cells, "label", full(epochs=1, seed=3)).predict_proba(probe))
+    assert torch.equal(runs[0], runs[1])
