@@ -8,8 +8,10 @@ and, as the verdict, the median over rounds of the per-round speed-up (robust to
   torch ``DataLoader`` (batch 256, 2 worker processes, persistent), as lightly's examples do.
 * sslcell (the ratio is taken on this one): the same uint8 crops as a ``(N, 3, 64, 64)``
   tensor; per batch: gather, convert to float, normalise per channel,
-  ``two_views(ImageAugment(...))``, in the main process with ``torch.get_num_threads()`` intra-op
-  threads (default: as many as lightly's workers).
+  ``two_views(ImageAugment(...))`` with the default config, in the main process with
+  ``torch.get_num_threads()`` threads (default: as many as lightly's workers; ImageAugment runs
+  its chunks on that many Python threads with one intra-op thread each). Default config since
+  ``rotation_p`` was added: half of the crops get the small rotation (before: all of them).
 * For information: sslcell with the same process layout as lightly (the whole-batch
   augmentation runs inside 2 DataLoader workers with 1 thread each), and sslcell on 2-channel
   uint16 crops (which lightly cannot take as is).
@@ -19,7 +21,7 @@ first batch received to the last, so worker start-up and pipeline fill are not c
 The script sets ``OMP_WAIT_POLICY=PASSIVE`` (unless set): on a shared, oversubscribed machine
 OpenMP threads that spin at barriers made the 2-thread run 3x slower than 1 thread.
 
-    python benchmarks/bench_augment.py --n-images 4096 --rounds 3 --seed 0
+    python benchmarks/bench_augment.py --n-images 4096 --rounds 7 --seed 0
 """
 
 from __future__ import annotations
@@ -150,26 +152,36 @@ def sslcell_batches(images: torch.Tensor, augment: ImageAugment, batch_size: int
 
 
 def stage_breakdown(images: torch.Tensor, config: ImageAugmentConfig, batch_size: int,
-                    seed: int, reps: int = 7) -> dict[str, float]:
-    """Milliseconds (best of ``reps``) per stage of one two-view batch, same threads as the run."""
+                    seed: int, reps: int = 15) -> dict[str, float]:
+    """Milliseconds (best of ``reps``) per stage of one two-view batch, same threads as the run.
+
+    The stages are the functional ops on the batch of ``2 * batch_size`` views (each op returns
+    a copy); the last line is the whole ``two_views`` call the rounds time, which runs the same
+    ops chunk by chunk on cached data and without those copies.
+    """
     c = config
     g = torch.Generator().manual_seed(seed)
     mean, inv_std = channel_stats(images)
     u8 = images[:batch_size]
-    x = torch.cat([u8.float().sub_(mean).mul_(inv_std)] * 2)
-    y = random_resized_crop_flip_rotate(x, c.output_size, c.scale, c.ratio, c.hflip, c.vflip,
-                                        c.rot90, c.rotation_degrees, c.padding_mode, g)
+    x = u8.float().sub_(mean).mul_(inv_std)
+    views = torch.cat([x, x])
+    y = random_resized_crop_flip_rotate(views, c.output_size, c.scale, c.ratio, c.hflip, c.vflip,
+                                        c.rot90, c.rotation_degrees, c.padding_mode, g,
+                                        rotation_p=c.rotation_p)
+    augment = ImageAugment(c)
     stages = {
-        "uint8 -> float, normalise, duplicate": lambda: torch.cat(
-            [u8.float().sub_(mean).mul_(inv_std)] * 2),
-        "crop + flips + rot90 + rotation (one grid_sample)": lambda: random_resized_crop_flip_rotate(
-            x, c.output_size, c.scale, c.ratio, c.hflip, c.vflip, c.rot90, c.rotation_degrees,
-            c.padding_mode, g),
+        "uint8 -> float, normalise": lambda: u8.float().sub_(mean).mul_(inv_std),
+        f"crop + flips + rot90 + rotation (rotation_p {c.rotation_p}: rotated crops by "
+        "grid_sample, the others separable)": lambda: random_resized_crop_flip_rotate(
+            views, c.output_size, c.scale, c.ratio, c.hflip, c.vflip, c.rot90, c.rotation_degrees,
+            c.padding_mode, g, rotation_p=c.rotation_p),
         "intensity (gamma, contrast, brightness)": lambda: intensity_jitter(
             y, c.brightness, c.contrast, c.gamma, c.p_intensity, g),
         f"blur (p {c.blur_p})": lambda: gaussian_blur(y, c.blur_sigma, c.blur_p, g),
         f"noise (p {c.noise_p})": lambda: gaussian_noise(y, c.noise_std, c.noise_p, g),
-        "copy of the views (the public functions above each make one)": lambda: y.clone(),
+        "copy of the views (the functional ops above each make one)": lambda: y.clone(),
+        "two_views(ImageAugment) of the batch, all of the above (what the rounds time, "
+        "without the conversion)": lambda: two_views(augment, x, g),
     }
     out = {}
     for name, fn in stages.items():
@@ -273,6 +285,8 @@ def main(argv: list[str] | None = None) -> dict:
         "batch_size": args.batch_size,
         "lightly_workers": args.workers,
         "sslcell_torch_threads": torch.get_num_threads(),
+        "sslcell_threads": "ImageAugment chunks on torch.get_num_threads() Python threads, 1 intra-op "
+                           "thread each (OpenMP intra-op threads for the conversion)",
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "load_average_before_after": [load_before, load_after],
         "data": {"rgb_uint8": rgb_source, "two_channel_uint16": u16_source},
@@ -321,7 +335,7 @@ def write(result: dict, out: Path) -> None:
         f"two 64 x 64 views per image; {len(rounds['lightly'])} interleaved rounds, median reported.  ",
         f"Parallelism: lightly DataLoader with {result['lightly_workers']} worker processes; "
         f"sslcell in the main process with torch.get_num_threads() = {result['sslcell_torch_threads']} "
-        f"(OMP_WAIT_POLICY={result['omp_wait_policy']}).  ",
+        f"(OMP_WAIT_POLICY={result['omp_wait_policy']}): {result['sslcell_threads']}.  ",
         "Load average (1, 5, 15 min) before / after: "
         + " / ".join(", ".join(f"{x:.2f}" for x in la) for la in result["load_average_before_after"]),
         "",
@@ -343,15 +357,18 @@ def write(result: dict, out: Path) -> None:
         "from the first batch received, so worker start-up is not counted for either side.",
         f"lightly: {result['lightly_transform']}: random resized crop (scale 0.08-1), horizontal flip,",
         "colour jitter (p 0.8), random grayscale (p 0.2), gaussian blur (p 0.5), to tensor, normalise.",
-        "sslcell ops (config below): one grid_sample for crop + flips + 90-degree turns + rotation,",
-        "per-channel gamma / contrast / brightness, blur, noise; the batch is converted from uint8",
-        "(or uint16) to float and normalised per channel inside the timed loop.",
+        "sslcell ops (config below, the defaults at output size 64): crop + flips + 90-degree turns",
+        "+ rotation as one bilinear resampling (grid_sample for rotated crops, two separable passes",
+        "of row gathers for the others), per-channel gamma / contrast / brightness, blur, noise; the",
+        "batch is converted from uint8 (or uint16) to float and normalised per channel inside the",
+        "timed loop. Semantic change of the defaults behind these numbers: `rotation_p` = 0.5, i.e.",
+        "half of the crops get the small rotation (before this field existed every crop did).",
         "",
         "sslcell config: `" + json.dumps(result["sslcell_config"]) + "`  ",
         "SimCLR-like op set (info): `" + json.dumps(result["simclr_like_config"]) + "`",
         "",
         f"Where the time goes (sslcell, default config, one batch of {result['batch_size']} images = "
-        f"{2 * result['batch_size']} views, best of 7, after the rounds):",
+        f"{2 * result['batch_size']} views, best of 15, after the rounds, same threads):",
         "",
         "| stage | ms |",
         "|---|---:|",
