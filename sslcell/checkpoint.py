@@ -40,9 +40,6 @@ def versions() -> dict[str, str]:
 
 def save_model(model: SSLModule, directory: str | Path, *, trained: dict[str, Any] | None = None) -> Path:
     """Write ``model`` to ``directory`` (created; its two files are replaced atomically)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {
         "format_version": FORMAT_VERSION,
         "recipe": model.config.to_dict(),
@@ -52,8 +49,17 @@ def save_model(model: SSLModule, directory: str | Path, *, trained: dict[str, An
         "versions": versions(),
         "trained": trained or {},
     }
-    _atomic_write(directory / WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG, lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
+    return write_weights(model, meta, directory, WEIGHTS, CONFIG)
+
+
+def write_weights(module: torch.nn.Module, meta: dict[str, Any], directory: str | Path, weights: str, config: str) -> Path:
+    """``module``'s state dict as safetensors ``weights`` and ``meta`` as JSON ``config`` in ``directory``
+    (created), each written atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    _atomic_write(directory / weights, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    _atomic_write(directory / config, lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
     return directory
 
 

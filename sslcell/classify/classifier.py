@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from sslcell.checkpoint import FORMAT_VERSION, _atomic_write, versions
+from sslcell.checkpoint import FORMAT_VERSION, versions, write_weights
 from sslcell.config import RecipeConfig
 from sslcell.errors import ConfigError, FileFormatError
 from sslcell.methods import SSLModule, build_method
@@ -70,9 +70,6 @@ class CellClassifier(nn.Module):
 
 def save_classifier(classifier: CellClassifier, directory: str | Path, *, info: dict[str, Any] | None = None) -> Path:
     """Write ``classifier.safetensors`` and ``classifier.json`` into ``directory`` (atomically each)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()}
     meta = {
         "format_version": FORMAT_VERSION,
         "kind": "classifier",
@@ -82,9 +79,7 @@ def save_classifier(classifier: CellClassifier, directory: str | Path, *, info: 
         "versions": versions(),
         "info": {**classifier.info, **(info or {})},
     }
-    _atomic_write(directory / WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG, lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
-    return directory
+    return write_weights(classifier, meta, directory, WEIGHTS, CONFIG)
 
 
 def load_classifier(directory: str | Path, *, map_location: str | torch.device = "cpu") -> CellClassifier:

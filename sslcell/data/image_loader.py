@@ -13,14 +13,14 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
 from sslcell.data.images import CellImages
+from sslcell.data.loader import ShardedBatches
 from sslcell.errors import ConfigError
 
 
-class ImageBatchLoader(IterableDataset):
+class ImageBatchLoader(ShardedBatches):
     """Iterable of ``(B, C, H, W)`` tensors in the crops' dtype; with ``return_index`` ``(batch, rows (B,) int64)``.
 
     ``weights`` (N,) non-negative: draw each epoch's cells with replacement, with probability proportional to
@@ -58,23 +58,7 @@ class ImageBatchLoader(IterableDataset):
         self.batch_size, self.seed, self.shuffle, self.drop_last = int(batch_size), int(seed), shuffle, drop_last
         self.weights, self.return_index, self.num_workers = weights, return_index, int(num_workers)
         self.rank, self.world_size = rank, world_size
-        self.epoch, self._skip, self._dist = 0, 0, (0, 1)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self._skip = int(epoch), 0
-
-    def skip_batches(self, n: int) -> None:
-        """Make the next iteration start at batch ``n`` of the epoch (counted as this process yields them)."""
-        if n < 0:
-            raise ConfigError(f"skip_batches: n must be >= 0, got {n}")
-        self._skip = int(n)
-
-    def _world(self) -> tuple[int, int]:
-        if self.rank is not None:
-            return self.rank, self.world_size
-        if dist.is_available() and dist.is_initialized():
-            self._dist = (dist.get_rank(), dist.get_world_size())
-        return self._dist
+        self._init_epochs()
 
     def _batches_per_stream(self, n_streams: int) -> int:
         rows = len(self.images) // n_streams
@@ -86,10 +70,6 @@ class ImageBatchLoader(IterableDataset):
             )
         return n
 
-    def __len__(self) -> int:
-        n_workers = max(self.num_workers, 1)
-        return self._batches_per_stream(self._world()[1] * n_workers) * n_workers
-
     def epoch_order(self) -> np.ndarray:
         """The epoch's cell order ``(N,)``: a permutation, weighted draws, or ``arange`` without shuffling."""
         n = len(self.images)
@@ -99,20 +79,7 @@ class ImageBatchLoader(IterableDataset):
         return rng.permutation(n) if self.shuffle else np.arange(n)
 
     def __iter__(self) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
-        info = get_worker_info()
-        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if n_workers != max(self.num_workers, 1):
-            raise ConfigError(
-                f"ImageBatchLoader was built for num_workers={self.num_workers} but runs with {n_workers} worker(s); "
-                "build both with make_image_dataloader(..., num_workers=...)"
-            )
-        skip = self._skip
-        if info is None:
-            self._skip = 0
-        part = (worker + skip) % n_workers  # as in the expression loader: batch k of the epoch is worker k % W's
-        part_skip = max(0, -(-(skip - part) // n_workers))
-        rank, world = self._world()
-        stream, n_streams = rank * n_workers + part, world * n_workers
+        stream, n_streams, part_skip = self._stream()
         n_batches = self._batches_per_stream(n_streams)
         rows = self.epoch_order()[stream::n_streams][: n_batches * self.batch_size]
         for k in range(part_skip, n_batches):

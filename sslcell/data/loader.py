@@ -40,7 +40,73 @@ def _to_tensor(block: sp.csr_matrix, output: str) -> torch.Tensor:
         )
 
 
-class BlockShuffleLoader(IterableDataset):
+class ShardedBatches(IterableDataset):
+    """What both batch loaders share: the epoch, the skip for exact resume, and the split of an epoch into
+    streams ``(rank, worker)`` that each yield the same number of batches.
+
+    Subclasses set ``num_workers``, ``rank``, ``world_size`` and call :meth:`_init_epochs`; they supply
+    ``_batches_per_stream(n_streams)`` and iterate :meth:`_stream`'s ``(stream, n_streams, skip)``.
+    """
+
+    num_workers: int
+    rank: int | None
+    world_size: int | None
+
+    def _init_epochs(self) -> None:
+        self.epoch, self._skip, self._dist = 0, 0, (0, 1)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's permutation; clears a pending :meth:`skip_batches`."""
+        self.epoch = int(epoch)
+        self._skip = 0
+
+    def skip_batches(self, n: int) -> None:
+        """Make the next iteration start at batch ``n`` of the epoch (exact mid-epoch resume).
+
+        Counts batches as this process's DataLoader yields them (``len()`` stays the full epoch's).
+        Cleared by :meth:`set_epoch` and, when iterated in the main process, by starting the iteration.
+        """
+        if n < 0:
+            raise ConfigError(f"skip_batches: n must be >= 0, got {n}")
+        self._skip = int(n)
+
+    def _world(self) -> tuple[int, int]:
+        """``(rank, world_size)``: the override, else torch.distributed, else the last seen value."""
+        if self.rank is not None:
+            return self.rank, self.world_size
+        if dist.is_available() and dist.is_initialized():
+            self._dist = (dist.get_rank(), dist.get_world_size())
+        return self._dist
+
+    def _batches_per_stream(self, n_streams: int) -> int:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        """Batches this process yields per epoch (over all its DataLoader workers)."""
+        n_workers = max(self.num_workers, 1)
+        return self._batches_per_stream(self._world()[1] * n_workers) * n_workers
+
+    def _stream(self) -> tuple[int, int, int]:
+        """``(stream, n_streams, batches of that stream to skip)`` for the calling process and worker."""
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if n_workers != max(self.num_workers, 1):
+            raise ConfigError(
+                f"{type(self).__name__} was built for num_workers={self.num_workers} but runs with {n_workers} "
+                "worker(s); build both with make_dataloader / make_image_dataloader(..., num_workers=...)"
+            )
+        skip = self._skip
+        if info is None:
+            self._skip = 0
+        # The DataLoader takes batches from workers 0, 1, ..., W-1, 0, ... and epoch batch k belongs to
+        # worker k % W: after skipping `skip` batches, worker w plays the part of worker (w + skip) % W.
+        part = (worker + skip) % n_workers
+        part_skip = max(0, -(-(skip - part) // n_workers))  # how many of the first `skip` batches are its
+        rank, world = self._world()
+        return rank * n_workers + part, world * n_workers, part_skip
+
+
+class BlockShuffleLoader(ShardedBatches):
     """Iterable of ``(B, G)`` float32 batches (dense tensors or sparse CSR) from an :class:`ExpressionDataset`.
 
     Use with ``DataLoader(loader, batch_size=None)`` (see :func:`make_dataloader`). Call
@@ -84,36 +150,10 @@ class BlockShuffleLoader(IterableDataset):
         self.seed, self.shuffle, self.drop_last, self.output = int(seed), shuffle, drop_last, output
         self.return_index, self.num_workers = return_index, int(num_workers)
         self.rank, self.world_size = rank, world_size
-        self.epoch = 0
-        self._skip = 0
-        self._dist = (0, 1)
+        self._init_epochs()
         self._block_starts = np.arange(0, dataset.n_obs, self.block_size)
         self._block_sizes = np.minimum(self.block_size, dataset.n_obs - self._block_starts)
         self._world()
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch's permutation; clears a pending :meth:`skip_batches`."""
-        self.epoch = int(epoch)
-        self._skip = 0
-
-    def skip_batches(self, n: int) -> None:
-        """Make the next iteration start at batch ``n`` of the epoch (exact mid-epoch resume).
-
-        Counts batches as this process's DataLoader yields them (``len()`` stays the full epoch's).
-        Skipped buffers are never read: only the one holding batch ``n`` onwards. Cleared by
-        :meth:`set_epoch` and, when iterated in the main process, by starting the iteration.
-        """
-        if n < 0:
-            raise ConfigError(f"skip_batches: n must be >= 0, got {n}")
-        self._skip = int(n)
-
-    def _world(self) -> tuple[int, int]:
-        """``(rank, world_size)``: the override, else torch.distributed, else the last seen value."""
-        if self.rank is not None:
-            return self.rank, self.world_size
-        if dist.is_available() and dist.is_initialized():
-            self._dist = (dist.get_rank(), dist.get_world_size())
-        return self._dist
 
     def _batches_per_stream(self, n_streams: int) -> int:
         """Batches every stream yields: what the stream with the fewest rows can fill, for any permutation."""
@@ -132,29 +172,9 @@ class BlockShuffleLoader(IterableDataset):
             )
         return n
 
-    def __len__(self) -> int:
-        """Batches this process yields per epoch (over all its DataLoader workers)."""
-        n_workers = max(self.num_workers, 1)
-        return self._batches_per_stream(self._world()[1] * n_workers) * n_workers
-
     def __iter__(self) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
         # a generator: epoch, skip and rank are read at the first batch, not when the iterator is made
-        info = get_worker_info()
-        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if n_workers != max(self.num_workers, 1):
-            raise ConfigError(
-                f"BlockShuffleLoader was built for num_workers={self.num_workers} but runs with {n_workers} "
-                "worker(s); build both with make_dataloader(..., num_workers=...)"
-            )
-        skip = self._skip
-        if info is None:
-            self._skip = 0
-        # The DataLoader takes batches from workers 0, 1, ..., W-1, 0, ... and epoch batch k belongs to
-        # worker k % W: after skipping `skip` batches, worker w plays the part of worker (w + skip) % W.
-        part = (worker + skip) % n_workers
-        part_skip = max(0, -(-(skip - part) // n_workers))  # how many of the first `skip` batches are its
-        rank, world = self._world()
-        yield from self._iter_stream(rank * n_workers + part, world * n_workers, part_skip)
+        yield from self._iter_stream(*self._stream())
 
     def _stream_blocks(self, stream: int, n_streams: int) -> np.ndarray:
         n_blocks = len(self._block_sizes)

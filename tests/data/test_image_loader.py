@@ -193,10 +193,10 @@ def test_too_few_cells_for_a_batch_names_the_numbers(cells16):
 
 
 def test_worker_count_mismatch_is_refused(cells16, monkeypatch):
-    import sslcell.data.image_loader as image_loader
+    import sslcell.data.loader as loader
 
-    # as if iterated inside DataLoader worker 0 of 2 while built for none
-    monkeypatch.setattr(image_loader, "get_worker_info", lambda: SimpleNamespace(id=0, num_workers=2))
+    # as if iterated inside DataLoader worker 0 of 2 while built for none (the shared ShardedBatches check)
+    monkeypatch.setattr(loader, "get_worker_info", lambda: SimpleNamespace(id=0, num_workers=2))
     with pytest.raises(ConfigError, match="num_workers=0 but runs with 2"):
         next(iter(ImageBatchLoader(cells16, batch_size=32)))
 
