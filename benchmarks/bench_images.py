@@ -78,11 +78,11 @@ def few_labels(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(keep))
 
 
-def pca_logistic(cells: CellImages, train: np.ndarray, test: np.ndarray, seed: int) -> dict:
+def pca_logistic(cells: CellImages, train: np.ndarray, test: np.ndarray, seed: int, class_weight=None) -> dict:
     x = np.asarray(cells.images).reshape(len(cells), -1).astype(np.float32)
     y = cells.obs["label"].astype(str).to_numpy()
     model = make_pipeline(
-        StandardScaler(), PCA(50, random_state=seed), LogisticRegression(max_iter=3000)
+        StandardScaler(), PCA(50, random_state=seed), LogisticRegression(max_iter=3000, class_weight=class_weight)
     ).fit(x[train], y[train])
     scores = model.predict_proba(x[test])
     classes = [str(c) for c in model.classes_]
@@ -115,6 +115,10 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, help="override the fine-tuning epochs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-baselines", action="store_true")
+    parser.add_argument("--reuse-pretrained", action="store_true",
+                        help="use the model already pretrained in --workdir by an earlier run of the same recipe")
+    parser.add_argument("--encoder-lr-factors", nargs="+", type=float,
+                        help="one fine-tune row per factor (default: the fine-tuning YAML's encoder_lr_factor)")
     parser.add_argument("--workdir", default=str(ROOT / "bench_runs"))
     parser.add_argument("--out", help="results prefix (default benchmarks/results/images_<dataset>)")
     args = parser.parse_args()
@@ -148,8 +152,9 @@ def main() -> None:
     full_cfg = FinetuneConfig.from_dict({**base, "head": "full"})
     linear_cfg = FinetuneConfig.from_dict({**base, "head": "linear"})
     # the from-scratch CNN trains every layer at the head's rate (plus the "scratch" overrides of the YAML)
-    scratch_cfg = FinetuneConfig.from_dict({**base, "head": "full", "encoder_lr_factor": 1.0,
+    scratch_cfg = FinetuneConfig.from_dict({**base, "head": "full", "encoder_lr_factor": 1.0, "init_head": "random",
                                             **ft_values.get("scratch", {})})
+    balanced = linear_cfg.oversample
 
     for recipe_path in recipes:
         config = load_config(recipe_path)
@@ -159,17 +164,30 @@ def main() -> None:
         name = Path(recipe_path).stem
         run = Path(args.workdir) / args.dataset / name
         t0 = time.time()
-        model = sslcell.pretrain(config, cells[train], run, overwrite=True)
-        pretrain_s = time.time() - t0
-        extra = {"recipe": str(Path(recipe_path).relative_to(ROOT)), "pretrain_s": round(pretrain_s)}
+        if args.reuse_pretrained and (run / "model" / "config.json").is_file():
+            model = sslcell.load(run)
+            pretrain_s = float("nan")
+            print(f"reusing {run / 'model'} ({model.trained_info})", flush=True)
+        else:
+            model = sslcell.pretrain(config, cells[train], run, overwrite=True)
+            pretrain_s = time.time() - t0
+        extra = {"recipe": str(Path(recipe_path).relative_to(ROOT)),
+                 "pretrain_s": round(pretrain_s) if pretrain_s == pretrain_s else "reused"}
+        factors = args.encoder_lr_factors or [full_cfg.encoder_lr_factor]
         for labels, part in (("100%", train), ("10%", few)):
             add(f"sslcell {name} + linear probe", labels, classify(model, cells, part, test, linear_cfg), **extra)
-            add(f"sslcell {name} + fine-tune", labels, classify(model, cells, part, test, full_cfg), **extra)
+            for factor in factors:
+                cfg = FinetuneConfig.from_dict({**base, "head": "full", "encoder_lr_factor": factor})
+                add(f"sslcell {name} + fine-tune (encoder lr x{factor:g})", labels,
+                    classify(model, cells, part, test, cfg), **extra)
         encoder_spec = (config.encoder.name, config.encoder.options)
 
     if not args.skip_baselines:
         for labels, part in (("100%", train), ("10%", few)):
             add("raw pixels PCA-50 + logistic", labels, pca_logistic(cells, part, test, args.seed))
+            if balanced:  # the linear probe's own protocol: balanced class weights
+                add("raw pixels PCA-50 + logistic (balanced class weights)", labels,
+                    pca_logistic(cells, part, test, args.seed, class_weight="balanced"))
         # supervised CNN from scratch: the last recipe's encoder architecture, random weights
         scratch = RecipeConfig.from_dict(load_config(recipes[-1]).to_dict())
         contract = model.inputs.contract()

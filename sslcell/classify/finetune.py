@@ -6,7 +6,10 @@
 * ``head="full"``: encoder and a dropout + linear head are trained together with AdamW (the head at ``lr``,
   the encoder at ``lr * encoder_lr_factor``, as in the LSM study's 5e-4 and 1%), warm-up and cosine decay,
   augmented crops (flips, turns, small rotations, brightness and contrast), and minority classes oversampled
-  so every class is drawn equally often.
+  so every class is drawn equally often. By default (``init_head="linear_probe"``) the head starts from the
+  linear probe's solution on standardised features ("LP-FT", Kumar et al. 2022): a random head would first
+  push large, noisy gradients through the pretrained encoder and, at a small head learning rate, may not
+  converge in a short run.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class FinetuneConfig:
     warmup_fraction: float = 0.05
     dropout: float = 0.2
     oversample: bool = True  # full: draw classes equally often; linear: balanced class weights
+    init_head: str = "linear_probe"  # full: start from the linear probe ("linear_probe") or a random head ("random")
     label_smoothing: float = 0.0
     C: float = 1.0  # linear: inverse L2 strength of the logistic regression
     max_iter: int = 2000  # linear: lbfgs iterations
@@ -72,6 +76,8 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.head not in ("linear", "full"):
             raise ConfigError(f"head: must be 'linear' or 'full', got {self.head!r}")
+        if self.init_head not in ("linear_probe", "random"):
+            raise ConfigError(f"init_head: must be 'linear_probe' or 'random', got {self.init_head!r}")
         for name in ("epochs", "batch_size", "max_iter"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -130,9 +136,9 @@ def finetune(
         classifier = CellClassifier.from_pretrained(
             model, classes, dropout=config.dropout if config.head == "full" else 0.0
         )
-        if config.head == "linear":
+        if config.head == "linear" or config.init_head == "linear_probe":
             _fit_linear(classifier, cells, codes, config, device)
-        else:
+        if config.head == "full":
             _fit_full(classifier, cells, codes, config)
     with torch.no_grad():  # a class without training cells is never predicted
         classifier.head.bias[torch.from_numpy(present == 0)] = -1e4
