@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 import pytorch_lightning as pl
@@ -119,3 +120,14 @@ def test_killed_run_resumes_from_its_last_checkpoint(small_counts_file, tmp_path
     trained = json.loads((out / "model" / "config.json").read_text())["trained"]
     assert trained["global_step"] == target_epochs * steps_per_epoch
     assert len(list(out.glob("logs/version_*"))) == 2  # the resumed run logs beside the first, nothing overwritten
+
+
+@pytest.mark.parametrize("method", ["mae", "byol"])
+def test_bf16_autocast_trains(small_counts_file, tmp_path, method):
+    """The bf16-mixed path the GPU default takes ("precision: auto"), exercised with CPU autocast."""
+    out = tmp_path / "bf16"
+    pretrain(tiny_recipe(method, train={"precision": "bf16-mixed", "max_epochs": 1}), small_counts_file, out)
+    metrics = pd.concat(pd.read_csv(p) for p in out.glob("logs/*/metrics.csv"))
+    loss = metrics["train/loss"].dropna().to_numpy()
+    assert len(loss) > 0 and np.isfinite(loss).all()
+    assert load(out).embed_dim == 8
