@@ -120,6 +120,8 @@ def pretrain(
         _position_loader(loader.dataset, ckpt)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
+        # our loaders shard by rank and worker themselves, so their __len__ is exact
+        warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")
         trainer.fit(model, loader, ckpt_path=ckpt if resume else None, weights_only=True)
     if trainer.is_global_zero:
         save_model(model, out / "model", trained=_trained_info(trainer, dataset, data))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -274,5 +275,7 @@ def _fit_full(classifier: CellClassifier, cells: CellImages, codes: np.ndarray, 
     )
     module = _FinetuneModule(classifier, codes, config)
     module.train()  # a loaded model comes in eval mode; dropout and batch norm must train here
-    trainer.fit(module, loader)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")  # exact here
+        trainer.fit(module, loader)
     classifier.cpu()
