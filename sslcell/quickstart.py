@@ -21,13 +21,14 @@ from sslcell.train import pretrain
 
 
 def quickstart_recipe(max_epochs: int = 30) -> RecipeConfig:
-    """A small masked-autoencoder recipe that trains in about a minute on two CPU cores."""
+    """The shipped ``configs/expression_mae.yaml`` settings (512-256-64 encoder, batch 64, lr 2e-3) on all
+    1,000 generated genes, for 30 epochs: a few minutes on two CPU cores."""
     return RecipeConfig.from_dict(
         {
             "modality": "expression",
             "method": {"name": "mae", "masking": "random", "mask_rate": 0.5},
-            "encoder": {"name": "mlp", "hidden": [256, 128], "latent": 32, "dropout": 0.1},
-            "data": {"n_top_genes": None, "batch_size": 128},
+            "encoder": {"name": "mlp", "hidden": [512, 256], "latent": 64, "dropout": 0.1},
+            "data": {"n_top_genes": None, "batch_size": 64},
             "optim": {"lr": 0.002},
             "train": {"max_epochs": max_epochs, "seed": 0, "progress_bar": False, "log_every_n_steps": 20},
         }

@@ -11,7 +11,7 @@ def test_quickstart_end_to_end(tmp_path, capsys):
     for name in ("embedded.h5ad", "umap.png", "report.md", "report.json", "run/model/model.safetensors"):
         assert (out / name).is_file(), name
     adata = ad.read_h5ad(out / "embedded.h5ad")
-    assert adata.obsm["X_sslcell"].shape == (600, 32)
+    assert adata.obsm["X_sslcell"].shape == (600, 64)
     printed = capsys.readouterr().out
     assert "pca" in printed and "X_sslcell" in printed
     with pytest.raises(OverwriteError):
