@@ -90,22 +90,28 @@ def load(directory: str | Path, *, map_location: str | torch.device = "cpu") -> 
     except (KeyError, ConfigError) as err:
         raise FileFormatError(f"{directory / CONFIG}: bad recipe ({err})") from None
     model = build_method(config, meta["contract"])
+    read_weights(model, directory / WEIGHTS, CONFIG, map_location)
+    model.trained_info = meta.get("trained", {})
+    model.source = str(directory)
+    return model.eval()
+
+
+def read_weights(module: torch.nn.Module, path: Path, config: str, map_location: str | torch.device = "cpu") -> None:
+    """Load safetensors ``path`` into ``module``, which was built from JSON ``config``: every tensor must be there
+    with its shape, and nothing else (no code is executed)."""
     try:
-        state = load_file(str(directory / WEIGHTS), device=str(map_location))
+        state = load_file(str(path), device=str(map_location))
     except (SafetensorError, OSError) as err:
-        raise FileFormatError(f"{directory / WEIGHTS}: cannot read weights ({err})") from None
-    expected = model.state_dict()
+        raise FileFormatError(f"{path}: cannot read weights ({err})") from None
+    expected = module.state_dict()
     wrong = [k for k in expected if k not in state or state[k].shape != expected[k].shape]
     unexpected = [k for k in state if k not in expected]
     if wrong or unexpected:
         raise FileFormatError(
-            f"{directory / WEIGHTS}: weights do not match the recipe in {CONFIG} "
+            f"{path}: weights do not match the settings in {config} "
             f"(missing or misshapen {wrong[:5]}, unexpected {unexpected[:5]})"
         )
-    model.load_state_dict(state)
-    model.trained_info = meta.get("trained", {})
-    model.source = str(directory)
-    return model.eval()
+    module.load_state_dict(state)
 
 
 def model_directory(directory: str | Path) -> Path:

@@ -7,11 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from sslcell.checkpoint import FORMAT_VERSION, versions, write_weights
+from sslcell.checkpoint import FORMAT_VERSION, read_weights, versions, write_weights
 from sslcell.config import RecipeConfig
 from sslcell.errors import ConfigError, FileFormatError
 from sslcell.methods import SSLModule, build_method
@@ -101,14 +99,6 @@ def load_classifier(directory: str | Path, *, map_location: str | torch.device =
         classifier = CellClassifier(model.inputs, model.encoder, meta["classes"], base, meta.get("dropout", 0.0))
     except (ValueError, KeyError, TypeError, AttributeError, ConfigError) as err:  # ValueError covers bad JSON
         raise FileFormatError(f"{directory / CONFIG}: not a valid classifier description ({err})") from None
-    try:
-        state = load_file(str(directory / WEIGHTS), device=str(map_location))
-    except (SafetensorError, OSError) as err:
-        raise FileFormatError(f"{directory / WEIGHTS}: cannot read weights ({err})") from None
-    expected = classifier.state_dict()
-    bad = [k for k in expected if k not in state or state[k].shape != expected[k].shape]
-    if bad or set(state) - set(expected):
-        raise FileFormatError(f"{directory / WEIGHTS}: weights do not match {CONFIG} (e.g. {bad[:3]})")
-    classifier.load_state_dict(state)
+    read_weights(classifier, directory / WEIGHTS, CONFIG, map_location)
     classifier.info = meta.get("info", {})
     return classifier.eval()

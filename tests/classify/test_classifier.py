@@ -170,7 +170,7 @@ def test_weights_that_do_not_match_the_description(saved, change):
     else:
         state["surprise"] = torch.zeros(3)
     save_file(state, str(weights))
-    with pytest.raises(FileFormatError, match="weights do not match classifier.json"):
+    with pytest.raises(FileFormatError, match="weights do not match the settings in classifier.json"):
         load_classifier(saved)
 
 
