@@ -233,6 +233,8 @@ class _FinetuneModule(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self.trainer.train_dataloader.dataset.set_epoch(self.current_epoch)
+        if self.config.encoder_lr_factor == 0:  # a frozen encoder stays as it is: no batch-norm statistics updates
+            self.classifier.encoder.eval()
 
     def configure_optimizers(self) -> Any:
         c = self.config

@@ -324,3 +324,14 @@ def test_full_finetuning_depends_only_on_its_seed(model, train):
         torch.manual_seed(global_seed)
         runs.append(finetune(model, cells, "label", full(epochs=1, seed=3)).predict_proba(probe))
     assert torch.equal(runs[0], runs[1])
+
+
+def test_frozen_encoder_keeps_its_batchnorm_statistics(model, train):
+    """encoder_lr_factor=0: the whole encoder state (weights and batch-norm running statistics) is unchanged."""
+    cells = cells_of(train[0], CLASSES[train[1]])
+    classifier = finetune(model, cells, "label", full(epochs=2, encoder_lr_factor=0.0))
+    before = model.encoder.state_dict()
+    after = classifier.encoder.state_dict()
+    assert any("running_mean" in k for k in before)  # the test model has batch norm
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed == []
