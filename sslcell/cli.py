@@ -185,7 +185,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
     from sslcell.checkpoint import load
     from sslcell.classify import FinetuneConfig, finetune, save_classifier
-    from sslcell.config import ConfigError
+    from sslcell.errors import ConfigError
     from sslcell.data.images import CellImages
 
     out = Path(args.out)

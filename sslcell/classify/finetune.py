@@ -126,10 +126,10 @@ def finetune(
     classes = [str(c) for c in y.cat.categories]
     codes = y.cat.codes.to_numpy().astype(np.int64)
     present = np.bincount(codes, minlength=len(classes))
-    if (present == 0).any() or len(classes) < 2:
-        absent = [c for c, n in zip(classes, present) if n == 0]
-        if len(classes) - len(absent) < 2:
-            raise InputError(f"need labelled cells of at least 2 classes; got counts {dict(zip(classes, present.tolist()))}")
+    absent = [c for c, n in zip(classes, present) if n == 0]
+    if len(classes) - len(absent) < 2:
+        raise InputError(f"need labelled cells of at least 2 classes; got counts {dict(zip(classes, present.tolist()))}")
+    if absent:
         log.info("classes without training cells (kept as outputs, never predicted): %s", absent)
     model = copy.deepcopy(model).cpu()
     with torch.random.fork_rng(devices=[]):  # seeded by config.seed; the caller's global random state is kept
@@ -138,7 +138,7 @@ def finetune(
             model, classes, dropout=config.dropout if config.head == "full" else 0.0
         )
         if config.head == "linear" or config.init_head == "linear_probe":
-            _fit_linear(classifier, cells, codes, config, device)
+            _fit_linear(classifier, model, cells, codes, config, device)
         if config.head == "full":
             _fit_full(classifier, cells, codes, config)
     with torch.no_grad():  # a class without training cells is never predicted
@@ -167,11 +167,13 @@ def _labels(cells: CellImages, labels: Any) -> pd.Series:
     return values
 
 
-def _fit_linear(classifier: CellClassifier, cells: CellImages, codes: np.ndarray, config: FinetuneConfig, device) -> None:
+def _fit_linear(
+    classifier: CellClassifier, model: SSLModule, cells: CellImages, codes: np.ndarray, config: FinetuneConfig, device
+) -> None:
+    """Fit the probe on ``model``'s embeddings; ``classifier`` shares ``model``'s inputs and encoder."""
     from sslcell.tl import embed_array
 
-    wrapper = _Embedder(classifier)
-    x = embed_array(wrapper, cells, device=device)  # (N, D), frozen encoder, no augmentation
+    x = embed_array(model, cells, device=device)  # (N, D), frozen encoder, no augmentation
     mean, std = x.mean(axis=0), x.std(axis=0) + 1e-6
     z = (x - mean) / std
     logistic = LogisticRegression(
@@ -191,24 +193,6 @@ def _fit_linear(classifier: CellClassifier, cells: CellImages, codes: np.ndarray
         classifier.feature_std.copy_(torch.from_numpy(std))
         classifier.head.weight.copy_(torch.from_numpy(weight))
         classifier.head.bias.copy_(torch.from_numpy(bias))
-
-
-class _Embedder:
-    """The minimal model interface :func:`sslcell.tl.embed_array` needs, around a classifier's encoder."""
-
-    def __init__(self, classifier: CellClassifier) -> None:
-        self.classifier, self.embed_dim = classifier, classifier.encoder.embed_dim
-
-    def to(self, device):
-        self.classifier.to(device)
-        return self
-
-    @torch.no_grad()
-    def embed(self, batch: Tensor) -> Tensor:
-        c = self.classifier
-        c.eval()
-        device = c.feature_mean.device
-        return c.encoder(c.inputs.normalize(batch.to(device))).float()
 
 
 class _FinetuneModule(pl.LightningModule):
