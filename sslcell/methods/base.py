@@ -70,13 +70,11 @@ class SSLModule(pl.LightningModule):
         return getattr(self.trainer.train_dataloader, "dataset", None)
 
     def on_train_start(self) -> None:
-        # A run restored mid-epoch does not get ``on_train_epoch_start`` for that epoch: position the loader
-        # here, before the epoch's iterator is made, so the epoch resumes at the batch it stopped at.
+        # A run restored mid-epoch gets no ``on_train_epoch_start`` for that epoch. ``train.pretrain`` has already
+        # put the loader at the saved batch (before fit: Lightning makes the epoch's iterator, and starts its
+        # workers, before any hook runs), so only the count of finished batches is restored here.
         resume, self._resume_state = self._resume_state, None
-        dataset = self._train_dataset()
-        if resume and 0 < resume["batches_done"] < self.trainer.num_training_batches and dataset is not None:
-            dataset.set_epoch(resume["epoch"])
-            dataset.skip_batches(resume["batches_done"])
+        if resume and 0 < resume["batches_done"] < self.trainer.num_training_batches:
             self._batches_done = resume["batches_done"]
 
     def on_train_epoch_start(self) -> None:
