@@ -44,7 +44,7 @@ from sklearn.preprocessing import StandardScaler
 import sslcell
 from sslcell.checkpoint import versions
 from sslcell.classify import FinetuneConfig, finetune, predict
-from sslcell.config import RecipeConfig, load_config
+from sslcell.config import load_config
 from sslcell.data.images import CellImages
 from sslcell.methods import build_method
 from sslcell.metrics import classification_report, plot_confusion_matrix
@@ -180,7 +180,6 @@ def main() -> None:
                 cfg = FinetuneConfig.from_dict({**base, "head": "full", "encoder_lr_factor": factor})
                 add(f"sslcell {name} + fine-tune (encoder lr x{factor:g})", labels,
                     classify(model, cells, part, test, cfg), **extra)
-        encoder_spec = (config.encoder.name, config.encoder.options)
 
     if not args.skip_baselines:
         for labels, part in (("100%", train), ("10%", few)):
@@ -189,12 +188,10 @@ def main() -> None:
                 add("raw pixels PCA-50 + logistic (balanced class weights)", labels,
                     pca_logistic(cells, part, test, args.seed, class_weight="balanced"))
         # supervised CNN from scratch: the last recipe's encoder architecture, random weights
-        scratch = RecipeConfig.from_dict(load_config(recipes[-1]).to_dict())
-        contract = model.inputs.contract()
         torch.manual_seed(args.seed)
-        untrained = build_method(scratch, contract)
+        untrained = build_method(config, model.inputs.contract())
         for labels, part in (("100%", train), ("10%", few)):
-            add(f"supervised CNN from scratch ({encoder_spec[0]} {encoder_spec[1]})", labels,
+            add(f"supervised CNN from scratch ({config.encoder.name} {config.encoder.options})", labels,
                 classify(untrained, cells, part, test, scratch_cfg))
 
     write(out, args, cells, train, test, few, rows, results, ft_values, recipes)
