@@ -42,3 +42,26 @@ def tiny_recipe(name: str = "mae", **overrides):
     for section, fields in overrides.items():
         values.setdefault(section, {}).update(fields)
     return RecipeConfig.from_dict(values)
+
+
+TINY_IMAGE_ENCODERS = {
+    "resnet": {"name": "resnet_tiny", "options": {"base_width": 4}},
+    "vit": {"name": "vit_tiny", "options": {"patch_size": 4, "depth": 1, "embed_dim": 32, "num_heads": 2}},
+}
+
+
+def tiny_image_recipe(name: str = "simclr", kind: str = "resnet", **overrides):
+    """An image recipe (32-cell batches, 32-wide encoders, 1 epoch, CPU) that trains in seconds."""
+    from sslcell.config import RecipeConfig
+
+    values = {
+        "modality": "image",
+        "method": {"name": name, "projection_dim": 16, "projection_hidden": 32, "bottleneck_dim": 8,
+                   "decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2},
+        "encoder": dict(TINY_IMAGE_ENCODERS[kind]),
+        "data": {"batch_size": 32},
+        "train": {"max_epochs": 1, "seed": 0, "progress_bar": False, "accelerator": "cpu"},
+    }
+    for section, fields in overrides.items():
+        values.setdefault(section, {}).update(fields)
+    return RecipeConfig.from_dict(values)

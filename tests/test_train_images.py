@@ -17,31 +17,17 @@ from sslcell.data.images import CellImages
 from sslcell.errors import ChannelMismatchError, ConfigError, OverwriteError
 from sslcell.methods import build_method
 from sslcell.train import pretrain
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny_image_recipe
 
 N, C, S = 200, 3, 16
 NAMES = ["bf", "dna", "df"]
 STEPS_PER_EPOCH = N // 32
-ENCODERS = {
-    "resnet": {"name": "resnet_tiny", "options": {"base_width": 4}},
-    "vit": {"name": "vit_tiny", "options": {"patch_size": 4, "depth": 1, "embed_dim": 32, "num_heads": 2}},
-}
 
 
 def image_recipe(name: str = "simclr", kind: str = "resnet", **overrides) -> RecipeConfig:
-    """A tiny image recipe: 32-cell batches, 32-wide encoders, CPU, 2 epochs."""
-    values = {
-        "modality": "image",
-        "method": {"name": name, "projection_dim": 16, "projection_hidden": 32, "bottleneck_dim": 8,
-                   "decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2},
-        "encoder": dict(ENCODERS[kind]),
-        "data": {"batch_size": 32},
-        "train": {"max_epochs": 2, "seed": 0, "progress_bar": False, "checkpoint_every_n_steps": 2,
-                  "accelerator": "cpu", "log_every_n_steps": 1},
-    }
-    for section, fields in overrides.items():
-        values.setdefault(section, {}).update(fields)
-    return RecipeConfig.from_dict(values)
+    """The tiny image recipe for 2 epochs, with a checkpoint every 2 steps and logs at every step."""
+    train = {"max_epochs": 2, "checkpoint_every_n_steps": 2, "log_every_n_steps": 1, **overrides.pop("train", {})}
+    return tiny_image_recipe(name, kind, train=train, **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -7,33 +7,15 @@ import pytest
 import torch
 
 from sslcell.checkpoint import load, save_model
-from sslcell.config import RecipeConfig
 from sslcell.data.images import CellImages
 from sslcell.errors import ChannelMismatchError, ConfigError, InputError
 from sslcell.methods import build_method
 from sslcell.methods.inputs import ImageInputs
+from tests.conftest import TINY_IMAGE_ENCODERS, tiny_image_recipe as image_recipe
 
 C, S = 4, 16  # channels, crop side
 NAMES = ["brightfield", "dna", "darkfield", "actin"]
-ENCODERS = {
-    "resnet": {"name": "resnet_tiny", "options": {"base_width": 4}},
-    "vit": {"name": "vit_tiny", "options": {"patch_size": 4, "depth": 1, "embed_dim": 32, "num_heads": 2}},
-}
-
-
-def image_recipe(name: str = "simclr", kind: str = "resnet", **overrides) -> RecipeConfig:
-    """A tiny image recipe (4 x 16 x 16 crops, 32-wide encoders) that trains in seconds on a CPU."""
-    values = {
-        "modality": "image",
-        "method": {"name": name, "projection_dim": 16, "projection_hidden": 32, "bottleneck_dim": 8,
-                   "decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2},
-        "encoder": dict(ENCODERS[kind]),
-        "data": {"batch_size": 32},
-        "train": {"max_epochs": 1, "seed": 0, "progress_bar": False, "accelerator": "cpu"},
-    }
-    for section, fields in overrides.items():
-        values.setdefault(section, {}).update(fields)
-    return RecipeConfig.from_dict(values)
+ENCODERS = TINY_IMAGE_ENCODERS
 
 
 def make_crops(n: int = 32, size: tuple[int, int] = (S, S), dtype=np.uint16, seed: int = 0) -> np.ndarray:
