@@ -335,3 +335,24 @@ def test_frozen_encoder_keeps_its_batchnorm_statistics(model, train):
     assert any("running_mean" in k for k in before)  # the test model has batch norm
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert changed == []
+
+
+def test_default_augmentation_only_turns_and_flips():
+    """The default fine-tuning views are exact dihedral copies of the crop: no rescaling, no intensity change."""
+    from sslcell.augment.image import ImageAugment
+    from sslcell.methods.inputs import image_augment_config
+
+    x = torch.randn(64, 2, 12, 12)
+    views = ImageAugment(image_augment_config(FinetuneConfig().augment))(x, torch.Generator().manual_seed(0))
+    turns = [torch.rot90(f, k, dims=(-2, -1)) for f in (x, x.flip(-1)) for k in range(4)]  # 8 orientations
+    error = torch.stack([(views - t).abs().amax(dim=(1, 2, 3)) for t in turns]).amin(0)  # (64,): nearest one
+    assert error.max() < 1e-5
+    assert len({int(torch.stack([(views[i] - t[i]).abs().max() for t in turns]).argmin()) for i in range(64)}) > 4
+
+
+def test_augment_fields_are_added_to_the_label_preserving_defaults():
+    config = FinetuneConfig(augment={"brightness": 0.1})
+    assert config.augment["brightness"] == 0.1
+    assert config.augment["scale"] == [1.0, 1.0] and config.augment["noise_p"] == 0.0
+    with pytest.raises(ConfigError, match="scale"):
+        FinetuneConfig(augment={"scale": [0.0, 2.0]})
