@@ -11,7 +11,9 @@ and, as the verdict, the median over rounds of the per-round speed-up (robust to
   ``two_views(ImageAugment(...))`` with the default config, in the main process with
   ``torch.get_num_threads()`` threads (default: as many as lightly's workers; ImageAugment runs
   its chunks on that many Python threads with one intra-op thread each). Default config since
-  ``rotation_p`` was added: half of the crops get the small rotation (before: all of them).
+  ``rotation_p`` was added: half of the crops get the small rotation (before: all of them);
+  since the noise bank: the noise of the samples of one chunk is read from one bank of draws
+  (see ``sslcell.augment.image.gaussian_noise``).
 * For information: sslcell with the same process layout as lightly (the whole-batch
   augmentation runs inside 2 DataLoader workers with 1 thread each), and sslcell on 2-channel
   uint16 crops (which lightly cannot take as is).
@@ -155,9 +157,10 @@ def stage_breakdown(images: torch.Tensor, config: ImageAugmentConfig, batch_size
                     seed: int, reps: int = 15) -> dict[str, float]:
     """Milliseconds (best of ``reps``) per stage of one two-view batch, same threads as the run.
 
-    The stages are the functional ops on the batch of ``2 * batch_size`` views (each op returns
-    a copy); the last line is the whole ``two_views`` call the rounds time, which runs the same
-    ops chunk by chunk on cached data and without those copies.
+    First the functional ops, each on the batch of ``2 * batch_size`` views (each returns a
+    copy); then ``two_views`` with the ops switched on one by one (the differences are what each
+    op costs inside the fused, chunked pipeline); the last line is the whole ``two_views`` call
+    the rounds time.
     """
     c = config
     g = torch.Generator().manual_seed(seed)
@@ -168,6 +171,10 @@ def stage_breakdown(images: torch.Tensor, config: ImageAugmentConfig, batch_size
     y = random_resized_crop_flip_rotate(views, c.output_size, c.scale, c.ratio, c.hflip, c.vflip,
                                         c.rot90, c.rotation_degrees, c.padding_mode, g,
                                         rotation_p=c.rotation_p)
+    off = dict(brightness=0.0, contrast=0.0, gamma=0.0, blur_p=0.0, noise_p=0.0)
+    geometry = ImageAugment(dataclasses.replace(c, **off))
+    intensity = ImageAugment(dataclasses.replace(c, blur_p=0.0, noise_p=0.0))
+    blur = ImageAugment(dataclasses.replace(c, noise_p=0.0))
     augment = ImageAugment(c)
     stages = {
         "uint8 -> float, normalise": lambda: u8.float().sub_(mean).mul_(inv_std),
@@ -180,6 +187,9 @@ def stage_breakdown(images: torch.Tensor, config: ImageAugmentConfig, batch_size
         f"blur (p {c.blur_p})": lambda: gaussian_blur(y, c.blur_sigma, c.blur_p, g),
         f"noise (p {c.noise_p})": lambda: gaussian_noise(y, c.noise_std, c.noise_p, g),
         "copy of the views (the functional ops above each make one)": lambda: y.clone(),
+        "two_views, geometry only": lambda: two_views(geometry, x, g),
+        "two_views, geometry + intensity": lambda: two_views(intensity, x, g),
+        "two_views, geometry + intensity + blur": lambda: two_views(blur, x, g),
         "two_views(ImageAugment) of the batch, all of the above (what the rounds time, "
         "without the conversion)": lambda: two_views(augment, x, g),
     }
@@ -361,14 +371,19 @@ def write(result: dict, out: Path) -> None:
         "+ rotation as one bilinear resampling (grid_sample for rotated crops, two separable passes",
         "of row gathers for the others), per-channel gamma / contrast / brightness, blur, noise; the",
         "batch is converted from uint8 (or uint16) to float and normalised per channel inside the",
-        "timed loop. Semantic change of the defaults behind these numbers: `rotation_p` = 0.5, i.e.",
-        "half of the crops get the small rotation (before this field existed every crop did).",
+        "timed loop. Semantic changes of the defaults behind these numbers: `rotation_p` = 0.5, i.e.",
+        "half of the crops get the small rotation (before this field existed every crop did); the",
+        "noise of the samples of one chunk (~85 crops) is read at random offsets from one bank of",
+        "2 x C x H x W normal draws (i.i.d. within a sample, shifted overlapping windows across",
+        "samples; before, every sample drew its own).",
         "",
         "sslcell config: `" + json.dumps(result["sslcell_config"]) + "`  ",
         "SimCLR-like op set (info): `" + json.dumps(result["simclr_like_config"]) + "`",
         "",
         f"Where the time goes (sslcell, default config, one batch of {result['batch_size']} images = "
-        f"{2 * result['batch_size']} views, best of 15, after the rounds, same threads):",
+        f"{2 * result['batch_size']} views, best of 15, after the rounds, same threads): the",
+        "functional ops on the whole batch, then `two_views` with the ops added one by one (the",
+        "differences are each op's cost inside the fused, chunked pipeline):",
         "",
         "| stage | ms |",
         "|---|---:|",

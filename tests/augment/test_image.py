@@ -1,13 +1,15 @@
-"""Tests of the fast paths of sslcell.augment.image against references that do not use them.
+"""Tests of sslcell.augment.image against known answers and hand-written references.
 
-The separable (``embedding_bag``) resampling must give ``grid_sample``'s values for the same
-drawn parameters, the chunked and threaded ``ImageAugment`` must give what the functional ops
-give, and nothing may depend on the number of threads. (Behaviour tests of the ops themselves
-are in test_image_augment.py.)
+The ops are checked against torch/torchvision references (``grid_sample``, ``torch.flip``,
+``torch.rot90``, torchvision's ``gaussian_blur``) and hand-written formulas for the parameters
+they drew; ``ImageAugment`` (one chunked, threaded pipeline) must give what the functional ops
+give; the drawn parameters and the noise must follow their documented distributions; nothing may
+depend on the number of threads.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 
 import pytest
@@ -24,6 +26,7 @@ from sslcell.augment.image import (
     random_resized_crop_flip_rotate,
     two_views,
 )
+from sslcell.errors import ConfigError, InputError
 
 OFF = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, vflip=0.0, rot90=False,
            rotation_degrees=0.0, brightness=0.0, contrast=0.0, gamma=0.0, blur_p=0.0, noise_p=0.0)
@@ -33,8 +36,11 @@ def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def images(b: int, c: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
+def images(b: int = 8, c: int = 3, h: int = 32, w: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.randn((b, c, h, w), generator=gen(seed))
+
+
+# --- geometry ------------------------------------------------------------------------------------
 
 
 def grid_sample_reference(x, theta, out_h, out_w, padding_mode):
@@ -87,6 +93,27 @@ def test_identity_geometry_returns_the_input(size):
     torch.testing.assert_close(out, x, rtol=0, atol=0)
 
 
+def test_flips_and_rot90_equal_torch_flip_and_rot90():
+    x = images(64, 2, 16, 16)
+    out, params = random_resized_crop_flip_rotate(x, hflip=0.5, vflip=0.5, rot90=True,
+                                                  generator=gen(1), return_params=True)
+    seen = set()
+    for i in range(x.shape[0]):
+        ref = x[i]
+        if params["hflip"][i]:
+            ref = ref.flip(-1)
+        if params["vflip"][i]:
+            ref = ref.flip(-2)
+        k = int(params["rot90_k"][i])
+        ref = torch.rot90(ref, k, dims=(-2, -1))
+        torch.testing.assert_close(out[i], ref, rtol=0, atol=1e-6)
+        seen.add((k, bool(params["hflip"][i]), bool(params["vflip"][i])))
+    assert len(seen) >= 12  # most of the 16 combinations occur in 64 draws
+    # the module draws the same parameters in the same order
+    cfg = ImageAugmentConfig(**{**OFF, "hflip": 0.5, "vflip": 0.5, "rot90": True})
+    torch.testing.assert_close(ImageAugment(cfg)(x, gen(1)), out, rtol=0, atol=0)
+
+
 def test_upright_flips_of_a_whole_non_square_image_are_exact_flips():
     """The whole 12 x 20 image (aspect 20/12), flipped and turned by 0 or 180 degrees."""
     x = images(64, 2, 12, 20)
@@ -104,6 +131,41 @@ def test_upright_flips_of_a_whole_non_square_image_are_exact_flips():
     assert upright > 20
 
 
+def test_crop_extent_and_centre_on_a_ramp():
+    """Input value = column index; a half-width crop steps 0.5 columns per output pixel."""
+    w = 64
+    ramp = torch.arange(w, dtype=torch.float32).expand(6, 1, w, w).contiguous()
+    out, params = random_resized_crop_flip_rotate(ramp, scale=(0.25, 0.25), ratio=(1.0, 1.0),
+                                                  generator=gen(2), return_params=True)
+    torch.testing.assert_close(params["crop_w"], torch.full((6,), 0.5))
+    steps = out[..., 1:] - out[..., :-1]
+    torch.testing.assert_close(steps, torch.full_like(steps, 0.5), rtol=0, atol=1e-4)
+    centre_px = ((params["centre_x"] + 1) * w - 1) / 2
+    torch.testing.assert_close(out.mean(dim=(1, 2, 3)), centre_px, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("padding_mode", ["reflection", "border"])
+def test_crops_of_constant_image_stay_constant(padding_mode):
+    x = torch.full((16, 3, 24, 24), 3.7)
+    cfg = dict(scale=(0.2, 1.0), ratio=(0.5, 2.0), hflip=0.5, vflip=0.5, rot90=True,
+               rotation_degrees=30.0, padding_mode=padding_mode)
+    out = random_resized_crop_flip_rotate(x, output_size=(20, 28), generator=gen(), **cfg)
+    assert out.shape == (16, 3, 20, 28)
+    torch.testing.assert_close(out, torch.full_like(out, 3.7), rtol=0, atol=1e-5)
+
+
+def test_rotation_is_in_pixel_space_for_non_square_images():
+    """Rotating a round blob in a 31 x 51 image about its centre leaves it round (no shear)."""
+    h, w = 31, 51
+    yy, xx = torch.meshgrid(torch.arange(h) - 15.0, torch.arange(w) - 25.0, indexing="ij")
+    blob = torch.exp(-(xx**2 + yy**2) / (2 * 4.0**2)).expand(8, 1, h, w).contiguous()
+    out, params = random_resized_crop_flip_rotate(
+        blob, scale=(1.0, 1.0), ratio=(w / h, w / h), rotation_degrees=45.0,
+        padding_mode="zeros", generator=gen(), return_params=True)
+    assert params["angle"].abs().max() > 20  # real rotations happened
+    torch.testing.assert_close(out, blob, rtol=0, atol=0.02)
+
+
 def test_image_augment_geometry_equals_the_functional_op():
     x = images(70, 3, 36, 36)
     cfg = ImageAugmentConfig(**{**OFF, "output_size": 32, "scale": (0.4, 1.0), "hflip": 0.5,
@@ -112,6 +174,9 @@ def test_image_augment_geometry_equals_the_functional_op():
     ref = random_resized_crop_flip_rotate(x, 32, cfg.scale, cfg.ratio, 0.5, 0.5, True, 20.0,
                                           generator=gen(4), rotation_p=cfg.rotation_p)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+# --- intensity -----------------------------------------------------------------------------------
 
 
 def reference_intensity(x, gamma, factor, shift):
@@ -123,8 +188,31 @@ def reference_intensity(x, gamma, factor, shift):
     return factor[:, :, None, None] * (y - mean) + mean + shift[:, :, None, None]
 
 
+def test_intensity_jitter_matches_reference_and_channels_differ():
+    x = images(32, 4, 16, 16).double()
+    out, params = intensity_jitter(x, brightness=0.3, contrast=0.4, gamma=0.5, p=1.0,
+                                   generator=gen(3), return_params=True)
+    ref = reference_intensity(x, params["gamma"], params["factor"], params["shift"])
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-8)
+    assert (params["gamma"] >= 1 / 1.5 - 1e-9).all() and (params["gamma"] <= 1.5 + 1e-9).all()
+    assert (params["factor"] - 1).abs().max() <= 0.4 and params["shift"].abs().max() <= 0.3
+    for name in ("gamma", "factor", "shift"):  # every sample jitters its channels separately
+        assert (params[name].std(dim=1) > 1e-3).all(), name
+
+
+def test_intensity_jitter_with_probability_equals_reference():
+    """Unsorted samples with and without gamma (the op computes them apart)."""
+    x = images(60, 3, 12, 12)
+    out, params = intensity_jitter(x, 0.2, 0.3, 0.6, p=0.5, generator=gen(16), return_params=True)
+    without = (params["gamma"] == 1).all(1)
+    assert without[:10].any() and (~without[:10]).any()  # interleaved, not sorted
+    ref = reference_intensity(x.double(), params["gamma"].double(), params["factor"].double(),
+                              params["shift"].double())
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-5)
+
+
 def test_image_augment_intensity_equals_reference_for_the_drawn_parameters():
-    """ImageAugment reorders samples so those without gamma skip the power: same result."""
+    """ImageAugment's chunks mix samples with and without gamma: same result."""
     x = images(150, 4, 16, 16)
     cfg = ImageAugmentConfig(**{**OFF, "brightness": 0.3, "contrast": 0.4, "gamma": 0.5,
                                 "p_intensity": 0.6})
@@ -136,21 +224,59 @@ def test_image_augment_intensity_equals_reference_for_the_drawn_parameters():
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-5)
 
 
-def test_intensity_jitter_with_probability_equals_reference():
-    """Unsorted samples with and without gamma (the functional op does not reorder them)."""
-    x = images(60, 3, 12, 12)
-    out, params = intensity_jitter(x, 0.2, 0.3, 0.6, p=0.5, generator=gen(16), return_params=True)
-    without = (params["gamma"] == 1).all(1)
-    assert without[:10].any() and (~without[:10]).any()  # interleaved, not sorted
-    ref = reference_intensity(x.double(), params["gamma"].double(), params["factor"].double(),
-                              params["shift"].double())
-    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-5)
+def test_intensity_jitter_probability_leaves_unchosen_samples_alone():
+    x = images(200, 2, 8, 8)
+    out, params = intensity_jitter(x, brightness=0.3, p=0.5, generator=gen(4), return_params=True)
+    unchanged = (out == x).flatten(1).all(1)
+    assert 60 < int(unchanged.sum()) < 140
+    assert (params["shift"][unchanged] == 0).all()
+    # brightness is a constant per image-channel shift
+    diff = out - x
+    torch.testing.assert_close(diff, params["shift"][:, :, None, None].expand_as(diff),
+                               rtol=0, atol=1e-6)
+
+
+def test_intensity_parameters_follow_their_documented_distributions():
+    """Each op is chosen per sample with probability p, independently of the others; its amount
+    is uniform (factor, shift) or log-uniform (gamma) over the documented range."""
+    b, p, brightness, contrast, gamma = 6000, 0.7, 0.3, 0.4, 0.5
+    _, params = intensity_jitter(torch.randn(b, 2, 2, 2, generator=gen(20)), brightness,
+                                 contrast, gamma, p, generator=gen(21), return_params=True)
+    on = {k: (params[k] != (0.0 if k == "shift" else 1.0)).all(1) for k in params}
+    for k, chosen in on.items():
+        assert abs(float(chosen.float().mean()) - p) < 0.025, k
+    for one, other in (("gamma", "factor"), ("gamma", "shift"), ("factor", "shift")):
+        both = float((on[one] & on[other]).float().mean())
+        assert abs(both - p * p) < 0.025, (one, other)
+    unit = {  # each mapped to uniform [-1, 1] where applied
+        "gamma": params["gamma"][on["gamma"]].log() / math.log1p(gamma),
+        "factor": (params["factor"][on["factor"]] - 1) / contrast,
+        "shift": params["shift"][on["shift"]] / brightness,
+    }
+    for k, u in unit.items():
+        assert u.min() >= -1 - 1e-6 and u.max() <= 1 + 1e-6, k
+        assert abs(float(u.mean())) < 0.03 and abs(float(u.var()) - 1 / 3) < 0.02, k
+        histogram = torch.histc(u, bins=4, min=-1, max=1) / u.numel()
+        assert (histogram - 0.25).abs().max() < 0.025, k
+
+
+# --- blur ----------------------------------------------------------------------------------------
 
 
 def torchvision_blur(x, sigma, radius):
     from torchvision.transforms.functional import gaussian_blur as tv_blur
 
     return tv_blur(x, kernel_size=[2 * radius + 1] * 2, sigma=[float(sigma)] * 2)
+
+
+def test_blur_matches_torchvision_and_keeps_constant_images():
+    x = images(4, 3, 20, 20)
+    out = gaussian_blur(x, sigma=(1.0, 1.0), p=1.0, generator=gen())
+    ref = torchvision_blur(x, 1.0, 3)  # radius ceil(3 * sigma) = 3
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    const = torch.full((4, 2, 16, 16), -1.25)
+    torch.testing.assert_close(gaussian_blur(const, p=1.0, generator=gen()), const,
+                               rtol=0, atol=1e-6)
 
 
 def test_blur_equals_torchvision_per_sample_on_non_square_images():
@@ -165,7 +291,18 @@ def test_blur_equals_torchvision_per_sample_on_non_square_images():
         torch.testing.assert_close(out[i], ref, rtol=0, atol=1e-5)
 
 
-def test_image_augment_blur_equals_the_functional_op():
+def test_blur_reduces_noise_variance_and_respects_probability():
+    noise = images(64, 2, 32, 32)
+    blurred = gaussian_blur(noise, sigma=(0.8, 1.5), p=1.0, generator=gen())
+    assert (blurred.var(dim=(1, 2, 3)) < 0.5 * noise.var(dim=(1, 2, 3))).all()
+    torch.testing.assert_close(blurred.mean(), noise.mean(), rtol=0, atol=1e-2)
+    partly = gaussian_blur(noise, p=0.3, generator=gen(1))
+    unchanged = (partly == noise).flatten(1).all(1)
+    assert 30 < int(unchanged.sum()) < 60
+
+
+def test_image_augment_blur_equals_the_functional_op(monkeypatch):
+    monkeypatch.setattr(image_module, "_CHUNK_NUMEL", 9 * 2 * 20 * 20)  # blurred rows in chunks
     x = images(130, 2, 20, 20)
     cfg = ImageAugmentConfig(**{**OFF, "blur_p": 0.4, "blur_sigma": (0.2, 1.2)})
     out = ImageAugment(cfg)(x, gen(7))
@@ -173,10 +310,84 @@ def test_image_augment_blur_equals_the_functional_op():
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
     blurred = (out != x).flatten(1).any(1)
     assert 30 < int(blurred.sum()) < 75
+    draws = gen(7)
+    sigmas = torch.rand(130, generator=draws) * 1.0 + 0.2
+    chosen = torch.rand(130, generator=draws) < 0.4
+    assert torch.equal(blurred, chosen)  # exactly the chosen samples change ...
+    for i in torch.nonzero(chosen).flatten()[:12].tolist():  # ... into their own blur
+        torch.testing.assert_close(out[i], torchvision_blur(x[i : i + 1], sigmas[i], 4)[0],
+                                   rtol=0, atol=1e-5)
+
+
+# --- noise ---------------------------------------------------------------------------------------
+
+
+def noise_draws(b: int, std: float, p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The draws gaussian_noise makes: stds uniform in [0, std], then which samples."""
+    draws = gen(seed)
+    return torch.rand(b, generator=draws) * std, torch.rand(b, generator=draws) < p
+
+
+def test_noise_std_and_probability():
+    x = torch.zeros(400, 2, 32, 32)
+    out = gaussian_noise(x, std=0.2, p=0.5, generator=gen())
+    per_sample = out.flatten(1).std(1)
+    noisy = per_sample > 0
+    assert 150 < int(noisy.sum()) < 250
+    assert per_sample.max() < 0.2 * 1.1
+    # std uniform in [0, 0.2]: mean 0.1, and uniform quantiles
+    assert abs(float(per_sample[noisy].mean()) - 0.1) < 0.015
+    quantiles = per_sample[noisy].sort().values / 0.2
+    uniform = (torch.arange(len(quantiles)) + 0.5) / len(quantiles)
+    assert (quantiles - uniform).abs().max() < 0.1  # Kolmogorov-Smirnov distance
+
+
+def test_noise_goes_to_the_chosen_samples_with_their_std():
+    out = gaussian_noise(torch.zeros(40, 2, 32, 32), std=0.2, p=0.5, generator=gen(17))
+    stds, chosen = noise_draws(40, 0.2, 0.5, 17)
+    assert 10 < int(chosen.sum()) < 30
+    per_sample = out.flatten(1).std(1)
+    assert (out[~chosen] == 0).all()
+    torch.testing.assert_close(per_sample[chosen], stds[chosen], rtol=0.1, atol=1e-3)
+
+
+def test_noise_within_a_sample_is_iid_standard_normal_times_its_std():
+    b, std = 48, 0.3
+    out = gaussian_noise(torch.zeros(b, 3, 32, 32), std=std, p=1.0, generator=gen(18))
+    stds, _ = noise_draws(b, std, 1.0, 18)
+    z = out.flatten(1) / stds[:, None]  # standard normal, if as documented
+    d = z.shape[1]
+    assert z.mean(1).abs().max() < 5 / math.sqrt(d)
+    assert (z.var(1) - 1).abs().max() < 0.12
+    kurtosis = (z**4).mean(1) / z.var(1) ** 2
+    assert (kurtosis - 3).abs().max() < 0.6 and abs(float(kurtosis.mean()) - 3) < 0.2
+    within_1sd = float((z.abs() < 1).float().mean())  # pooled: P(|z| < 1) = 0.6827
+    assert abs(within_1sd - 0.6827) < 0.02
+    lag1 = (z[:, 1:] * z[:, :-1]).mean(1)  # neighbours along the flattened sample
+    assert lag1.abs().max() < 5 / math.sqrt(d)
+
+
+def test_noise_samples_of_a_chunk_read_windows_of_one_bank():
+    """As documented: each sample of a chunk adds D consecutive draws of one bank of 2 * D."""
+    b, d = 12, 2 * 8 * 8
+    out = gaussian_noise(torch.zeros(b, 2, 8, 8), std=1.0, p=1.0, generator=gen(19))
+    stds, _ = noise_draws(b, 1.0, 1.0, 19)
+    z = out.flatten(1).double() / stds[:, None].double()  # the bank's draws, to ~1e-7
+
+    def same(u, v):  # the same draw (relative error of the rescaling ~1e-7)
+        return (u - v).abs() <= 1e-6 * u.abs().maximum(v.abs())
+
+    values = z.flatten().sort().values
+    distinct = 1 + int((~same(values[1:], values[:-1])).sum())
+    assert distinct <= 2 * d  # independent noise would give b * d = 1536 distinct values
+    for i in range(1, b):  # sample i is sample 0's window shifted by one offset
+        pairs = same(z[i, :, None], z[0, None, :]).nonzero()  # z[i][k] == z[0][k + shift]
+        shifts = pairs[:, 1] - pairs[:, 0]
+        assert len(pairs) == d - abs(int(shifts[0])) and (shifts == shifts[0]).all()
 
 
 def test_noise_of_different_chunks_is_independent(monkeypatch):
-    """Each chunk draws from its own generator: their noise must not repeat."""
+    """Each chunk draws its own bank from its own generator: their noise must not repeat."""
     monkeypatch.setattr(image_module, "_CHUNK_NUMEL", 8 * 16 * 16)  # chunks of 8 crops
     cfg = ImageAugmentConfig(**{**OFF, "noise_p": 1.0, "noise_std": 0.5})
     noise = ImageAugment(cfg)(torch.zeros(64, 1, 16, 16), gen(8)).flatten(1)
@@ -187,15 +398,16 @@ def test_noise_of_different_chunks_is_independent(monkeypatch):
     assert correlation.max() < 0.3  # 256 pixels: independent noise gives |r| ~ 0.06
 
 
-def test_noise_goes_to_the_chosen_samples_with_their_std():
-    out = gaussian_noise(torch.zeros(40, 2, 32, 32), std=0.2, p=0.5, generator=gen(17))
-    draws = gen(17)  # the draws gaussian_noise makes: stds, then which samples
-    stds = torch.rand(40, generator=draws) * 0.2
-    chosen = torch.rand(40, generator=draws) < 0.5
-    assert 10 < int(chosen.sum()) < 30
-    per_sample = out.flatten(1).std(1)
-    assert (per_sample[~chosen] == 0).all()
-    torch.testing.assert_close(per_sample[chosen], stds[chosen], rtol=0.1, atol=1e-3)
+def test_image_augment_noise_equals_the_functional_op_and_spares_unchosen_samples():
+    x = images(100, 2, 16, 16)
+    cfg = ImageAugmentConfig(**{**OFF, "noise_p": 0.5, "noise_std": 0.2})
+    out = ImageAugment(cfg)(x, gen(22))
+    torch.testing.assert_close(out, gaussian_noise(x, 0.2, 0.5, gen(22)), rtol=0, atol=0)
+    _, chosen = noise_draws(100, 0.2, 0.5, 22)
+    assert torch.equal((out != x).flatten(1).any(1), chosen)
+
+
+# --- composition ---------------------------------------------------------------------------------
 
 
 def test_two_views_equal_forward_on_the_concatenation():
@@ -233,24 +445,82 @@ def test_seeded_runs_repeat_and_seeds_differ():
     aug = ImageAugment(ImageAugmentConfig(output_size=28, blur_p=0.5, noise_p=0.5))
     torch.testing.assert_close(aug(x, gen(11)), aug(x, gen(11)), rtol=0, atol=0)
     assert not torch.allclose(aug(x, gen(11)), aug(x, gen(12)))
+    v1, v2 = two_views(aug, x, gen(13))
+    w1, w2 = two_views(aug, x, gen(13))
+    assert torch.equal(v1, w1) and torch.equal(v2, w2)
     a = gaussian_noise(x, 0.1, 1.0, gen(13))
     torch.testing.assert_close(a, gaussian_noise(x, 0.1, 1.0, gen(13)), rtol=0, atol=0)
+    assert not torch.equal(a, gaussian_noise(x, 0.1, 1.0, gen(14)))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("channels", [1, 2, 7])
-def test_dtype_shape_and_channels(dtype, channels):
-    x = images(9, channels, 30, 26).to(dtype)
+def test_samples_and_views_of_one_image_differ():
+    x = images(1, 2, 32, 32).expand(16, -1, -1, -1).contiguous()  # 16 copies of one image
+    aug = ImageAugment(ImageAugmentConfig(output_size=24))
+    a = aug(x, gen(7))
+    flat = a.flatten(1)
+    assert torch.cdist(flat, flat).add(torch.eye(16) * 1e9).min() > 1e-3  # all samples differ
+    v1, v2 = two_views(aug, x, gen(9))
+    assert v1.shape == v2.shape == (16, 2, 24, 24)
+    assert (v1 - v2).flatten(1).abs().amax(1).min() > 1e-3
+
+
+def test_channels_are_augmented_independently():
+    """Changing one channel's content leaves the other channels' output unchanged."""
+    x = images(8, 3, 32, 32)
+    x2 = x.clone()
+    x2[:, 1] = x2[:, 1] * 5 + 2
+    aug = ImageAugment(ImageAugmentConfig(output_size=24, blur_p=0.5, noise_p=0.5))
+    out, out2 = aug(x, gen(5)), aug(x2, gen(5))
+    torch.testing.assert_close(out[:, [0, 2]], out2[:, [0, 2]], rtol=0, atol=1e-5)
+    assert not torch.allclose(out[:, 1], out2[:, 1])
+
+
+@pytest.mark.parametrize("channels", [1, 2, 5, 8])
+@pytest.mark.parametrize("output_size,expected", [(None, (40, 40)), (32, (32, 32)),
+                                                  ((24, 36), (24, 36))])
+def test_any_channel_count_and_output_size(channels, output_size, expected):
+    x = images(6, channels, 40, 40)
+    out = ImageAugment(ImageAugmentConfig(output_size=output_size, blur_p=1.0, noise_p=1.0))(
+        x, gen())
+    assert out.shape == (6, channels, *expected) and out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("channels", [1, 7])
+def test_float64_non_square_and_two_views_shapes(channels):
+    x = images(9, channels, 30, 26).double()
     out = ImageAugment(ImageAugmentConfig(output_size=(20, 16), blur_p=1.0, noise_p=1.0))(x, gen())
-    assert out.shape == (9, channels, 20, 16) and out.dtype == dtype
+    assert out.shape == (9, channels, 20, 16) and out.dtype == torch.float64
     assert torch.isfinite(out).all()
     v1, v2 = two_views(ImageAugment(ImageAugmentConfig()), x, gen())
-    assert v1.shape == v2.shape == x.shape and v1.dtype == dtype
+    assert v1.shape == v2.shape == x.shape and v1.dtype == torch.float64
+
+
+@pytest.mark.parametrize("value", [0.0, 5.0, -3.0])
+def test_no_nan_for_constant_images(value):
+    x = torch.full((8, 3, 16, 16), value)
+    cfg = ImageAugmentConfig(p_intensity=1.0, gamma=0.5, noise_p=0.0)
+    out = ImageAugment(cfg)(x, gen())
+    assert torch.isfinite(out).all()
+    # only brightness can move a constant image: each channel stays constant
+    assert out.flatten(2).std(2).max() < 1e-5
 
 
 def test_empty_batch():
     out = ImageAugment(ImageAugmentConfig(output_size=8))(torch.zeros(0, 3, 16, 16), gen())
     assert out.shape == (0, 3, 8, 8)
+
+
+def test_input_and_config_errors_name_the_problem():
+    aug = ImageAugment()
+    with pytest.raises(InputError, match="float"):
+        aug(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
+    with pytest.raises(InputError, match=r"\(B, C, H, W\)"):
+        aug(torch.zeros(3, 8, 8))
+    with pytest.raises(ConfigError, match="hflip"):
+        ImageAugmentConfig(hflip=1.5)
+    with pytest.raises(ConfigError, match="scale"):
+        ImageAugmentConfig(scale=(0.0, 1.0))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
