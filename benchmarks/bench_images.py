@@ -10,10 +10,11 @@ One fixed split per dataset, the same for every entry:
 Entries, each trained on the training part only and scored once on the test part:
 
 * raw-pixel PCA-50 + logistic regression (pixels standardised, PCA and the classifier fitted on train);
-* a supervised CNN from scratch: the same encoder architecture, randomly initialised, trained end to end with
-  the fine-tuning procedure (all layers at the head's learning rate);
+* a supervised CNN from scratch: the encoder architecture of the first ResNet recipe, randomly initialised, trained
+  end to end with the fine-tuning procedure (all layers at the head's learning rate, a random head);
 * per recipe: pretrain on the training crops WITHOUT labels, then (a) a linear probe on frozen embeddings and
-  (b) full fine-tuning (encoder at 1% of the head's learning rate, oversampling, dropout head);
+  (b) full fine-tuning (LP-FT: encoder at ``encoder_lr_factor`` x the head's learning rate, oversampling,
+  dropout head, flips and 90-degree turns), skipped for the recipes named in ``--probe-only``;
 * the same with 10% of the training labels (stratified, seed 0, at least one per class); pretraining still
   sees all training crops (unlabelled), as a user with few labels would do.
 
@@ -119,6 +120,8 @@ def main() -> None:
                         help="use the model already pretrained in --workdir by an earlier run of the same recipe")
     parser.add_argument("--encoder-lr-factors", nargs="+", type=float,
                         help="one fine-tune row per factor (default: the fine-tuning YAML's encoder_lr_factor)")
+    parser.add_argument("--probe-only", nargs="+", default=[], metavar="RECIPE",
+                        help="recipe names (file stems) to score with the linear probe only, no fine-tuning")
     parser.add_argument("--workdir", default=str(ROOT / "bench_runs"))
     parser.add_argument("--out", help="results prefix (default benchmarks/results/images_<dataset>)")
     args = parser.parse_args()
@@ -156,8 +159,11 @@ def main() -> None:
                                             **ft_values.get("scratch", {})})
     balanced = linear_cfg.oversample
 
+    cnn_config = None  # the from-scratch CNN copies the first recipe with a ResNet encoder (else the last recipe)
     for recipe_path in recipes:
         config = load_config(recipe_path)
+        if cnn_config is None and config.encoder.name.startswith("resnet"):
+            cnn_config = config
         if args.max_epochs:
             config.train.max_epochs = args.max_epochs
         config.train.progress_bar = False
@@ -176,7 +182,7 @@ def main() -> None:
         factors = args.encoder_lr_factors or [full_cfg.encoder_lr_factor]
         for labels, part in (("100%", train), ("10%", few)):
             add(f"sslcell {name} + linear probe", labels, classify(model, cells, part, test, linear_cfg), **extra)
-            for factor in factors:
+            for factor in factors if name not in args.probe_only else []:
                 cfg = FinetuneConfig.from_dict({**base, "head": "full", "encoder_lr_factor": factor})
                 add(f"sslcell {name} + fine-tune (encoder lr x{factor:g})", labels,
                     classify(model, cells, part, test, cfg), **extra)
@@ -187,11 +193,12 @@ def main() -> None:
             if balanced:  # the linear probe's own protocol: balanced class weights
                 add("raw pixels PCA-50 + logistic (balanced class weights)", labels,
                     pca_logistic(cells, part, test, args.seed, class_weight="balanced"))
-        # supervised CNN from scratch: the last recipe's encoder architecture, random weights
+        # supervised CNN from scratch: the ResNet recipe's encoder architecture, random weights
+        cnn_config = cnn_config or config
         torch.manual_seed(args.seed)
-        untrained = build_method(config, model.inputs.contract())
+        untrained = build_method(cnn_config, model.inputs.contract())  # every recipe's contract: the same crops
         for labels, part in (("100%", train), ("10%", few)):
-            add(f"supervised CNN from scratch ({config.encoder.name} {config.encoder.options})", labels,
+            add(f"supervised CNN from scratch ({cnn_config.encoder.name} {cnn_config.encoder.options})", labels,
                 classify(untrained, cells, part, test, scratch_cfg))
 
     write(out, args, cells, train, test, few, rows, results, ft_values, recipes)
