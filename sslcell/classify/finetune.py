@@ -7,7 +7,9 @@
   the encoder at ``lr * encoder_lr_factor``), warm-up and cosine decay, augmented crops, and minority classes
   oversampled so every class is drawn equally often. By default (``init_head="linear_probe"``) the head starts
   from the linear probe's solution on standardised features ("LP-FT", Kumar et al. 2022): a random head would
-  first push large, noisy gradients through the pretrained encoder.
+  first push large, noisy gradients through the pretrained encoder. After training, the encoder's batch-norm
+  statistics are re-estimated on the un-augmented training crops ("precise BN"), so eval mode matches the final
+  weights even after a short run.
 
 Defaults, chosen on a validation split inside the Jurkat benchmark's training part (never its test split; see
 ``benchmarks/results/images_jurkat.md``): the augmentation is label-preserving geometry only (flips and
@@ -267,4 +269,38 @@ def _fit_full(classifier: CellClassifier, cells: CellImages, codes: np.ndarray, 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")  # exact here
         trainer.fit(module, loader)
+    if config.encoder_lr_factor > 0:
+        device = torch.device("cuda") if on_gpu else torch.device("cpu")
+        _recalibrate_batch_norm(classifier.to(device), cells, batch_size, config.seed)
     classifier.cpu()
+
+
+@torch.no_grad()
+def _recalibrate_batch_norm(classifier: CellClassifier, cells: CellImages, batch_size: int, seed: int,
+                            max_cells: int = 8192) -> None:
+    """Re-estimate the encoder's batch-norm statistics on the un-augmented training crops ("precise BN").
+
+    During fine-tuning batch norm normalises with each batch's statistics, while its running averages trail the
+    changing weights (momentum 0.1). After a short run they no longer match the final encoder and its
+    predictions in eval mode can collapse to one class. One pass in train mode with cumulative averaging
+    (``momentum=None``) gives the statistics of the final weights on the crops, as eval mode sees them
+    (on at most ``max_cells`` crops, a seeded random subset).
+    """
+    norms = [m for m in classifier.encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    rows = np.arange(len(cells))
+    if len(rows) > max_cells:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, max_cells, replace=False))
+    device = next(classifier.parameters()).device
+    classifier.encoder.train()
+    for start in range(0, len(rows), batch_size):
+        batch = torch.from_numpy(cells.batch(rows[start:start + batch_size])).to(device)
+        classifier.encoder(classifier.inputs.normalize(batch))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    classifier.encoder.eval()

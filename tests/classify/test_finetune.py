@@ -356,3 +356,19 @@ def test_augment_fields_are_added_to_the_label_preserving_defaults():
     assert config.augment["scale"] == [1.0, 1.0] and config.augment["noise_p"] == 0.0
     with pytest.raises(ConfigError, match="scale"):
         FinetuneConfig(augment={"scale": [0.0, 2.0]})
+
+
+def test_batch_norm_statistics_are_those_of_the_final_encoder_on_the_crops(model, train):
+    """After fine-tuning, the stem's batch-norm running mean and variance are the per-channel statistics of the
+    final stem convolution's output on the un-augmented training crops (not trailing averages of the run)."""
+    cells = cells_of(train[0], CLASSES[train[1]])
+    classifier = finetune(model, cells, "label", full(epochs=2, encoder_lr_factor=1.0))  # 192 crops, batches of 32
+    conv, norm = classifier.encoder.stem[0], classifier.encoder.stem[1]
+    with torch.no_grad():
+        h = conv(classifier.inputs.normalize(torch.from_numpy(train[0])))  # (192, w, 16, 16)
+    batches = h.split(32)
+    mean = torch.stack([b.mean(dim=(0, 2, 3)) for b in batches]).mean(0)
+    var = torch.stack([b.transpose(0, 1).flatten(1).var(dim=1) for b in batches]).mean(0)  # unbiased, per batch
+    assert torch.allclose(norm.running_mean, mean, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(norm.running_var, var, atol=1e-4, rtol=1e-3)
+    assert not classifier.encoder.training
