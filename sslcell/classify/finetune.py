@@ -271,20 +271,21 @@ def _fit_full(classifier: CellClassifier, cells: CellImages, codes: np.ndarray, 
         trainer.fit(module, loader)
     if config.encoder_lr_factor > 0:
         device = torch.device("cuda") if on_gpu else torch.device("cpu")
-        _recalibrate_batch_norm(classifier.to(device), cells, batch_size, config.seed)
+        _recalibrate_batch_norm(classifier.to(device), cells, weights, batch_size, config.seed)
     classifier.cpu()
 
 
 @torch.no_grad()
-def _recalibrate_batch_norm(classifier: CellClassifier, cells: CellImages, batch_size: int, seed: int,
-                            max_cells: int = 8192) -> None:
-    """Re-estimate the encoder's batch-norm statistics on the un-augmented training crops ("precise BN").
+def _recalibrate_batch_norm(classifier: CellClassifier, cells: CellImages, weights: np.ndarray | None,
+                            batch_size: int, seed: int, max_cells: int = 8192) -> None:
+    """Re-estimate the encoder's batch-norm statistics for the final weights ("precise BN").
 
     During fine-tuning batch norm normalises with each batch's statistics, while its running averages trail the
     changing weights (momentum 0.1). After a short run they no longer match the final encoder and its
     predictions in eval mode can collapse to one class. One pass in train mode with cumulative averaging
-    (``momentum=None``) gives the statistics of the final weights on the crops, as eval mode sees them
-    (on at most ``max_cells`` crops, a seeded random subset).
+    (``momentum=None``) over at most ``max_cells`` un-augmented training crops, drawn (seeded) as training drew
+    them: with the oversampling ``weights`` when given. The layers after batch norm were trained on
+    statistics of class-balanced batches; statistics of the natural class mix would shift their inputs.
     """
     norms = [m for m in classifier.encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not norms:
@@ -293,13 +294,16 @@ def _recalibrate_batch_norm(classifier: CellClassifier, cells: CellImages, batch
     for m in norms:
         m.reset_running_stats()
         m.momentum = None
-    rows = np.arange(len(cells))
-    if len(rows) > max_cells:
-        rows = np.sort(np.random.default_rng(seed).choice(rows, max_cells, replace=False))
+    rng = np.random.default_rng(seed)
+    n = min(len(cells), max_cells)
+    if weights is not None:
+        rows = rng.choice(len(cells), n, replace=True, p=weights / weights.sum())
+    else:
+        rows = rng.permutation(len(cells))[:n]
     device = next(classifier.parameters()).device
     classifier.encoder.train()
     for start in range(0, len(rows), batch_size):
-        batch = torch.from_numpy(cells.batch(rows[start:start + batch_size])).to(device)
+        batch = torch.from_numpy(cells.batch(np.sort(rows[start:start + batch_size]))).to(device)
         classifier.encoder(classifier.inputs.normalize(batch))
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
