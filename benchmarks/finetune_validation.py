@@ -3,20 +3,28 @@
 The benchmark's split (stratified 80/20, seed 0) is split again: train_test_split(train, 0.2, stratify,
 random_state=1). Each variant is FinetuneConfig fields on top of the values below, run on the SSL-pretrained
 SimCLR model (``ssl``, from ``bench_images.py``'s run directory) or on a randomly initialised copy of its
-architecture (``scratch``). Results and the variants run: benchmarks/results/images_jurkat_validation.md.
+architecture (``scratch``). The augmentation is FinetuneConfig's default (flips, 90-degree turns) unless a
+variant sets ``augment``. Results and the variants run: benchmarks/results/images_jurkat_validation.md.
 
     python benchmarks/finetune_validation.py '{"name": ["ssl", {"head": "full", "encoder_lr_factor": 1.0}]}'
 """
-import sys, time, json, numpy as np, torch
+import json
+import sys
+import time
 from pathlib import Path
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_images import split, DATA
+
+import torch
+from sklearn.model_selection import train_test_split
+
 import sslcell
-from sslcell.data.images import CellImages
 from sslcell.classify import FinetuneConfig, finetune, predict
 from sslcell.config import load_config
+from sslcell.data.images import CellImages
 from sslcell.methods import build_method
-from sklearn.model_selection import train_test_split
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_images import DATA, split  # noqa: E402
+
 cells = CellImages.read(DATA / "jurkat_cellcycle_ifc_mlcp.npz", channels=[0, 2])
 train, test = split(cells, "stratified", 0)
 y = cells.obs["label"].astype(str).to_numpy()
@@ -25,8 +33,6 @@ model = sslcell.load(Path(sys.argv[2] if len(sys.argv) > 2 else "bench_runs/jurk
 config = load_config(Path(__file__).resolve().parent / "configs" / "jurkat_simclr.yaml")
 torch.manual_seed(0)
 untrained = build_method(config, model.inputs.contract())
-LOSSLESS = {"scale": [1, 1], "ratio": [1, 1], "rotation_degrees": 0.0, "brightness": 0.0, "contrast": 0.0,
-            "gamma": 0.0, "blur_p": 0.0, "noise_p": 0.0}
 variants = json.loads(sys.argv[1])
 for name, (which, values) in variants.items():
     cfg = FinetuneConfig.from_dict({"epochs": 20, "batch_size": 128, "lr": 5e-4, "dropout": 0.2, "progress_bar": False,

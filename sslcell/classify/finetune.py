@@ -8,11 +8,11 @@
   oversampled so every class is drawn equally often. By default (``init_head="linear_probe"``) the head starts
   from the linear probe's solution on standardised features ("LP-FT", Kumar et al. 2022): a random head would
   first push large, noisy gradients through the pretrained encoder. After training, the encoder's batch-norm
-  statistics are re-estimated on the un-augmented training crops ("precise BN"), so eval mode matches the final
-  weights even after a short run.
+  statistics are re-estimated on un-augmented training crops drawn as training drew them ("precise BN"), so
+  eval mode matches the final weights even after a short run.
 
 Defaults, chosen on a validation split inside the Jurkat benchmark's training part (never its test split; see
-``benchmarks/results/images_jurkat.md``): the augmentation is label-preserving geometry only (flips and
+``benchmarks/results/images_jurkat_validation.md``): the augmentation is label-preserving geometry only (flips and
 90-degree turns). Rescaling and intensity jitter change cues a label can depend on (cell size tells G1 from G2;
 darkfield intensity, granularity) and made fine-tuning worse than the linear probe it starts from. The LSM
 study's rates (head 5e-4, backbone at 1%) suit a large ImageNet-pretrained ResNet-50; a small encoder pretrained
