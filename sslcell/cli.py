@@ -73,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory: predictions.h5ad, and metrics + plots with --label-key")
     p.add_argument("--label-key", help="obs column with true labels: writes metrics.json/.md and PNG plots")
     p.add_argument("--channels", type=_channels, help="channels to use (default: the model's, by name)")
+    p.add_argument("--tta", action="store_true",
+                   help="average the scores over each crop's flips and 90-degree turns (8 passes, or 4 if not square)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files in --out")
     p.set_defaults(run=_predict)
 
@@ -219,7 +221,7 @@ def _predict(args: argparse.Namespace) -> int:
     classifier = load_classifier(args.model)
     cells = CellImages.read(args.data, label_key=args.label_key if args.label_key not in (None, "label") else None)
     label_key = None if args.label_key is None else "label"
-    adata, report = predict(classifier, cells, channels=args.channels, label_key=label_key)
+    adata, report = predict(classifier, cells, channels=args.channels, label_key=label_key, tta=args.tta)
     out.mkdir(parents=True, exist_ok=True)
     _write_h5ad(adata, target)
     print(f"wrote {target}: obs['sslcell_pred'] and per-class scores for {adata.n_obs} cells")

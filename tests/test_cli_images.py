@@ -185,6 +185,14 @@ def test_predict_writes_predictions_metrics_and_plots(files, linear_classifier, 
     assert main([*argv, "--overwrite"]) == 0
 
 
+def test_predict_tta_flag(files, linear_classifier, tmp_path):
+    out = tmp_path / "pred"
+    assert main(["predict", "--model", str(linear_classifier), "--data", str(files["npz"]), "--out", str(out),
+                 "--tta"]) == 0
+    adata = ad.read_h5ad(out / "predictions.h5ad")
+    assert bool(adata.uns["sslcell"]["sslcell_tta"]) is True
+
+
 def test_predict_without_labels_writes_only_predictions(files, linear_classifier, tmp_path):
     out = tmp_path / "pred"
     assert main(["predict", "--model", str(linear_classifier), "--data", str(files["npz"]), "--out", str(out)]) == 0

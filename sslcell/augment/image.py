@@ -57,6 +57,7 @@ __all__ = [
     "intensity_jitter",
     "gaussian_blur",
     "gaussian_noise",
+    "dihedral_views",
 ]
 
 
@@ -870,6 +871,21 @@ class ImageAugment(torch.nn.Module):
             and cfg.hflip == cfg.vflip == cfg.rotation_degrees == 0
             and not cfg.rot90
         )
+
+
+def dihedral_views(images: Tensor) -> list[Tensor]:
+    """The lossless orientations of ``images`` (B, C, H, W): 8 (turns by 0/90/180/270 degrees, each also
+    mirrored) for square crops, else the 4 that keep the shape (identity, the two flips, the half turn).
+
+    The identity comes first. Used for test-time augmentation (e.g. :func:`sslcell.classify.predict`).
+    """
+    _check_images(images, "dihedral_views")
+    turns = (0, 1, 2, 3) if images.shape[-1] == images.shape[-2] else (0, 2)
+    views = []
+    for k in turns:
+        turned = images.rot90(k, dims=(-2, -1)) if k else images
+        views += [turned, turned.flip(-1)]
+    return views
 
 
 def two_views(

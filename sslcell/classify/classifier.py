@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sslcell.augment.image import dihedral_views
 from sslcell.checkpoint import FORMAT_VERSION, read_weights, versions, write_weights
 from sslcell.config import RecipeConfig
 from sslcell.errors import ConfigError, FileFormatError
@@ -55,13 +56,22 @@ class CellClassifier(nn.Module):
         return self.head(self.dropout(self.features(x)))
 
     @torch.no_grad()
-    def predict_proba(self, batch: Tensor) -> Tensor:
-        """Raw batch -> class probabilities ``(N, K)`` float32 (eval mode)."""
+    def predict_proba(self, batch: Tensor, tta: bool = False) -> Tensor:
+        """Raw batch ``(N, C, H, W)`` -> class probabilities ``(N, K)`` float32 (eval mode).
+
+        ``tta``: average the probabilities over the crop's lossless orientations (8 flips and 90-degree turns
+        for square crops, 4 otherwise; :func:`~sslcell.augment.image.dihedral_views`). Microscopy crops have no
+        canonical orientation, so a prediction should not depend on it; this costs 8 (or 4) forward passes.
+        """
         was_training = self.training
         self.eval()
         try:
             device = next(self.parameters()).device
-            return self(self.inputs.normalize(batch.to(device))).float().softmax(dim=1)
+            x = self.inputs.normalize(batch.to(device))
+            if not tta:
+                return self(x).float().softmax(dim=1)
+            views = dihedral_views(x)
+            return sum(self(v).float().softmax(dim=1) for v in views) / len(views)
         finally:
             self.train(was_training)
 

@@ -67,7 +67,10 @@ class FinetuneConfig:
     weight_decay: float = 1e-4
     warmup_fraction: float = 0.05
     dropout: float = 0.2
-    oversample: bool = True  # full: draw classes equally often; linear: balanced class weights
+    # class balancing, a cell of class k weighted by count_k ** -power: True (power 1) draws every class equally
+    # often (full) or balances the class weights (linear); a number in [0, 1] is the power (0.5: "square-root
+    # sampling", between the natural mix and equal classes); False (0) keeps the natural mix
+    oversample: bool | float = True
     init_head: str = "linear_probe"  # full: start from the linear probe ("linear_probe") or a random head ("random")
     label_smoothing: float = 0.0
     C: float = 1.0  # linear: inverse L2 strength of the logistic regression
@@ -92,6 +95,8 @@ class FinetuneConfig:
             raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.warmup_fraction < 1.0 or not 0.0 <= self.label_smoothing < 1.0 or self.weight_decay < 0:
             raise ConfigError("warmup_fraction and label_smoothing must be in [0, 1), weight_decay >= 0")
+        if not isinstance(self.oversample, (bool, int, float)) or not 0.0 <= float(self.oversample) <= 1.0:
+            raise ConfigError(f"oversample: must be true, false or a power in [0, 1], got {self.oversample!r}")
         self.augment = {**LABEL_PRESERVING_AUGMENT, **self.augment}
         image_augment_config(self.augment)  # raises ConfigError naming the bad augment field
 
@@ -181,9 +186,14 @@ def _fit_linear(
     x = embed_array(model, cells, device=device)  # (N, D), frozen encoder, no augmentation
     mean, std = x.mean(axis=0), x.std(axis=0) + 1e-6
     z = (x - mean) / std
-    logistic = LogisticRegression(
-        C=config.C, max_iter=config.max_iter, class_weight="balanced" if config.oversample else None
-    )
+    power = float(config.oversample)
+    if power in (0.0, 1.0):
+        class_weight = "balanced" if power else None
+    else:  # sklearn's "balanced" weights n / (K * count_k), raised to the power
+        counts = np.bincount(codes)
+        present = np.flatnonzero(counts)
+        class_weight = {int(k): float((len(codes) / (len(present) * counts[k])) ** power) for k in present}
+    logistic = LogisticRegression(C=config.C, max_iter=config.max_iter, class_weight=class_weight)
     logistic.fit(z, codes)
     weight = np.zeros((len(classifier.classes), x.shape[1]), dtype=np.float32)
     bias = np.zeros(len(classifier.classes), dtype=np.float32)
@@ -246,7 +256,7 @@ def _fit_full(classifier: CellClassifier, cells: CellImages, codes: np.ndarray, 
     weights = None
     if config.oversample:
         counts = np.bincount(codes)
-        weights = 1.0 / counts[codes]
+        weights = counts[codes] ** -float(config.oversample)
     batch_size = min(config.batch_size, len(codes))
     loader = make_image_dataloader(
         cells, batch_size=batch_size, seed=config.seed, weights=weights, return_index=True

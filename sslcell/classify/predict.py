@@ -24,6 +24,7 @@ def predict(
     key_added: str = "sslcell",
     label_key: str | None = None,
     batch_size: int = 512,
+    tta: bool = False,
     device: str | torch.device | None = None,
 ) -> tuple[AnnData, ClassificationReport | None]:
     """Predict every crop's class.
@@ -31,7 +32,8 @@ def predict(
     Returns a new AnnData (one row per cell, the crops' ``obs``) with ``obs[f"{key_added}_pred"]`` (categorical,
     the classifier's classes) and ``obs[f"{key_added}_score_{class}"]`` (probabilities, rows sum to 1), plus
     the scores ``(N, K)`` in ``obsm[f"{key_added}_scores"]``. With ``label_key`` (an ``obs`` column), the labelled
-    cells are scored: a :class:`ClassificationReport` is returned too (``None`` otherwise).
+    cells are scored: a :class:`ClassificationReport` is returned too (``None`` otherwise). ``tta`` averages the
+    scores over the crop's flips and 90-degree turns (:meth:`CellClassifier.predict_proba`).
     """
     cells = classifier.inputs.align(cells, channels)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -39,7 +41,7 @@ def predict(
     scores = np.empty((len(cells), len(classifier.classes)), dtype=np.float32)
     for start in range(0, len(cells), batch_size):
         rows = np.arange(start, min(start + batch_size, len(cells)))
-        scores[rows] = classifier.predict_proba(torch.from_numpy(cells.batch(rows))).cpu().numpy()
+        scores[rows] = classifier.predict_proba(torch.from_numpy(cells.batch(rows)), tta=tta).cpu().numpy()
     adata = cells.to_anndata()
     classes = np.asarray(classifier.classes)
     adata.obs[f"{key_added}_pred"] = pd.Categorical(classes[scores.argmax(axis=1)], categories=list(classes))
@@ -47,6 +49,7 @@ def predict(
         adata.obs[f"{key_added}_score_{name}"] = scores[:, k]
     adata.obsm[f"{key_added}_scores"] = scores
     adata.uns.setdefault("sslcell", {})[f"{key_added}_classes"] = list(classes)
+    adata.uns["sslcell"][f"{key_added}_tta"] = bool(tta)
     report = None
     if label_key is not None:
         if label_key not in adata.obs.columns:

@@ -20,6 +20,7 @@ from sslcell.augment import image as image_module
 from sslcell.augment.image import (
     ImageAugment,
     ImageAugmentConfig,
+    dihedral_views,
     gaussian_blur,
     gaussian_noise,
     intensity_jitter,
@@ -533,3 +534,18 @@ def test_cuda_matches_cpu_geometry():
     torch.testing.assert_close(y_gpu.cpu(), y_cpu, rtol=0, atol=1e-4)
     aug = ImageAugment(ImageAugmentConfig(output_size=24))
     assert aug(x.cuda(), gen(15)).device.type == "cuda"
+
+
+def test_dihedral_views_are_the_lossless_orientations():
+    x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).reshape(2, 3, 5, 5)
+    views = dihedral_views(x)
+    assert len(views) == 8 and torch.equal(views[0], x)
+    keys = {tuple(v.flatten().tolist()) for v in views}
+    assert len(keys) == 8  # all distinct
+    assert {tuple(v.flatten().tolist()) for v in dihedral_views(x.transpose(-1, -2).rot90(1, (-2, -1)))} == keys
+    rect = torch.randn(1, 2, 4, 6)
+    views = dihedral_views(rect)
+    assert len(views) == 4 and all(v.shape == rect.shape for v in views)
+    assert torch.equal(views[0], rect) and torch.equal(views[3], rect.flip(-1, -2).flip(-1))
+    with pytest.raises(InputError, match="dihedral_views"):
+        dihedral_views(torch.zeros(3, 5, 5))

@@ -101,6 +101,21 @@ def test_predict_proba_keeps_the_training_mode(crops):
     assert classifier.training
 
 
+@pytest.mark.parametrize("kind", ["resnet", "vit"])
+def test_tta_averages_the_eight_orientations_and_ignores_them(crops, kind):
+    classifier = make_classifier(crops, kind)
+    batch = torch.from_numpy(crops[:6])
+    with torch.no_grad():
+        x = classifier.inputs.normalize(batch)
+        views = [x, x.flip(-1)] + [v for k in (1, 2, 3) for t in [x.rot90(k, (-2, -1))] for v in (t, t.flip(-1))]
+        reference = torch.stack([classifier.eval()(v).softmax(1) for v in views]).mean(0)
+    averaged = classifier.predict_proba(batch, tta=True)
+    torch.testing.assert_close(averaged, reference)
+    assert not torch.allclose(averaged, classifier.predict_proba(batch), atol=1e-4)  # the views do differ
+    for moved in (batch.rot90(1, (-2, -1)), batch.flip(-2), batch.transpose(-1, -2)):
+        torch.testing.assert_close(classifier.predict_proba(moved.contiguous(), tta=True), averaged)
+
+
 def test_classifier_json_is_plain_json(crops, tmp_path):
     save_classifier(make_classifier(crops), tmp_path)
     meta = json.loads((tmp_path / "classifier.json").read_text())

@@ -261,6 +261,10 @@ def test_oversampling_weights_are_inverse_class_counts(model, monkeypatch):
     finetune(model, cells_of(x, CLASSES[y]), "label", full(epochs=1, oversample=False))
     assert captured[-1][0] is None
 
+    finetune(model, cells_of(x, CLASSES[y]), "label", full(epochs=1, oversample=0.5))  # square-root sampling
+    expected = np.where(y == 1, 10**-0.5, 190**-0.5)
+    np.testing.assert_allclose(captured[-1][0] / captured[-1][0].sum(), expected / expected.sum())
+
 
 @pytest.mark.parametrize("oversample", [True, False])
 def test_linear_probe_balances_class_weights_when_oversampling(model, train, monkeypatch, oversample):
@@ -274,6 +278,28 @@ def test_linear_probe_balances_class_weights_when_oversampling(model, train, mon
     monkeypatch.setattr(finetune_module, "LogisticRegression", Spy)
     finetune(model, cells_of(train[0], CLASSES[train[1]]), "label", linear(oversample=oversample))
     assert seen["class_weight"] == ("balanced" if oversample else None)
+
+
+def test_linear_probe_class_weights_follow_the_oversampling_power(model, monkeypatch):
+    seen = {}
+
+    class Spy(LogisticRegression):
+        def fit(self, X, y, sample_weight=None):
+            seen["class_weight"] = self.class_weight
+            return super().fit(X, y, sample_weight)
+
+    y = np.array([0] * 30 + [1] * 10 + [2] * 20)
+    monkeypatch.setattr(finetune_module, "LogisticRegression", Spy)
+    finetune(model, cells_of(crops_of(y, 3), CLASSES[y]), "label", linear(oversample=0.5))
+    # codes follow the sorted class names: mid (20 cells), neg (30), pos (10); sklearn's "balanced" is n / (K count)
+    balanced = {k: 60 / (3 * count) for k, count in enumerate([20, 30, 10])}
+    assert seen["class_weight"] == pytest.approx({k: w**0.5 for k, w in balanced.items()})
+
+
+@pytest.mark.parametrize("value", [1.5, -0.1, "yes", None])
+def test_oversample_must_be_a_flag_or_a_power(value):
+    with pytest.raises(ConfigError, match="oversample"):
+        FinetuneConfig(oversample=value)
 
 
 def test_encoder_learning_rate_is_lr_times_factor(model, train, monkeypatch):

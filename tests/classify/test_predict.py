@@ -92,6 +92,16 @@ def test_predictions_and_scores(classifier, cells):
     np.testing.assert_allclose(again.obsm["ct_scores"], scores, rtol=1e-5, atol=1e-6)
 
 
+def test_tta_scores_are_the_classifiers_and_are_recorded(classifier, cells):
+    adata, _ = predict(classifier, cells, tta=True, batch_size=25)
+    reference = classifier.predict_proba(torch.from_numpy(np.asarray(cells.images)), tta=True).numpy()
+    np.testing.assert_allclose(adata.obsm["sslcell_scores"], reference, rtol=1e-5, atol=1e-6)
+    assert adata.uns["sslcell"]["sslcell_tta"] is True
+    plain, _ = predict(classifier, cells)
+    assert plain.uns["sslcell"]["sslcell_tta"] is False
+    assert not np.allclose(plain.obsm["sslcell_scores"], reference, atol=1e-4)
+
+
 def test_report_matches_a_hand_computation(classifier, cells):
     adata, report = predict(classifier, cells, label_key="truth")
     truth, pred = adata.obs["truth"], adata.obs["sslcell_pred"].astype(str)
