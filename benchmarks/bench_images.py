@@ -15,6 +15,8 @@ Entries, each trained on the training part only and scored once on the test part
 * per recipe: pretrain on the training crops WITHOUT labels, then (a) a linear probe on frozen embeddings and
   (b) full fine-tuning (LP-FT: encoder at ``encoder_lr_factor`` x the head's learning rate, oversampling,
   dropout head, flips and 90-degree turns), skipped for the recipes named in ``--probe-only``;
+* every trained classifier (probe, fine-tune, CNN) is scored twice: plain, and with test-time augmentation
+  (``predict(tta=True)``: probabilities averaged over the 8 flips and 90-degree turns), rows "+ TTA";
 * the same with 10% of the training labels (stratified, seed 0, at least one per class); pretraining still
   sees all training crops (unlabelled), as a user with few labels would do.
 
@@ -99,12 +101,24 @@ def score(y_true, y_pred, scores, classes, cells) -> dict:
     return {"report": report, **{k: getattr(report, k) for k in ("accuracy", "macro_f1", "balanced_accuracy", "macro_roc_auc")}}
 
 
-def classify(model, cells: CellImages, train: np.ndarray, test: np.ndarray, config: FinetuneConfig) -> dict:
+def class_weights(y: np.ndarray, power: float) -> dict | str | None:
+    """sklearn ``class_weight`` for FinetuneConfig.oversample = ``power``: "balanced" weights raised to it."""
+    if power in (0.0, 1.0):
+        return "balanced" if power else None
+    classes, counts = np.unique(y, return_counts=True)
+    return {c: float((len(y) / (len(classes) * n)) ** power) for c, n in zip(classes, counts)}
+
+
+def classify(model, cells: CellImages, train: np.ndarray, test: np.ndarray, config: FinetuneConfig) -> tuple[dict, dict]:
+    """Train on ``train``, score ``test``: plain predictions, and with test-time augmentation (8 orientations)."""
     t0 = time.time()
     clf = finetune(model, cells[train], "label", config)
-    _, report = predict(clf, cells[test], label_key="label")
-    return {"report": report, "seconds": time.time() - t0,
-            **{k: getattr(report, k) for k in ("accuracy", "macro_f1", "balanced_accuracy", "macro_roc_auc")}}
+    out = []
+    for tta in (False, True):
+        _, report = predict(clf, cells[test], label_key="label", tta=tta)
+        out.append({"report": report, "seconds": time.time() - t0,
+                    **{k: getattr(report, k) for k in ("accuracy", "macro_f1", "balanced_accuracy", "macro_roc_auc")}})
+    return out[0], out[1]
 
 
 def main() -> None:
@@ -144,7 +158,12 @@ def main() -> None:
 
     rows: list[dict] = []
 
-    def add(entry: str, labels: str, result: dict, **extra) -> None:
+    def add(entry: str, labels: str, result: dict | tuple[dict, dict], **extra) -> None:
+        """One row, or two for a trained classifier: plain and with test-time augmentation (" + TTA")."""
+        if isinstance(result, tuple):
+            add(entry, labels, result[0], **extra)
+            add(entry + " + TTA", labels, result[1], **extra)
+            return
         row = {"entry": entry, "labels": labels, **{k: v for k, v in result.items() if k != "report"}, **extra}
         rows.append(row)
         print(json.dumps(row, default=float), flush=True)
@@ -157,7 +176,7 @@ def main() -> None:
     # the from-scratch CNN trains every layer at the head's rate (plus the "scratch" overrides of the YAML)
     scratch_cfg = FinetuneConfig.from_dict({**base, "head": "full", "encoder_lr_factor": 1.0, "init_head": "random",
                                             **ft_values.get("scratch", {})})
-    balanced = linear_cfg.oversample
+    power = float(linear_cfg.oversample)
 
     cnn_config = None  # the from-scratch CNN copies the first recipe with a ResNet encoder (else the last recipe)
     for recipe_path in recipes:
@@ -190,9 +209,10 @@ def main() -> None:
     if not args.skip_baselines:
         for labels, part in (("100%", train), ("10%", few)):
             add("raw pixels PCA-50 + logistic", labels, pca_logistic(cells, part, test, args.seed))
-            if balanced:  # the linear probe's own protocol: balanced class weights
-                add("raw pixels PCA-50 + logistic (balanced class weights)", labels,
-                    pca_logistic(cells, part, test, args.seed, class_weight="balanced"))
+            if power:  # the linear probe's own protocol: class weights from the oversampling power
+                what = "balanced class weights" if power == 1 else f"balanced class weights ^ {power:g}"
+                add(f"raw pixels PCA-50 + logistic ({what})", labels,
+                    pca_logistic(cells, part, test, args.seed, class_weight=class_weights(y[part], power)))
         # supervised CNN from scratch: the ResNet recipe's encoder architecture, random weights
         cnn_config = cnn_config or config
         torch.manual_seed(args.seed)
