@@ -4,7 +4,8 @@ The benchmark's split (stratified 80/20, seed 0) is split again: train_test_spli
 random_state=1). Each variant is FinetuneConfig fields on top of the values below, run on the SSL-pretrained
 SimCLR model (``ssl``, from ``bench_images.py``'s run directory) or on a randomly initialised copy of its
 architecture (``scratch``). The augmentation is FinetuneConfig's default (flips, 90-degree turns) unless a
-variant sets ``augment``. Results and the variants run: benchmarks/results/images_jurkat_validation.md.
+variant sets ``augment``. Each fine-tuned model is scored plainly and with test-time augmentation. Results and
+the variants run: benchmarks/results/images_jurkat_validation.md.
 
     python benchmarks/finetune_validation.py '{"name": ["ssl", {"head": "full", "encoder_lr_factor": 1.0}]}'
 """
@@ -39,5 +40,7 @@ for name, (which, values) in variants.items():
                                     **values})
     t0 = time.time()
     clf = finetune(model if which == "ssl" else untrained, cells[tr], "label", cfg)
-    _, rep = predict(clf, cells[val], label_key="label")
-    print(f"VAL {name}: accuracy {rep.accuracy:.3f} macro-F1 {rep.macro_f1:.3f} bal {rep.balanced_accuracy:.3f} ({time.time()-t0:.0f}s)", flush=True)
+    for tta in (False, True):  # plain, and averaged over the 8 flips and 90-degree turns
+        _, rep = predict(clf, cells[val], label_key="label", tta=tta)
+        print(f"VAL {name} tta={tta}: accuracy {rep.accuracy:.3f} macro-F1 {rep.macro_f1:.3f} "
+              f"bal {rep.balanced_accuracy:.3f} ({time.time()-t0:.0f}s)", flush=True)
