@@ -60,8 +60,10 @@ class CellClassifier(nn.Module):
         """Raw batch ``(N, C, H, W)`` -> class probabilities ``(N, K)`` float32 (eval mode).
 
         ``tta``: average the probabilities over the crop's lossless orientations (8 flips and 90-degree turns
-        for square crops, 4 otherwise; :func:`~sslcell.augment.image.dihedral_views`). Microscopy crops have no
-        canonical orientation, so a prediction should not depend on it; this costs 8 (or 4) forward passes.
+        for square crops, 4 otherwise; :func:`~sslcell.augment.image.dihedral_views`); 8 (or 4) forward passes.
+        It suits a classifier trained on those orientations (full fine-tuning does, by default). A linear probe
+        sees only the crops as they are: where the embedding is not orientation-invariant, or the crops do have
+        an orientation (imaging flow cytometry: the flow direction), TTA can make it worse.
         """
         was_training = self.training
         self.eval()
