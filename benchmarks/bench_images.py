@@ -47,6 +47,7 @@ from sklearn.preprocessing import StandardScaler
 import sslcell
 from sslcell.checkpoint import versions
 from sslcell.classify import FinetuneConfig, finetune, predict
+from sslcell.classify.finetune import class_weight as probe_class_weight
 from sslcell.config import load_config
 from sslcell.data.images import CellImages
 from sslcell.methods import build_method
@@ -99,14 +100,6 @@ def score(y_true, y_pred, scores, classes, cells) -> dict:
         full[:, all_classes.index(c)] = scores[:, k]
     report = classification_report(y_true, y_pred, full, classes=all_classes)
     return {"report": report, **{k: getattr(report, k) for k in ("accuracy", "macro_f1", "balanced_accuracy", "macro_roc_auc")}}
-
-
-def class_weights(y: np.ndarray, power: float) -> dict | str | None:
-    """sklearn ``class_weight`` for FinetuneConfig.oversample = ``power``: "balanced" weights raised to it."""
-    if power in (0.0, 1.0):
-        return "balanced" if power else None
-    classes, counts = np.unique(y, return_counts=True)
-    return {c: float((len(y) / (len(classes) * n)) ** power) for c, n in zip(classes, counts)}
 
 
 def classify(model, cells: CellImages, train: np.ndarray, test: np.ndarray, config: FinetuneConfig) -> tuple[dict, dict]:
@@ -212,7 +205,7 @@ def main() -> None:
             if power:  # the linear probe's own protocol: class weights from the oversampling power
                 what = "balanced class weights" if power == 1 else f"balanced class weights ^ {power:g}"
                 add(f"raw pixels PCA-50 + logistic ({what})", labels,
-                    pca_logistic(cells, part, test, args.seed, class_weight=class_weights(y[part], power)))
+                    pca_logistic(cells, part, test, args.seed, class_weight=probe_class_weight(y[part], power)))
         # supervised CNN from scratch: the ResNet recipe's encoder architecture, random weights
         cnn_config = cnn_config or config
         torch.manual_seed(args.seed)

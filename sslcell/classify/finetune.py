@@ -186,14 +186,9 @@ def _fit_linear(
     x = embed_array(model, cells, device=device)  # (N, D), frozen encoder, no augmentation
     mean, std = x.mean(axis=0), x.std(axis=0) + 1e-6
     z = (x - mean) / std
-    power = float(config.oversample)
-    if power in (0.0, 1.0):
-        class_weight = "balanced" if power else None
-    else:  # sklearn's "balanced" weights n / (K * count_k), raised to the power
-        counts = np.bincount(codes)
-        present = np.flatnonzero(counts)
-        class_weight = {int(k): float((len(codes) / (len(present) * counts[k])) ** power) for k in present}
-    logistic = LogisticRegression(C=config.C, max_iter=config.max_iter, class_weight=class_weight)
+    logistic = LogisticRegression(
+        C=config.C, max_iter=config.max_iter, class_weight=class_weight(codes, config.oversample)
+    )
     logistic.fit(z, codes)
     weight = np.zeros((len(classifier.classes), x.shape[1]), dtype=np.float32)
     bias = np.zeros(len(classifier.classes), dtype=np.float32)
@@ -208,6 +203,19 @@ def _fit_linear(
         classifier.feature_std.copy_(torch.from_numpy(std))
         classifier.head.weight.copy_(torch.from_numpy(weight))
         classifier.head.bias.copy_(torch.from_numpy(bias))
+
+
+def class_weight(y: np.ndarray, oversample: bool | float) -> dict | str | None:
+    """scikit-learn ``class_weight`` for ``FinetuneConfig.oversample``: the "balanced" weights
+    ``n / (K * count_k)`` (K: the classes present in ``y`` (N,)) raised to the power ``oversample``.
+
+    ``True`` (power 1) gives "balanced", ``False`` (0) gives None, any other power a dict keyed by label.
+    """
+    power = float(oversample)
+    if power in (0.0, 1.0):
+        return "balanced" if power else None
+    classes, counts = np.unique(y, return_counts=True)
+    return {k: (len(y) / (len(classes) * n)) ** power for k, n in zip(classes.tolist(), counts.tolist())}
 
 
 class _FinetuneModule(pl.LightningModule):
