@@ -7,13 +7,14 @@ and, as the verdict, the median over rounds of the per-round speed-up (robust to
 * lightly: ``SimCLRTransform(input_size=64)`` on PIL images of 64 x 64 RGB uint8 crops, through a
   torch ``DataLoader`` (batch 256, 2 worker processes, persistent), as lightly's examples do.
 * sslcell (the ratio is taken on this one): the same uint8 crops as a ``(N, 3, 64, 64)``
-  tensor; per batch: gather, convert to float, normalise per channel,
-  ``two_views(ImageAugment(...))`` with the default config, in the main process with
-  ``torch.get_num_threads()`` threads (default: as many as lightly's workers; ImageAugment runs
-  its chunks on that many Python threads with one intra-op thread each). Default config since
-  ``rotation_p`` was added: half of the crops get the small rotation (before: all of them);
-  since the noise bank: the noise of the samples of one chunk is read from one bank of draws
-  (see ``sslcell.augment.image.gaussian_noise``).
+  tensor; per batch: gather, ``two_views(ImageAugment(...), x, mean=..., std=...)`` with the
+  default config, which converts and normalises per channel on the way (on CPU inside its
+  compiled kernel, :mod:`sslcell.augment._cpu_kernel`), in the main process with
+  ``torch.get_num_threads()`` threads (default: as many as lightly's workers; the kernel runs
+  ranges of the batch on that many Python threads). Default config since ``rotation_p`` was
+  added: half of the crops get the small rotation (before: all of them); since the noise bank:
+  the noise of a batch is read from one bank of draws (see
+  ``sslcell.augment.image.gaussian_noise``).
 * For information: sslcell with the same process layout as lightly (the whole-batch
   augmentation runs inside 2 DataLoader workers with 1 thread each), and sslcell on 2-channel
   uint16 crops (which lightly cannot take as is).
@@ -115,21 +116,21 @@ class BatchAugmentDataset(torch.utils.data.Dataset):
 
     def __init__(self, images: torch.Tensor, augment: ImageAugment, seed: int) -> None:
         self.images, self.augment, self.seed = images, augment, seed
-        self.mean, self.inv_std = channel_stats(images)
+        self.mean, self.std = channel_stats(images)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, indices: list[int]):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + indices[0])
-        x = self.images[torch.as_tensor(indices)].float().sub_(self.mean).mul_(self.inv_std)
-        return two_views(self.augment, x, generator)
+        x = self.images[torch.as_tensor(indices)]
+        return two_views(self.augment, x, generator, mean=self.mean, std=self.std)
 
 
 def channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and 1 / std of (N, C, H, W) images, shaped (1, C, 1, 1)."""
+    """Per-channel mean and std (C,) of (N, C, H, W) images."""
     flat = images.float().transpose(0, 1).flatten(1)
-    return flat.mean(1).view(1, -1, 1, 1), 1.0 / flat.std(1).view(1, -1, 1, 1)
+    return flat.mean(1), flat.std(1)
 
 
 def time_loader(batches) -> float:
@@ -145,12 +146,12 @@ def time_loader(batches) -> float:
 
 def sslcell_batches(images: torch.Tensor, augment: ImageAugment, batch_size: int,
                     generator: torch.Generator):
-    """Gather uint8/uint16 batches, convert and normalise per channel, make two views."""
-    mean, inv_std = channel_stats(images)
+    """Gather uint8/uint16 batches; two views of each, converted and normalised per channel."""
+    mean, std = channel_stats(images)
     order = torch.randperm(len(images), generator=generator)
     for start in range(0, len(images), batch_size):
-        x = images[order[start : start + batch_size]].float().sub_(mean).mul_(inv_std)
-        yield two_views(augment, x, generator)
+        x = images[order[start : start + batch_size]]
+        yield two_views(augment, x, generator, mean=mean, std=std)
 
 
 def stage_breakdown(images: torch.Tensor, config: ImageAugmentConfig, batch_size: int,
@@ -164,9 +165,9 @@ def stage_breakdown(images: torch.Tensor, config: ImageAugmentConfig, batch_size
     """
     c = config
     g = torch.Generator().manual_seed(seed)
-    mean, inv_std = channel_stats(images)
+    mean, std = channel_stats(images)
     u8 = images[:batch_size]
-    x = u8.float().sub_(mean).mul_(inv_std)
+    x = (u8.float() - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
     views = torch.cat([x, x])
     y = random_resized_crop_flip_rotate(views, c.output_size, c.scale, c.ratio, c.hflip, c.vflip,
                                         c.rot90, c.rotation_degrees, c.padding_mode, g,
@@ -177,9 +178,10 @@ def stage_breakdown(images: torch.Tensor, config: ImageAugmentConfig, batch_size
     blur = ImageAugment(dataclasses.replace(c, noise_p=0.0))
     augment = ImageAugment(c)
     stages = {
-        "uint8 -> float, normalise": lambda: u8.float().sub_(mean).mul_(inv_std),
+        "uint8 -> float, normalise in torch (info: the rounds fuse it into two_views)":
+            lambda: u8.float().sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1)),
         f"crop + flips + rot90 + rotation (rotation_p {c.rotation_p}: rotated crops by "
-        "grid_sample, the others separable)": lambda: random_resized_crop_flip_rotate(
+        "per-pixel taps, the others separable)": lambda: random_resized_crop_flip_rotate(
             views, c.output_size, c.scale, c.ratio, c.hflip, c.vflip, c.rot90, c.rotation_degrees,
             c.padding_mode, g, rotation_p=c.rotation_p),
         "intensity (gamma, contrast, brightness)": lambda: intensity_jitter(
@@ -187,11 +189,14 @@ def stage_breakdown(images: torch.Tensor, config: ImageAugmentConfig, batch_size
         f"blur (p {c.blur_p})": lambda: gaussian_blur(y, c.blur_sigma, c.blur_p, g),
         f"noise (p {c.noise_p})": lambda: gaussian_noise(y, c.noise_std, c.noise_p, g),
         "copy of the views (the functional ops above each make one)": lambda: y.clone(),
-        "two_views, geometry only": lambda: two_views(geometry, x, g),
-        "two_views, geometry + intensity": lambda: two_views(intensity, x, g),
-        "two_views, geometry + intensity + blur": lambda: two_views(blur, x, g),
-        "two_views(ImageAugment) of the batch, all of the above (what the rounds time, "
-        "without the conversion)": lambda: two_views(augment, x, g),
+        "two_views of the uint8 batch, geometry only": lambda: two_views(
+            geometry, u8, g, mean=mean, std=std),
+        "two_views of the uint8 batch, geometry + intensity": lambda: two_views(
+            intensity, u8, g, mean=mean, std=std),
+        "two_views of the uint8 batch, geometry + intensity + blur": lambda: two_views(
+            blur, u8, g, mean=mean, std=std),
+        "two_views(ImageAugment) of the uint8 batch, all of the above (what the rounds time, "
+        "conversion included)": lambda: two_views(augment, u8, g, mean=mean, std=std),
     }
     out = {}
     for name, fn in stages.items():
@@ -295,8 +300,8 @@ def main(argv: list[str] | None = None) -> dict:
         "batch_size": args.batch_size,
         "lightly_workers": args.workers,
         "sslcell_torch_threads": torch.get_num_threads(),
-        "sslcell_threads": "ImageAugment chunks on torch.get_num_threads() Python threads, 1 intra-op "
-                           "thread each (OpenMP intra-op threads for the conversion)",
+        "sslcell_threads": "ImageAugment's compiled CPU kernel (numba, releases the GIL) on ranges "
+                           "of the batch in torch.get_num_threads() Python threads",
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "load_average_before_after": [load_before, load_after],
         "data": {"rgb_uint8": rgb_source, "two_channel_uint16": u16_source},
@@ -368,22 +373,23 @@ def write(result: dict, out: Path) -> None:
         f"lightly: {result['lightly_transform']}: random resized crop (scale 0.08-1), horizontal flip,",
         "colour jitter (p 0.8), random grayscale (p 0.2), gaussian blur (p 0.5), to tensor, normalise.",
         "sslcell ops (config below, the defaults at output size 64): crop + flips + 90-degree turns",
-        "+ rotation as one bilinear resampling (grid_sample for rotated crops, two separable passes",
-        "of row gathers for the others), per-channel gamma / contrast / brightness, blur, noise; the",
-        "batch is converted from uint8 (or uint16) to float and normalised per channel inside the",
-        "timed loop. Semantic changes of the defaults behind these numbers: `rotation_p` = 0.5, i.e.",
-        "half of the crops get the small rotation (before this field existed every crop did); the",
-        "noise of the samples of one chunk (~85 crops) is read at random offsets from one bank of",
-        "2 x C x H x W normal draws (i.i.d. within a sample, shifted overlapping windows across",
-        "samples; before, every sample drew its own).",
+        "+ rotation as one bilinear resampling, per-channel gamma / contrast / brightness, blur,",
+        "noise, all of one crop in one compiled loop nest while it is in cache (numba, on CPU; the",
+        "torch pipeline on a GPU); the uint8 (or uint16) batch is converted to float and normalised",
+        "per channel inside that resampling, within the timed loop. Semantic changes of the",
+        "defaults behind these numbers: `rotation_p` = 0.5, i.e. half of the crops get the small",
+        "rotation (before this field existed every crop did); the noise of a batch is read at",
+        "distinct random offsets from one bank of D + max(3 D, B) normal draws, D = C x H x W",
+        "(i.i.d. within a sample, shifted overlapping windows across samples; before, every sample",
+        "drew its own).",
         "",
         "sslcell config: `" + json.dumps(result["sslcell_config"]) + "`  ",
         "SimCLR-like op set (info): `" + json.dumps(result["simclr_like_config"]) + "`",
         "",
         f"Where the time goes (sslcell, default config, one batch of {result['batch_size']} images = "
         f"{2 * result['batch_size']} views, best of 15, after the rounds, same threads): the",
-        "functional ops on the whole batch, then `two_views` with the ops added one by one (the",
-        "differences are each op's cost inside the fused, chunked pipeline):",
+        "functional ops on the whole float batch, then `two_views` of the uint8 batch with the ops",
+        "added one by one (the differences are each op's cost inside the fused kernel):",
         "",
         "| stage | ms |",
         "|---|---:|",

@@ -5,40 +5,47 @@ of channels; per-sample random parameters are drawn as ``(B,)`` (or ``(B, C)``) 
 explicit ``torch.Generator`` and applied in batched ops. There is no PIL and no per-sample
 Python loop.
 
-Input contract: float32 images that the caller has already converted from uint8/uint16 and
+Input contract: float images that the caller has already converted from uint8/uint16 and
 normalised per channel (e.g. ``(x.float() - mean[c]) / std[c]``), so roughly zero mean and unit
-standard deviation per channel. Intensity amounts (brightness shift, noise std) are therefore in
-units of a channel's standard deviation, and nothing assumes a ``[0, 1]`` or RGB range.
+standard deviation per channel; or, for :class:`ImageAugment` and :func:`two_views`, raw crops
+(uint8, uint16 or float) with ``mean=`` and ``std=``, normalised on the way. Intensity amounts
+(brightness shift, noise std) are therefore in units of a channel's standard deviation, and
+nothing assumes a ``[0, 1]`` or RGB range.
 
 Randomness: every function takes ``generator``. Parameters are drawn on the generator's device
 and moved to the images' device; for speed on a GPU pass a generator on that GPU. With
 ``generator=None`` torch's global generator is used (not reproducible unless globally seeded).
-All per-sample parameters are drawn for the whole batch first (geometry, intensity, blur, noise),
-then one seed per chunk for the noise; results depend on the seed, the batch and the device, not
-on the number of threads.
+All per-sample parameters are drawn for the whole batch first (geometry, intensity, blur, noise,
+then the noise bank); results depend on the seed, the batch, the device and the dtype of the
+draws (float64 images draw float64 parameters), not on the number of threads or on which of the
+two executors below runs.
 
-Speed: every op runs in one pipeline (:class:`_Pipeline`). Crops that are not rotated (by
-``rotation_p`` or ``rotation_degrees=0``) are resampled by two passes of weighted row gathers
-(``embedding_bag``, an exact separable bilinear), the rotated ones by ``grid_sample``; the blur
-uses the same row gathers. The samples are sorted by resampling path (within a path, those
-without gamma first), and what depends only on the drawn parameters (taps and weights, which
-rows of which chunk get gamma, blur and noise) is computed once per batch, on one intra-op
-thread (:func:`_one_thread`). On CPU the batch is then cut into chunks of about 4 MiB of
-float32 that go through all ops while in cache, on ``torch.get_num_threads()`` Python threads
-with one intra-op thread each (threads do not wait for each other after every op as OpenMP's
-do). Per batch of 512 crops this is about 850 torch calls (1100 when the bookkeeping was done
-chunk by chunk); each call's Python overhead holds the GIL, which the threads share. The output
-is allocated uninitialised and each row written once (a zero fill was an OpenMP op in the
-calling thread). The gamma's logarithm and exponential are numpy's on CPU (:func:`_pow_`), and
-the noise is read from one bank of normal draws per chunk (:func:`gaussian_noise`). On a GPU a
-path is one chunk, and the bookkeeping costs a few host synchronisations per batch.
+Speed: the parameters are drawn in a few batched torch calls (:func:`_one_thread`), then one of
+two executors applies them (:func:`_execute`):
+
+* On CPU (float32, uint8 or uint16 without autograd), a compiled kernel
+  (:mod:`sslcell.augment._cpu_kernel`, numba) makes each crop in one loop nest while it is in
+  cache: resampling with the per-channel normalisation folded in, gamma / contrast / brightness,
+  blur, noise; ranges of the batch run on ``torch.get_num_threads()`` Python threads (the kernel
+  releases the GIL). About 2x faster than the torch pipeline on CPU, and raw uint8 / uint16
+  crops are read as they are (no float copy of the batch).
+* Elsewhere (GPU, float64, autograd), the torch pipeline (:class:`_Pipeline`). Crops that are
+  not rotated (by ``rotation_p`` or ``rotation_degrees=0``) are resampled by two passes of
+  weighted row gathers (``embedding_bag``, an exact separable bilinear), the rotated ones by
+  ``grid_sample``; the blur uses the same row gathers. The samples are sorted by resampling path
+  (within a path, those without gamma first), and what depends only on the drawn parameters
+  (taps and weights, which rows get gamma, blur and noise) is computed once per batch. On a GPU
+  a path is one chunk, and the bookkeeping costs a few host synchronisations per batch; on CPU
+  the batch is cut into chunks of about 4 MiB that go through all ops while in cache, on
+  ``torch.get_num_threads()`` Python threads with one intra-op thread each, and the gamma's
+  logarithm and exponential are numpy's (:func:`_pow_`).
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -89,9 +96,9 @@ class ImageAugmentConfig:
             that the op is applied (its parameters then differ per channel).
         blur_p: probability of a gaussian blur; ``blur_sigma`` its sigma range in pixels.
         noise_p: probability of additive gaussian noise, i.i.d. within a sample; its std is
-            uniform in ``[0, noise_std]`` per sample. The samples of one chunk (~4 MiB) read
-            their noise at random offsets from one bank of ``2 * C * H * W`` draws, so their
-            noise overlaps, shifted (see :func:`gaussian_noise`; before, each drew its own).
+            uniform in ``[0, noise_std]`` per sample. The samples of a batch read their noise at
+            distinct random offsets from one bank of normal draws, so their noise overlaps,
+            shifted (see :func:`gaussian_noise`; before, each drew its own).
         rotation_p: probability that a crop gets the ``rotation_degrees`` rotation. Default 0.5
             (before it existed every crop was rotated, i.e. 1.0): flips and 90-degree turns
             already give all 8 lossless orientations, and an unrotated crop is resampled 2 to 3
@@ -141,15 +148,38 @@ class ImageAugmentConfig:
 # --- helpers -------------------------------------------------------------------------------------
 
 
-def _check_images(images: Tensor, where: str) -> None:
+def _check_images(images: Tensor, where: str, raw: bool = False) -> None:
+    """Raise unless ``images`` is (B, C, H, W) float (``raw``: or uint8 / uint16)."""
     if not isinstance(images, Tensor) or images.ndim != 4:
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise InputError(f"{where}: images must be a (B, C, H, W) tensor, got {shape}")
+    if raw and images.dtype in (torch.uint8, torch.uint16):
+        return
     if not images.is_floating_point():
+        hint = ("" if raw else "; or pass mean= and std= to ImageAugment to normalise them "
+                "on the way")
         raise InputError(
             f"{where}: images must be float (convert uint8/uint16 and normalise per channel "
-            f"first), got dtype {images.dtype}"
+            f"first{hint}), got dtype {images.dtype}"
         )
+
+
+def _normalization(mean: Sequence[float] | Tensor | None, std: Sequence[float] | Tensor | None,
+                   channels: int, where: str) -> tuple[Tensor, Tensor] | None:
+    """``(scale, bias)`` (C,) float32 on CPU with ``(x - mean) / std = scale * x + bias``."""
+    if mean is None and std is None:
+        return None
+    if mean is None or std is None:
+        raise InputError(f"{where}: pass both mean and std (one value per channel), or neither")
+    mean = torch.as_tensor(mean, dtype=torch.float32).detach().cpu().flatten()
+    std = torch.as_tensor(std, dtype=torch.float32).detach().cpu().flatten()
+    if mean.shape != (channels,) or std.shape != (channels,):
+        raise InputError(f"{where}: mean and std need one value per channel ({channels}); got "
+                         f"{tuple(mean.shape)} and {tuple(std.shape)}")
+    if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
+        raise InputError(f"{where}: mean must be finite and std finite and > 0; got mean "
+                         f"{mean.tolist()}, std {std.tolist()}")
+    return 1.0 / std, -mean / std
 
 
 def _uniform(shape: tuple[int, ...], low: float, high: float, generator: torch.Generator | None,
@@ -238,17 +268,6 @@ def _one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-def _seeds(count: int, generator: torch.Generator | None, device: torch.device) -> list[int]:
-    """``count`` seeds from ``generator``: one independent noise generator per chunk."""
-    gen_device = generator.device if generator is not None else device
-    return torch.randint(0, 2**62, (count,), generator=generator, device=gen_device).tolist()
-
-
-def _generator(seed: int, generator: torch.Generator | None,
-               device: torch.device) -> torch.Generator:
-    return torch.Generator(generator.device if generator is not None else device).manual_seed(seed)
 
 
 @dataclass
@@ -344,9 +363,8 @@ def random_resized_crop_flip_rotate(
         params = _draw_geometry(b, height, width, scale, ratio, hflip, vflip, rot90,
                                 rotation_degrees, rotation_p, generator, images.new_empty(()))
         geometry = (params["theta"], _resample_paths(params, padding_mode))
-        pipeline = _Pipeline(images, 1, _output_size(output_size, height, width), padding_mode,
-                             generator, geometry=geometry)
-    out = pipeline.run()
+    out = _execute(images, 1, _output_size(output_size, height, width), padding_mode,
+                   geometry=geometry)
     return (out, params) if return_params else out
 
 
@@ -498,8 +516,7 @@ def intensity_jitter(
     with _one_thread():
         params = _draw_intensity(b, c, brightness, contrast, gamma, p, generator,
                                  images.new_empty(()))
-        pipeline = _Pipeline(images, 1, images.shape[2:], "reflection", generator, jitter=params)
-    out = pipeline.run()
+    out = _execute(images, 1, images.shape[2:], "reflection", jitter=params)
     if not return_params:
         return out
     log_g, factor, shift = params
@@ -597,9 +614,8 @@ def gaussian_blur(
     _check_images(images, "gaussian_blur")
     with _one_thread():
         sigmas, chosen = _draw_blur(images.shape[0], sigma, p, generator, images.new_empty(()))
-        pipeline = _Pipeline(images, 1, images.shape[2:], "reflection", generator,
-                             blur=(sigmas, chosen, sigma))
-    return pipeline.run()
+    return _execute(images, 1, images.shape[2:], "reflection",
+                    blur=(sigmas, chosen, sigma))
 
 
 def _draw_blur(b: int, sigma: tuple[float, float], p: float, generator: torch.Generator | None,
@@ -635,43 +651,127 @@ def gaussian_noise(
     """Add gaussian noise with a per-sample std uniform in ``[0, std]``, with probability p.
 
     Within a sample the noise is i.i.d. ``N(0, std_i ** 2)`` per pixel and channel. It is read
-    from a bank: each chunk of the batch (see the module docstring) draws ``2 * D`` standard
-    normal values (``D = C * H * W``) from its own seeded generator, and each chosen sample of
-    the chunk adds the ``D`` consecutive values at a random offset in ``[0, D]``, times its std.
-    So samples of one chunk get overlapping, shifted stretches of the same draws; which samples
+    from a bank: the batch draws ``D + R`` standard normal values (``D = C * H * W``,
+    ``R = max(3 * D, B)``), and each sample adds the ``D`` consecutive values at its own offset
+    in ``[0, R)`` (distinct offsets, drawn without replacement), times its std. So samples get
+    overlapping, shifted stretches of the same draws, never the same stretch; which samples
     share draws is random and independent of the images, so it tells nothing about which samples
-    are views of one image. Drawing ``2 * D`` values per chunk instead of ``D`` per sample made
-    the noise about 5x cheaper on CPU, where ``torch.randn`` dominated its cost.
+    are views of one image. One bank per batch instead of ``D`` draws per sample made the noise
+    about 5x cheaper on CPU, where ``torch.randn`` dominated its cost.
 
     Returns a new ``(B, C, H, W)`` tensor; only the chosen samples get noise.
     """
     _check_images(images, "gaussian_noise")
     with _one_thread():
-        draws = _draw_noise(images.shape[0], std, p, generator, images.new_empty(()))
-        pipeline = _Pipeline(images, 1, images.shape[2:], "reflection", generator, noise=draws)
-    return pipeline.run()
+        draws = _draw_noise(images.shape[0], images[0].numel(), std, p, generator,
+                            images.new_empty(()))
+    return _execute(images, 1, images.shape[2:], "reflection", noise=draws)
 
 
-def _draw_noise(b: int, std: float, p: float, generator: torch.Generator | None,
-                like: Tensor) -> tuple[Tensor, Tensor]:
-    """``(stds, chosen)``, each ``(B,)``."""
-    return _uniform((b,), 0.0, std, generator, like), _bernoulli((b,), p, generator, like)
+def _draw_noise(b: int, numel: int, std: float, p: float, generator: torch.Generator | None,
+                like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(stds, chosen, bank, offsets)``: ``(B,)``, ``(B,)``, the bank ``(numel + R,)`` and the
+    distinct ``(B,)`` offsets into it of :func:`gaussian_noise`, for samples of ``numel``."""
+    stds, chosen = _uniform((b,), 0.0, std, generator, like), _bernoulli((b,), p, generator, like)
+    gen_device = generator.device if generator is not None else like.device
+    span = max(3 * numel, b)
+    bank = torch.randn(numel + span, generator=generator, device=gen_device, dtype=like.dtype)
+    offsets = torch.randperm(span, generator=generator, device=gen_device)[:b]
+    return stds, chosen, bank.to(like.device), offsets.to(like.device)
 
 
-def _add_noise_(x: Tensor, rows: Tensor, stds: Tensor, generator: torch.Generator) -> None:
-    """Add the bank noise of :func:`gaussian_noise`, std ``stds`` (k,), to ``x[rows]`` in place.
+def _add_noise_(x: Tensor, rows: Tensor, stds: Tensor, bank: Tensor, offsets: Tensor) -> None:
+    """Add ``stds`` (k,) times the ``bank`` windows at ``offsets`` (k,) to ``x[rows]`` in place.
 
     ``x`` (m, C, H, W) contiguous, ``rows`` (k,) distinct.
     """
-    numel = x[0].numel()
-    bank = torch.randn(2 * numel, generator=generator, device=generator.device, dtype=x.dtype)
-    offsets = torch.randint(0, numel + 1, (rows.numel(),), generator=generator,
-                            device=generator.device)
-    windows = bank.to(x.device).unfold(0, numel, 1).index_select(0, offsets.to(x.device))
+    windows = bank.unfold(0, x[0].numel(), 1).index_select(0, offsets)
     x.view(x.shape[0], -1).index_add_(0, rows, windows.mul_(stds[:, None]))
 
 
-# --- the pipeline --------------------------------------------------------------------------------
+# --- execution -----------------------------------------------------------------------------------
+
+
+def _execute(images: Tensor, repeats: int, out_size: tuple[int, int] | torch.Size,
+             padding_mode: str, geometry: tuple[Tensor, Tensor] | None = None,
+             jitter: tuple[Tensor | None, Tensor | None, Tensor | None] | None = None,
+             blur: tuple[Tensor, Tensor, tuple[float, float]] | None = None,
+             noise: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+             normalization: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """The ops with parameters drawn beforehand, on ``torch.cat([images] * repeats)`` normalised
+    first by ``normalization`` = ``(scale, bias)`` (C,) when given.
+
+    On CPU, float32 / uint8 / uint16 without autograd: the compiled kernel
+    (:func:`_execute_cpu`), which normalises while it resamples; otherwise (GPU, float64,
+    autograd) torch normalises and the torch pipeline (:class:`_Pipeline`) runs. Both compute
+    the same values from the same parameters, up to float rounding.
+    """
+    if _use_cpu_kernel(images):
+        return _execute_cpu(images, repeats, out_size, padding_mode, geometry, jitter, blur, noise,
+                            normalization)
+    if normalization is not None:
+        scale, bias = (t.to(images.device).view(1, -1, 1, 1) for t in normalization)
+        dtype = images.dtype if images.is_floating_point() else torch.float32
+        images = images.to(dtype) * scale.to(dtype) + bias.to(dtype)
+    with _one_thread():
+        pipeline = _Pipeline(images, repeats, out_size, padding_mode, geometry, jitter, blur, noise)
+    return pipeline.run()
+
+
+def _use_cpu_kernel(images: Tensor) -> bool:
+    return (images.device.type == "cpu" and not images.requires_grad
+            and images.dtype in (torch.float32, torch.uint8, torch.uint16))
+
+
+def _execute_cpu(images: Tensor, repeats: int, out_size: tuple[int, int] | torch.Size,
+                 padding_mode: str, geometry: tuple[Tensor, Tensor] | None,
+                 jitter: tuple[Tensor | None, Tensor | None, Tensor | None] | None,
+                 blur: tuple[Tensor, Tensor, tuple[float, float]] | None,
+                 noise: tuple[Tensor, Tensor, Tensor, Tensor] | None,
+                 normalization: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """:func:`_execute` by :func:`sslcell.augment._cpu_kernel.augment_range` on ranges of the
+    batch, run on ``torch.get_num_threads()`` Python threads (the kernel releases the GIL)."""
+    from sslcell.augment import _cpu_kernel as kernel  # compiled on first use (cached on disk)
+
+    n, c = images.shape[:2]
+    b, (h, w) = n * repeats, (int(out_size[0]), int(out_size[1]))
+    zeros = np.zeros((b, c), np.float32)
+    if geometry is None:
+        theta, paths = np.zeros((b, 2, 3), np.float32), np.full(b, kernel.COPY, np.int64)
+    else:
+        theta, paths = geometry[0].numpy(), geometry[1].numpy().astype(np.int64)
+    log_g, factor, shift = jitter if jitter is not None else (None, None, None)
+    log_g = zeros if log_g is None else log_g.numpy()
+    factor = zeros + 1 if factor is None else factor.numpy()
+    shift = zeros if shift is None else shift.numpy()
+    radius = 0 if blur is None else _blur_radius(blur[2], h, w)
+    if radius > 0:  # zero taps up to a multiple of 4, as the kernel's blur wants
+        kernels = F.pad(_blur_kernels(blur[0], radius), (0, (-(2 * radius + 1)) % 4)).numpy()
+        blurred = blur[1].numpy()
+    else:
+        kernels, blurred = np.zeros((b, 4), np.float32), np.zeros(b, np.bool_)
+    if noise is None:
+        stds, bank, offsets = np.zeros(b, np.float32), np.zeros(c * h * w, np.float32), np.zeros(b, np.int64)
+    else:
+        stds = torch.where(noise[1], noise[0], 0.0).numpy()
+        bank, offsets = noise[2].numpy(), noise[3].numpy()
+    padding = {"zeros": kernel.ZEROS, "border": kernel.BORDER, "reflection": kernel.REFLECTION}
+    out = np.empty((b, c, h, w), np.float32)
+    if normalization is None:
+        scale, bias = np.ones(c, np.float32), np.zeros(c, np.float32)
+    else:
+        scale, bias = (t.numpy() for t in normalization)
+    args = (images.contiguous().numpy(), scale, bias, np.arange(b, dtype=np.int64) % n, theta, paths,
+            padding[padding_mode], log_g, factor, shift, kernels, radius, blurred, stds, offsets,
+            bank, out)
+    threads = max(1, torch.get_num_threads())
+    bounds = [round(i * b / (4 * threads)) for i in range(4 * threads + 1)]
+    _run([lambda a=a, z=z: kernel.augment_range(*args, a, z)
+          for a, z in zip(bounds[:-1], bounds[1:]) if z > a], images.device)
+    return torch.from_numpy(out)
+
+
+# --- the torch pipeline --------------------------------------------------------------------------
 
 
 class _Pipeline:
@@ -680,7 +780,7 @@ class _Pipeline:
     Takes the parameters of the ``B = N * repeats`` samples, drawn beforehand: ``geometry``
     ``(theta (B, 2, 3), paths (B,))`` (None: each crop is its image), ``jitter`` as
     :func:`_draw_intensity`, ``blur`` ``(sigmas (B,), chosen (B,), sigma range)`` and ``noise``
-    ``(stds (B,), chosen (B,))``, and draws one noise seed per chunk from ``generator``. The
+    ``(stds (B,), chosen (B,), bank, offsets (B,))`` (:func:`_draw_noise`). The
     constructor sorts the samples (by resampling path, within a path those without gamma first)
     and computes per batch what does not need the pixels: the taps and weights of the separable
     resampling and of the blur, and which rows of each chunk get gamma, blur and noise. :meth:`run`
@@ -688,8 +788,7 @@ class _Pipeline:
     """
 
     def __init__(self, images: Tensor, repeats: int, out_size: tuple[int, int] | torch.Size,
-                 padding_mode: str, generator: torch.Generator | None,
-                 geometry: tuple[Tensor, Tensor] | None = None,
+                 padding_mode: str, geometry: tuple[Tensor, Tensor] | None = None,
                  jitter: tuple[Tensor | None, Tensor | None, Tensor | None] | None = None,
                  blur: tuple[Tensor, Tensor, tuple[float, float]] | None = None,
                  noise: tuple[Tensor, Tensor] | None = None) -> None:
@@ -697,7 +796,7 @@ class _Pipeline:
         n, c = images.shape[:2]
         b, device = n * repeats, images.device
         self.out_h, self.out_w = int(out_size[0]), int(out_size[1])
-        self.padding_mode, self.generator = padding_mode, generator
+        self.padding_mode = padding_mode
         paths = torch.full((b,), _COPY, device=device) if geometry is None else geometry[1]
         no_gamma = None if jitter is None or jitter[0] is None else (jitter[0] == 0).all(1)
         self.order, self.plan = _plan(paths, c * self.out_h * self.out_w, device, no_gamma)
@@ -732,11 +831,11 @@ class _Pipeline:
             first = (ends["blur"] - counts["blur"])[chunk[rows]]  # of the chunk's blurred rows
             rank = torch.arange(rows.shape[0], device=device) - first
             self.blur = self._blur_passes(blur, rows, local[rows], rank)
-        self.noise = self.seeds = None
+        self.noise = None
         if "noise" in selected:
             rows = selected["noise"]
-            self.noise = (local[rows], self._sort(noise[0]).index_select(0, rows))
-            self.seeds = _seeds(len(self.plan), generator, device)
+            self.noise = (local[rows], self._sort(noise[0]).index_select(0, rows), noise[2],
+                          self._sort(noise[3]).index_select(0, rows))
 
     def _sort(self, t: Tensor) -> Tensor:
         """Per-sample ``t`` (B, ...) in sorted order."""
@@ -792,8 +891,8 @@ class _Pipeline:
             x.index_copy_(0, rows[a:z], y.transpose(-1, -2))
         if self.noise is not None and self.bounds["noise"][task + 1] > self.bounds["noise"][task]:
             a, z = self.bounds["noise"][task:task + 2]
-            generator = _generator(self.seeds[task], self.generator, x.device)
-            _add_noise_(x, self.noise[0][a:z], self.noise[1][a:z], generator)
+            rows, stds, bank, offsets = self.noise
+            _add_noise_(x, rows[a:z], stds[a:z], bank, offsets[a:z])
         out.index_copy_(0, self.order[start:stop], x)
 
     def _resample(self, path: int, start: int, stop: int) -> Tensor:
@@ -828,17 +927,28 @@ class ImageAugment(torch.nn.Module):
         super().__init__()
         self.config = config if config is not None else ImageAugmentConfig()
 
-    def forward(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        return self._augment(images, generator, repeats=1)
+    def forward(self, images: Tensor, generator: torch.Generator | None = None, *,
+                mean: Sequence[float] | Tensor | None = None,
+                std: Sequence[float] | Tensor | None = None) -> Tensor:
+        """Augment ``images`` (B, C, H, W) -> (B, C, h, w) float.
 
-    def _augment(self, images: Tensor, generator: torch.Generator | None,
-                 repeats: int) -> Tensor:
-        """``forward(torch.cat([images] * repeats), generator)`` without making that copy."""
+        ``images`` are float and already normalised, or, with ``mean`` and ``std`` (C,), raw crops
+        (uint8, uint16 or float) normalised here as ``(x - mean[c]) / std[c]``; on CPU the
+        normalisation is fused into the resampling, which saves converting the batch to float
+        first.
+        """
+        return self._augment(images, generator, 1, mean, std)
+
+    def _augment(self, images: Tensor, generator: torch.Generator | None, repeats: int,
+                 mean: Sequence[float] | Tensor | None = None,
+                 std: Sequence[float] | Tensor | None = None) -> Tensor:
+        """``forward(torch.cat([images] * repeats), generator, ...)`` without making that copy."""
         cfg = self.config
-        _check_images(images, "ImageAugment")
+        _check_images(images, "ImageAugment", raw=mean is not None)
         n, c, height, width = images.shape
+        normalization = _normalization(mean, std, c, "ImageAugment")
+        like = images.new_empty((), dtype=images.dtype if images.is_floating_point() else torch.float32)
         b = n * repeats
-        like = images.new_empty(())
         geometry = jitter = blur = noise = None
         with _one_thread():
             # every per-sample parameter for the batch, drawn as the functional ops draw them
@@ -853,11 +963,12 @@ class ImageAugment(torch.nn.Module):
             if cfg.blur_p > 0:
                 blur = (*_draw_blur(b, cfg.blur_sigma, cfg.blur_p, generator, like),
                         cfg.blur_sigma)
+            out_size = _output_size(cfg.output_size, height, width)
             if cfg.noise_p > 0 and cfg.noise_std > 0:
-                noise = _draw_noise(b, cfg.noise_std, cfg.noise_p, generator, like)
-            pipeline = _Pipeline(images, repeats, _output_size(cfg.output_size, height, width),
-                                 cfg.padding_mode, generator, geometry, jitter, blur, noise)
-        return pipeline.run()
+                noise = _draw_noise(b, c * out_size[0] * out_size[1], cfg.noise_std, cfg.noise_p,
+                                    generator, like)
+        return _execute(images, repeats, out_size, cfg.padding_mode, geometry, jitter, blur, noise,
+                        normalization)
 
     def _geometry_is_identity(self, height: int, width: int) -> bool:
         """True when the crop is always the whole image, unturned, at its own size."""
@@ -889,15 +1000,18 @@ def dihedral_views(images: Tensor) -> list[Tensor]:
 
 
 def two_views(
-    augment: ImageAugment, images: Tensor, generator: torch.Generator | None = None
+    augment: ImageAugment, images: Tensor, generator: torch.Generator | None = None, *,
+    mean: Sequence[float] | Tensor | None = None, std: Sequence[float] | Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Two independent augmentations of ``images`` (B, C, H, W), made in one batched call.
 
-    Equal to ``augment(torch.cat([images, images]), generator)`` split in two halves, without
-    materialising that concatenation.
+    Equal to ``augment(torch.cat([images, images]), generator, mean=mean, std=std)`` split in
+    two halves, without materialising that concatenation.
     """
     if isinstance(augment, ImageAugment):
-        views = augment._augment(images, generator, repeats=2)
+        views = augment._augment(images, generator, 2, mean, std)
+    elif mean is not None or std is not None:
+        views = augment(torch.cat([images, images]), generator, mean=mean, std=std)
     else:
         views = augment(torch.cat([images, images]), generator)
     return views[: images.shape[0]], views[images.shape[0] :]

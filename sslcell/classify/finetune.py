@@ -230,7 +230,7 @@ class _FinetuneModule(pl.LightningModule):
         seed = (self.config.seed * 1_000_003 + self.global_step * 7919) % (2**63 - 1)
         torch.manual_seed(seed)
         generator = torch.Generator(device=images.device).manual_seed(seed)
-        x = self.augment(self.classifier.inputs.normalize(images), generator)
+        x = self.classifier.inputs.views(images, generator, n=1, augment=self.augment)[0]
         logits = self.classifier(x)
         loss = F.cross_entropy(logits.float(), self.codes[rows], label_smoothing=self.config.label_smoothing)
         accuracy = (logits.argmax(1) == self.codes[rows]).float().mean()

@@ -27,7 +27,7 @@ class ImageMAE(SSLModule):
         )
 
     def loss(self, batch: Tensor, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
-        x = self.inputs.augment(self.inputs.normalize(batch), generator)  # one view (geometry, mild intensity)
+        x = self.inputs.views(batch, generator, n=1)[0]  # one view (geometry, mild intensity)
         tokens, mask, ids_restore = self.encoder.forward_features(x, self.config.method.mask_rate, generator)
         pred = self.decoder(tokens, ids_restore)
         loss = mae_loss(self.encoder.patchify(x), pred.float(), mask, self.config.method.norm_pix_loss)

@@ -190,16 +190,23 @@ class ImageInputs(Inputs):
 
     def normalize(self, batch: Tensor) -> Tensor:
         """(N, C, H, W) raw crops -> (N, C, H, W) float32, standardised per channel."""
-        self.check(batch)
-        x = batch.float()
-        if batch.is_floating_point() and not torch.isfinite(x).all():
-            raise InputError("images contain NaN or inf")
-        return (x - self.channel_mean) / self.channel_std
+        self._check_values(batch)
+        return (batch.float() - self.channel_mean) / self.channel_std
 
-    def views(self, batch: Tensor, generator: torch.Generator, n: int = 2) -> list[Tensor]:
-        """n independently augmented views of the same crops, each (N, C, h, w), made in one batched call."""
-        x = self.normalize(batch)
-        return list(self.augment(torch.cat([x] * n), generator).chunk(n))
+    def views(self, batch: Tensor, generator: torch.Generator, n: int = 2,
+              augment: ImageAugment | None = None) -> list[Tensor]:
+        """n independently augmented views of the same raw crops, each (N, C, h, w) float32 and standardised per
+        channel, made in one batched call by ``augment`` (default: the method's); on CPU the standardisation is fused
+        into the augmentation (no float copy of the batch)."""
+        self._check_values(batch)
+        augment = self.augment if augment is None else augment
+        x = torch.cat([batch] * n) if n > 1 else batch
+        return list(augment(x, generator, mean=self.channel_mean.flatten(), std=self.channel_std.flatten()).chunk(n))
+
+    def _check_values(self, batch: Tensor) -> None:
+        self.check(batch)
+        if batch.is_floating_point() and not torch.isfinite(batch).all():
+            raise InputError("images contain NaN or inf")
 
     def contract(self) -> dict[str, Any]:
         return {
