@@ -751,7 +751,8 @@ def _execute_cpu(images: Tensor, repeats: int, out_size: tuple[int, int] | torch
     else:
         kernels, blurred = np.zeros((b, 4), np.float32), np.zeros(b, np.bool_)
     if noise is None:
-        stds, bank, offsets = np.zeros(b, np.float32), np.zeros(c * h * w, np.float32), np.zeros(b, np.int64)
+        stds, offsets = np.zeros(b, np.float32), np.zeros(b, np.int64)
+        bank = np.zeros(c * h * w, np.float32)
     else:
         stds = torch.where(noise[1], noise[0], 0.0).numpy()
         bank, offsets = noise[2].numpy(), noise[3].numpy()
@@ -947,7 +948,8 @@ class ImageAugment(torch.nn.Module):
         _check_images(images, "ImageAugment", raw=mean is not None)
         n, c, height, width = images.shape
         normalization = _normalization(mean, std, c, "ImageAugment")
-        like = images.new_empty((), dtype=images.dtype if images.is_floating_point() else torch.float32)
+        dtype = images.dtype if images.is_floating_point() else torch.float32  # of the draws
+        like = images.new_empty((), dtype=dtype)
         b = n * repeats
         geometry = jitter = blur = noise = None
         with _one_thread():
