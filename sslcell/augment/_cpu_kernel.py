@@ -360,17 +360,18 @@ def _blur(crop: np.ndarray, kernel: np.ndarray, radius: int, scratch: np.ndarray
 @numba.njit(**_JIT)
 def augment_range(images: np.ndarray, scale: np.ndarray, bias: np.ndarray, sources: np.ndarray,
                   theta: np.ndarray, paths: np.ndarray, padding: int, log_gamma: np.ndarray,
-                  factor: np.ndarray, shift: np.ndarray, kernels: np.ndarray, radius: int, blurred: np.ndarray, noise_std: np.ndarray,
-                  noise_offset: np.ndarray, bank: np.ndarray, out: np.ndarray, start: int,
+                  factor: np.ndarray, shift: np.ndarray, kernels: np.ndarray, radius: int,
+                  blurred: np.ndarray, noise_std: np.ndarray, noise_offset: np.ndarray, bank: np.ndarray, out: np.ndarray, start: int,
                   stop: int) -> None:
     """Make crops ``start:stop`` of ``out`` (B, C, h, w) float32 from ``images`` (N, C, H, W).
 
     ``images`` may be float32, uint8 or uint16 (compiled for each): they are normalised while
     resampled, ``scale[c] * x + bias[c]`` (C,) float32. Per crop ``b``: resample
     ``images[sources[b]]`` by ``theta[b]`` (2, 3) on ``paths[b]`` with ``padding``; per channel,
-    gamma ``exp(log_gamma[b, c])`` (0: none), contrast ``factor[b, c]`` and brightness ``shift[b, c]``; if ``blurred[b]``, the gaussian ``kernels[b]`` of ``radius``
-    (2r + 1 weights, then zeros up to a multiple of 4);
-    then ``noise_std[b] * bank[noise_offset[b]:][:C * h * w]`` (std 0: none).
+    gamma ``exp(log_gamma[b, c])`` (0: none), contrast ``factor[b, c]`` and brightness
+    ``shift[b, c]``; if ``blurred[b]``, the gaussian ``kernels[b]`` of ``radius`` (2r + 1
+    weights, then zeros up to a multiple of 4); then
+    ``noise_std[b] * bank[noise_offset[b]:][:C * h * w]`` (std 0: none).
     """
     channels, out_h, out_w = out.shape[1], out.shape[2], out.shape[3]
     size = out_h * out_w

@@ -5,9 +5,10 @@
   ``oversample`` is on. Its coefficients become the classifier's linear layer.
 * ``head="full"``: encoder and a dropout + linear head are trained together with AdamW (the head at ``lr``,
   the encoder at ``lr * encoder_lr_factor``), warm-up and cosine decay, augmented crops, and minority classes
-  oversampled so every class is drawn equally often (``oversample=0.5``: square-root sampling, in between). By default (``init_head="linear_probe"``) the head starts
-  from the linear probe's solution on standardised features ("LP-FT", Kumar et al. 2022): a random head would
-  first push large, noisy gradients through the pretrained encoder. After training, the encoder's batch-norm
+  oversampled so every class is drawn equally often (``oversample=0.5``: square-root sampling, in between). By
+  default (``init_head="linear_probe"``) the head starts from the linear probe's solution on standardised
+  features ("LP-FT", Kumar et al. 2022): a random head would first push large, noisy gradients through the
+  pretrained encoder. After training, the encoder's batch-norm
   statistics are re-estimated on un-augmented training crops drawn as training drew them ("precise BN"), so
   eval mode matches the final weights even after a short run.
 

@@ -200,8 +200,9 @@ class ImageInputs(Inputs):
         into the augmentation (no float copy of the batch)."""
         self._check_values(batch)
         augment = self.augment if augment is None else augment
-        x = torch.cat([batch] * n) if n > 1 else batch
-        return list(augment(x, generator, mean=self.channel_mean.flatten(), std=self.channel_std.flatten()).chunk(n))
+        # n repeats of the batch without concatenating them, as two_views does
+        views = augment._augment(batch, generator, n, self.channel_mean.flatten(), self.channel_std.flatten())
+        return list(views.chunk(n))
 
     def _check_values(self, batch: Tensor) -> None:
         self.check(batch)
