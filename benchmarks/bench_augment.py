@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> dict:
     breakdown = stage_breakdown(rgb_tensor, config, args.batch_size, args.seed)
 
     median = {k: statistics.median(v) for k, v in rounds.items()}
-    per_round = [s / l for s, l in zip(rounds["sslcell_rgb_uint8"], rounds["lightly"])]
+    per_round = [s / ref for s, ref in zip(rounds["sslcell_rgb_uint8"], rounds["lightly"], strict=True)]
     ratio = statistics.median(per_round)  # rounds are interleaved: each ratio under one load
     result = {
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),

@@ -52,7 +52,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--label-key", default="label")
-    parser.add_argument("--configs", nargs="*", default=sorted(str(p) for p in (REPO / "configs").glob("expression_*.yaml")))
+    parser.add_argument(
+        "--configs", nargs="*", default=sorted(str(p) for p in (REPO / "configs").glob("expression_*.yaml"))
+    )
     parser.add_argument("--max-epochs", type=int, default=None, help="override every recipe's train.max_epochs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-scvi", action="store_true")
@@ -95,12 +97,13 @@ def main() -> None:
     adata.write_h5ad(Path(args.workdir) / "embedded.h5ad")  # every embedding, for re-scoring without retraining
 
     command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     header = [
         "# Embedding quality: mouse bladder (Microwell-seq), 2,100 cells, 16 types",
         "",
         f"Command: `{command}`  ",
-        f"Data: `{Path(args.data).name}` (raw UMI counts, {adata.n_obs} x {adata.n_vars}); labels `obs['{args.label_key}']`, used only by the probes.  ",
+        f"Data: `{Path(args.data).name}` (raw UMI counts, {adata.n_obs} x {adata.n_vars}); "
+        f"labels `obs['{args.label_key}']`, used only by the probes.  ",
         f"Seed: {args.seed} (pretraining, folds, few-label draws). Machine: {platform.node()}, {cpu}, CPU only.  ",
         "Every sslcell recipe is the shipped `configs/expression_*.yaml` unchanged"
         + (f" except `max_epochs={args.max_epochs}`" if args.max_epochs else "")
@@ -113,7 +116,8 @@ def main() -> None:
     ]
     text = "\n".join(header) + "\n" + report.to_markdown() + "\n"
     Path(f"{args.out}.md").write_text(text)
-    payload = {"command": command, "seed": args.seed, "notes": notes, "versions": versions(), "report": report.to_dict()}
+    payload = {"command": command, "seed": args.seed, "notes": notes, "versions": versions(),
+               "report": report.to_dict()}
     Path(f"{args.out}.json").write_text(json.dumps(payload, indent=1, default=str))
     print(text)
 

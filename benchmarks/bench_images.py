@@ -39,19 +39,21 @@ import numpy as np
 import torch
 import yaml
 from sklearn.decomposition import PCA
-from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 import sslcell
-from sslcell.checkpoint import versions
-from sslcell.classify import FinetuneConfig, finetune, predict
-from sslcell.classify.finetune import class_weight as probe_class_weight
+from sslcell import pl, tl
+from sslcell.classify import FinetuneConfig, finetune
 from sslcell.config import load_config
 from sslcell.data.images import CellImages
+from sslcell.evaluate import classification_report
+from sslcell.evaluate.probes import class_weight as probe_class_weight
+from sslcell.evaluate.probes import logistic_probe
+from sslcell.evaluate.protocols import label_fraction_split
 from sslcell.methods import build_method
-from sslcell.metrics import classification_report, plot_confusion_matrix
+from sslcell.provenance import versions
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -72,22 +74,12 @@ def split(cells: CellImages, how: str, seed: int) -> tuple[np.ndarray, np.ndarra
     return train, test
 
 
-def few_labels(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Positions of a stratified ``fraction`` of ``y`` (at least one per class)."""
-    rng = np.random.default_rng(seed)
-    keep = []
-    for c in np.unique(y):
-        members = np.flatnonzero(y == c)
-        keep.append(rng.choice(members, max(1, int(round(fraction * len(members)))), replace=False))
-    return np.sort(np.concatenate(keep))
-
-
 def pca_logistic(cells: CellImages, train: np.ndarray, test: np.ndarray, seed: int, class_weight=None) -> dict:
     x = np.asarray(cells.images).reshape(len(cells), -1).astype(np.float32)
     y = cells.obs["label"].astype(str).to_numpy()
-    model = make_pipeline(
-        StandardScaler(), PCA(50, random_state=seed), LogisticRegression(max_iter=3000, class_weight=class_weight)
-    ).fit(x[train], y[train])
+    # pixels z-scored, PCA-50, then sslcell's one logistic probe (on the PCA scores as they are)
+    probe = logistic_probe(class_weight=class_weight, standardize=False)
+    model = make_pipeline(StandardScaler(), PCA(50, random_state=seed), probe).fit(x[train], y[train])
     scores = model.predict_proba(x[test])
     classes = [str(c) for c in model.classes_]
     return score(y[test], np.asarray(classes)[scores.argmax(1)], scores, classes, cells)
@@ -99,16 +91,21 @@ def score(y_true, y_pred, scores, classes, cells) -> dict:
     for k, c in enumerate(classes):
         full[:, all_classes.index(c)] = scores[:, k]
     report = classification_report(y_true, y_pred, full, classes=all_classes)
-    return {"report": report, **{k: getattr(report, k) for k in ("accuracy", "macro_f1", "balanced_accuracy", "macro_roc_auc")}}
+    return {
+        "report": report,
+        **{k: getattr(report, k) for k in ("accuracy", "macro_f1", "balanced_accuracy", "macro_roc_auc")},
+    }
 
 
-def classify(model, cells: CellImages, train: np.ndarray, test: np.ndarray, config: FinetuneConfig) -> tuple[dict, dict]:
+def classify(model, cells: CellImages, train: np.ndarray, test: np.ndarray, config: FinetuneConfig) -> tuple[dict, ...]:
     """Train on ``train``, score ``test``: plain predictions, and with test-time augmentation (8 orientations)."""
     t0 = time.time()
-    clf = finetune(model, cells[train], "label", config)
+    clf = finetune(cells[train], model, "label", config)
     out = []
     for tta in (False, True):
-        _, report = predict(clf, cells[test], label_key="label", tta=tta)
+        adata = cells[test].to_anndata()
+        tl.predict(adata, clf, crops=cells[test], tta=tta)
+        report = tl.score(adata, "label")
         out.append({"report": report, "seconds": time.time() - t0,
                     **{k: getattr(report, k) for k in ("accuracy", "macro_f1", "balanced_accuracy", "macro_roc_auc")}})
     return out[0], out[1]
@@ -117,7 +114,8 @@ def classify(model, cells: CellImages, train: np.ndarray, test: np.ndarray, conf
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=sorted(DATASETS), required=True)
-    parser.add_argument("--recipes", nargs="+", help="pretraining recipes (default benchmarks/configs/<dataset>_*.yaml)")
+    parser.add_argument("--recipes", nargs="+",
+                        help="pretraining recipes (default benchmarks/configs/<dataset>_*.yaml)")
     parser.add_argument("--finetune", help="FinetuneConfig YAML (default benchmarks/configs/<dataset>_finetune.yaml)")
     parser.add_argument("--max-epochs", type=int, help="override every recipe's pretraining epochs")
     parser.add_argument("--finetune-epochs", type=int, help="override the fine-tuning epochs")
@@ -146,7 +144,7 @@ def main() -> None:
     cells = CellImages.read(DATA / spec["file"], channels=spec["channels"])
     train, test = split(cells, spec["split"], args.seed)
     y = cells.obs["label"].astype(str).to_numpy()
-    few = train[few_labels(y[train], 0.1, args.seed)]
+    few = train[label_fraction_split(y[train], 0.1, args.seed)]
     print(f"{args.dataset}: {cells}\ntrain {len(train)}, test {len(test)}, 10% labels {len(few)}", flush=True)
 
     rows: list[dict] = []
@@ -209,7 +207,7 @@ def main() -> None:
         # supervised CNN from scratch: the ResNet recipe's encoder architecture, random weights
         cnn_config = cnn_config or config
         torch.manual_seed(args.seed)
-        untrained = build_method(cnn_config, model.inputs.contract())  # every recipe's contract: the same crops
+        untrained = build_method(cnn_config, model.inputs.contract)  # every recipe's contract: the same crops
         for labels, part in (("100%", train), ("10%", few)):
             add(f"supervised CNN from scratch ({cnn_config.encoder.name} {cnn_config.encoder.options})", labels,
                 classify(untrained, cells, part, test, scratch_cfg))
@@ -223,8 +221,8 @@ def write(out: Path, args, cells, train, test, few, rows, results, ft_values, re
                key=lambda r: r["macro_f1"], default=None)
     if best is not None:
         report = results[(best["entry"], best["labels"])]["report"]
-        plot_confusion_matrix(report, out.with_name(out.name + "_confusion.png"),
-                              title=f"{args.dataset}: {best['entry']} (test split)")
+        pl.confusion_matrix(report, path=out.with_name(out.name + "_confusion.png"),
+                            title=f"{args.dataset}: {best['entry']} (test split)")
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     command = "python " + " ".join([Path(sys.argv[0]).relative_to(ROOT).as_posix() if Path(sys.argv[0]).is_absolute()

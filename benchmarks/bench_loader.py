@@ -156,7 +156,8 @@ def memory_probe(path: Path, args) -> dict:
 
 def run_probe(path: Path, args) -> dict:
     command = [sys.executable, __file__, "--memory-probe", str(path), "--batch-size", str(args.batch_size),
-               "--block-size", str(args.block_size), "--buffer-blocks", str(args.buffer_blocks), "--seed", str(args.seed)]  # fmt: skip
+               "--block-size", str(args.block_size), "--buffer-blocks", str(args.buffer_blocks),
+               "--seed", str(args.seed)]  # fmt: skip
     out = subprocess.run(command, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -171,7 +172,8 @@ def _version(package: str) -> str:
 def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())  # fmt: skip
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+    memory_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": memory_gib,
             "os": platform.platform(), "python": platform.python_version()}  # fmt: skip
 
 
@@ -228,7 +230,7 @@ def main() -> None:
 
         probes = [run_probe(half, args), run_probe(path, args)]
         x_bytes = [in_memory[: p["n_obs"]].data.nbytes + in_memory[: p["n_obs"]].indices.nbytes for p in probes]
-    for probe, size in zip(probes, x_bytes):
+    for probe, size in zip(probes, x_bytes, strict=True):
         probe["x_csr_float32_mib"] = size / MiB
 
     ratio_b = medians["sslcell"] / medians["annloader"]
@@ -241,16 +243,19 @@ def main() -> None:
         "peak RSS growth at N rows - at N/2 rows < 25% of the X size difference": growth_delta < 0.25 * x_delta,
     }
     result = {
-        "command": command, "machine": machine(), "load_average_start_end": [load_start, [round(x, 2) for x in os.getloadavg()]],
+        "command": command, "machine": machine(),
+        "load_average_start_end": [load_start, [round(x, 2) for x in os.getloadavg()]],
         "versions": {p: _version(p) for p in ("sslcell", "numpy", "scipy", "h5py", "anndata", "torch")},
         "data": {"source": source, "n_obs": n_obs, "n_genes": n_genes, "density": density,
                  "file_mib": file_mib},
-        "settings": {k: getattr(args, k) for k in ("seed", "batch_size", "block_size", "buffer_blocks", "rounds", "annloader_batches")},
+        "settings": {k: getattr(args, k)
+                     for k in ("seed", "batch_size", "block_size", "buffer_blocks", "rounds", "annloader_batches")},
         "cells_per_s_rounds": rounds, "cells_per_s_median": medians,
         "ratios": {"(a)/(b) sslcell / AnnLoader": ratio_b, "(a)/(c) sslcell / in-memory CSR": ratio_c},
         "ratios_per_round": {
-            "(a)/(b) sslcell / AnnLoader": [a / b for a, b in zip(rounds["sslcell"], rounds["annloader"])],
-            "(a)/(c) sslcell / in-memory CSR": [a / c for a, c in zip(rounds["sslcell"], rounds["in_memory"])],
+            "(a)/(b) sslcell / AnnLoader": [a / b for a, b in zip(rounds["sslcell"], rounds["annloader"], strict=True)],
+            "(a)/(c) sslcell / in-memory CSR": [a / c for a, c in
+                                                zip(rounds["sslcell"], rounds["in_memory"], strict=True)],
         },
         "memory": probes, "targets": {k: "PASS" if v else "MISS" for k, v in targets.items()},
         "wall_s": time.perf_counter() - started,
@@ -274,12 +279,14 @@ def write_results(result: dict, out: Path) -> None:
         f"Command: `{result['command']}`  ",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {m['os']}, Python {m['python']}  ",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + "  ",
-        f"Load average (1/5/15 min) at start {result['load_average_start_end'][0]}, at end {result['load_average_start_end'][1]} "
+        f"Load average (1/5/15 min) at start {result['load_average_start_end'][0]}, "
+        f"at end {result['load_average_start_end'][1]} "
         "(a shared machine: other work ran at the same time; rounds are interleaved so all sides share it)  ",
         f"Data: {result['data']['source']}; {result['data']['n_obs']:,} x {result['data']['n_genes']:,}, "
         f"{result['data']['density']:.2%} nonzero, integer counts, CSR, uncompressed  ",
-        f"Settings: batch {s['batch_size']}, block {s['block_size']}, buffer {s['buffer_blocks']} blocks, seed {s['seed']}, "
-        f"{s['rounds']} rounds, AnnLoader timed over {s['annloader_batches']} batches per round; dense float32 batches everywhere",
+        f"Settings: batch {s['batch_size']}, block {s['block_size']}, buffer {s['buffer_blocks']} blocks, "
+        f"seed {s['seed']}, {s['rounds']} rounds, AnnLoader timed over {s['annloader_batches']} batches per round; "
+        "dense float32 batches everywhere",
         "", "| loader | cells/s (median) | rounds |", "|---|---:|---|",
     ]  # fmt: skip
     for label, key in rows:
@@ -288,7 +295,8 @@ def write_results(result: dict, out: Path) -> None:
     per_round = result["ratios_per_round"]
     lines += [f"| {k} | {v:.2f} | {', '.join(f'{r:.2f}' for r in per_round[k])} |" for k, v in result["ratios"].items()]
     lines += ["", "Peak memory while streaming one full epoch (fresh process per file):", "",
-              "| rows | batches | RSS before (MiB) | peak RSS growth (MiB) | tracemalloc peak (MiB) | X as float32 CSR (MiB) |",
+              "| rows | batches | RSS before (MiB) | peak RSS growth (MiB) | tracemalloc peak (MiB) "
+              "| X as float32 CSR (MiB) |",
               "|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for p in result["memory"]:
         lines.append(

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import tempfile
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +19,11 @@ from safetensors.torch import load_file, save_file
 from sslcell.config import RecipeConfig
 from sslcell.errors import ConfigError, FileFormatError
 from sslcell.methods import SSLModule, build_method
+from sslcell.provenance import versions
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-
-
-def versions() -> dict[str, str]:
-    """Versions of the libraries a model depends on, recorded in every checkpoint and result."""
-    out = {"python": platform.python_version()}
-    for name in ("sslcell", "torch", "lightly", "pytorch-lightning", "anndata", "scanpy", "numpy"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
 
 
 def save_model(model: SSLModule, directory: str | Path, *, trained: dict[str, Any] | None = None) -> Path:
@@ -43,7 +31,7 @@ def save_model(model: SSLModule, directory: str | Path, *, trained: dict[str, An
     meta = {
         "format_version": FORMAT_VERSION,
         "recipe": model.config.to_dict(),
-        "contract": model.inputs.contract(),
+        "contract": model.inputs.contract.to_dict(),
         "embed_dim": model.embed_dim,
         "seed": model.config.train.seed,
         "versions": versions(),
@@ -52,7 +40,9 @@ def save_model(model: SSLModule, directory: str | Path, *, trained: dict[str, An
     return write_weights(model, meta, directory, WEIGHTS, CONFIG)
 
 
-def write_weights(module: torch.nn.Module, meta: dict[str, Any], directory: str | Path, weights: str, config: str) -> Path:
+def write_weights(
+    module: torch.nn.Module, meta: dict[str, Any], directory: str | Path, weights: str, config: str
+) -> Path:
     """``module``'s state dict as safetensors ``weights`` and ``meta`` as JSON ``config`` in ``directory``
     (created), each written atomically."""
     directory = Path(directory)
@@ -87,9 +77,9 @@ def load(directory: str | Path, *, map_location: str | torch.device = "cpu") -> 
     meta = read_model_config(directory)
     try:
         config = RecipeConfig.from_dict(meta["recipe"])
+        model = build_method(config, meta["contract"])
     except (KeyError, ConfigError) as err:
-        raise FileFormatError(f"{directory / CONFIG}: bad recipe ({err})") from None
-    model = build_method(config, meta["contract"])
+        raise FileFormatError(f"{directory / CONFIG}: bad recipe or input contract ({err})") from None
     read_weights(model, directory / WEIGHTS, CONFIG, map_location)
     model.trained_info = meta.get("trained", {})
     model.source = str(directory)

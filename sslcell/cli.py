@@ -23,14 +23,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sslcell", description="Self-supervised representation learning on single cells.")
+    parser = argparse.ArgumentParser(
+        prog="sslcell", description="Self-supervised representation learning on single cells."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="pretrain an encoder without labels")
     p.add_argument("--config", required=True, help="recipe YAML, e.g. configs/expression_mae.yaml")
-    p.add_argument(
-        "--data", required=True, nargs="+", help=".h5ad file, folder of .h5ad shards or several files; crops: .npz, zarr or folder"
-    )
+    p.add_argument("--data", required=True, nargs="+",
+                   help=".h5ad file, folder of .h5ad shards or several files; crops: .npz, zarr or folder")
     p.add_argument("--channels", type=_channels, help="images: channels to train on, indices or names, e.g. 0,2")
     p.add_argument("--out", required=True, help="run directory (model in <out>/model)")
     p.add_argument("--max-epochs", type=int)
@@ -54,9 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out and an existing obsm key")
     p.set_defaults(run=_embed)
 
-    p = sub.add_parser("finetune", help="train a cell-type / fate classifier on labelled crops")
+    p = sub.add_parser("finetune", help="train a cell-type / fate classifier on labelled cells")
     p.add_argument("--model", required=True, help="pretrained model or run directory")
-    p.add_argument("--data", required=True, help="labelled crops: .npz, zarr or folder")
+    p.add_argument("--data", required=True, help="labelled crops (.npz, zarr or folder) or, for expression, .h5ad")
     p.add_argument("--label-key", default="label", help="obs column (npz/zarr array, obs.csv column) with labels")
     p.add_argument("--out", required=True, help="classifier directory")
     p.add_argument("--config", help="YAML with FinetuneConfig fields (flags below override it)")
@@ -67,10 +68,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing classifier in --out")
     p.set_defaults(run=_finetune)
 
-    p = sub.add_parser("predict", help="predict classes of crops with a fine-tuned classifier")
+    p = sub.add_parser("predict", help="predict classes of cells with a fine-tuned classifier")
     p.add_argument("--model", required=True, help="classifier directory (from sslcell finetune)")
-    p.add_argument("--data", required=True, help="crops: .npz, zarr or folder")
-    p.add_argument("--out", required=True, help="output directory: predictions.h5ad, and metrics + plots with --label-key")
+    p.add_argument("--data", required=True, help="crops (.npz, zarr or folder) or, for expression, .h5ad")
+    p.add_argument("--out", required=True,
+                   help="output directory: predictions.h5ad, and metrics + plots with --label-key")
     p.add_argument("--label-key", help="obs column with true labels: writes metrics.json/.md and PNG plots")
     p.add_argument("--channels", type=_channels, help="channels to use (default: the model's, by name)")
     p.add_argument("--tta", action="store_true",
@@ -82,7 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help=".h5ad with labels in obs and embeddings in obsm")
     p.add_argument("--label-key", required=True)
     p.add_argument("--use-rep", nargs="+", default=["X_sslcell"], help="obsm keys to score")
-    p.add_argument("--baselines", nargs="*", default=["pca"], help="baselines computed from the counts (pca)")
+    p.add_argument("--baselines", nargs="*",
+                   help="baselines computed from the counts: pca (the default); the flag alone: none")
+    p.add_argument("--n-neighbors", type=int, default=15, help="neighbours of the kNN probe")
     p.add_argument("--layer", help="counts layer for the baselines")
     p.add_argument("--n-per-class", type=int, default=5, help="labels per class in the few-label protocol")
     p.add_argument("--out", help="write <out>.json and <out>.md")
@@ -172,11 +176,12 @@ def _embed(args: argparse.Namespace) -> int:
 
 def _embed_images(args: argparse.Namespace) -> int:
     from sslcell.data.images import CellImages
-    from sslcell.tl import embed
+    from sslcell.tl import embed_crops
 
     out = _new_file(Path(args.out), args.overwrite)
     cells = CellImages.read(args.data, label_key=args.label_key)
-    adata = embed(cells, args.model, key_added=args.key, channels=args.channels, batch_size=args.batch_size)
+    adata = embed_crops(cells, args.model, key_added=args.key, channels=args.channels,
+                        batch_size=min(args.batch_size, 1024))
     _write_h5ad(adata, out)
     print(f"wrote {out}: {adata.n_obs} cells, obsm[{args.key!r}] {adata.obsm[args.key].shape}")
     return 0
@@ -187,8 +192,8 @@ def _finetune(args: argparse.Namespace) -> int:
 
     from sslcell.checkpoint import load
     from sslcell.classify import FinetuneConfig, finetune, save_classifier
-    from sslcell.errors import ConfigError
     from sslcell.data.images import CellImages
+    from sslcell.errors import ConfigError
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
@@ -203,33 +208,58 @@ def _finetune(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     config = FinetuneConfig.from_dict(values)
-    cells = CellImages.read(args.data, label_key=args.label_key if args.label_key != "label" else None)
-    classifier = finetune(load(args.model), cells, "label", config, channels=args.channels)
+    model = load(args.model)
+    if model.inputs.modality == "expression":
+        classifier = finetune(_read_h5ad(args.data), model, args.label_key, config, channels=args.channels)
+    else:
+        cells = CellImages.read(args.data, label_key=args.label_key if args.label_key != "label" else None)
+        classifier = finetune(cells, model, "label", config, channels=args.channels)
     save_classifier(classifier, out)
     print(f"classifier ({config.head}, {len(classifier.classes)} classes) written to {out}")
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from sslcell.classify import load_classifier, predict
-    from sslcell.classify.predict import write_report
+    import numpy as np
+
+    from sslcell.classify import load_classifier
+    from sslcell.classify.predict import write_metrics
     from sslcell.data.images import CellImages
+    from sslcell.tl import predict, score
 
     out = Path(args.out)
     target = out / "predictions.h5ad"
     _new_file(target, args.overwrite)
     classifier = load_classifier(args.model)
-    cells = CellImages.read(args.data, label_key=args.label_key if args.label_key not in (None, "label") else None)
-    label_key = None if args.label_key is None else "label"
-    adata, report = predict(classifier, cells, channels=args.channels, label_key=label_key, tta=args.tta)
+    key = "sslcell_pred"
+    if classifier.inputs.modality == "image":
+        cells = CellImages.read(args.data, label_key=args.label_key if args.label_key not in (None, "label") else None)
+        label_key = None if args.label_key is None else "label"
+        cells = classifier.inputs.align(cells, args.channels)
+        adata = cells.to_anndata()
+        predict(adata, classifier, crops=cells, label_key=label_key, key_added=key, tta=args.tta)
+    else:
+        adata, label_key = _read_h5ad(args.data), args.label_key
+        predict(adata, classifier, label_key=label_key, key_added=key, channels=args.channels, tta=args.tta or None)
     out.mkdir(parents=True, exist_ok=True)
     _write_h5ad(adata, target)
-    print(f"wrote {target}: obs['sslcell_pred'] and per-class scores for {adata.n_obs} cells")
-    if report is not None:
-        files = write_report(report, adata, label_key, out)
+    print(f"wrote {target}: obs[{key!r}], obs['{key}_confidence'] and obsm['{key}_proba'] for {adata.n_obs} cells")
+    if label_key is not None:
+        report = score(adata, label_key, key)
+        labelled = ~adata.obs[label_key].isna().to_numpy()
+        truth = adata.obs[label_key][labelled].astype(str).to_numpy()
+        files = write_metrics(report, truth, np.asarray(adata.obsm[f"{key}_proba"])[labelled], out)
         print(report.to_markdown(title="Prediction metrics"))
         print("wrote " + ", ".join(str(f) for f in files))
     return 0
+
+
+def _read_h5ad(path: str):
+    import anndata as ad
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such .h5ad file")
+    return ad.read_h5ad(path)
 
 
 def _new_file(path: Path, overwrite: bool) -> Path:
@@ -249,15 +279,16 @@ def _write_h5ad(adata, path: Path) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     import anndata as ad
 
-    from sslcell.evaluate import evaluate
+    from sslcell.tl import evaluate
 
     adata = ad.read_h5ad(args.data)
     report = evaluate(
         adata,
         args.label_key,
         use_rep=args.use_rep,
-        baselines=tuple(args.baselines),
+        baselines=None if args.baselines is None else tuple(args.baselines),
         layer=args.layer,
+        n_neighbors=args.n_neighbors,
         n_per_class=args.n_per_class,
     )
     print(report.to_markdown())

@@ -11,12 +11,12 @@ import shutil
 from pathlib import Path
 
 import anndata as ad
+import matplotlib.pyplot as plt
 
 from sslcell import pl, tl
 from sslcell.config import RecipeConfig
 from sslcell.data.synthetic import make_expression
 from sslcell.errors import OverwriteError
-from sslcell.evaluate import evaluate
 from sslcell.train import pretrain
 
 
@@ -58,11 +58,12 @@ def quickstart(
     tl.embed(adata, model, key_added="X_sslcell")
     print(f"[3/4] embedded: adata.obsm['X_sslcell'] {adata.obsm['X_sslcell'].shape}")
 
-    report = evaluate(adata, "cell_type", use_rep="X_sslcell", baselines=("pca",))
+    report = tl.evaluate(adata, "cell_type", use_rep="X_sslcell", baselines=("pca",))
     report.to_json(out / "report.json")
     table = report.to_markdown()
     (out / "report.md").write_text(table)
-    pl.umap(adata, color=["cell_type", "cycle_phase", "batch"], use_rep="X_sslcell", path=out / "umap.png")
+    figure = pl.umap(adata, color=["cell_type", "cycle_phase", "batch"], use_rep="X_sslcell", path=out / "umap.png")
+    plt.close(figure)
     adata.write_h5ad(out / "embedded.h5ad")
     print("[4/4] cell-type prediction from the embedding vs a PCA-50 baseline (labels used only here):\n")
     print(table)

@@ -26,12 +26,13 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from sslcell.checkpoint import save_model, versions
 from sslcell.config import RecipeConfig
 from sslcell.data.expression import ExpressionDataset
-from sslcell.data.genes import gene_statistics, select_highly_variable
+from sslcell.data.gene_stats import gene_statistics, select_highly_variable
 from sslcell.data.image_loader import make_image_dataloader
 from sslcell.data.images import CellImages
 from sslcell.data.loader import make_dataloader
 from sslcell.errors import ConfigError, OverwriteError
 from sslcell.methods import SSLModule, build_method
+from sslcell.methods.contracts import Contract, ExpressionContract, ImageContract, contract_from_dict
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
@@ -140,35 +141,34 @@ def _position_loader(dataset: Any, ckpt: Path) -> None:
 
 
 def _prepare_images(
-    config: RecipeConfig, data: Any, contract: dict[str, Any] | None
-) -> tuple[CellImages, dict[str, Any]]:
+    config: RecipeConfig, data: Any, contract: ImageContract | None
+) -> tuple[CellImages, ImageContract]:
     """Open the crops, select the channels and fix the channel spec and per-channel statistics (unless resuming)."""
     d = config.data
     cells = data if isinstance(data, CellImages) else CellImages.read(data, label_key=d.label_key)
     if contract is not None:
-        return cells.select_channels(contract["channel_names"]), contract
+        return cells.select_channels(list(contract.channel_names)), contract
     if d.channels is not None:
         cells = cells.select_channels(d.channels)
     stats = cells.channel_stats(max_cells=d.stats_max_cells, seed=config.train.seed)
-    contract = {
-        "modality": "image",
-        "channel_names": list(cells.channel_names),
-        "channel_mean": stats["mean"],
-        "channel_std": stats["std"],
-        "image_size": list(cells.shape[2:]),
-        "dtype": str(cells.dtype),
-    }
+    contract = ImageContract(
+        channel_names=tuple(cells.channel_names),
+        channel_mean=tuple(stats["mean"]),
+        channel_std=tuple(stats["std"]),
+        image_size=tuple(int(s) for s in cells.shape[2:]),
+        dtype=str(cells.dtype),
+    )
     return cells, contract
 
 
 def _prepare_expression(
-    config: RecipeConfig, data: Any, contract: dict[str, Any] | None
-) -> tuple[ExpressionDataset, dict[str, Any]]:
+    config: RecipeConfig, data: Any, contract: ExpressionContract | None
+) -> tuple[ExpressionDataset, ExpressionContract]:
     """Open the data and fix the model's genes (highly variable genes of this data, unless resuming)."""
     d = config.data
     if contract is not None:
         dataset = ExpressionDataset.open(
-            data, layer=d.layer, genes=contract["genes"], counts_are_log_normalized=d.counts_are_log_normalized
+            data, layer=d.layer, genes=list(contract.genes), counts_are_log_normalized=d.counts_are_log_normalized
         )
         return dataset, contract
     dataset = ExpressionDataset.open(data, layer=d.layer, counts_are_log_normalized=d.counts_are_log_normalized)
@@ -176,24 +176,37 @@ def _prepare_expression(
     if d.n_top_genes is not None and d.n_top_genes < len(genes):
         genes = [str(g) for g in select_highly_variable(dataset, d.n_top_genes)]
         dataset = dataset.with_genes(genes)
-    contract = {
-        "modality": "expression",
-        "genes": genes,
-        "target_sum": d.target_sum,
-        "counts_are_log_normalized": d.counts_are_log_normalized,
-    }
+    mean = std = None
     if d.scale:
         stats = gene_statistics(dataset, target_sum=d.target_sum)
-        contract["gene_mean"] = stats["mean_log1p"].astype(float).tolist()
-        contract["gene_std"] = np.sqrt(stats["var_log1p"].to_numpy()).astype(float).tolist()
+        mean = tuple(stats["mean_log1p"].astype(float).tolist())
+        std = tuple(np.sqrt(stats["var_log1p"].to_numpy()).astype(float).tolist())
+    contract = ExpressionContract(
+        genes=tuple(genes),
+        target_sum=d.target_sum,
+        counts_are_log_normalized=d.counts_are_log_normalized,
+        gene_mean=mean,
+        gene_std=std,
+    )
     return dataset, contract
+
+
+def on_gpu(accelerator: str) -> bool:
+    """Whether Lightning's ``accelerator`` setting puts training on a CUDA device."""
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def resolve_precision(accelerator: str, precision: str) -> str:
+    """``precision="auto"``: bf16 mixed precision on a GPU, 32-bit on CPU; any other value is kept."""
+    if precision != "auto":
+        return precision
+    return "bf16-mixed" if on_gpu(accelerator) else "32-true"
 
 
 def _trainer(config: RecipeConfig, out: Path, callbacks: list[Callback]) -> pl.Trainer:
     t = config.train
     accelerator = t.accelerator
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    precision = t.precision if t.precision != "auto" else ("bf16-mixed" if on_gpu else "32-true")
+    precision = resolve_precision(accelerator, t.precision)
     strategy = t.strategy
     if strategy == "auto" and t.devices * t.num_nodes > 1:
         strategy = "ddp"
@@ -280,17 +293,22 @@ def _check_new_run(out: Path, overwrite: bool) -> None:
         )
 
 
-def _write_run(out: Path, config: RecipeConfig, contract: dict[str, Any], data: Any) -> None:
-    payload = {"recipe": config.to_dict(), "contract": contract, "data": _describe(data), "versions": versions()}
+def _write_run(out: Path, config: RecipeConfig, contract: Contract, data: Any) -> None:
+    payload = {
+        "recipe": config.to_dict(),
+        "contract": contract.to_dict(),
+        "data": _describe(data),
+        "versions": versions(),
+    }
     (out / RUN_FILE).write_text(json.dumps(payload, indent=1))
 
 
-def _read_run(out: Path) -> tuple[RecipeConfig, dict[str, Any]]:
+def _read_run(out: Path) -> tuple[RecipeConfig, Contract]:
     path = out / RUN_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no run to resume in {out}")
     payload = json.loads(path.read_text())
-    return RecipeConfig.from_dict(payload["recipe"]), payload["contract"]
+    return RecipeConfig.from_dict(payload["recipe"]), contract_from_dict(payload["contract"])
 
 
 def _is_spawned_rank() -> bool:

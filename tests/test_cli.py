@@ -41,7 +41,10 @@ def test_bad_inputs_exit_2_with_a_message(recipe_file, tmp_path, capsys):
     bogus.write_text("this is not an AnnData")
     assert main(["pretrain", "--config", str(recipe_file), "--data", str(bogus), "--out", str(tmp_path / "r")]) == 2
     assert "notes.h5ad" in capsys.readouterr().err
-    assert main(["pretrain", "--config", str(tmp_path / "nope.yaml"), "--data", str(bogus), "--out", str(tmp_path / "r")]) == 2
+    assert (
+        main(["pretrain", "--config", str(tmp_path / "nope.yaml"), "--data", str(bogus), "--out", str(tmp_path / "r")])
+        == 2
+    )
     assert "nope.yaml" in capsys.readouterr().err
 
 

@@ -172,7 +172,7 @@ def test_predict_writes_predictions_metrics_and_plots(files, linear_classifier, 
         assert (out / name).is_file(), name
     assert (out / "confusion_matrix.png").read_bytes()[:8] == PNG and (out / "roc_curves.png").read_bytes()[:8] == PNG
     adata = ad.read_h5ad(out / "predictions.h5ad")
-    assert adata.n_obs == N and adata.obsm["sslcell_scores"].shape == (N, 2)
+    assert adata.n_obs == N and adata.obsm["sslcell_pred_proba"].shape == (N, 2)
     assert list(adata.obs["sslcell_pred"].cat.categories) == LABEL_NAMES
     metrics = json.loads((out / "metrics.json").read_text())
     hand = np.mean(adata.obs["sslcell_pred"].astype(str).to_numpy() == adata.obs["label"].astype(str).to_numpy())
@@ -190,7 +190,7 @@ def test_predict_tta_flag(files, linear_classifier, tmp_path):
     assert main(["predict", "--model", str(linear_classifier), "--data", str(files["npz"]), "--out", str(out),
                  "--tta"]) == 0
     adata = ad.read_h5ad(out / "predictions.h5ad")
-    assert bool(adata.uns["sslcell"]["sslcell_tta"]) is True
+    assert bool(adata.uns["sslcell"]["sslcell_pred"]["tta"]) is True
 
 
 def test_predict_without_labels_writes_only_predictions(files, linear_classifier, tmp_path):

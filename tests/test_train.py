@@ -97,7 +97,9 @@ def test_killed_run_resumes_from_its_last_checkpoint(small_counts_file, tmp_path
     import time
 
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(tiny_recipe("mae", train={"max_epochs": 1000, "checkpoint_every_n_steps": 1}).to_dict()))
+    config.write_text(
+        yaml.safe_dump(tiny_recipe("mae", train={"max_epochs": 1000, "checkpoint_every_n_steps": 1}).to_dict())
+    )
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     base = [sys.executable, "-m", "sslcell", "pretrain", "--config", str(config), "--data", str(small_counts_file),

@@ -68,7 +68,7 @@ def test_pretrain_writes_a_run_with_the_selected_channels(crops, npz, tmp_path, 
     assert (out / "run.json").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
     assert (out / "model" / "model.safetensors").is_file() and (out / "model" / "config.json").is_file()
     restored = load(out)
-    contract = restored.inputs.contract()
+    contract = restored.inputs.contract.to_dict()
     assert contract["channel_names"] == names and contract["image_size"] == [S, S]
     assert contract["dtype"] == ("uint8" if source == "uint8" else "uint16")
     assert restored.encoder.in_channels == len(names)

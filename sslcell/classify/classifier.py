@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from sslcell.augment.image import dihedral_views
 from sslcell.checkpoint import FORMAT_VERSION, read_weights, versions, write_weights
 from sslcell.config import RecipeConfig
-from sslcell.errors import ConfigError, FileFormatError
+from sslcell.errors import ConfigError, FileFormatError, InputError
 from sslcell.methods import SSLModule, build_method
 from sslcell.methods.inputs import Inputs
 
@@ -29,7 +29,8 @@ class CellClassifier(nn.Module):
     and input contract, so :func:`load_classifier` can rebuild the encoder from JSON.
     """
 
-    def __init__(self, inputs: Inputs, encoder: nn.Module, classes: list[str], base: dict[str, Any], dropout: float = 0.0):
+    def __init__(self, inputs: Inputs, encoder: nn.Module, classes: list[str], base: dict[str, Any],
+                 dropout: float = 0.0) -> None:
         super().__init__()
         if len(classes) < 2:
             raise ConfigError(f"a classifier needs at least 2 classes, got {classes}")
@@ -44,7 +45,8 @@ class CellClassifier(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model: SSLModule, classes: list[str], dropout: float = 0.0) -> CellClassifier:
-        base = {"recipe": model.config.to_dict(), "contract": model.inputs.contract(), "source": getattr(model, "source", None)}
+        base = {"recipe": model.config.to_dict(), "contract": model.inputs.contract.to_dict(),
+                "source": getattr(model, "source", None)}
         return cls(model.inputs, model.encoder, classes, base, dropout)
 
     def features(self, x: Tensor) -> Tensor:
@@ -72,6 +74,8 @@ class CellClassifier(nn.Module):
             x = self.inputs.normalize(batch.to(device))
             if not tta:
                 return self(x).float().softmax(dim=1)
+            if self.inputs.modality != "image":
+                raise InputError("tta: test-time augmentation applies to image crops only")
             views = dihedral_views(x)
             return sum(self(v).float().softmax(dim=1) for v in views) / len(views)
         finally:
@@ -98,7 +102,9 @@ def load_classifier(directory: str | Path, *, map_location: str | torch.device =
     if not (directory / CONFIG).is_file():
         if not directory.exists():
             raise FileNotFoundError(f"{directory}: no such classifier directory")
-        raise FileFormatError(f"{directory}: not an sslcell classifier (no {CONFIG}; was it made by `sslcell finetune`?)")
+        raise FileFormatError(
+            f"{directory}: not an sslcell classifier (no {CONFIG}; was it made by `sslcell finetune`?)"
+        )
     try:
         meta = json.loads((directory / CONFIG).read_text())
         if meta.get("format_version") != FORMAT_VERSION or meta.get("kind") != "classifier":
@@ -113,4 +119,5 @@ def load_classifier(directory: str | Path, *, map_location: str | torch.device =
         raise FileFormatError(f"{directory / CONFIG}: not a valid classifier description ({err})") from None
     read_weights(classifier, directory / WEIGHTS, CONFIG, map_location)
     classifier.info = meta.get("info", {})
+    classifier.source = str(directory)
     return classifier.eval()

@@ -30,20 +30,18 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
-from sklearn.linear_model import LogisticRegression
-from torch import Tensor
+from anndata import AnnData
 
-from sslcell.augment.image import ImageAugment
 from sslcell.classify.classifier import CellClassifier
+from sslcell.classify.training import fit_full
 from sslcell.config import from_dict
-from sslcell.data.image_loader import make_image_dataloader
+from sslcell.data.expression import ExpressionDataset
 from sslcell.data.images import CellImages
 from sslcell.errors import ConfigError, InputError
+from sslcell.evaluate.probes import class_weight, logistic_probe
+from sslcell.inference import embed_rows
 from sslcell.methods import SSLModule
-from sslcell.methods.base import warmup_cosine
 from sslcell.methods.inputs import image_augment_config
 
 log = logging.getLogger(__name__)
@@ -107,41 +105,63 @@ class FinetuneConfig:
 
 
 def finetune(
+    data: CellImages | AnnData,
     model: SSLModule,
-    cells: CellImages,
-    labels: Any = "label",
+    label_key: str | np.ndarray = "label",
     config: FinetuneConfig | None = None,
     *,
     channels: Any = None,
+    layer: str | None = None,
     device: str | torch.device | None = None,
 ) -> CellClassifier:
-    """Train a classifier on ``cells`` with ``labels``; the pretrained ``model`` is left unchanged.
+    """Train a classifier on labelled cells; the pretrained ``model`` is left unchanged.
 
     Args:
-        model: a pretrained image model (``sslcell.load``).
-        cells: labelled crops; the model's channels are selected by name (or ``channels``).
-        labels: an ``obs`` column name, or an array ``(N,)`` of labels. Cells with a missing label are skipped.
+        data: image models: labelled crops (:class:`CellImages`; the model's channels are selected by name, or by
+            ``channels``). Expression models: an AnnData of counts (``X`` or ``layer``), aligned to the model's genes
+            by name; the linear head only (``head="linear"``).
+        model: a pretrained model (``sslcell.load``).
+        label_key: an ``obs`` column name, or an array ``(N,)`` of labels. Cells with a missing label are skipped.
         config: :class:`FinetuneConfig` (default: full fine-tuning).
 
     Returns:
         The trained :class:`CellClassifier` (save it with ``save_classifier``).
     """
+    if isinstance(data, SSLModule):  # the pre-0.2 order finetune(model, cells, labels, config), kept for one release
+        warnings.warn("finetune(model, cells, ...) is deprecated; call finetune(cells, model, label_key=...)",
+                      DeprecationWarning, stacklevel=2)
+        data, model = model, data
     config = config or FinetuneConfig()
-    if model.inputs.modality != "image":
-        raise InputError(f"finetune reads image crops; this model reads {model.inputs.modality} data")
-    cells = model.inputs.align(cells, channels)
-    y = _labels(cells, labels)
-    keep = ~y.isna()
-    if not keep.all():
-        cells, y = cells[np.flatnonzero(keep.to_numpy())], y[keep.to_numpy()]
+    if not isinstance(model, SSLModule):
+        raise InputError(f"model must be a pretrained sslcell model (sslcell.load); got {type(model).__name__}")
+    if model.inputs.modality == "image":
+        if not isinstance(data, CellImages):
+            raise InputError(f"this model reads image crops (CellImages); got {type(data).__name__}")
+        if layer is not None:
+            raise InputError("layer: not applicable to image crops; remove the argument")
+        data = model.inputs.align(data, channels)
+    else:
+        if not isinstance(data, AnnData):
+            raise InputError(f"this model reads expression counts (an AnnData); got {type(data).__name__}")
+        if channels is not None:
+            raise InputError("channels: not applicable to expression data; remove the argument")
+        if config.head != "linear":
+            raise InputError("expression models are fine-tuned with head='linear' (a probe on the frozen encoder); "
+                             "full fine-tuning is available for image models")
+    y = _labels(data, label_key)
+    keep = ~y.isna().to_numpy()
+    y = y[keep]
     classes = [str(c) for c in y.cat.categories]
     codes = y.cat.codes.to_numpy().astype(np.int64)
     present = np.bincount(codes, minlength=len(classes))
-    absent = [c for c, n in zip(classes, present) if n == 0]
+    absent = [c for c, n in zip(classes, present, strict=True) if n == 0]
     if len(classes) - len(absent) < 2:
-        raise InputError(f"need labelled cells of at least 2 classes; got counts {dict(zip(classes, present.tolist()))}")
+        counts = dict(zip(classes, present.tolist(), strict=True))
+        raise InputError(f"need labelled cells of at least 2 classes; got counts {counts}")
     if absent:
         log.info("classes without training cells (kept as outputs, never predicted): %s", absent)
+    if isinstance(data, CellImages) and not keep.all():
+        data = data[np.flatnonzero(keep)]
     model = copy.deepcopy(model).cpu()
     with torch.random.fork_rng(devices=[]):  # seeded by config.seed; the caller's global random state is kept
         torch.manual_seed(config.seed)
@@ -149,48 +169,65 @@ def finetune(
             model, classes, dropout=config.dropout if config.head == "full" else 0.0
         )
         if config.head == "linear" or config.init_head == "linear_probe":
-            _fit_linear(classifier, model, cells, codes, config, device)
+            _fit_linear(classifier, model, _rows(data, layer, model), keep, codes, config, device)
         if config.head == "full":
-            _fit_full(classifier, cells, codes, config)
+            fit_full(classifier, data, codes, config)
     with torch.no_grad():  # a class without training cells is never predicted
         classifier.head.bias[torch.from_numpy(present == 0)] = -1e4
     classifier.info = {
         "finetune": asdict(config),
         "n_train": int(len(codes)),
-        "train_class_counts": dict(zip(classes, present.tolist())),
-        "data": str(cells.source),
+        "train_class_counts": dict(zip(classes, present.tolist(), strict=True)),
+        "data": _describe(data),
     }
     return classifier.eval()
 
 
-def _labels(cells: CellImages, labels: Any) -> pd.Series:
+def _rows(data: CellImages | AnnData, layer: str | None, model: SSLModule) -> Any:
+    """What the inference loop reads: aligned crops, or the AnnData's counts aligned to the model's genes."""
+    if isinstance(data, CellImages):
+        return data
+    inputs = model.inputs
+    source: Any = data.filename if data.isbacked else data
+    return ExpressionDataset.open(source, layer=layer, genes=inputs.genes,
+                                  counts_are_log_normalized=inputs.counts_are_log_normalized)
+
+
+def _describe(data: CellImages | AnnData) -> str:
+    if isinstance(data, CellImages):
+        return str(data.source)
+    return str(data.filename) if data.isbacked else f"<AnnData {data.n_obs} x {data.n_vars}>"
+
+
+def _labels(data: CellImages | AnnData, labels: Any) -> pd.Series:
+    where = _describe(data)
     if isinstance(labels, str):
-        if labels not in cells.obs.columns:
-            raise InputError(f"{cells.source}: no obs column {labels!r}; columns are {list(cells.obs.columns)}")
-        values = cells.obs[labels]
+        if labels not in data.obs.columns:
+            raise InputError(f"{where}: no obs column {labels!r}; columns are {list(data.obs.columns)}")
+        values = data.obs[labels]
     else:
         labels = np.asarray(labels)
-        if labels.shape != (len(cells),):
-            raise InputError(f"labels has shape {labels.shape} for {len(cells)} cells; expected ({len(cells)},)")
-        values = pd.Series(labels, index=cells.obs.index)
+        n = len(data.obs)
+        if labels.shape != (n,):
+            raise InputError(f"labels has shape {labels.shape} for {n} cells; expected ({n},)")
+        values = pd.Series(labels, index=data.obs.index)
     if not isinstance(values.dtype, pd.CategoricalDtype):
         values = values.astype("category")
     return values
 
 
-def _fit_linear(
-    classifier: CellClassifier, model: SSLModule, cells: CellImages, codes: np.ndarray, config: FinetuneConfig, device
-) -> None:
-    """Fit the probe on ``model``'s embeddings; ``classifier`` shares ``model``'s inputs and encoder."""
-    from sslcell.tl import embed_array
-
-    x = embed_array(model, cells, device=device)  # (N, D), frozen encoder, no augmentation
-    mean, std = x.mean(axis=0), x.std(axis=0) + 1e-6
-    z = (x - mean) / std
-    logistic = LogisticRegression(
-        C=config.C, max_iter=config.max_iter, class_weight=class_weight(codes, config.oversample)
-    )
-    logistic.fit(z, codes)
+def _fit_linear(classifier: CellClassifier, model: SSLModule, rows: Any, keep: np.ndarray, codes: np.ndarray,
+                config: FinetuneConfig, device: Any) -> None:
+    """Fit the logistic probe (:func:`~sslcell.evaluate.probes.logistic_probe`) on ``model``'s embeddings of the
+    labelled cells (``keep`` selects them among the rows of an expression dataset; crops are already selected);
+    ``classifier`` shares ``model``'s inputs and encoder. Its scaler and coefficients become the linear layer."""
+    x = embed_rows(model, rows, device=device)  # (N, D), frozen encoder, no augmentation
+    if len(x) != len(codes):
+        x = x[keep]
+    probe = logistic_probe(C=config.C, max_iter=config.max_iter, class_weight=class_weight(codes, config.oversample))
+    probe.fit(x, codes)
+    scaler, logistic = probe[0], probe[-1]
+    mean, std = scaler.mean_.astype(np.float32), scaler.scale_.astype(np.float32)
     weight = np.zeros((len(classifier.classes), x.shape[1]), dtype=np.float32)
     bias = np.zeros(len(classifier.classes), dtype=np.float32)
     fitted = logistic.classes_
@@ -204,126 +241,3 @@ def _fit_linear(
         classifier.feature_std.copy_(torch.from_numpy(std))
         classifier.head.weight.copy_(torch.from_numpy(weight))
         classifier.head.bias.copy_(torch.from_numpy(bias))
-
-
-def class_weight(y: np.ndarray, oversample: bool | float) -> dict | str | None:
-    """scikit-learn ``class_weight`` for ``FinetuneConfig.oversample``: the "balanced" weights
-    ``n / (K * count_k)`` (K: the classes present in ``y`` (N,)) raised to the power ``oversample``.
-
-    ``True`` (power 1) gives "balanced", ``False`` (0) gives None, any other power a dict keyed by label.
-    """
-    power = float(oversample)
-    if power in (0.0, 1.0):
-        return "balanced" if power else None
-    classes, counts = np.unique(y, return_counts=True)
-    return {k: (len(y) / (len(classes) * n)) ** power for k, n in zip(classes.tolist(), counts.tolist())}
-
-
-class _FinetuneModule(pl.LightningModule):
-    def __init__(self, classifier: CellClassifier, codes: np.ndarray, config: FinetuneConfig) -> None:
-        super().__init__()
-        self.classifier, self.config = classifier, config
-        self.register_buffer("codes", torch.from_numpy(codes.astype(np.int64)), persistent=False)
-        self.augment = ImageAugment(image_augment_config(config.augment))
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        images, rows = batch
-        seed = (self.config.seed * 1_000_003 + self.global_step * 7919) % (2**63 - 1)
-        torch.manual_seed(seed)
-        generator = torch.Generator(device=images.device).manual_seed(seed)
-        x = self.classifier.inputs.views(images, generator, n=1, augment=self.augment)[0]
-        logits = self.classifier(x)
-        loss = F.cross_entropy(logits.float(), self.codes[rows], label_smoothing=self.config.label_smoothing)
-        accuracy = (logits.argmax(1) == self.codes[rows]).float().mean()
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(rows))
-        self.log("train/accuracy", accuracy, prog_bar=True, batch_size=len(rows))
-        return loss
-
-    def on_train_epoch_start(self) -> None:
-        self.trainer.train_dataloader.dataset.set_epoch(self.current_epoch)
-        if self.config.encoder_lr_factor == 0:  # a frozen encoder stays as it is: no batch-norm statistics updates
-            self.classifier.encoder.eval()
-
-    def configure_optimizers(self) -> Any:
-        c = self.config
-        head = list(self.classifier.head.parameters())
-        encoder = [p for p in self.classifier.encoder.parameters() if p.requires_grad]
-        groups = [{"params": head, "lr": c.lr}]
-        if c.encoder_lr_factor > 0:
-            groups.append({"params": encoder, "lr": c.lr * c.encoder_lr_factor})
-        else:
-            for p in encoder:
-                p.requires_grad_(False)
-        optimizer = torch.optim.AdamW(groups, weight_decay=c.weight_decay)
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = int(total * c.warmup_fraction)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, total, warmup, 0.01))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def _fit_full(classifier: CellClassifier, cells: CellImages, codes: np.ndarray, config: FinetuneConfig) -> None:
-    weights = None
-    if config.oversample:
-        counts = np.bincount(codes)
-        weights = counts[codes] ** -float(config.oversample)
-    batch_size = min(config.batch_size, len(codes))
-    loader = make_image_dataloader(
-        cells, batch_size=batch_size, seed=config.seed, weights=weights, return_index=True
-    )
-    on_gpu = config.accelerator in ("gpu", "cuda") or (config.accelerator == "auto" and torch.cuda.is_available())
-    precision = config.precision if config.precision != "auto" else ("bf16-mixed" if on_gpu else "32-true")
-    trainer = pl.Trainer(
-        max_epochs=config.epochs,
-        accelerator=config.accelerator,
-        devices=1,
-        precision=precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=config.progress_bar,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-    )
-    module = _FinetuneModule(classifier, codes, config)
-    module.train()  # a loaded model comes in eval mode; dropout and batch norm must train here
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")  # exact here
-        trainer.fit(module, loader)
-    if config.encoder_lr_factor > 0:
-        device = torch.device("cuda") if on_gpu else torch.device("cpu")
-        _recalibrate_batch_norm(classifier.to(device), cells, weights, batch_size, config.seed)
-    classifier.cpu()
-
-
-@torch.no_grad()
-def _recalibrate_batch_norm(classifier: CellClassifier, cells: CellImages, weights: np.ndarray | None,
-                            batch_size: int, seed: int, max_cells: int = 8192) -> None:
-    """Re-estimate the encoder's batch-norm statistics for the final weights ("precise BN").
-
-    During fine-tuning batch norm normalises with each batch's statistics, while its running averages trail the
-    changing weights (momentum 0.1). After a short run they no longer match the final encoder and its
-    predictions in eval mode can collapse to one class. One pass in train mode with cumulative averaging
-    (``momentum=None``) over at most ``max_cells`` un-augmented training crops, drawn (seeded) as training drew
-    them: with the oversampling ``weights`` when given. The layers after batch norm were trained on
-    statistics of class-balanced batches; statistics of the natural class mix would shift their inputs.
-    """
-    norms = [m for m in classifier.encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    rng = np.random.default_rng(seed)
-    n = min(len(cells), max_cells)
-    if weights is not None:
-        rows = rng.choice(len(cells), n, replace=True, p=weights / weights.sum())
-    else:
-        rows = rng.permutation(len(cells))[:n]
-    device = next(classifier.parameters()).device
-    classifier.encoder.train()
-    for start in range(0, len(rows), batch_size):
-        batch = torch.from_numpy(cells.batch(np.sort(rows[start:start + batch_size]))).to(device)
-        classifier.encoder(classifier.inputs.normalize(batch))
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-    classifier.encoder.eval()

@@ -1,19 +1,20 @@
-"""Apply a :class:`CellClassifier` to crops: predictions into ``obs``, and metrics and plots where labels are known."""
+"""Deprecated module, kept for one release: prediction moved to :func:`sslcell.tl.predict` (AnnData in, results
+under ``key_added``) and :func:`sslcell.tl.score`; plots to :mod:`sslcell.pl`."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from anndata import AnnData
 
 from sslcell.classify.classifier import CellClassifier
 from sslcell.data.images import CellImages
 from sslcell.errors import InputError
-from sslcell.metrics import ClassificationReport, classification_report, plot_confusion_matrix, plot_roc_curves
+from sslcell.evaluate.metrics import ClassificationReport
 
 
 def predict(
@@ -27,56 +28,56 @@ def predict(
     tta: bool = False,
     device: str | torch.device | None = None,
 ) -> tuple[AnnData, ClassificationReport | None]:
-    """Predict every crop's class.
+    """Deprecated: ``adata = cells.to_anndata(); sslcell.tl.predict(adata, classifier, crops=cells, ...)``.
 
-    Returns a new AnnData (one row per cell, the crops' ``obs``) with ``obs[f"{key_added}_pred"]`` (categorical,
-    the classifier's classes) and ``obs[f"{key_added}_score_{class}"]`` (probabilities, rows sum to 1), plus
-    the scores ``(N, K)`` in ``obsm[f"{key_added}_scores"]``. With ``label_key`` (an ``obs`` column), the labelled
-    cells are scored: a :class:`ClassificationReport` is returned too (``None`` otherwise). ``tta`` averages the
-    scores over the crop's flips and 90-degree turns (:meth:`CellClassifier.predict_proba`).
+    Returns the old layout: a new AnnData with ``obs[f"{key_added}_pred"]``, ``obs[f"{key_added}_score_{class}"]``,
+    ``obsm[f"{key_added}_scores"]``, and the report (or ``None`` without ``label_key``).
     """
+    from sslcell.tl import predict as tl_predict
+    from sslcell.tl import score
+
+    warnings.warn("classify.predict is deprecated; use sslcell.tl.predict(adata, classifier, crops=cells)",
+                  DeprecationWarning, stacklevel=2)
+    if label_key is not None and label_key not in cells.obs.columns:
+        raise InputError(f"cells have no obs column {label_key!r}; columns are {list(cells.obs.columns)}")
     cells = classifier.inputs.align(cells, channels)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    classifier = classifier.to(device)
-    scores = np.empty((len(cells), len(classifier.classes)), dtype=np.float32)
-    for start in range(0, len(cells), batch_size):
-        rows = np.arange(start, min(start + batch_size, len(cells)))
-        scores[rows] = classifier.predict_proba(torch.from_numpy(cells.batch(rows)), tta=tta).cpu().numpy()
     adata = cells.to_anndata()
-    classes = np.asarray(classifier.classes)
-    adata.obs[f"{key_added}_pred"] = pd.Categorical(classes[scores.argmax(axis=1)], categories=list(classes))
-    for k, name in enumerate(classes):
+    new = f"{key_added}_pred"
+    tl_predict(adata, classifier, crops=cells, key_added=new, tta=tta, batch_size=batch_size, device=device)
+    report = score(adata, label_key, new) if label_key is not None else None
+    scores = adata.obsm.pop(f"{new}_proba")
+    del adata.obs[f"{new}_confidence"]
+    info = adata.uns["sslcell"].pop(new)
+    for k, name in enumerate(info["classes"]):
         adata.obs[f"{key_added}_score_{name}"] = scores[:, k]
     adata.obsm[f"{key_added}_scores"] = scores
-    adata.uns.setdefault("sslcell", {})[f"{key_added}_classes"] = list(classes)
+    adata.uns["sslcell"][f"{key_added}_classes"] = list(info["classes"])
     adata.uns["sslcell"][f"{key_added}_tta"] = bool(tta)
-    report = None
-    if label_key is not None:
-        if label_key not in adata.obs.columns:
-            raise InputError(f"{cells.source}: no obs column {label_key!r}; columns are {list(cells.obs.columns)}")
-        truth = adata.obs[label_key]
-        labelled = ~truth.isna().to_numpy()
-        unknown = sorted(set(truth[labelled].astype(str)) - set(classes))
-        if unknown:
-            raise InputError(f"{cells.source}: labels {unknown} in obs[{label_key!r}] are not classes of the classifier {list(classes)}")
-        report = classification_report(
-            truth[labelled].astype(str).to_numpy(),
-            adata.obs[f"{key_added}_pred"][labelled].astype(str).to_numpy(),
-            scores[labelled],
-            classes=list(classes),
-        )
     return adata, report
 
 
-def write_report(report: ClassificationReport, adata: AnnData, label_key: str, out: str | Path, key_added: str = "sslcell") -> list[Path]:
-    """``metrics.json``, ``metrics.md``, ``confusion_matrix.png`` and ``roc_curves.png`` into ``out``."""
+def write_report(report: ClassificationReport, adata: AnnData, label_key: str, out: str | Path,
+                 key_added: str = "sslcell") -> list[Path]:
+    """Deprecated: ``metrics.json``, ``metrics.md``, ``confusion_matrix.png`` and ``roc_curves.png`` into ``out``,
+    for the layout of the deprecated :func:`predict`."""
+    warnings.warn("classify.predict.write_report is deprecated", DeprecationWarning, stacklevel=2)
+    labelled = ~adata.obs[label_key].isna().to_numpy()
+    truth = adata.obs[label_key][labelled].astype(str).to_numpy()
+    return write_metrics(report, truth, np.asarray(adata.obsm[f"{key_added}_scores"])[labelled], out)
+
+
+def write_metrics(report: ClassificationReport, truth: np.ndarray, scores: np.ndarray, out: str | Path) -> list[Path]:
+    """``metrics.json``, ``metrics.md``, ``confusion_matrix.png`` and (with two or more true classes)
+    ``roc_curves.png`` into ``out``; ``truth`` ``(n,)`` and ``scores`` ``(n, K)`` are the scored cells'."""
+    from sslcell import pl
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report.to_json(out / "metrics.json")
     (out / "metrics.md").write_text(report.to_markdown(title="Prediction metrics"))
-    labelled = ~adata.obs[label_key].isna().to_numpy()
-    files = [out / "metrics.json", out / "metrics.md", plot_confusion_matrix(report, out / "confusion_matrix.png")]
-    truth = adata.obs[label_key][labelled].astype(str).to_numpy()
+    pl.confusion_matrix(report, path=out / "confusion_matrix.png")
+    files = [out / "metrics.json", out / "metrics.md", out / "confusion_matrix.png"]
     if len(np.unique(truth)) > 1:
-        files.append(plot_roc_curves(truth, adata.obsm[f"{key_added}_scores"][labelled], report.classes, out / "roc_curves.png"))
+        pl.roc_curves(truth, scores, report.classes, path=out / "roc_curves.png")
+        files.append(out / "roc_curves.png")
     return files

@@ -6,27 +6,12 @@ than silently converted. Large sets stay on disk: an uncompressed ``.npz`` membe
 array is read chunk by chunk; selecting cells or channels only composes indices (:class:`LazyImages`), and
 pixels are read when a batch is asked for.
 
-Readers (:meth:`CellImages.read`):
-
-* ``.npz``: key ``images`` ``(N, C, H, W)``; optional ``channel_names`` ``(C,)``; per-cell arrays become ``obs``
-  columns (1-D of length ``N``, or ``(N, k)`` with ``k <= 16`` split into ``key_0 .. key_{k-1}``); the label
-  array (``labels`` / ``label`` or ``label_key``) becomes the categorical column ``label``, named through
-  ``label_names`` ``(K,)`` when given (code ``-1`` = unlabelled); ``cell_id`` ``(N,)``, if present, is the index.
-  Scalars (e.g. ``description``) are skipped; a compressed ``images`` member is decompressed into memory.
-* zarr: an array ``(N, C, H, W)``, or a group with an ``images`` array and per-cell arrays as above;
-  ``channel_names`` / ``label_names`` from the attributes (or arrays of the group).
-* a folder of ``.tif`` / ``.tiff`` / ``.png`` crops, one file per cell, at the top level or in class subfolders
-  (subfolder name -> ``label``). A 2-D crop is one channel; in a 3-D crop the channel axis is the shorter of the
-  first and last axes, so ``(C, H, W)`` (tifffile) and ``(H, W, C)`` (PIL, RGB) both work; ties read as
-  ``(C, H, W)``. An optional ``obs.csv`` (first column: file name relative to the folder, with or without
-  suffix) adds columns; ``label_key`` then names the column to use as ``label`` (the subfolder name, if any,
-  moves to ``folder``). A folder is read into memory: convert large sets to zarr or uncompressed npz.
+:meth:`CellImages.read` reads ``.npz``, zarr and folders of TIFF / PNG crops; the readers and the file formats
+are in :mod:`sslcell.data.image_readers`.
 """
 
 from __future__ import annotations
 
-import warnings
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,11 +19,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sslcell.errors import ChannelMismatchError, FileFormatError, InputError
+# CROP_SUFFIXES: compatibility re-export (kept for one release); it now lives in sslcell.data.image_readers
+from sslcell.data.image_readers import CROP_SUFFIXES as CROP_SUFFIXES
+from sslcell.data.image_readers import read_raw_cells
+from sslcell.errors import ChannelMismatchError, InputError
 
 SUPPORTED_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
-CROP_SUFFIXES = (".tif", ".tiff", ".png")
-_MAX_SPLIT_COLUMNS = 16  # (N, k) per-cell arrays with k up to this are split into obs columns
 
 
 class LazyImages:
@@ -186,25 +172,14 @@ class CellImages:
         channels: Sequence[int | str] | int | str | None = None,
         label_key: str | None = None,
     ) -> CellImages:
-        """Read crops from an ``.npz``, a zarr array / group or a folder of TIFF / PNG crops (see module doc).
+        """Read crops from an ``.npz``, a zarr array / group or a folder of TIFF / PNG crops.
 
-        ``channels``: indices or names to keep (the selection stays lazy). ``label_key``: the per-cell array
-        (npz / zarr) or ``obs.csv`` column (folder) holding the labels; it becomes the categorical ``label``.
+        Formats: :mod:`sslcell.data.image_readers`. ``channels``: indices or names to keep (the selection stays
+        lazy). ``label_key``: the per-cell array (npz / zarr) or ``obs.csv`` column (folder) holding the labels;
+        it becomes the categorical ``label``.
         """
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no such file or folder")
-        if path.is_file() and path.suffix.lower() == ".npz":
-            cells = _read_npz(path, label_key)
-        elif path.is_dir() and (path.suffix == ".zarr" or any((path / m).exists() for m in _ZARR_MARKERS)):
-            cells = _read_zarr(path, label_key)
-        elif path.is_dir():
-            cells = _read_folder(path, label_key)
-        else:
-            raise FileFormatError(
-                f"{path}: unsupported format; expected a .npz file, a zarr store or a folder of "
-                f"{'/'.join(CROP_SUFFIXES)} crops"
-            )
+        raw = read_raw_cells(Path(path), label_key)
+        cells = CellImages.from_array(raw.images, channel_names=raw.channel_names, obs=raw.obs, source=raw.source)
         return cells if channels is None else cells.select_channels(channels)
 
     # ------------------------------------------------------------------------------------------- selections
@@ -374,225 +349,3 @@ def _make_obs(obs: pd.DataFrame | None, labels: Any, n: int) -> pd.DataFrame:
             raise InputError("labels given and obs already has a 'label' column; give one of them")
         obs["label"] = labels
     return obs
-
-
-def _label_column(values: np.ndarray, names: np.ndarray | None, where: str) -> pd.Categorical:
-    """Integer codes + ``names`` (K,) -> categorical with those names; else the values as categories."""
-    if names is None:
-        return pd.Categorical(values)
-    names = [str(x) for x in np.asarray(names).ravel()]
-    if values.dtype.kind not in "iu":
-        raise InputError(f"{where}: label_names given but labels are {values.dtype}, not integer codes")
-    bad = (values < -1) | (values >= len(names))
-    if bad.any():
-        raise InputError(
-            f"{where}: label code {values[bad][0]} (cell {np.flatnonzero(bad)[0]}) outside 0..{len(names) - 1} "
-            f"for label_names {names}"
-        )
-    return pd.Categorical.from_codes(values.astype(np.int64), categories=names)
-
-
-def _cells_from_arrays(
-    images: Any, arrays: dict[str, np.ndarray], attrs: dict, label_key: str | None, source: str
-) -> CellImages:
-    """Assemble a CellImages from ``images`` plus named side arrays (npz members / zarr group arrays)."""
-    n = int(images.shape[0]) if len(images.shape) else 0
-    channel_names = arrays.pop("channel_names", attrs.get("channel_names"))
-    label_names = arrays.pop("label_names", attrs.get("label_names"))
-    if label_key is not None and label_key not in arrays:
-        raise InputError(f"{source}: label_key {label_key!r} not found; per-cell arrays: {sorted(arrays)}")
-    key = label_key or next((k for k in ("labels", "label") if k in arrays), None)
-    columns: dict[str, Any] = {}
-    for name, values in arrays.items():
-        values = np.asarray(values)
-        if values.dtype.kind in "OT":
-            values = values.astype(str)
-        if name == key:
-            if values.shape != (n,):
-                raise InputError(f"{source}: labels {name!r} has shape {values.shape} for {n} cells")
-            # label_names decode integer codes; a string label array is already named
-            names_for = label_names if values.dtype.kind in "iu" else None
-            columns["label"] = _label_column(values, names_for, f"{source}: {name!r}")
-        elif values.ndim == 1 and len(values) == n:
-            columns[name] = values
-        elif values.ndim == 2 and len(values) == n and values.shape[1] <= _MAX_SPLIT_COLUMNS:
-            columns.update({f"{name}_{j}": values[:, j] for j in range(values.shape[1])})
-        elif values.ndim > 0:
-            warnings.warn(f"{source}: array {name!r} with shape {values.shape} is not per-cell; skipped", stacklevel=3)
-    ids = columns.pop("cell_id", None)
-    index = pd.Index([str(i) for i in (ids if ids is not None else range(n))])
-    obs = pd.DataFrame(columns, index=index) if n else None
-    names = None if channel_names is None else [str(x) for x in np.asarray(channel_names).ravel()]
-    return CellImages.from_array(images, channel_names=names, obs=obs, source=source)
-
-
-# ----------------------------------------------------------------------------------------------------- npz
-def _npy_header(fp) -> tuple[tuple[int, ...], bool, np.dtype]:
-    version = np.lib.format.read_magic(fp)
-    if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(fp)
-    return np.lib.format.read_array_header_2_0(fp)
-
-
-def _npz_memmap(path: Path, zf: zipfile.ZipFile, member: str) -> np.memmap | None:
-    """Memory-map an npz member stored uncompressed; ``None`` when it is compressed (then load it)."""
-    info = zf.getinfo(member)
-    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
-        return None
-    with open(path, "rb") as fp:
-        fp.seek(info.header_offset)
-        local = fp.read(30)
-        if local[:4] != b"PK\x03\x04":
-            raise FileFormatError(f"{path}: bad zip local header for member {member!r}")
-        name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
-        fp.seek(info.header_offset + 30 + name_len + extra_len)  # local extra field may differ from the central one
-        shape, fortran, dtype = _npy_header(fp)
-        offset = fp.tell()
-    if dtype.hasobject or 0 in shape:
-        return None
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
-
-
-def _read_npz(path: Path, label_key: str | None) -> CellImages:
-    try:
-        with zipfile.ZipFile(path) as zf:
-            members = {name[:-4]: name for name in zf.namelist() if name.endswith(".npy")}
-            if "images" not in members:
-                raise FileFormatError(f"{path}: no 'images' array in the .npz; keys found: {sorted(members)}")
-            images = _npz_memmap(path, zf, members["images"])
-            arrays = {}
-            for key, member in members.items():
-                if key == "images":
-                    continue
-                with zf.open(member) as fp:
-                    shape, _, _ = _npy_header(fp)
-                if len(shape) <= 1 or (len(shape) == 2 and shape[1] <= _MAX_SPLIT_COLUMNS):
-                    with zf.open(member) as fp:
-                        arrays[key] = np.lib.format.read_array(fp, allow_pickle=False)
-                else:
-                    warnings.warn(f"{path}: array {key!r} with shape {shape} is not per-cell; skipped", stacklevel=3)
-            if images is None:
-                with zf.open(members["images"]) as fp:
-                    images = np.lib.format.read_array(fp, allow_pickle=False)
-    except FileFormatError:
-        raise
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as err:
-        raise FileFormatError(f"{path}: cannot read as .npz ({type(err).__name__}: {err})") from err
-    arrays = {k: v for k, v in arrays.items() if v.ndim > 0}  # scalars such as "description" are not per-cell
-    return _cells_from_arrays(images, arrays, {}, label_key, str(path))
-
-
-# ---------------------------------------------------------------------------------------------------- zarr
-_ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup")
-
-
-def _read_zarr(path: Path, label_key: str | None) -> CellImages:
-    import zarr
-
-    try:
-        node = zarr.open(str(path), mode="r")
-    except Exception as err:  # zarr raises many types for broken stores
-        raise FileFormatError(f"{path}: cannot open as zarr ({type(err).__name__}: {err})") from err
-    attrs = dict(node.attrs)
-    if isinstance(node, zarr.Array):
-        return _cells_from_arrays(node, {}, attrs, label_key, str(path))
-    if "images" not in node.array_keys():
-        raise FileFormatError(f"{path}: zarr group has no 'images' array; arrays: {sorted(node.array_keys())}")
-    images = node["images"]
-    attrs = {**dict(images.attrs), **attrs}
-    arrays = {k: node[k][...] for k in node.array_keys() if k != "images" and node[k].ndim <= 2}
-    return _cells_from_arrays(images, arrays, attrs, label_key, str(path))
-
-
-# -------------------------------------------------------------------------------------------------- folder
-def _read_crop(file: Path) -> np.ndarray:
-    """One crop file -> ``(C, H, W)``; see the module doc for the axis rule."""
-    try:
-        if file.suffix.lower() == ".png":
-            from PIL import Image
-
-            with Image.open(file) as im:
-                arr = np.asarray(im)
-            if arr.dtype == np.int32 and arr.size and 0 <= arr.min() and arr.max() <= 65535:  # old 16-bit PNG mode "I"
-                arr = arr.astype(np.uint16)
-        else:
-            import tifffile
-
-            arr = tifffile.imread(file)
-    except Exception as err:  # PIL / tifffile raise many types for corrupt files
-        raise FileFormatError(f"{file}: cannot read crop ({type(err).__name__}: {err})") from err
-    arr = np.squeeze(arr) if arr.ndim > 3 else arr
-    if arr.ndim == 2:
-        return arr[None]
-    if arr.ndim == 3:
-        return np.moveaxis(arr, -1, 0) if arr.shape[-1] < arr.shape[0] else arr
-    raise FileFormatError(f"{file}: crop has shape {arr.shape}; expected (H, W), (C, H, W) or (H, W, C)")
-
-
-def _crop_files(path: Path) -> list[Path]:
-    """Crop files at the top level of ``path`` or in its direct subfolders (not both), sorted."""
-    def crops_in(folder: Path) -> list[Path]:
-        return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in CROP_SUFFIXES)
-
-    top = crops_in(path)
-    nested = [p for d in sorted(path.iterdir()) if d.is_dir() for p in crops_in(d)]
-    if not top and not nested:
-        raise FileFormatError(f"{path}: no {'/'.join(CROP_SUFFIXES)} crops at the top level or in subfolders")
-    if top and nested:
-        raise InputError(
-            f"{path}: crops both at the top level ({top[0].name}) and in subfolders ({nested[0].relative_to(path)}); "
-            "put all crops in class subfolders or all at the top level"
-        )
-    return top or nested
-
-
-def _folder_obs(path: Path, ids: list[str], folder_labels: list[str] | None, label_key: str | None) -> pd.DataFrame:
-    """``obs`` for a crop folder: ``obs.csv`` rows matched to crop ids, and the ``label`` column (module doc)."""
-    csv = path / "obs.csv"
-    if not csv.exists():
-        if label_key is not None:
-            raise InputError(f"{path}: label_key {label_key!r} given but the folder has no obs.csv")
-        obs = pd.DataFrame(index=pd.Index(ids))
-    else:
-        table = pd.read_csv(csv, index_col=0)
-        table.index = [_strip_crop_suffix(str(i)) for i in table.index]
-        missing = [i for i in ids if i not in table.index]
-        if missing:
-            raise InputError(f"{csv}: no row for {len(missing)} crop(s), e.g. {missing[:5]}")
-        obs = table.loc[ids].copy()
-        if label_key is not None:
-            if label_key not in obs.columns:
-                raise InputError(f"{csv}: label_key {label_key!r} is not a column; columns: {list(obs.columns)}")
-            if folder_labels is not None:
-                obs["folder"] = folder_labels
-            obs["label"] = obs.pop(label_key)
-        elif folder_labels is not None and "label" in obs.columns:
-            raise InputError(f"{csv}: has a 'label' column and crops sit in class subfolders; pass label_key")
-    if folder_labels is not None and "label" not in obs.columns:
-        obs["label"] = folder_labels
-    if "label" in obs.columns:
-        obs["label"] = pd.Categorical(obs["label"])
-    return obs
-
-
-def _strip_crop_suffix(name: str) -> str:
-    return name[: -len(Path(name).suffix)] if Path(name).suffix.lower() in CROP_SUFFIXES else name
-
-
-def _read_folder(path: Path, label_key: str | None) -> CellImages:
-    files = _crop_files(path)
-    first = _read_crop(files[0])
-    images = np.empty((len(files), *first.shape), dtype=first.dtype)
-    images[0] = first
-    for i, file in enumerate(files[1:], start=1):
-        crop = _read_crop(file)
-        if crop.shape != first.shape or crop.dtype != first.dtype:
-            raise InputError(
-                f"{path}: crops differ: {files[0].relative_to(path)} is {first.shape} {first.dtype} (C, H, W) but "
-                f"{file.relative_to(path)} is {crop.shape} {crop.dtype}; all crops must have one shape and dtype"
-            )
-        images[i] = crop
-    ids = [_strip_crop_suffix(f.relative_to(path).as_posix()) for f in files]
-    nested = files[0].parent != path
-    obs = _folder_obs(path, ids, [f.parent.name for f in files] if nested else None, label_key)
-    return CellImages.from_array(images, obs=obs, source=str(path))

@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from sslcell.data.expression import ExpressionDataset, Workspace, vstack_csr
+from sslcell.data.expression import ExpressionDataset
+from sslcell.data.shards import Workspace, vstack_csr
 from sslcell.errors import ConfigError
 
 OUTPUTS = ("dense", "csr")
@@ -143,7 +144,8 @@ class BlockShuffleLoader(ShardedBatches):
             raise ConfigError(f"BlockShuffleLoader: seed and num_workers must be >= 0, got {seed}, {num_workers}")
         if (rank is None) != (world_size is None) or (rank is not None and not 0 <= rank < world_size):
             raise ConfigError(
-                f"BlockShuffleLoader: give rank and world_size together, 0 <= rank < world_size; got {rank}, {world_size}"
+                "BlockShuffleLoader: give rank and world_size together, 0 <= rank < world_size; "
+                f"got {rank}, {world_size}"
             )
         self.dataset = dataset
         self.batch_size, self.block_size, self.buffer_blocks = int(batch_size), int(block_size), int(buffer_blocks)
@@ -203,7 +205,7 @@ class BlockShuffleLoader(ShardedBatches):
             if buffer_start >= n_rows:
                 break
             starts = self._block_starts[members]
-            ranges = list(zip(starts.tolist(), (starts + self._block_sizes[members]).tolist()))
+            ranges = list(zip(starts.tolist(), (starts + self._block_sizes[members]).tolist(), strict=True))
             matrix = self.dataset.read_ranges(ranges, workspace)
             n = matrix.shape[0]
             if self.shuffle:  # matrix row of each position in this buffer's part of the stream

@@ -105,7 +105,7 @@ def make_expression(
         programmes["S"], programmes["G2M"] = order[:n_s], order[n_s:cycle_genes]
     n_shared = int(round(programme_overlap * n_programme_genes))
     next_free, prev = cycle_genes, None
-    for k, tname in enumerate(type_names):
+    for tname in type_names:
         shared = rng.choice(prev, n_shared, replace=False) if prev is not None else order[:0]
         fresh = order[next_free : next_free + n_programme_genes - len(shared)]
         next_free += len(fresh)

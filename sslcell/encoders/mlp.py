@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 from torch import Tensor, nn
@@ -12,7 +13,7 @@ def mlp(
 ) -> nn.Sequential:
     """Linear -> norm -> GELU -> dropout blocks through ``widths`` (``widths[0]`` is the input size)."""
     layers: list[nn.Module] = []
-    pairs = list(zip(widths[:-1], widths[1:]))
+    pairs = list(itertools.pairwise(widths))
     for i, (d_in, d_out) in enumerate(pairs):
         layers.append(nn.Linear(d_in, d_out))
         if i < len(pairs) - 1 or last_activation:

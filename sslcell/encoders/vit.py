@@ -1,10 +1,11 @@
 """A compact Vision Transformer for single-cell crops with any number of channels, with MAE masking.
 
-Follows facebookresearch/mae ``models_mae.py`` (He et al., "Masked Autoencoders Are Scalable Vision Learners",
-2021): ``patchify``, ``random_masking`` (argsort of noise, then gather), an encoder that only sees the visible
-tokens, a light decoder, and a per-patch normalised pixel loss. Differences: ``C`` input channels instead of 3,
-no host synchronisation in the forward (the number of kept tokens is computed from Python numbers), explicit
-``torch.Generator`` for the masks, and torchvision's ``EncoderBlock`` as the transformer block.
+The encoder half of facebookresearch/mae ``models_mae.py`` (He et al., "Masked Autoencoders Are Scalable Vision
+Learners", 2021): ``patchify``, ``random_masking`` (argsort of noise, then gather) and an encoder that only sees the
+visible tokens. The MAE decoder and loss, and the model that joins them, are in :mod:`sslcell.methods.image_mae`.
+Differences from MAE: ``C`` input channels instead of 3, no host synchronisation in the forward (the number of kept
+tokens is computed from Python numbers), explicit ``torch.Generator`` for the masks, and torchvision's
+``EncoderBlock`` as the transformer block.
 
 Shapes: images ``(N, C, H, W)`` with ``H == W == image_size``; ``L = (image_size // patch_size) ** 2`` patches;
 a patch flattened in ``(p, p, C)`` order has ``patch_dim = p * p * C`` values; tokens ``(N, 1 + L, D)`` with the CLS
@@ -13,8 +14,10 @@ token first.
 
 from __future__ import annotations
 
-import math
+import importlib
+import warnings
 from functools import partial
+from typing import Any
 
 import torch
 from lightly.models import utils as lightly_utils
@@ -31,13 +34,16 @@ POOLS = ("cls", "mean")
 def _sincos_pos_embed(dim: int, grid_size: int, where: str) -> Tensor:
     """Fixed 2-D sin-cos positional embedding, a zero row first for the CLS token: ``(1, 1 + grid_size**2, dim)``."""
     if dim % 4:
-        raise ConfigError(f"{where}: the embedding dimension must be divisible by 4 for 2-D sin-cos positions, got {dim}")
+        raise ConfigError(
+            f"{where}: the embedding dimension must be divisible by 4 for 2-D sin-cos positions, got {dim}"
+        )
     table = lightly_utils.get_2d_sine_cosine_positional_embedding(dim, grid_size, cls_token=True)
     return torch.from_numpy(table).float().unsqueeze(0)
 
 
 def _transformer_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float, drop_path: float) -> nn.Sequential:
-    """``depth`` pre-norm blocks ``(N, T, dim) -> (N, T, dim)``; stochastic depth rises linearly from 0 to ``drop_path``.
+    """``depth`` pre-norm blocks ``(N, T, dim) -> (N, T, dim)``; stochastic depth rises linearly from 0 to
+    ``drop_path``.
 
     The drop-path modules replace the parameter-free dropouts of torchvision's block, so parameter names (and
     checkpoints) are the same whatever ``drop_path`` is.
@@ -178,54 +184,15 @@ def _num_visible(length: int, mask_ratio: float) -> int:
     return int(round(length * (1.0 - mask_ratio)))
 
 
-class MAEDecoder(nn.Module):
-    """MAE decoder: visible encoder tokens plus mask tokens, in image order, to predicted pixels of every patch."""
-
-    def __init__(self, num_patches: int, patch_dim: int, encoder_dim: int, decoder_dim: int = 128, depth: int = 2,
-                 num_heads: int = 4, mlp_ratio: float = 4.0) -> None:
-        super().__init__()
-        grid_size = math.isqrt(num_patches)
-        if num_patches < 1 or grid_size * grid_size != num_patches:
-            raise ConfigError(f"MAEDecoder: num_patches={num_patches} must be a square (a square grid of patches)")
-        _check_heads(decoder_dim, num_heads, "MAEDecoder")
-        self.num_patches, self.patch_dim = num_patches, patch_dim
-        self.decoder_embed = nn.Linear(encoder_dim, decoder_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        self.register_buffer("pos_embed", _sincos_pos_embed(decoder_dim, grid_size, "MAEDecoder"),
-                             persistent=False)  # (1, 1 + L, Dd), fixed
-        self.blocks = _transformer_blocks(decoder_dim, depth, num_heads, mlp_ratio, drop_path=0.0)
-        self.norm = nn.LayerNorm(decoder_dim, eps=1e-6)
-        self.pred = nn.Linear(decoder_dim, patch_dim)
-
-        _init_mae_weights(self)
-        nn.init.normal_(self.mask_token, std=0.02)
-
-    def forward(self, tokens: Tensor, ids_restore: Tensor) -> Tensor:
-        """``tokens (N, 1 + L_vis, D), ids_restore (N, L) -> predicted patches (N, L, p*p*C)``."""
-        n, num_tokens, _ = tokens.shape
-        if ids_restore.shape != (n, self.num_patches) or num_tokens > 1 + self.num_patches:
-            raise InputError(f"MAEDecoder: expected tokens (N, 1 + L_vis <= {1 + self.num_patches}, D) and "
-                             f"ids_restore (N, {self.num_patches}), got {tuple(tokens.shape)} and "
-                             f"{tuple(ids_restore.shape)}")
-        x = self.decoder_embed(tokens)  # (N, 1 + L_vis, Dd)
-        mask_tokens = self.mask_token.expand(n, 1 + self.num_patches - num_tokens, -1)  # (N, L - L_vis, Dd)
-        patches = torch.cat([x[:, 1:], mask_tokens], dim=1)  # (N, L, Dd), visible first
-        patches = lightly_utils.get_at_index(patches, ids_restore)  # (N, L, Dd), image order
-        x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed  # (N, 1 + L, Dd)
-        x = self.norm(self.blocks(x))
-        return self.pred(x[:, 1:])  # (N, L, p*p*C)
+# Moved to sslcell.methods.image_mae; the old names forward there, with a warning, for one release. The import is
+# lazy because sslcell.methods imports this module (an eager import here would be a cycle).
+_MOVED = {"MAEDecoder": "sslcell.methods.image_mae", "mae_loss": "sslcell.methods.image_mae"}
 
 
-def mae_loss(target_patches: Tensor, pred_patches: Tensor, mask: Tensor, norm_pix_loss: bool = True) -> Tensor:
-    """Mean squared error over the masked patches only: ``(N, L, P), (N, L, P), (N, L) -> ()``.
-
-    With ``norm_pix_loss`` each target patch is standardised by its own mean and (unbiased) variance first, as in
-    MAE. The per-patch MSE is averaged over patches with ``mask == 1``; it is 0 if no patch is masked.
-    """
-    if pred_patches.shape != target_patches.shape or mask.shape != target_patches.shape[:2]:
-        raise InputError(f"mae_loss: expected target and prediction (N, L, P) and mask (N, L), got "
-                         f"{tuple(target_patches.shape)}, {tuple(pred_patches.shape)} and {tuple(mask.shape)}")
-    target = lightly_utils.normalize_mean_var(target_patches, dim=-1) if norm_pix_loss else target_patches
-    per_patch = (pred_patches - target).pow(2).mean(dim=-1)  # (N, L)
-    mask = mask.to(per_patch.dtype)
-    return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
+def __getattr__(name: str) -> Any:
+    """PEP 562: ``from sslcell.encoders.vit import MAEDecoder, mae_loss`` still works, with a DeprecationWarning."""
+    if name in _MOVED:
+        warnings.warn(f"sslcell.encoders.vit.{name} has moved to {_MOVED[name]}.{name}; import it from there "
+                      "(the old path will be removed in the next release)", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,50 +5,35 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from torch import nn
 
-from sslcell.config import RecipeConfig
+from sslcell.config import METHODS, RecipeConfig
 from sslcell.encoders.image import build_image_encoder
 from sslcell.encoders.mlp import MLPEncoder
 from sslcell.errors import ConfigError
-from sslcell.methods.barlow_twins import BarlowTwins
 from sslcell.methods.base import SSLModule
-from sslcell.methods.byol import BYOL
-from sslcell.methods.dino import DINO
-from sslcell.methods.image_mae import ImageMAE
+from sslcell.methods.contracts import Contract, ExpressionContract, ImageContract, contract_from_dict
 from sslcell.methods.inputs import ExpressionInputs, ImageInputs, Inputs
-from sslcell.methods.mae import ExpressionMAE
-from sslcell.methods.simclr import SimCLR
-from sslcell.methods.vicreg import VICReg
-
-EXPRESSION = {"mae": ExpressionMAE, "byol": BYOL, "barlow_twins": BarlowTwins, "simclr": SimCLR, "vicreg": VICReg}
-IMAGE = {"mae": ImageMAE, "simclr": SimCLR, "byol": BYOL, "dino": DINO}
 
 
-def build_inputs(config: RecipeConfig, contract: dict[str, Any]) -> Inputs:
-    """The modality's input module from the recipe and the stored contract."""
-    if contract["modality"] == "expression":
-        return ExpressionInputs(
-            contract["genes"],
-            target_sum=contract["target_sum"],
-            counts_are_log_normalized=contract["counts_are_log_normalized"],
-            gene_mean=contract.get("gene_mean"),
-            gene_std=contract.get("gene_std"),
-            clip=contract.get("clip", 10.0),
-            augment=config.method.augment,
-        )
-    if contract["modality"] == "image":
-        return ImageInputs(
-            contract["channel_names"],
-            contract["channel_mean"],
-            contract["channel_std"],
-            contract["image_size"],
-            dtype=contract.get("dtype", "uint8"),
-            augment=config.method.augment,
-        )
-    raise ConfigError(f"modality: {contract['modality']!r} is not supported")
+def method_class(modality: str, name: str) -> type[SSLModule]:
+    """The :class:`SSLModule` subclass registered as ``name`` for ``modality`` in :data:`sslcell.config.METHODS`."""
+    registry = METHODS.get(modality, {})
+    if name not in registry:
+        raise ConfigError(f"method.name: {name!r} is not available for {modality}; choose from {sorted(registry)}")
+    module, cls = registry[name].split(":")
+    return getattr(importlib.import_module(f"sslcell.methods.{module}"), cls)
+
+
+def build_inputs(config: RecipeConfig, contract: Contract | dict[str, Any]) -> Inputs:
+    """The modality's input module from the recipe and the (stored) contract, validated."""
+    contract = contract_from_dict(contract)
+    if isinstance(contract, ExpressionContract):
+        return ExpressionInputs(contract, augment=config.method.augment)
+    return ImageInputs(contract, augment=config.method.augment)
 
 
 def build_encoder(config: RecipeConfig, inputs: Inputs) -> nn.Module:
@@ -71,15 +56,21 @@ def build_encoder(config: RecipeConfig, inputs: Inputs) -> nn.Module:
     raise ConfigError(f"modality: {inputs.modality!r} is not supported")
 
 
-def build_method(config: RecipeConfig, contract: dict[str, Any]) -> SSLModule:
+def build_method(config: RecipeConfig, contract: Contract | dict[str, Any]) -> SSLModule:
     """Recipe + input contract -> an untrained model."""
     inputs = build_inputs(config, contract)
-    registry = EXPRESSION if inputs.modality == "expression" else IMAGE
-    if config.method.name not in registry:
-        raise ConfigError(
-            f"method.name: {config.method.name!r} is not available for {inputs.modality}; choose from {sorted(registry)}"
-        )
-    return registry[config.method.name](config, inputs, build_encoder(config, inputs))
+    cls = method_class(inputs.modality, config.method.name)
+    return cls(config, inputs, build_encoder(config, inputs))
 
 
-__all__ = ["SSLModule", "build_method", "build_inputs", "build_encoder"]
+__all__ = [
+    "SSLModule",
+    "Contract",
+    "ExpressionContract",
+    "ImageContract",
+    "build_method",
+    "build_inputs",
+    "build_encoder",
+    "contract_from_dict",
+    "method_class",
+]

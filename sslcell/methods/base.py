@@ -64,7 +64,7 @@ class SSLModule(pl.LightningModule):
     @property
     def step_seed(self) -> int:
         """A seed fixed by (recipe seed, global step, rank): resuming reproduces the same randomness."""
-        return (self.config.train.seed * 1_000_003 + self.global_step * 7919 + self.global_rank) % (2**63 - 1)
+        return step_seed(self.config.train.seed, self.global_step, self.global_rank)
 
     def _train_dataset(self) -> Any:
         return getattr(self.trainer.train_dataloader, "dataset", None)
@@ -122,6 +122,11 @@ class SSLModule(pl.LightningModule):
         """Fraction of planned optimiser steps done, in [0, 1] (for momentum schedules)."""
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         return min(self.global_step / total, 1.0)
+
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The seed of one training step: fixed by (run seed, global step, rank), so a resumed run draws the same."""
+    return (seed * 1_000_003 + step * 7919 + rank) % (2**63 - 1)
 
 
 def warmup_cosine(step: int, total: int, warmup: int, floor: float) -> float:

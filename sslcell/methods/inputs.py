@@ -1,6 +1,8 @@
-"""What a model reads: its input contract (genes or channels, normalisation) and its augmented views.
+"""What a model reads, as a module: the normalisation of its typed input contract
+(:mod:`sslcell.methods.contracts`) and its augmented views.
 
-The contract is stored in every checkpoint's ``config.json`` and checked against every input.
+The contract is stored in every checkpoint's ``config.json`` and checked against every input. ``normalize`` is
+the one normalisation routine: pretraining, ``tl.embed``, classifiers and prediction all call it.
 """
 
 from __future__ import annotations
@@ -16,20 +18,19 @@ from sslcell.augment.image import ImageAugment, ImageAugmentConfig
 from sslcell.config import from_dict
 from sslcell.data.images import CellImages
 from sslcell.errors import ChannelMismatchError, InputError
+from sslcell.methods.contracts import ExpressionContract, ImageContract, contract_from_dict
 
 
 class Inputs(nn.Module):
-    """Base class: ``normalize`` for inference, ``views`` for joint-embedding training."""
+    """Base class: ``normalize`` for inference, ``views`` for training; ``contract`` is the typed contract."""
 
     modality: str = ""
+    contract: ExpressionContract | ImageContract
 
     def normalize(self, batch: Tensor) -> Tensor:
         raise NotImplementedError
 
     def views(self, batch: Tensor, generator: torch.Generator, n: int = 2) -> list[Tensor]:
-        raise NotImplementedError
-
-    def contract(self) -> dict[str, Any]:
         raise NotImplementedError
 
 
@@ -45,29 +46,19 @@ class ExpressionInputs(Inputs):
 
     modality = "expression"
 
-    def __init__(
-        self,
-        genes: list[str],
-        *,
-        target_sum: float = 1e4,
-        counts_are_log_normalized: bool = False,
-        gene_mean: list[float] | None = None,
-        gene_std: list[float] | None = None,
-        clip: float = 10.0,
-        augment: dict[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, contract: ExpressionContract | dict[str, Any], *, augment: dict[str, Any] | None = None) -> None:
         super().__init__()
-        self.genes = list(genes)
-        self.clip = float(clip)
-        self.scaled = gene_mean is not None
+        contract = contract_from_dict(contract)
+        if not isinstance(contract, ExpressionContract):
+            raise InputError(f"ExpressionInputs needs an expression contract, got a {contract.modality} one")
+        self.genes = list(contract.genes)
+        self.clip = contract.clip
+        self.scaled = contract.scaled
         if self.scaled:
-            mean, std = torch.as_tensor(gene_mean, dtype=torch.float32), torch.as_tensor(gene_std, dtype=torch.float32)
-            if mean.shape != (len(self.genes),) or std.shape != mean.shape:
-                raise ValueError(f"gene_mean/gene_std must have one value per gene ({len(self.genes)})")
-            self.register_buffer("gene_mean", mean)
-            self.register_buffer("gene_std", std.clamp_min(1e-6))
-        self.target_sum = float(target_sum)
-        self.counts_are_log_normalized = bool(counts_are_log_normalized)
+            self.register_buffer("gene_mean", torch.tensor(contract.gene_mean, dtype=torch.float32))
+            self.register_buffer("gene_std", torch.tensor(contract.gene_std, dtype=torch.float32).clamp_min(1e-6))
+        self.target_sum = contract.target_sum
+        self.counts_are_log_normalized = contract.counts_are_log_normalized
         self.augment_config = from_dict(ExpressionAugmentConfig, dict(augment or {}), "method.augment")
         self.augment = ExpressionAugment(
             self.augment_config,
@@ -79,10 +70,16 @@ class ExpressionInputs(Inputs):
     def n_genes(self) -> int:
         return len(self.genes)
 
-    def normalize(self, batch: Tensor) -> Tensor:
-        """(N, G) counts -> (N, G) normalised float32 model input."""
+    def normalize(self, batch: Tensor, *, counts_are_log_normalized: bool | None = None) -> Tensor:
+        """(N, G) counts over the model's genes -> (N, G) normalised float32 model input.
+
+        ``counts_are_log_normalized`` declares the batch already ``log1p(count / library * target_sum)``
+        (default: as the model was trained).
+        """
         batch = batch.float()
-        x = batch if self.counts_are_log_normalized else normalize_log1p(batch, self.target_sum)
+        if counts_are_log_normalized is None:
+            counts_are_log_normalized = self.counts_are_log_normalized
+        x = batch if counts_are_log_normalized else normalize_log1p(batch, self.target_sum)
         return self.scale(x)
 
     def scale(self, x: Tensor) -> Tensor:
@@ -100,16 +97,17 @@ class ExpressionInputs(Inputs):
             views.append(self.scale(x).masked_fill(mask, 0.0))
         return views
 
-    def contract(self) -> dict[str, Any]:
-        return {
-            "modality": self.modality,
-            "genes": self.genes,
-            "target_sum": self.target_sum,
-            "counts_are_log_normalized": self.counts_are_log_normalized,
-            "gene_mean": self.gene_mean.tolist() if self.scaled else None,
-            "gene_std": self.gene_std.tolist() if self.scaled else None,
-            "clip": self.clip,
-        }
+    @property
+    def contract(self) -> ExpressionContract:
+        """The typed contract, with the statistics as held now (a loaded checkpoint's buffers included)."""
+        return ExpressionContract(
+            genes=tuple(self.genes),
+            target_sum=self.target_sum,
+            counts_are_log_normalized=self.counts_are_log_normalized,
+            gene_mean=tuple(self.gene_mean.tolist()) if self.scaled else None,
+            gene_std=tuple(self.gene_std.tolist()) if self.scaled else None,
+            clip=self.clip,
+        )
 
 
 class ImageInputs(Inputs):
@@ -122,27 +120,19 @@ class ImageInputs(Inputs):
 
     modality = "image"
 
-    def __init__(
-        self,
-        channel_names: list[str],
-        channel_mean: list[float],
-        channel_std: list[float],
-        image_size: list[int],
-        *,
-        dtype: str = "uint8",
-        augment: dict[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, contract: ImageContract | dict[str, Any], *, augment: dict[str, Any] | None = None) -> None:
         super().__init__()
-        self.channel_names = [str(c) for c in channel_names]
+        contract = contract_from_dict(contract)
+        if not isinstance(contract, ImageContract):
+            raise InputError(f"ImageInputs needs an image contract, got a {contract.modality} one")
+        self.channel_names = list(contract.channel_names)
         n = len(self.channel_names)
-        mean = torch.as_tensor(channel_mean, dtype=torch.float32)
-        std = torch.as_tensor(channel_std, dtype=torch.float32)
-        if mean.shape != (n,) or std.shape != (n,):
-            raise ValueError(f"channel_mean/channel_std must have one value per channel ({n})")
+        mean = torch.tensor(contract.channel_mean, dtype=torch.float32)
+        std = torch.tensor(contract.channel_std, dtype=torch.float32)
         self.register_buffer("channel_mean", mean.view(1, n, 1, 1))
         self.register_buffer("channel_std", std.clamp_min(1e-6).view(1, n, 1, 1))
-        self.image_size = [int(s) for s in image_size]
-        self.dtype = str(dtype)
+        self.image_size = list(contract.image_size)
+        self.dtype = contract.dtype
         self.augment_config = image_augment_config(augment)
         self.augment = ImageAugment(self.augment_config)
 
@@ -209,15 +199,16 @@ class ImageInputs(Inputs):
         if batch.is_floating_point() and not torch.isfinite(batch).all():
             raise InputError("images contain NaN or inf")
 
-    def contract(self) -> dict[str, Any]:
-        return {
-            "modality": self.modality,
-            "channel_names": self.channel_names,
-            "channel_mean": self.channel_mean.flatten().tolist(),
-            "channel_std": self.channel_std.flatten().tolist(),
-            "image_size": self.image_size,
-            "dtype": self.dtype,
-        }
+    @property
+    def contract(self) -> ImageContract:
+        """The typed contract, with the statistics as held now (a loaded checkpoint's buffers included)."""
+        return ImageContract(
+            channel_names=tuple(self.channel_names),
+            channel_mean=tuple(self.channel_mean.flatten().tolist()),
+            channel_std=tuple(self.channel_std.flatten().tolist()),
+            image_size=tuple(self.image_size),
+            dtype=self.dtype,
+        )
 
 
 _INTEGER_DTYPES = ("uint8", "uint16")

@@ -10,6 +10,7 @@ rounding, and a point's distance to itself is exactly 0.
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import faiss
@@ -224,19 +225,24 @@ def knn_transfer(
     reference_emb,
     reference_labels,
     query_emb,
-    k: int = 15,
+    n_neighbors: int = 15,
     *,
     metric: Metric = "euclidean",
     weights: Literal["uniform", "distance"] = "uniform",
+    k: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Zero-shot label transfer: label each query cell by a vote of its ``k`` nearest reference cells.
+    """Zero-shot label transfer: label each query cell by a vote of its ``n_neighbors`` nearest reference cells.
 
     ``reference_emb (N, D)``, ``reference_labels (N,)``, ``query_emb (M, D)`` ->
     ``labels (M,)`` (values of ``reference_labels``) and ``confidence (M,)``: the winning label's
-    share of the (weighted) votes, in ``(0, 1]``. No training; ``k`` is capped at ``N``.
+    share of the (weighted) votes, in ``(0, 1]``. No training; ``n_neighbors`` is capped at ``N``.
+    ``k``: the deprecated name of ``n_neighbors``.
     """
+    if k is not None:
+        warnings.warn("k is deprecated; use n_neighbors", DeprecationWarning, stacklevel=2)
+        n_neighbors = k
     n_ref = reference_emb.shape[0] if hasattr(reference_emb, "shape") else len(reference_emb)
-    clf = FaissKNNClassifier(min(int(k), n_ref), metric=metric, weights=weights)
+    clf = FaissKNNClassifier(min(int(n_neighbors), n_ref), metric=metric, weights=weights)
     proba = clf.fit(reference_emb, reference_labels).predict_proba(query_emb)
     best = np.argmax(proba, axis=1)
     return clf.classes_[best], proba[np.arange(len(best)), best]

@@ -1,8 +1,9 @@
 """The compiled CPU kernel of ImageAugment against the torch pipeline, and its building blocks.
 
-On CPU, float32 / uint8 / uint16 batches go through ``sslcell.augment._cpu_kernel``; the torch
-pipeline (``_Pipeline``) serves GPUs, float64 and autograd. Both must give the same values from
-the same drawn parameters, for every resampling path, padding mode, shape and channel count.
+On CPU, float32 / uint8 / uint16 batches go through ``sslcell.augment.image.cpu_kernel``; the
+torch pipeline (``sslcell.augment.image.torch_pipeline``) serves GPUs, float64 and autograd. Both
+must give the same values from the same drawn parameters, for every resampling path, padding
+mode, shape and channel count.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from sslcell.augment import _cpu_kernel as kernel
-from sslcell.augment import image as image_module
 from sslcell.augment.image import ImageAugment, ImageAugmentConfig, two_views
+from sslcell.augment.image import cpu_kernel as kernel
+from sslcell.augment.image import execute as execute_module
 from sslcell.errors import InputError
 
 ALL_OPS = dict(scale=(0.2, 1.0), ratio=(0.5, 2.0), hflip=0.5, vflip=0.5, rot90=True,
@@ -26,7 +27,7 @@ def gen(seed: int = 0) -> torch.Generator:
 
 
 def torch_pipeline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(image_module, "_use_cpu_kernel", lambda images: False)
+    monkeypatch.setattr(execute_module, "use_cpu_kernel", lambda images: False)
 
 
 @pytest.mark.parametrize("padding_mode", ["reflection", "border", "zeros"])
@@ -49,8 +50,30 @@ def test_kernel_equals_the_torch_pipeline_for_two_views_and_the_identity(monkeyp
     default = ImageAugment(ImageAugmentConfig(output_size=12))
     fast = [*two_views(default, x, gen(4)), identity(x, gen(5))]
     torch_pipeline(monkeypatch)
-    for got, want in zip(fast, [*two_views(default, x, gen(4)), identity(x, gen(5))]):
+    for got, want in zip(fast, [*two_views(default, x, gen(4)), identity(x, gen(5))], strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=2e-4)
+
+
+def test_autograd_takes_the_torch_pipeline_with_the_kernel_values_and_finite_gradients():
+    x = torch.randn((40, 3, 20, 20), generator=gen(10))
+    aug = ImageAugment(ImageAugmentConfig(output_size=16, **ALL_OPS))
+    fast = aug(x, gen(11))
+    leaf = x.clone().requires_grad_()
+    out = aug(leaf, gen(11))
+    assert out.requires_grad
+    torch.testing.assert_close(out.detach(), fast, rtol=0, atol=2e-4)
+    (out * torch.randn(out.shape, generator=gen(12))).sum().backward()
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all() and leaf.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("repeats", [1, 3])
+def test_torch_pipeline_takes_an_empty_batch_and_repeats(monkeypatch, repeats):
+    aug = ImageAugment(ImageAugmentConfig(output_size=8, **ALL_OPS))
+    x = torch.randn((5, 2, 12, 12), generator=gen(15))
+    fast = aug._augment(x, gen(16), repeats)
+    torch_pipeline(monkeypatch)
+    assert aug._augment(x[:0], gen(16), repeats).shape == (0, 2, 8, 8)
+    torch.testing.assert_close(aug._augment(x, gen(16), repeats), fast, rtol=0, atol=2e-4)
 
 
 @pytest.mark.parametrize("dtype,top", [(torch.uint8, 255), (torch.uint16, 60000)])
@@ -69,7 +92,7 @@ def test_raw_crops_are_normalised_on_the_way(monkeypatch, dtype, top, padding_mo
 
 def test_path_numbering_is_shared():
     assert (kernel.GENERAL, kernel.UPRIGHT, kernel.TURNED, kernel.COPY) == (
-        image_module._GRID, image_module._UPRIGHT, image_module._TURNED, image_module._COPY)
+        execute_module.GRID, execute_module.UPRIGHT, execute_module.TURNED, execute_module.COPY)
 
 
 def test_normalisation_errors_name_the_problem():

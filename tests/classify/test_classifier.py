@@ -78,7 +78,7 @@ def test_save_load_round_trip_gives_identical_probabilities(crops, tmp_path, kin
     assert restored.classes == CLASSES
     assert restored.dropout.p == pytest.approx(0.3)
     assert restored.info == {"note": "round trip", "extra": 1}
-    assert restored.inputs.contract() == classifier.inputs.contract()
+    assert restored.inputs.contract == classifier.inputs.contract
     assert torch.equal(restored.predict_proba(batch), expected)
     a, b = classifier.state_dict(), restored.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -20,7 +20,8 @@ from sslcell.train import pretrain
 from tests.conftest import tiny_recipe
 
 # the module, not the function: ``sslcell.classify`` re-exports ``finetune``, shadowing the submodule's name
-finetune_module = importlib.import_module("sslcell.classify.finetune")
+training_module = importlib.import_module("sslcell.classify.training")  # full fine-tuning's run
+probes_module = importlib.import_module("sslcell.evaluate.probes")  # the one logistic probe
 
 S = 16
 NAMES = ["dna", "actin"]
@@ -243,14 +244,14 @@ def test_oversampling_weights_are_inverse_class_counts(model, monkeypatch):
     y[np.random.default_rng(0).choice(200, 10, replace=False)] = 1
     x = crops_of(y, 5)
     captured = []
-    original = finetune_module.make_image_dataloader
+    original = training_module.make_image_dataloader
 
     def spy(cells, **kwargs):
         loader = original(cells, **kwargs)
         captured.append((kwargs.get("weights"), loader.dataset))
         return loader
 
-    monkeypatch.setattr(finetune_module, "make_image_dataloader", spy)
+    monkeypatch.setattr(training_module, "make_image_dataloader", spy)
     finetune(model, cells_of(x, CLASSES[y]), "label", full(epochs=1))
     weights, dataset = captured[-1]
     expected = np.where(y == 1, 1 / 10, 1 / 190)
@@ -275,7 +276,7 @@ def test_linear_probe_balances_class_weights_when_oversampling(model, train, mon
             seen["class_weight"] = self.class_weight
             return super().fit(X, y, sample_weight)
 
-    monkeypatch.setattr(finetune_module, "LogisticRegression", Spy)
+    monkeypatch.setattr(probes_module, "LogisticRegression", Spy)
     finetune(model, cells_of(train[0], CLASSES[train[1]]), "label", linear(oversample=oversample))
     assert seen["class_weight"] == ("balanced" if oversample else None)
 
@@ -289,7 +290,7 @@ def test_linear_probe_class_weights_follow_the_oversampling_power(model, monkeyp
             return super().fit(X, y, sample_weight)
 
     y = np.array([0] * 30 + [1] * 10 + [2] * 20)
-    monkeypatch.setattr(finetune_module, "LogisticRegression", Spy)
+    monkeypatch.setattr(probes_module, "LogisticRegression", Spy)
     finetune(model, cells_of(crops_of(y, 3), CLASSES[y]), "label", linear(oversample=0.5))
     # codes follow the sorted class names: mid (20 cells), neg (30), pos (10); sklearn's "balanced" is n / (K count)
     balanced = {k: 60 / (3 * count) for k, count in enumerate([20, 30, 10])}
@@ -304,7 +305,7 @@ def test_oversample_must_be_a_flag_or_a_power(value):
 
 def test_encoder_learning_rate_is_lr_times_factor(model, train, monkeypatch):
     groups = []
-    original = finetune_module._FinetuneModule.configure_optimizers
+    original = training_module._FinetuneModule.configure_optimizers
 
     def spy(self):
         out = original(self)
@@ -312,7 +313,7 @@ def test_encoder_learning_rate_is_lr_times_factor(model, train, monkeypatch):
         groups.append(self.classifier)
         return out
 
-    monkeypatch.setattr(finetune_module._FinetuneModule, "configure_optimizers", spy)
+    monkeypatch.setattr(training_module._FinetuneModule, "configure_optimizers", spy)
     finetune(model, cells_of(train[0], CLASSES[train[1]]), "label", full(epochs=1, lr=2e-3, encoder_lr_factor=0.05))
     (head_lr, head_ids), (encoder_lr, encoder_ids) = groups[0]
     classifier = groups[1]

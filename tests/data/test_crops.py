@@ -150,7 +150,7 @@ def test_crops_from_fields_segments_each_field():
     assert sorted(map(tuple, centres[: len(CELLS)])) == sorted(CELLS)
     assert sorted(map(tuple, centres[len(CELLS) :])) == sorted(second)
     crops = cells.batch(np.arange(len(cells)))
-    for crop, fov_id, centre in zip(crops, cells.obs["fov_id"], centres):
+    for crop, fov_id, centre in zip(crops, cells.obs["fov_id"], centres, strict=True):
         np.testing.assert_array_equal(crop, reference_crop(fovs[fov_id], tuple(centre), 20))
 
     given = crops_from_fields(fovs[:1], masks=[planted_masks()], size=20, fov_ids=["A"])

@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from sslcell.data.expression import ExpressionDataset, Workspace, _ArrayReader
+from sslcell.data.expression import ExpressionDataset
+from sslcell.data.shards import Workspace
 from sslcell.errors import FileFormatError, GeneMismatchError, InputError
 
 
@@ -64,7 +65,8 @@ def test_dense_and_csc_storage_and_layers(tmp_path):
     a.layers["dense"] = x.toarray()
     a.write_h5ad(tmp_path / "d.h5ad")
     np.testing.assert_array_equal(dense(ExpressionDataset.open(tmp_path / "d.h5ad")), x.toarray())
-    np.testing.assert_array_equal(dense(ExpressionDataset.open(tmp_path / "d.h5ad", layer="dense"), 3, 30), x[3:30].toarray())
+    dense_layer = ExpressionDataset.open(tmp_path / "d.h5ad", layer="dense")
+    np.testing.assert_array_equal(dense(dense_layer, 3, 30), x[3:30].toarray())
     with pytest.warns(UserWarning, match="CSC"):
         csc = ExpressionDataset.open(tmp_path / "d.h5ad", layer="counts")
     np.testing.assert_array_equal(dense(csc, 3, 30), x[3:30].toarray())
@@ -207,24 +209,6 @@ def test_structural_errors(tmp_path):
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(InputError, match="no .h5ad files"):
         ExpressionDataset.open(tmp_path / "empty_dir")
-
-
-@pytest.mark.parametrize("chunks", [None, 7, 1000])
-def test_raw_chunk_reader_matches_h5py(tmp_path, chunks):
-    """The pread fast path returns what h5py returns, for contiguous and chunked layouts."""
-    values = np.random.default_rng(0).integers(0, 1000, 5003).astype(np.int32)
-    with h5py.File(tmp_path / "v.h5", "w") as f:
-        f.create_dataset("v", data=values, chunks=chunks)
-        f.create_dataset("z", data=values, chunks=(64,), compression="gzip")
-    with h5py.File(tmp_path / "v.h5", "r") as f:
-        fast, filtered = _ArrayReader(f["v"], str(tmp_path / "v.h5")), _ArrayReader(f["z"], str(tmp_path / "v.h5"))
-        assert fast.offsets is not None and filtered.offsets is None
-        for a, b in [(0, 5003), (6, 7), (13, 2900), (4990, 5003), (5, 5)]:
-            for reader in (fast, filtered):
-                out = np.empty(b - a, np.int32)
-                reader.read(a, b, out)
-                np.testing.assert_array_equal(out, values[a:b])
-        fast.close()
 
 
 def test_dataset_pickles_without_open_handles(tmp_path):

@@ -115,5 +115,5 @@ def test_programme_index_recovers_synthetic_truth():
     truth = programmes_of(adata)
     names, index = programme_index(truth, adata.var_names)
     assert names == list(truth)
-    for name, idx in zip(names, index):
+    for name, idx in zip(names, index, strict=True):
         np.testing.assert_array_equal(idx, np.flatnonzero(adata.var[f"programme_{name}"].to_numpy()))

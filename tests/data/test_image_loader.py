@@ -51,7 +51,7 @@ def test_every_cell_once_per_epoch_with_its_pixels_and_dtype(cells16, x16):
     assert [len(r) for r in rows] == [32] * (N // 32) + [N % 32]
     np.testing.assert_array_equal(np.sort(np.concatenate(rows)), np.arange(N))
     assert not np.array_equal(np.concatenate(rows), np.arange(N))  # shuffled
-    for batch, index in zip(batches, rows):
+    for batch, index in zip(batches, rows, strict=True):
         assert batch.dtype == torch.uint16 and batch.shape == (len(index), C, H, W)
         np.testing.assert_array_equal(batch.numpy(), x16[index])
     assert int(torch.cat(batches).to(torch.int32).max()) > 255  # uint16 values were not squeezed into 8 bits
@@ -63,7 +63,7 @@ def test_drop_last_and_uint8_stay_uint8():
     batches, rows = epoch(loader)
     assert len(batches) == len(loader) == N // 32 and all(len(r) == 32 for r in rows)
     assert len(np.unique(np.concatenate(rows))) == 32 * len(rows)
-    for batch, index in zip(batches, rows):
+    for batch, index in zip(batches, rows, strict=True):
         assert batch.dtype == torch.uint8
         np.testing.assert_array_equal(batch.numpy(), x8[index])
 
@@ -96,7 +96,7 @@ def test_ranks_get_equal_batch_counts_and_disjoint_cells(cells16, x16, world_siz
             loader = ImageBatchLoader(cells16, batch_size=32, rank=rank, world_size=world_size, return_index=True)
             batches, rows = epoch(loader, e)
             assert len(rows) == len(loader) and all(len(r) == 32 for r in rows)
-            for batch, index in zip(batches, rows):
+            for batch, index in zip(batches, rows, strict=True):
                 np.testing.assert_array_equal(batch.numpy(), x16[index])
             counts.append(len(rows))
             seen.append(np.concatenate(rows))
@@ -129,7 +129,7 @@ def test_skip_batches_yields_exactly_the_tail(cells16, num_workers):
         loader.dataset.skip_batches(skip)
         got = list(loader)
         assert len(got) == max(len(full_rows) - skip, 0), skip
-        for (batch, index), ref_batch, ref_rows in zip(got, full_batches[skip:], full_rows[skip:]):
+        for (batch, index), ref_batch, ref_rows in zip(got, full_batches[skip:], full_rows[skip:], strict=True):
             np.testing.assert_array_equal(index.numpy(), ref_rows)
             assert torch.equal(batch, ref_batch)
     if num_workers == 0:
@@ -209,6 +209,6 @@ def test_memmapped_npz_crops(tmp_path, x16):
     loader = make_image_dataloader(cells.select_channels([3, 1]), batch_size=32, num_workers=0, return_index=True)
     batches, rows = epoch(loader, 0)
     assert len(batches) == N // 32
-    for batch, index in zip(batches, rows):
+    for batch, index in zip(batches, rows, strict=True):
         assert batch.dtype == torch.uint16 and batch.shape == (32, 2, H, W)
         np.testing.assert_array_equal(batch.numpy(), x16[index][:, [3, 1]])

@@ -11,8 +11,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from sslcell.data.expression import ExpressionDataset
 import sslcell.data.loader as loader_module
+from sslcell.data.expression import ExpressionDataset
 from sslcell.data.loader import BlockShuffleLoader, make_dataloader
 from sslcell.errors import ConfigError
 
@@ -44,12 +44,14 @@ def epoch(loader, epoch: int = 0) -> tuple[list[torch.Tensor], list[np.ndarray]]
 
 
 def test_every_row_once_per_epoch_with_its_values(dataset, reference):
-    loader = BlockShuffleLoader(dataset, batch_size=48, block_size=64, buffer_blocks=3, drop_last=False, return_index=True)
+    loader = BlockShuffleLoader(
+        dataset, batch_size=48, block_size=64, buffer_blocks=3, drop_last=False, return_index=True
+    )
     batches, rows = epoch(loader)
     assert len(batches) == len(loader) == -(-N_OBS // 48)
     assert [len(r) for r in rows[:-1]] == [48] * (len(rows) - 1) and len(rows[-1]) == N_OBS % 48
     np.testing.assert_array_equal(np.sort(np.concatenate(rows)), np.arange(N_OBS))
-    for batch, index in zip(batches, rows):
+    for batch, index in zip(batches, rows, strict=True):
         assert batch.dtype == torch.float32 and batch.shape == (len(index), N_GENES)
         np.testing.assert_array_equal(batch.numpy(), reference[index])
     assert not np.array_equal(np.concatenate(rows), np.arange(N_OBS))  # shuffled
@@ -64,7 +66,8 @@ def test_drop_last_yields_only_full_batches(dataset):
 
 def test_order_depends_only_on_seed_and_epoch(dataset):
     def order(seed, e):
-        loader = BlockShuffleLoader(dataset, batch_size=32, block_size=50, buffer_blocks=4, seed=seed, return_index=True)
+        loader = BlockShuffleLoader(dataset, batch_size=32, block_size=50, buffer_blocks=4, seed=seed,
+                                    return_index=True)
         return np.concatenate(epoch(loader, e)[1])
 
     np.testing.assert_array_equal(order(0, 3), order(0, 3))
@@ -73,7 +76,8 @@ def test_order_depends_only_on_seed_and_epoch(dataset):
 
 
 def test_no_shuffle_gives_file_order(dataset, reference):
-    loader = BlockShuffleLoader(dataset, batch_size=30, block_size=64, shuffle=False, drop_last=False, return_index=True)
+    loader = BlockShuffleLoader(dataset, batch_size=30, block_size=64, shuffle=False, drop_last=False,
+                                return_index=True)
     batches, rows = epoch(loader)
     np.testing.assert_array_equal(np.concatenate(rows), np.arange(N_OBS))
     np.testing.assert_array_equal(torch.cat(batches).numpy(), reference)
@@ -84,7 +88,7 @@ def test_csr_and_dense_outputs_agree(dataset):
     dense, dense_rows = epoch(BlockShuffleLoader(dataset, output="dense", **kwargs))
     csr, csr_rows = epoch(BlockShuffleLoader(dataset, output="csr", **kwargs))
     assert len(csr) == len(dense)
-    for a, b, ra, rb in zip(dense, csr, dense_rows, csr_rows):
+    for a, b, ra, rb in zip(dense, csr, dense_rows, csr_rows, strict=True):
         assert b.layout == torch.sparse_csr and b.dtype == torch.float32
         np.testing.assert_array_equal(ra, rb)
         torch.testing.assert_close(b.to_dense(), a)
@@ -118,7 +122,8 @@ def test_stream_lengths_are_equal_for_every_permutation(dataset):
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_skip_batches_resumes_exactly(dataset, num_workers):
-    loader = make_dataloader(dataset, batch_size=20, block_size=50, buffer_blocks=3, num_workers=num_workers, return_index=True)
+    loader = make_dataloader(dataset, batch_size=20, block_size=50, buffer_blocks=3, num_workers=num_workers,
+                             return_index=True)
     full_batches, full_rows = epoch(loader, 2)
     for skip in (0, 7, 31, len(full_rows) - 1, len(full_rows) + 3):
         loader.dataset.set_epoch(2)
@@ -128,7 +133,7 @@ def test_skip_batches_resumes_exactly(dataset, num_workers):
             batches.append(batch)
             rows.append(index.numpy())
         assert len(rows) == max(len(full_rows) - skip, 0)
-        for a, b, ra, rb in zip(batches, full_batches[skip:], rows, full_rows[skip:]):
+        for a, b, ra, rb in zip(batches, full_batches[skip:], rows, full_rows[skip:], strict=True):
             np.testing.assert_array_equal(ra, rb)
             torch.testing.assert_close(a, b)
 
@@ -155,7 +160,8 @@ def test_sharded_and_aligned_dataset(tmp_path):
     for k, n in enumerate([130, 45, 201]):
         genes = list(rng.permutation(model)[: 10 + k]) + [f"extra{k}"]
         x = (rng.random((n, len(genes))) < 0.4) * rng.integers(1, 9, (n, len(genes)))
-        ad.AnnData(sp.csr_matrix(x.astype(np.float32)), var=pd.DataFrame(index=genes)).write_h5ad(tmp_path / f"part{k}.h5ad")
+        part = ad.AnnData(sp.csr_matrix(x.astype(np.float32)), var=pd.DataFrame(index=genes))
+        part.write_h5ad(tmp_path / f"part{k}.h5ad")
         full = np.zeros((n, len(model)), np.float32)
         for j, g in enumerate(genes):
             if g in model:

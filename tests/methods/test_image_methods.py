@@ -10,8 +10,10 @@ from sslcell.checkpoint import load, save_model
 from sslcell.data.images import CellImages
 from sslcell.errors import ChannelMismatchError, ConfigError, InputError
 from sslcell.methods import build_method
+from sslcell.methods.contracts import ImageContract
 from sslcell.methods.inputs import ImageInputs
-from tests.conftest import TINY_IMAGE_ENCODERS, tiny_image_recipe as image_recipe
+from tests.conftest import TINY_IMAGE_ENCODERS
+from tests.conftest import tiny_image_recipe as image_recipe
 
 C, S = 4, 16  # channels, crop side
 NAMES = ["brightfield", "dna", "darkfield", "actin"]
@@ -55,7 +57,7 @@ def batch(crops) -> torch.Tensor:
 def test_normalize_standardises_each_channel(dtype):
     x = make_crops(200, dtype=dtype, seed=1)
     c = image_contract(x)
-    inputs = ImageInputs(c["channel_names"], c["channel_mean"], c["channel_std"], c["image_size"], dtype=c["dtype"])
+    inputs = ImageInputs(c)
     assert c["channel_std"][0] > 10 * c["channel_std"][2]  # the test data really has channels on different scales
     out = inputs.normalize(torch.from_numpy(x))
     assert out.dtype == torch.float32 and out.shape == x.shape
@@ -68,7 +70,8 @@ def test_normalize_standardises_each_channel(dtype):
 
 
 def _inputs(size=(S, S)) -> ImageInputs:
-    return ImageInputs(NAMES, [100.0] * C, [10.0] * C, list(size))
+    return ImageInputs(ImageContract(channel_names=tuple(NAMES), channel_mean=(100.0,) * C, channel_std=(10.0,) * C,
+                                     image_size=tuple(size)))
 
 
 def test_inputs_are_checked():
@@ -91,7 +94,7 @@ def test_inputs_are_checked():
 
 
 def test_views_differ_and_are_reproducible(batch):
-    inputs = ImageInputs(**{k: v for k, v in image_contract(batch.numpy()).items() if k not in ("modality",)})
+    inputs = ImageInputs(image_contract(batch.numpy()))
     original = batch.clone()
     views = inputs.views(batch, torch.Generator().manual_seed(5), n=3)
     assert len(views) == 3 and all(v.shape == (32, C, S, S) and v.dtype == torch.float32 for v in views)
@@ -99,7 +102,7 @@ def test_views_differ_and_are_reproducible(batch):
         for j in range(i + 1, 3):
             assert not torch.allclose(views[i], views[j])
     again = inputs.views(batch, torch.Generator().manual_seed(5), n=3)
-    assert all(torch.equal(a, b) for a, b in zip(views, again))
+    assert all(torch.equal(a, b) for a, b in zip(views, again, strict=True))
     other = inputs.views(batch, torch.Generator().manual_seed(6), n=3)
     assert not torch.allclose(views[0], other[0])
     assert torch.equal(batch, original)  # the raw batch is left alone
@@ -110,7 +113,7 @@ def test_contract_round_trips_through_build_save_load(crops, batch, tmp_path):
     contract = image_contract(crops)
     model = build_method(image_recipe("simclr"), contract)
     assert model.inputs.channel_names == NAMES and model.encoder.in_channels == C
-    stored = model.inputs.contract()
+    stored = model.inputs.contract.to_dict()
     assert stored["channel_names"] == NAMES and stored["image_size"] == [S, S] and stored["dtype"] == "uint16"
     np.testing.assert_allclose(stored["channel_mean"], contract["channel_mean"], rtol=1e-6)
     np.testing.assert_allclose(stored["channel_std"], contract["channel_std"], rtol=1e-6)
@@ -121,7 +124,7 @@ def test_contract_round_trips_through_build_save_load(crops, batch, tmp_path):
     opt.step()
     save_model(model, tmp_path / "m")
     restored = load(tmp_path / "m")
-    assert restored.inputs.contract() == stored
+    assert restored.inputs.contract.to_dict() == stored
     assert torch.equal(restored.embed(batch), model.embed(batch))
     fresh = build_method(image_recipe("simclr"), stored)
     assert not torch.allclose(fresh.embed(batch), model.embed(batch))

@@ -52,7 +52,9 @@ def test_mae_scores_masked_entries_only():
 def test_programme_masking_masks_whole_programmes(tmp_path):
     genes = [f"g{i}" for i in range(N_GENES)]
     gmt = tmp_path / "p.gmt"
-    gmt.write_text("".join(f"{name}\ttest\t" + "\t".join(genes[i * 10:(i + 1) * 10]) + "\n" for i, name in enumerate("ABC")))
+    gmt.write_text(
+        "".join(f"{name}\ttest\t" + "\t".join(genes[i * 10 : (i + 1) * 10]) + "\n" for i, name in enumerate("ABC"))
+    )
     config = tiny_recipe("mae", method={"masking": "programme", "mask_rate": 0.3, "programmes": str(gmt)})
     model = build_method(config, _contract(genes))
     assert model.programme_names == ["A", "B", "C"]
@@ -71,7 +73,7 @@ def test_byol_momentum_update_moves_target():
 
     update_momentum(model.encoder, model.encoder_momentum, m=0.5)
     after = list(model.encoder_momentum.parameters())
-    assert all(not torch.equal(a, b) for a, b in zip(after, before))
+    assert all(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
     assert all(not p.requires_grad for p in model.encoder_momentum.parameters())
 
 

@@ -12,7 +12,7 @@ from scipy import sparse
 from sslcell.errors import ConfigError, InputError
 from sslcell.evaluate import EvaluationReport, evaluate
 
-DATA = Path(__file__).parents[1] / ".." / "shared" / "data"
+DATA = Path(__file__).parents[2] / ".." / "shared" / "data"
 
 
 def _adata(n_per_type=60, n_genes=200, seed=0) -> ad.AnnData:

@@ -1,12 +1,15 @@
 """The whole augmentation of one crop in one compiled loop nest: the CPU executor of ``ImageAugment``.
 
 :func:`augment_range` makes the crops ``a:z`` of a batch from parameters drawn beforehand (by
-``sslcell.augment.image``): the bilinear resampling (crop, flips, 90-degree turns, rotation),
-per-channel gamma, contrast and brightness, blur and noise, each crop written once to its row
-of the output and kept in cache (3 x 64 x 64 float32 is 48 KiB) while every op runs on it. It
-is compiled by numba (on first use, cached on disk) with ``nogil``, so Python threads run ranges of
-the batch in parallel; no numba threading layer is used (the workqueue layer is not
-thread-safe, and the caller may be a DataLoader thread).
+:mod:`sslcell.augment.image.config`, handed over as numpy arrays by
+:mod:`sslcell.augment.image.execute`): the bilinear resampling (crop, flips, 90-degree turns,
+rotation), per-channel gamma, contrast and brightness, blur and noise, each crop written once to
+its row of the output and kept in cache (3 x 64 x 64 float32 is 48 KiB) while every op runs on
+it. It is compiled by numba (on first use, cached on disk) with ``nogil``, so Python threads run
+ranges of the batch in parallel; no numba threading layer is used (the workqueue layer is not
+thread-safe, and the caller may be a DataLoader thread). The torch pipeline
+(:mod:`sslcell.augment.image.torch_pipeline`) is its reference: same values from the same
+parameters, up to float rounding.
 
 Vectorisation notes (each measured on the 2-core CI machine):
 
@@ -33,7 +36,7 @@ from numba.extending import intrinsic
 # padding modes, as grid_sample's
 ZEROS, BORDER, REFLECTION = 0, 1, 2
 # resampling of a crop: per-pixel affine map, separable (rows then columns), transposed separable,
-# or none (the crop is its image); the numbering of sslcell.augment.image's resampling paths
+# or none (the crop is its image); the numbering of sslcell.augment.image.execute's resampling paths
 GENERAL, UPRIGHT, TURNED, COPY = 0, 1, 2, 3
 
 _JIT = dict(nogil=True, cache=True, fastmath={"nsz", "arcp", "contract", "reassoc"})
@@ -361,8 +364,8 @@ def _blur(crop: np.ndarray, kernel: np.ndarray, radius: int, scratch: np.ndarray
 def augment_range(images: np.ndarray, scale: np.ndarray, bias: np.ndarray, sources: np.ndarray,
                   theta: np.ndarray, paths: np.ndarray, padding: int, log_gamma: np.ndarray,
                   factor: np.ndarray, shift: np.ndarray, kernels: np.ndarray, radius: int,
-                  blurred: np.ndarray, noise_std: np.ndarray, noise_offset: np.ndarray, bank: np.ndarray, out: np.ndarray, start: int,
-                  stop: int) -> None:
+                  blurred: np.ndarray, noise_std: np.ndarray, noise_offset: np.ndarray, bank: np.ndarray,
+                  out: np.ndarray, start: int, stop: int) -> None:
     """Make crops ``start:stop`` of ``out`` (B, C, h, w) float32 from ``images`` (N, C, H, W).
 
     ``images`` may be float32, uint8 or uint16 (compiled for each): they are normalised while

@@ -1,0 +1,134 @@
+"""Full fine-tuning of a :class:`CellClassifier` on crops: the Lightning module, the run, precise batch norm.
+
+Settings come from :class:`~sslcell.classify.finetune.FinetuneConfig` (its docstring says why each default).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sslcell.augment.image import ImageAugment
+from sslcell.classify.classifier import CellClassifier
+from sslcell.data.image_loader import make_image_dataloader
+from sslcell.data.images import CellImages
+from sslcell.methods.base import step_seed, warmup_cosine
+from sslcell.methods.inputs import image_augment_config
+from sslcell.train import on_gpu, resolve_precision
+
+
+class _FinetuneModule(pl.LightningModule):
+    def __init__(self, classifier: CellClassifier, codes: np.ndarray, config: Any) -> None:
+        super().__init__()
+        self.classifier, self.config = classifier, config
+        self.register_buffer("codes", torch.from_numpy(codes.astype(np.int64)), persistent=False)
+        self.augment = ImageAugment(image_augment_config(config.augment))
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, rows = batch
+        seed = step_seed(self.config.seed, self.global_step)
+        torch.manual_seed(seed)
+        generator = torch.Generator(device=images.device).manual_seed(seed)
+        x = self.classifier.inputs.views(images, generator, n=1, augment=self.augment)[0]
+        logits = self.classifier(x)
+        loss = F.cross_entropy(logits.float(), self.codes[rows], label_smoothing=self.config.label_smoothing)
+        accuracy = (logits.argmax(1) == self.codes[rows]).float().mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(rows))
+        self.log("train/accuracy", accuracy, prog_bar=True, batch_size=len(rows))
+        return loss
+
+    def on_train_epoch_start(self) -> None:
+        self.trainer.train_dataloader.dataset.set_epoch(self.current_epoch)
+        if self.config.encoder_lr_factor == 0:  # a frozen encoder stays as it is: no batch-norm statistics updates
+            self.classifier.encoder.eval()
+
+    def configure_optimizers(self) -> Any:
+        c = self.config
+        head = list(self.classifier.head.parameters())
+        encoder = [p for p in self.classifier.encoder.parameters() if p.requires_grad]
+        groups = [{"params": head, "lr": c.lr}]
+        if c.encoder_lr_factor > 0:
+            groups.append({"params": encoder, "lr": c.lr * c.encoder_lr_factor})
+        else:
+            for p in encoder:
+                p.requires_grad_(False)
+        optimizer = torch.optim.AdamW(groups, weight_decay=c.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = int(total * c.warmup_fraction)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, total, warmup, 0.01))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def fit_full(classifier: CellClassifier, cells: CellImages, codes: np.ndarray, config: Any) -> None:
+    """Train encoder and head together on augmented crops (``codes`` ``(N,)``: class of each crop), then
+    re-estimate the batch-norm statistics."""
+    weights = None
+    if config.oversample:
+        counts = np.bincount(codes)
+        weights = counts[codes] ** -float(config.oversample)
+    batch_size = min(config.batch_size, len(codes))
+    loader = make_image_dataloader(
+        cells, batch_size=batch_size, seed=config.seed, weights=weights, return_index=True
+    )
+    precision = resolve_precision(config.accelerator, config.precision)
+    trainer = pl.Trainer(
+        max_epochs=config.epochs,
+        accelerator=config.accelerator,
+        devices=1,
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=config.progress_bar,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
+    module = _FinetuneModule(classifier, codes, config)
+    module.train()  # a loaded model comes in eval mode; dropout and batch norm must train here
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")  # exact here
+        trainer.fit(module, loader)
+    if config.encoder_lr_factor > 0:
+        device = torch.device("cuda") if on_gpu(config.accelerator) else torch.device("cpu")
+        _recalibrate_batch_norm(classifier.to(device), cells, weights, batch_size, config.seed)
+    classifier.cpu()
+
+
+@torch.no_grad()
+def _recalibrate_batch_norm(classifier: CellClassifier, cells: CellImages, weights: np.ndarray | None,
+                            batch_size: int, seed: int, max_cells: int = 8192) -> None:
+    """Re-estimate the encoder's batch-norm statistics for the final weights ("precise BN").
+
+    During fine-tuning batch norm normalises with each batch's statistics, while its running averages trail the
+    changing weights (momentum 0.1). After a short run they no longer match the final encoder and its
+    predictions in eval mode can collapse to one class. One pass in train mode with cumulative averaging
+    (``momentum=None``) over at most ``max_cells`` un-augmented training crops, drawn (seeded) as training drew
+    them: with the oversampling ``weights`` when given. The layers after batch norm were trained on
+    statistics of class-balanced batches; statistics of the natural class mix would shift their inputs.
+    """
+    norms = [m for m in classifier.encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    rng = np.random.default_rng(seed)
+    n = min(len(cells), max_cells)
+    if weights is not None:
+        rows = rng.choice(len(cells), n, replace=True, p=weights / weights.sum())
+    else:
+        rows = rng.permutation(len(cells))[:n]
+    device = next(classifier.parameters()).device
+    classifier.encoder.train()
+    for start in range(0, len(rows), batch_size):
+        batch = torch.from_numpy(cells.batch(np.sort(rows[start:start + batch_size]))).to(device)
+        classifier.encoder(classifier.inputs.normalize(batch))
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    classifier.encoder.eval()

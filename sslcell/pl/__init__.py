@@ -1,0 +1,12 @@
+"""Plots. Every function returns its ``matplotlib`` figure and, given ``path``, also saves it as PNG.
+
+Nothing here changes the user's matplotlib backend.
+
+* :func:`umap`: a UMAP of an embedding in ``obsm``, coloured by ``obs`` columns.
+* :func:`confusion_matrix`, :func:`roc_curves`: a classifier's scores (:mod:`sslcell.evaluate.metrics`).
+"""
+
+from sslcell.pl._classification import confusion_matrix, roc_curves
+from sslcell.pl._embedding import umap
+
+__all__ = ["confusion_matrix", "roc_curves", "umap"]

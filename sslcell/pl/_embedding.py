@@ -1,0 +1,56 @@
+"""UMAP of an embedding in ``obsm``."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from anndata import AnnData
+from matplotlib.figure import Figure
+from scipy import sparse
+
+from sslcell.errors import InputError
+from sslcell.pl._utils import save
+
+
+def umap(
+    adata: AnnData,
+    color: str | Sequence[str],
+    *,
+    use_rep: str = "X_sslcell",
+    n_neighbors: int = 15,
+    path: str | Path | None = None,
+    seed: int = 0,
+) -> Figure:
+    """UMAP of ``adata.obsm[use_rep]`` ``(N, D)`` coloured by ``obs`` columns.
+
+    Neighbours and coordinates are stored under their own keys (``{use_rep}_neighbors`` in ``uns``/``obsp``,
+    ``{use_rep}_umap`` in ``obsm``), so a user's ``X_umap`` is never replaced. They are reused on later calls only
+    while they were computed from the same embedding values and ``n_neighbors`` (a fingerprint is stored with
+    them); after re-embedding they are recomputed.
+    """
+    import scanpy as sc
+
+    if use_rep not in adata.obsm:
+        raise InputError(f"adata.obsm has no {use_rep!r}; available: {sorted(adata.obsm)}")
+    neighbors_key, basis = f"{use_rep}_neighbors", f"{use_rep}_umap"
+    stamp = {"embedding": fingerprint(adata.obsm[use_rep]), "n_neighbors": int(n_neighbors), "seed": int(seed)}
+    stored = adata.uns.get(neighbors_key, {}).get("sslcell_source", {}) if neighbors_key in adata.uns else {}
+    if basis not in adata.obsm or dict(stored) != stamp:
+        sc.pp.neighbors(adata, n_neighbors=n_neighbors, use_rep=use_rep, key_added=neighbors_key, random_state=seed)
+        sc.tl.umap(adata, neighbors_key=neighbors_key, key_added=basis, random_state=seed)
+        adata.uns[neighbors_key]["sslcell_source"] = stamp
+    colors = [color] if isinstance(color, str) else list(color)
+    fig = sc.pl.embedding(adata, basis=basis, color=colors, show=False, return_fig=True, frameon=False)
+    return save(fig, path, dpi=120)
+
+
+def fingerprint(values: np.ndarray) -> str:
+    """A short hash of an array's shape, dtype and values: tells whether derived results are still current."""
+    values = values.toarray() if sparse.issparse(values) else np.asarray(values)
+    digest = hashlib.blake2b(digest_size=12)
+    digest.update(repr((values.shape, values.dtype.str)).encode())
+    digest.update(np.ascontiguousarray(values).tobytes())
+    return digest.hexdigest()

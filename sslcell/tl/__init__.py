@@ -1,0 +1,34 @@
+"""Scanpy-style tools: AnnData in, results written into it under ``key_added``, ``None`` out unless ``copy=True``;
+an existing key is refused unless ``overwrite=True``. Scoring functions (:func:`evaluate`, :func:`score`) leave the
+AnnData as it is and return a report.
+
+* :func:`embed` -> ``obsm[key_added]``; :func:`embed_crops`: crops -> a new AnnData with the embedding.
+* :func:`predict` -> ``obs[key_added]``, ``obs[f"{key_added}_confidence"]``, ``obsm[f"{key_added}_proba"]``;
+  :func:`score` -> a :class:`~sslcell.evaluate.ClassificationReport` of those predictions.
+* :func:`evaluate` -> an :class:`~sslcell.evaluate.EvaluationReport` of embeddings against labels and baselines.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from sslcell.tl._embed import embed, embed_crops
+from sslcell.tl._evaluate import evaluate
+from sslcell.tl._predict import predict, score
+
+__all__ = ["embed", "embed_crops", "evaluate", "predict", "score"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "embed_array":  # the pre-0.2 array-level helper, kept for one release
+        warnings.warn("tl.embed_array is deprecated; use sslcell.inference.embed_rows(model, cells)",
+                      DeprecationWarning, stacklevel=2)
+        return _embed_array
+    raise AttributeError(f"module 'sslcell.tl' has no attribute {name!r}")
+
+
+def _embed_array(model, cells, *, batch_size: int = 512, device=None):
+    from sslcell.inference import embed_rows
+
+    return embed_rows(model, cells, batch_size=batch_size, device=device)

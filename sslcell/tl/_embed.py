@@ -1,0 +1,147 @@
+"""Embed cells with a pretrained model into ``adata.obsm[key_added]``."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from anndata import AnnData
+
+from sslcell.checkpoint import load
+from sslcell.data.expression import ExpressionDataset
+from sslcell.data.images import CellImages
+from sslcell.errors import InputError
+from sslcell.inference import embed_rows
+from sslcell.methods import SSLModule
+from sslcell.tl._keys import check_free, drop_derived, record
+
+EXPRESSION_BATCH, CROPS_BATCH = 4096, 512
+
+
+def embed(
+    adata: AnnData,
+    model: SSLModule | str | Path,
+    *,
+    crops: CellImages | None = None,
+    key_added: str = "X_sslcell",
+    layer: str | None = None,
+    counts_are_log_normalized: bool | None = None,
+    channels: Sequence[int | str] | None = None,
+    batch_size: int | None = None,
+    device: str | torch.device | None = None,
+    overwrite: bool = False,
+    copy: bool = False,
+) -> AnnData | None:
+    """Embed every cell with ``model`` into ``adata.obsm[key_added]`` ``(N, D)`` float32.
+
+    Expression models read the counts of ``adata`` (``X`` or ``layer``): aligned to the model's genes by name
+    (missing genes are zero-filled and reported in ``uns["sslcell"][key_added]``) and normalised per chunk as the
+    model was trained. A backed AnnData is read chunk-wise, never whole.
+
+    Image models read ``crops`` ``(N, C, H, W)``, one per row of ``adata`` in the same order (an AnnData made by
+    ``crops.to_anndata()``, or :func:`embed_crops`, which makes it); the model's channels are selected by name, or
+    by ``channels``.
+
+    Args:
+        adata: cells x genes (raw counts, or log-normalised ones), or the AnnData of ``crops``.
+        model: a loaded model or a model / run directory.
+        crops: image models only: the crops of ``adata``'s rows.
+        key_added: the ``obsm`` key to write. An existing key is refused unless ``overwrite=True``; replacing it
+            also drops what ``pl.umap`` computed from it.
+        layer, counts_are_log_normalized: expression only: read counts from ``layer``; declare the input already
+            log-normalised (default: as the model was trained).
+        channels: image models only: channels (indices or names) to feed the model, in its order.
+        batch_size: cells per chunk (default 4096 for expression, 512 for crops).
+        device: where to run the encoder (default: CUDA when available).
+        copy: return an embedded copy instead of writing into ``adata``.
+    """
+    if isinstance(adata, CellImages):  # the pre-0.2 call for crops, kept for one release
+        warnings.warn(
+            "tl.embed(cells, model) is deprecated; use tl.embed_crops(cells, model), or tl.embed(adata, model, "
+            "crops=cells)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        _refuse(copy=copy, overwrite=overwrite, layer=layer, counts_are_log_normalized=counts_are_log_normalized)
+        return embed_crops(adata, model, key_added=key_added, channels=channels, batch_size=batch_size, device=device)
+    if not isinstance(adata, AnnData):
+        raise InputError(f"adata must be an AnnData (or use tl.embed_crops for crops); got {type(adata).__name__}")
+    model = model if isinstance(model, SSLModule) else load(model)
+    check_free(adata, "obsm", key_added, overwrite)
+    if model.inputs.modality == "image":
+        if crops is None:
+            raise InputError(
+                "the model reads image crops: pass crops=cells (one crop per row of adata), or use "
+                "tl.embed_crops(cells, model)"
+            )
+        _refuse(layer=layer, counts_are_log_normalized=counts_are_log_normalized)
+    else:
+        _refuse(crops=crops, channels=channels)
+    if copy:
+        adata = adata.to_memory() if adata.isbacked else adata.copy()
+    if model.inputs.modality == "image":
+        embedding, info = _embed_crops(adata, crops, model, channels, batch_size or CROPS_BATCH, device)
+    else:
+        embedding, info = _embed_expression(adata, model, layer, counts_are_log_normalized,
+                                            batch_size or EXPRESSION_BATCH, device)
+    drop_derived(adata, key_added)
+    adata.obsm[key_added] = embedding
+    record(adata, key_added, {"model": str(getattr(model, "source", "<in memory>")),
+                              "method": model.config.method.name, **info})
+    return adata if copy else None
+
+
+def embed_crops(
+    cells: CellImages,
+    model: SSLModule | str | Path,
+    *,
+    key_added: str = "X_sslcell",
+    channels: Sequence[int | str] | None = None,
+    batch_size: int | None = None,
+    device: str | torch.device | None = None,
+) -> AnnData:
+    """Crops -> a new AnnData: one row per crop with the crops' ``obs`` (``cells.to_anndata()``) and the embedding
+    ``(N, D)`` in ``obsm[key_added]``. The one way from crops to an AnnData with an embedding."""
+    if not isinstance(cells, CellImages):
+        raise InputError(f"embed_crops reads CellImages (sslcell.read_images); got {type(cells).__name__}")
+    adata = cells.to_anndata()
+    embed(adata, model, crops=cells, key_added=key_added, channels=channels, batch_size=batch_size, device=device)
+    return adata
+
+
+def _embed_expression(adata: AnnData, model: SSLModule, layer: str | None, log_normalized: bool | None,
+                      batch_size: int, device: Any) -> tuple[Any, dict[str, Any]]:
+    contract = model.inputs.contract
+    if log_normalized is None:
+        log_normalized = contract.counts_are_log_normalized
+    source: Any = adata.filename if adata.isbacked else adata
+    dataset = ExpressionDataset.open(source, layer=layer, genes=list(contract.genes),
+                                     counts_are_log_normalized=log_normalized)
+    out = embed_rows(model, dataset, batch_size=batch_size, device=device, counts_are_log_normalized=log_normalized)
+    alignment = dataset.alignment
+    return out, {"n_model_genes": contract.n_genes,
+                 "n_missing_genes": int(alignment.n_missing) if alignment is not None else 0}
+
+
+def _embed_crops(adata: AnnData, crops: CellImages, model: SSLModule, channels: Any, batch_size: int,
+                 device: Any) -> tuple[Any, dict[str, Any]]:
+    if not isinstance(crops, CellImages):
+        raise InputError(f"crops must be CellImages (sslcell.read_images); got {type(crops).__name__}")
+    if len(crops) != adata.n_obs or not crops.obs.index.equals(adata.obs_names):
+        raise InputError(
+            f"crops ({len(crops)} cells from {crops.source}) do not match the rows of adata ({adata.n_obs}): pass the "
+            "AnnData made from these crops (crops.to_anndata()) or use tl.embed_crops"
+        )
+    cells = model.inputs.align(crops, channels)
+    out = embed_rows(model, cells, batch_size=batch_size, device=device)
+    return out, {"channel_names": list(cells.channel_names)}
+
+
+def _refuse(**given: Any) -> None:
+    """Raise for arguments that do not apply to this input (never ignore them silently)."""
+    used = [name for name, value in given.items() if value not in (None, False)]
+    if used:
+        raise InputError(f"{', '.join(used)}: not applicable to this model's input; remove the argument")

@@ -1,0 +1,37 @@
+"""What every tool shares: refusing to replace results unless asked, and recording what wrote them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from anndata import AnnData
+
+from sslcell.errors import OverwriteError
+
+IMAGES_KEY = "sslcell_images"  # uns key of an AnnData made from crops (CellImages.to_anndata)
+
+
+def check_free(adata: AnnData, slot: str, key: str, overwrite: bool) -> None:
+    """Raise :class:`OverwriteError` if ``adata.<slot>[key]`` exists and ``overwrite`` is False."""
+    mapping = adata.obs if slot == "obs" else getattr(adata, slot)
+    if key in mapping and not overwrite:
+        raise OverwriteError(f"adata.{slot}[{key!r}] exists; pass overwrite=True or choose another key_added")
+
+
+def drop_derived(adata: AnnData, use_rep: str) -> None:
+    """Remove what was computed from ``obsm[use_rep]`` (``pl.umap``'s neighbours and coordinates) once it changes."""
+    neighbors = f"{use_rep}_neighbors"
+    adata.obsm.pop(f"{use_rep}_umap", None)
+    adata.uns.pop(neighbors, None)
+    for suffix in ("connectivities", "distances"):
+        adata.obsp.pop(f"{neighbors}_{suffix}", None)
+
+
+def record(adata: AnnData, key: str, info: dict[str, Any]) -> None:
+    """``adata.uns["sslcell"][key] = info``: the model and settings behind a result."""
+    adata.uns.setdefault("sslcell", {})[key] = info
+
+
+def is_crops(adata: AnnData) -> bool:
+    """Whether ``adata`` was made from crops (one row per crop, no expression matrix)."""
+    return IMAGES_KEY in adata.uns

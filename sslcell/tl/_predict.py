@@ -1,0 +1,114 @@
+"""Predict every cell's class with a trained :class:`~sslcell.classify.CellClassifier`, and score the predictions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+
+from sslcell.classify.classifier import CellClassifier
+from sslcell.data.expression import ExpressionDataset
+from sslcell.data.images import CellImages
+from sslcell.errors import InputError
+from sslcell.evaluate.metrics import ClassificationReport, classification_report
+from sslcell.inference import default_device, run_batched
+from sslcell.tl._embed import _refuse
+from sslcell.tl._keys import check_free, record
+
+
+def predict(
+    adata: AnnData,
+    classifier: CellClassifier,
+    *,
+    crops: CellImages | None = None,
+    label_key: str | None = None,
+    key_added: str = "sslcell_pred",
+    channels: Sequence[int | str] | None = None,
+    layer: str | None = None,
+    tta: bool = False,
+    batch_size: int = 512,
+    device: str | torch.device | None = None,
+    overwrite: bool = False,
+    copy: bool = False,
+) -> AnnData | None:
+    """Predict the class of every row of ``adata``.
+
+    Writes ``obs[key_added]`` (categorical over the classifier's classes), ``obs[f"{key_added}_confidence"]`` (the
+    predicted class's probability), ``obsm[f"{key_added}_proba"]`` ``(N, K)`` (probabilities, rows sum to 1, columns
+    in ``uns["sslcell"][key_added]["classes"]`` order) and, with ``label_key``, the scores of the labelled cells in
+    ``uns["sslcell"][key_added]["metrics"]`` (accuracy, macro-F1, balanced accuracy, macro ROC-AUC, n; the whole
+    report: :func:`score`).
+
+    Args:
+        adata: expression classifiers: cells x genes (counts in ``X`` or ``layer``); image classifiers: the AnnData
+            of ``crops`` (``crops.to_anndata()`` or ``tl.embed_crops``).
+        crops: image classifiers only: the crops of ``adata``'s rows; ``channels`` selects the model's channels.
+        tta: image classifiers only: average the probabilities over each crop's flips and 90-degree turns.
+        overwrite: replace existing results under ``key_added``; ``copy``: return a predicted copy.
+    """
+    if not isinstance(classifier, CellClassifier):
+        raise InputError(f"classifier must be a CellClassifier (sslcell.classify); got {type(classifier).__name__}")
+    for slot, key in (("obs", key_added), ("obs", f"{key_added}_confidence"), ("obsm", f"{key_added}_proba")):
+        check_free(adata, slot, key, overwrite)
+    if label_key is not None and label_key not in adata.obs.columns:
+        raise InputError(f"adata has no obs column {label_key!r}; columns are {list(adata.obs.columns)}")
+    if classifier.inputs.modality == "image":
+        if crops is None:
+            raise InputError("the classifier reads image crops: pass crops=cells (one crop per row of adata)")
+        _refuse(layer=layer)
+        if len(crops) != adata.n_obs or not crops.obs.index.equals(adata.obs_names):
+            raise InputError(f"crops ({len(crops)} cells) do not match the rows of adata ({adata.n_obs})")
+        data: Any = classifier.inputs.align(crops, channels)
+    else:
+        _refuse(crops=crops, channels=channels, tta=tta)
+        source: Any = adata.filename if adata.isbacked else adata
+        data = ExpressionDataset.open(source, layer=layer, genes=classifier.inputs.genes,
+                                      counts_are_log_normalized=classifier.inputs.counts_are_log_normalized)
+    if copy:
+        adata = adata.to_memory() if adata.isbacked else adata.copy()
+    device = default_device(device)
+    classifier = classifier.to(device)
+    scores = run_batched(lambda x: classifier.predict_proba(x, tta=tta), data, len(classifier.classes),
+                         batch_size=batch_size, device=device)
+    classes = np.asarray(classifier.classes)
+    adata.obs[key_added] = pd.Categorical(classes[scores.argmax(axis=1)], categories=list(classes))
+    adata.obs[f"{key_added}_confidence"] = scores.max(axis=1)
+    adata.obsm[f"{key_added}_proba"] = scores
+    info: dict[str, Any] = {"classifier": str(getattr(classifier, "source", "<in memory>")),
+                            "classes": list(classes), "tta": bool(tta)}
+    record(adata, key_added, info)
+    if label_key is not None:
+        report = score(adata, label_key, key_added)
+        info["metrics"] = {name: float(getattr(report, name)) for name in
+                           ("accuracy", "macro_f1", "balanced_accuracy", "macro_roc_auc")} | {"n": report.n}
+        info["label_key"] = label_key
+    return adata if copy else None
+
+
+def score(adata: AnnData, label_key: str, key_added: str = "sslcell_pred") -> ClassificationReport:
+    """Score the predictions of :func:`predict` in ``obs[key_added]`` against ``obs[label_key]`` on the labelled
+    cells: accuracy, macro-F1, balanced accuracy, one-vs-rest ROC-AUC, confusion matrix (a scoring function, like
+    ``sc.metrics``: ``adata`` is not modified)."""
+    info = adata.uns.get("sslcell", {}).get(key_added)
+    if key_added not in adata.obs.columns or f"{key_added}_proba" not in adata.obsm or info is None:
+        raise InputError(f"adata holds no predictions under {key_added!r}; run sslcell.tl.predict first")
+    if label_key not in adata.obs.columns:
+        raise InputError(f"adata has no obs column {label_key!r}; columns are {list(adata.obs.columns)}")
+    classes = [str(c) for c in info["classes"]]
+    truth = adata.obs[label_key]
+    labelled = ~truth.isna().to_numpy()
+    if not labelled.any():
+        raise InputError(f"obs[{label_key!r}] has no labelled cell to score")
+    unknown = sorted(set(truth[labelled].astype(str)) - set(classes))
+    if unknown:
+        raise InputError(f"labels {unknown} in obs[{label_key!r}] are not classes of the classifier {classes}")
+    return classification_report(
+        truth[labelled].astype(str).to_numpy(),
+        adata.obs[key_added][labelled].astype(str).to_numpy(),
+        np.asarray(adata.obsm[f"{key_added}_proba"])[labelled],
+        classes=classes,
+    )

@@ -1,0 +1,202 @@
+"""CellImages.read and its readers: npz (memory-mapped), zarr, TIFF and PNG folders, a real data set."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sslcell.data.images import CellImages, LazyImages
+from sslcell.errors import FileFormatError, InputError
+from tests.data.conftest import NAMES, make_images
+
+JURKAT = Path(__file__).parents[2] / ".." / "shared" / "data" / "jurkat_cellcycle_ifc_mlcp.npz"
+
+
+# ------------------------------------------------------------------------------------------ npz
+def save_npz(path, x, compressed=False, **extra):
+    (np.savez_compressed if compressed else np.savez)(path, images=x, **extra)
+    return path
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_npz_round_trip(tmp_path, x16, compressed):
+    labels = np.array([0, 1, 2, 1] * 3)
+    path = save_npz(
+        tmp_path / "cells.npz", x16, compressed, labels=labels, label_names=np.array(["G1", "S", "G2M"]),
+        channel_names=np.array(NAMES), image_id=np.arange(12) // 4, center_xy=np.arange(24).reshape(12, 2),
+        description=np.array("scalar metadata"),
+    )
+    cells = CellImages.read(path)
+    assert isinstance(cells.images, LazyImages) != compressed  # uncompressed members are memory-mapped
+    assert cells.dtype == np.uint16 and cells.channel_names == NAMES
+    np.testing.assert_array_equal(cells.batch(np.arange(12)), x16)  # uint16 preserved exactly
+    assert list(cells.obs["label"].cat.categories) == ["G1", "S", "G2M"]
+    np.testing.assert_array_equal(cells.obs["label"].cat.codes, labels)
+    np.testing.assert_array_equal(cells.obs["image_id"], np.arange(12) // 4)
+    np.testing.assert_array_equal(cells.obs[["center_xy_0", "center_xy_1"]], np.arange(24).reshape(12, 2))
+    assert cells.source == str(path)
+
+
+def test_npz_memmap_identical_and_lazy_selection(tmp_path, x16):
+    for order, x in [("C", x16), ("F", np.asfortranarray(x16))]:
+        path = save_npz(tmp_path / f"{order}.npz", x, channel_names=np.array(NAMES))
+        cells = CellImages.read(path, channels=["darkfield", "brightfield"])
+        assert isinstance(cells.images, LazyImages) and isinstance(cells.images.source, np.memmap)
+        assert cells.images.source.flags.f_contiguous == (order == "F")
+        np.testing.assert_array_equal(np.asarray(cells.images), np.load(path)["images"][:, [2, 0]])
+        sub = cells[np.array([9, 2, 2])]  # still lazy, composed indices
+        assert isinstance(sub.images, LazyImages)
+        np.testing.assert_array_equal(sub.batch(np.array([2, 0])), x16[[2, 9]][:, [2, 0]])
+        # a pickled view carries the mapping (for loader workers), not the pixels
+        blob = pickle.dumps(sub.images)
+        assert len(blob) < x16.nbytes
+        np.testing.assert_array_equal(np.asarray(pickle.loads(blob)), x16[[9, 2, 2]][:, [2, 0]])
+
+
+def test_npz_label_key_and_bad_codes(tmp_path, x16):
+    path = save_npz(tmp_path / "a.npz", x16, phase=np.array(["G1", "S"] * 6), labels=np.arange(12))
+    cells = CellImages.read(path, label_key="phase")
+    assert list(cells.obs["label"]) == ["G1", "S"] * 6 and "labels" in cells.obs
+    with pytest.raises(InputError, match=r"label_key 'cycle' not found; per-cell arrays: \['labels', 'phase'\]"):
+        CellImages.read(path, label_key="cycle")
+    bad = save_npz(tmp_path / "b.npz", x16, labels=np.full(12, 3), label_names=np.array(["a", "b"]))
+    with pytest.raises(InputError, match=r"label code 3 .* outside 0..1"):
+        CellImages.read(bad)
+    short = save_npz(tmp_path / "c.npz", x16, labels=np.zeros(11, int))
+    with pytest.raises(InputError, match=r"labels 'labels' has shape \(11,\) for 12 cells"):
+        CellImages.read(short)
+    wrong_names = save_npz(tmp_path / "d.npz", x16, channel_names=np.array(["a", "b"]))
+    with pytest.raises(InputError, match="2 channel_names"):
+        CellImages.read(wrong_names)
+
+
+def test_npz_corrupt_files_name_the_path(tmp_path, x16):
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"this is not a zip file at all" * 10)
+    with pytest.raises(FileFormatError, match="garbage.npz"):
+        CellImages.read(garbage)
+    good = save_npz(tmp_path / "good.npz", x16)
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(FileFormatError, match="truncated.npz"):
+        CellImages.read(truncated)
+    no_images = tmp_path / "noimages.npz"
+    np.savez(no_images, pixels=x16)
+    with pytest.raises(FileFormatError, match=r"noimages.npz: no 'images' array.*\['pixels'\]"):
+        CellImages.read(no_images)
+    with zipfile.ZipFile(tmp_path / "badmember.npz", "w") as zf:
+        zf.writestr("images.npy", b"\x93NUMPY garbage header")
+    with pytest.raises(FileFormatError, match="badmember.npz"):
+        CellImages.read(tmp_path / "badmember.npz")
+    with pytest.raises(FileNotFoundError):
+        CellImages.read(tmp_path / "missing.npz")
+
+
+# ------------------------------------------------------------------------------------------ zarr
+def test_zarr_array_and_group_are_lazy(tmp_path, x16):
+    zarr = pytest.importorskip("zarr")
+    arr = zarr.open_array(tmp_path / "a.zarr", mode="w", shape=x16.shape, dtype=x16.dtype, chunks=(4, 1, 8, 10))
+    arr[:] = x16
+    arr.attrs["channel_names"] = NAMES
+    cells = CellImages.read(tmp_path / "a.zarr", channels=["darkfield", "fluorescence"])
+    assert isinstance(cells.images, LazyImages) and cells.channel_names == ["darkfield", "fluorescence"]
+    np.testing.assert_array_equal(cells[np.array([11, 0, 5])].batch(np.array([0, 2])), x16[[11, 5]][:, [2, 1]])
+
+    group = zarr.open_group(tmp_path / "g.zarr", mode="w")
+    group.create_array("images", data=x16, chunks=(5, 3, 8, 10))
+    group.create_array("labels", data=np.array([1, 0, 1] * 4))
+    group.create_array("plate", data=np.arange(12) * 2)
+    group.attrs.update(channel_names=NAMES, label_names=["alive", "dead"])
+    cells = CellImages.read(tmp_path / "g.zarr")
+    np.testing.assert_array_equal(np.asarray(cells.images), x16)
+    assert list(cells.obs["label"][:3]) == ["dead", "alive", "dead"]
+    np.testing.assert_array_equal(cells.obs["plate"], np.arange(12) * 2)
+
+
+def test_lazy_float_nan_found_at_batch(tmp_path):
+    zarr = pytest.importorskip("zarr")
+    x = make_images(dtype=np.float32)
+    x[7, 0, 0, 0] = np.nan
+    arr = zarr.open_array(tmp_path / "f.zarr", mode="w", shape=x.shape, dtype=x.dtype)
+    arr[:] = x
+    cells = CellImages.read(tmp_path / "f.zarr")
+    cells.batch(np.arange(7))
+    with pytest.raises(InputError, match="NaN or inf"):
+        cells.batch(np.array([6, 7]))
+
+
+# ------------------------------------------------------------------------------------------ folders
+def test_tiff_folder_with_class_subfolders(tmp_path, x16):
+    tifffile = pytest.importorskip("tifffile")
+    classes = ["G1", "S", "G2"]
+    for i, crop in enumerate(x16):
+        folder = tmp_path / "crops" / classes[i % 3]
+        folder.mkdir(parents=True, exist_ok=True)
+        if i % 2:  # channel-first as tifffile writes it, and channel-last (H, W, C): both read as (C, H, W)
+            tifffile.imwrite(folder / f"cell{i:02d}.tif", crop, photometric="minisblack")
+        else:
+            tifffile.imwrite(folder / f"cell{i:02d}.tiff", np.moveaxis(crop, 0, -1), photometric="minisblack")
+    cells = CellImages.read(tmp_path / "crops", channels=[2, 0])
+    ids = sorted(f"{classes[i % 3]}/cell{i:02d}" for i in range(12))
+    assert list(cells.obs.index) == ids
+    order = [int(i.split("cell")[1]) for i in ids]
+    np.testing.assert_array_equal(cells.batch(np.arange(12)), x16[order][:, [2, 0]])
+    assert cells.dtype == np.uint16
+    assert list(cells.obs["label"]) == [i.split("/")[0] for i in ids]
+    assert sorted(cells.obs["label"].cat.categories) == sorted(classes)
+
+
+def test_png_folder_gray16_rgb8_and_obs_csv(tmp_path):
+    from PIL import Image
+
+    gray = make_images(n=4, c=1, dtype=np.uint16, seed=1)
+    (tmp_path / "gray").mkdir()
+    for i, crop in enumerate(gray):
+        Image.fromarray(crop[0]).save(tmp_path / "gray" / f"c{i}.png")
+    pd.DataFrame({"file": [f"c{i}.png" for i in range(4)], "well": list("ABCD"), "kind": list("xyxy")}).to_csv(
+        tmp_path / "gray" / "obs.csv", index=False
+    )
+    cells = CellImages.read(tmp_path / "gray", label_key="kind")
+    np.testing.assert_array_equal(cells.batch(np.arange(4)), gray)  # 16-bit PNG kept exactly
+    assert list(cells.obs["well"]) == list("ABCD") and list(cells.obs["label"]) == list("xyxy")
+
+    rgb = make_images(n=3, c=3, dtype=np.uint8, seed=2)
+    (tmp_path / "rgb").mkdir()
+    for i, crop in enumerate(rgb):
+        Image.fromarray(np.moveaxis(crop, 0, -1)).save(tmp_path / "rgb" / f"c{i}.png")
+    cells = CellImages.read(tmp_path / "rgb")
+    assert cells.shape == (3, 3, 8, 10) and "label" not in cells.obs
+    np.testing.assert_array_equal(cells.batch(np.arange(3)), rgb)
+
+
+def test_folder_errors(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    (tmp_path / "mixed").mkdir()
+    tifffile.imwrite(tmp_path / "mixed" / "a.tif", np.zeros((2, 8, 8), np.uint16), photometric="minisblack")
+    tifffile.imwrite(tmp_path / "mixed" / "b.tif", np.zeros((2, 8, 8), np.uint16), photometric="minisblack")
+    tifffile.imwrite(tmp_path / "mixed" / "c.tif", np.zeros((2, 9, 8), np.uint16), photometric="minisblack")
+    with pytest.raises(InputError, match=r"a.tif is \(2, 8, 8\) uint16 .* but c.tif is \(2, 9, 8\)"):
+        CellImages.read(tmp_path / "mixed")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileFormatError, match="empty: no .tif"):
+        CellImages.read(tmp_path / "empty")
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "x.png").write_bytes(b"not a png")
+    with pytest.raises(FileFormatError, match="x.png: cannot read crop"):
+        CellImages.read(tmp_path / "corrupt")
+
+
+# ------------------------------------------------------------------------------------------ real data
+def test_jurkat_label_free_channels():
+    if not JURKAT.exists():
+        pytest.skip(f"{JURKAT} not available")
+    cells = CellImages.read(JURKAT, channels=[0, 2])
+    assert cells.shape == (3419, 2, 40, 40) and cells.dtype == np.uint16
+    assert cells.channel_names == ["Ch3_brightfield", "Ch6_darkfield_sidescatter"]
+    assert len(cells.obs["label"].cat.categories) == 7
+    assert cells.obs["label"].value_counts()["G1"] == 900

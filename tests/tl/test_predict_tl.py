@@ -1,0 +1,79 @@
+"""tl.predict / tl.score: the scanpy layout (obs / obsm / uns under key_added), both modalities, refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import sslcell
+from sslcell import tl
+from sslcell.classify import FinetuneConfig, finetune
+from sslcell.errors import InputError, OverwriteError
+from sslcell.methods import build_method
+from tests.conftest import tiny_image_recipe, tiny_recipe
+from tests.tl.conftest import NAMES, S
+
+LINEAR = FinetuneConfig(head="linear", progress_bar=False, accelerator="cpu")
+
+
+def test_image_classifier_layout_and_scores(cells, model):
+    clf = finetune(cells, model, "label", LINEAR)
+    adata = cells.to_anndata()
+    assert tl.predict(adata, clf, crops=cells, label_key="label") is None
+    proba = adata.obsm["sslcell_pred_proba"]
+    assert proba.shape == (len(cells), 2)
+    np.testing.assert_allclose(proba.sum(1), 1.0, atol=1e-5)
+    classes = adata.uns["sslcell"]["sslcell_pred"]["classes"]
+    assert classes == ["neg", "pos"] and list(adata.obs["sslcell_pred"].cat.categories) == classes
+    np.testing.assert_array_equal(adata.obs["sslcell_pred"].astype(str), np.asarray(classes)[proba.argmax(1)])
+    np.testing.assert_allclose(adata.obs["sslcell_pred_confidence"], proba.max(1))
+    report = tl.score(adata, "label")
+    truth, pred = adata.obs["label"].astype(str).to_numpy(), adata.obs["sslcell_pred"].astype(str).to_numpy()
+    assert report.accuracy == pytest.approx(np.mean(truth == pred))
+    assert adata.uns["sslcell"]["sslcell_pred"]["metrics"]["accuracy"] == pytest.approx(report.accuracy)
+    with pytest.raises(OverwriteError, match="sslcell_pred"):
+        tl.predict(adata, clf, crops=cells)
+    tta = tl.predict(adata, clf, crops=cells, tta=True, key_added="tta", copy=True)
+    assert "tta" in tta.obs and "tta" not in adata.obs and tta.uns["sslcell"]["tta"]["tta"] is True
+
+
+def test_image_refusals(cells, model):
+    clf = finetune(cells, model, "label", LINEAR)
+    adata = cells.to_anndata()
+    with pytest.raises(InputError, match="pass crops=cells"):
+        tl.predict(adata, clf)
+    with pytest.raises(InputError, match="layer: not applicable"):
+        tl.predict(adata, clf, crops=cells, layer="x")
+    with pytest.raises(InputError, match="no obs column 'truth'"):
+        tl.predict(adata, clf, crops=cells, label_key="truth")
+    with pytest.raises(InputError, match="holds no predictions under 'sslcell_pred'"):
+        tl.score(adata, "label")
+    assert "sslcell_pred" not in adata.obs
+
+
+def test_expression_linear_head_end_to_end(small_counts, tmp_path):
+    model = sslcell.pretrain(tiny_recipe("mae", train={"max_epochs": 2}), small_counts, tmp_path / "run")
+    train, test = small_counts[:300].copy(), small_counts[300:].copy()
+    clf = finetune(train, model, "cell_type", LINEAR)
+    tl.predict(test, clf, label_key="cell_type")
+    report = tl.score(test, "cell_type")
+    truth, pred = test.obs["cell_type"].astype(str).to_numpy(), test.obs["sslcell_pred"].astype(str).to_numpy()
+    assert report.n == test.n_obs and report.accuracy == pytest.approx(np.mean(truth == pred))
+    assert report.balanced_accuracy > 0.35  # a tiny 2-epoch encoder on overlapping synthetic types; chance 0.25
+    # the probabilities are the linear head's on the standardised embeddings of tl.embed
+    tl.embed(test, model)
+    with torch.no_grad():
+        z = (torch.from_numpy(test.obsm["X_sslcell"]) - clf.feature_mean) / clf.feature_std
+        expected = torch.softmax(clf.head(z), dim=1).numpy()
+    np.testing.assert_allclose(test.obsm["sslcell_pred_proba"], expected, atol=1e-4)
+    with pytest.raises(InputError, match="tta: not applicable"):
+        tl.predict(test, clf, tta=True, key_added="again")
+    with pytest.raises(InputError, match="crops, channels: not applicable|crops: not applicable"):
+        tl.predict(test, clf, crops=object(), key_added="again")
+    torch.manual_seed(0)
+    image_model = build_method(tiny_image_recipe("simclr"), {
+        "modality": "image", "channel_names": NAMES, "channel_mean": [0.0, 0.0], "channel_std": [1.0, 1.0],
+        "image_size": [S, S], "dtype": "uint8"})
+    with pytest.raises(InputError, match="reads image crops"):
+        finetune(train, image_model, "cell_type", LINEAR)
