@@ -25,10 +25,9 @@ import anndata as ad
 import numpy as np
 
 import sslcell
-from sslcell.checkpoint import versions
 from sslcell.config import load_config
 from sslcell.errors import SSLCellError
-from sslcell.evaluate import evaluate
+from sslcell.provenance import versions
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "mouse_bladder_mca_2100.h5ad"
@@ -93,7 +92,7 @@ def main() -> None:
             notes["scvi"] = f"scvi-tools, latent 30, default epochs, {time.perf_counter() - start:.0f} s"
         except ImportError:
             notes["scvi"] = "not run: scvi-tools is not installed (pip install -e '.[bench]')"
-    report = evaluate(adata, args.label_key, use_rep=reps, baselines=("pca",), seed=args.seed)
+    report = sslcell.tl.evaluate(adata, args.label_key, use_rep=reps, baselines=("pca",), seed=args.seed)
     adata.write_h5ad(Path(args.workdir) / "embedded.h5ad")  # every embedding, for re-scoring without retraining
 
     command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])

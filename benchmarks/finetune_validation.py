@@ -18,7 +18,8 @@ import torch
 from sklearn.model_selection import train_test_split
 
 import sslcell
-from sslcell.classify import FinetuneConfig, finetune, predict
+from sslcell import tl
+from sslcell.classify import FinetuneConfig, finetune
 from sslcell.config import load_config
 from sslcell.data.images import CellImages
 from sslcell.methods import build_method
@@ -33,14 +34,16 @@ tr, val = train_test_split(train, test_size=0.2, stratify=y[train], random_state
 model = sslcell.load(Path(sys.argv[2] if len(sys.argv) > 2 else "bench_runs/jurkat/jurkat_simclr"))
 config = load_config(Path(__file__).resolve().parent / "configs" / "jurkat_simclr.yaml")
 torch.manual_seed(0)
-untrained = build_method(config, model.inputs.contract())
+untrained = build_method(config, model.inputs.contract)
 variants = json.loads(sys.argv[1])
 for name, (which, values) in variants.items():
     cfg = FinetuneConfig.from_dict({"epochs": 20, "batch_size": 128, "lr": 5e-4, "dropout": 0.2, "progress_bar": False,
                                     **values})
     t0 = time.time()
-    clf = finetune(model if which == "ssl" else untrained, cells[tr], "label", cfg)
+    clf = finetune(cells[tr], model if which == "ssl" else untrained, "label", cfg)
     for tta in (False, True):  # plain, and averaged over the 8 flips and 90-degree turns
-        _, rep = predict(clf, cells[val], label_key="label", tta=tta)
+        adata = cells[val].to_anndata()
+        tl.predict(adata, clf, crops=cells[val], tta=tta)
+        rep = tl.score(adata, "label")
         print(f"VAL {name} tta={tta}: accuracy {rep.accuracy:.3f} macro-F1 {rep.macro_f1:.3f} "
               f"bal {rep.balanced_accuracy:.3f} ({time.time()-t0:.0f}s)", flush=True)
