@@ -1,9 +1,9 @@
 """The README's Python and CLI tours run as written, on small stand-ins for the files they name.
 
-Stand-ins: ``atlas.h5ad`` and ``atlas_shards/`` (the same cells, two shards), ``my_cells.h5ad`` and ``reference.h5ad`` (synthetic counts with
-``cell_type``), ``crops.npz`` / ``train_crops.npz`` / ``test_crops.npz`` (16 x 16 crops with named channels,
-``label``, ``labels`` and ``plate``). Only the training budgets are cut (1 epoch, batches of 32): the code is the
-README's, line for line. ``sslcell quickstart`` runs in its own test.
+Stand-ins: ``atlas.h5ad`` and ``atlas_shards/`` (the same cells, two shards), ``my_cells.h5ad`` and
+``reference.h5ad`` (synthetic counts with ``cell_type``), ``crops.npz`` / ``train_crops.npz`` / ``test_crops.npz``
+(16 x 16 crops with named channels, ``label``, ``labels`` and ``plate``). Only the training budgets are cut
+(1 epoch, batches of 32): the code is the README's, line for line. ``sslcell quickstart`` runs in its own test.
 """
 
 from __future__ import annotations
