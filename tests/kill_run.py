@@ -1,0 +1,45 @@
+"""Run a tiny pretraining and SIGKILL it at a chosen point (a helper of tests/test_resume.py, run as a script).
+
+    python tests/kill_run.py DATA OUT METHOD WORKERS WHERE
+WHERE: ``step:N`` (right after optimiser step N and any checkpoint written then) or ``epoch_end:E`` (right after
+the checkpoint written at the end of epoch E).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import pytorch_lightning as pl
+
+from sslcell.train import pretrain
+from tests.conftest import tiny_image_recipe, tiny_recipe
+
+
+def recipe(method: str, workers: int, max_epochs: int = 3, every: int = 4):
+    """``method``: an expression method, or ``image_<method>`` (a tiny ResNet on crops)."""
+    train = {"max_epochs": max_epochs, "checkpoint_every_n_steps": every}
+    if method.startswith("image_"):
+        return tiny_image_recipe(method.removeprefix("image_"), data={"num_workers": workers, "batch_size": 16},
+                                 train=train)
+    return tiny_recipe(method, data={"num_workers": workers}, train=train)
+
+
+class Kill(pl.Callback):
+    def __init__(self, where: str) -> None:
+        kind, value = where.split(":")
+        self.kind, self.value = kind, int(value)
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if self.kind == "step" and trainer.global_step == self.value:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        if self.kind == "epoch_end" and trainer.current_epoch == self.value:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+if __name__ == "__main__":
+    data, out, method, workers, where = sys.argv[1:6]
+    pretrain(recipe(method, int(workers)), data, out, callbacks=[Kill(where)])
