@@ -46,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model or run directory")
     p.add_argument("--data", required=True, help="input .h5ad; crops: .npz, zarr or folder")
     p.add_argument("--out", required=True, help="output .h5ad (the input plus the embedding; for crops: obs + obsm)")
-    p.add_argument("--key", default="X_sslcell", help="obsm key (default X_sslcell)")
+    p.add_argument("--key-added", "--key", dest="key", default="X_sslcell",
+                   help="obsm key to write (default X_sslcell; --key is the old name)")
     p.add_argument("--layer", help="read counts from this layer instead of X")
     p.add_argument("--counts-are-log-normalized", action="store_true", help="input is already log1p-normalised")
     p.add_argument("--channels", type=_channels, help="crops: channels to use (default: the model's, by name)")
