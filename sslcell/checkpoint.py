@@ -101,6 +101,13 @@ def read_weights(module: torch.nn.Module, path: Path, config: str, map_location:
             f"{path}: weights do not match the settings in {config} "
             f"(missing or misshapen {wrong[:5]}, unexpected {unexpected[:5]})"
         )
+    retyped = [f"{k} ({state[k].dtype}, expected {expected[k].dtype})" for k in expected
+               if state[k].dtype != expected[k].dtype]
+    if retyped:  # a silent cast would change the model's outputs
+        raise FileFormatError(f"{path}: weights of the wrong dtype: {', '.join(retyped[:5])}")
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise FileFormatError(f"{path}: weights hold NaN or infinite values: {broken[:5]}")
     module.load_state_dict(state)
 
 

@@ -7,7 +7,6 @@ Nothing is downloaded and nothing outside ``out`` is touched.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import anndata as ad
@@ -38,13 +37,14 @@ def quickstart_recipe(max_epochs: int = 30) -> RecipeConfig:
 def quickstart(
     out: str | Path = "quickstart_out", *, max_epochs: int | None = None, overwrite: bool = False, n_cells: int = 3000
 ) -> ad.AnnData:
-    """Run the demo into ``out`` and print the evaluation table. Returns the embedded AnnData."""
+    """Run the demo into ``out`` and print the evaluation table. Returns the embedded AnnData.
+
+    A non-empty ``out`` is refused unless ``overwrite``; then only the demo's own files are replaced.
+    """
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise OverwriteError(f"{out}: exists and is not empty; pass --overwrite or choose another --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise OverwriteError(f"{out}: exists and is not empty; pass --overwrite or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)  # --overwrite replaces the demo's own files below; others stay
 
     adata = make_expression(n_cells=n_cells, n_genes=1000, seed=0)
     data_path = out / "synthetic_counts.h5ad"
@@ -52,7 +52,7 @@ def quickstart(
     print(f"[1/4] generated {adata.n_obs} cells x {adata.n_vars} genes of raw counts -> {data_path}")
 
     recipe = quickstart_recipe(max_epochs or 30)
-    model = pretrain(recipe, data_path, out / "run")
+    model = pretrain(recipe, data_path, out / "run", overwrite=overwrite)
     print(f"[2/4] pretrained a masked autoencoder without labels -> {out / 'run' / 'model'}")
 
     tl.embed(adata, model, key_added="X_sslcell")

@@ -23,7 +23,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
-from sslcell.checkpoint import save_model, versions
+from sslcell.checkpoint import CONFIG, WEIGHTS, save_model, versions
 from sslcell.config import RecipeConfig
 from sslcell.data.expression import ExpressionDataset
 from sslcell.data.gene_stats import gene_statistics, select_highly_variable
@@ -75,6 +75,7 @@ def pretrain(
     else:
         if not spawned:
             _check_new_run(out, overwrite)
+            _clear_run(out)
         contract = None
     if max_epochs is not None:
         config.train.max_epochs = max_epochs
@@ -91,9 +92,19 @@ def pretrain(
 
     prepare = _prepare_images if config.modality == "image" else _prepare_expression
     dataset, contract = prepare(config, data, contract)
+    try:
+        return _fit(config, data, dataset, contract, out, callbacks or [], resume=resume, spawned=spawned)
+    finally:
+        if isinstance(dataset, ExpressionDataset):
+            dataset.close()  # the returned model keeps the trainer, and with it the loader: release the files
+
+
+def _fit(config: RecipeConfig, data: Any, dataset: Any, contract: Contract, out: Path, callbacks: list,
+         *, resume: bool, spawned: bool) -> SSLModule:
+    """Build the model, trainer and loader over ``dataset`` and train (resuming from ``out``'s checkpoint)."""
     pl.seed_everything(config.train.seed, workers=True, verbose=False)
     model = build_method(config, contract)
-    trainer = _trainer(config, out, callbacks or [])
+    trainer = _trainer(config, out, callbacks)
     pin_memory = trainer.accelerator.__class__.__name__ == "CUDAAccelerator"
     d = config.data
     if config.modality == "image":
@@ -291,6 +302,21 @@ def _check_new_run(out: Path, overwrite: bool) -> None:
         raise OverwriteError(
             f"{out}: holds {what}; pass --resume to continue it, --overwrite to replace it, or choose another --out"
         )
+
+
+def _clear_run(out: Path) -> None:
+    """Remove a previous run's own files (run record, checkpoint, model and their temp files) before a new run
+    writes into ``out``, so a resume can never mix two runs. Every other file stays; ``logs/`` keeps its
+    numbered versions."""
+    owned = [out / RUN_FILE, out / "checkpoints" / LAST, out / "checkpoints" / f".{LAST}.tmp",
+             *(out / "model" / name for name in (WEIGHTS, CONFIG))]
+    owned += [p for d in ("checkpoints", "model") if (out / d).is_dir() for p in (out / d).glob(".*")
+              if p.name.startswith((f".{LAST}", f".{WEIGHTS}.", f".{CONFIG}."))]
+    for path in owned:
+        path.unlink(missing_ok=True)
+    for folder in ("checkpoints", "model"):
+        if (out / folder).is_dir() and not any((out / folder).iterdir()):
+            (out / folder).rmdir()
 
 
 def _write_run(out: Path, config: RecipeConfig, contract: Contract, data: Any) -> None:

@@ -54,3 +54,26 @@ def test_weights_for_another_recipe_are_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(meta))
     with pytest.raises(FileFormatError, match="do not match"):
         load(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["nan", "float16", "int64"])
+def test_weights_of_the_wrong_dtype_or_not_finite_are_refused(tmp_path, damage):
+    from safetensors.torch import load_file, save_file
+
+    from sslcell.checkpoint import WEIGHTS
+    from sslcell.methods import build_method
+    from tests.conftest import tiny_recipe
+
+    contract = {"modality": "expression", "genes": [f"g{i}" for i in range(20)]}
+    save_model(build_method(tiny_recipe("mae"), contract), tmp_path / "m")
+    state = load_file(tmp_path / "m" / WEIGHTS)
+    name = next(k for k, v in state.items() if v.is_floating_point() and v.ndim == 2)
+    if damage == "nan":
+        state[name][0, 0] = float("nan")
+        message = "NaN or infinite"
+    else:
+        state[name] = state[name].to(getattr(torch, damage))
+        message = f"wrong dtype: {name} \\(torch.{damage}"
+    save_file(state, tmp_path / "m" / WEIGHTS)
+    with pytest.raises(FileFormatError, match=message):
+        load(tmp_path / "m")

@@ -16,3 +16,9 @@ def test_quickstart_end_to_end(tmp_path, capsys):
     assert "pca" in printed and "X_sslcell" in printed
     with pytest.raises(OverwriteError):
         quickstart(out, max_epochs=1, n_cells=600)
+    (out / "my_notes.txt").write_text("keep me")
+    (out / "run" / "my_analysis.csv").write_text("keep me too")
+    quickstart(out, max_epochs=1, n_cells=300, overwrite=True)
+    assert (out / "my_notes.txt").read_text() == "keep me"  # --overwrite replaces only the demo's own files
+    assert (out / "run" / "my_analysis.csv").read_text() == "keep me too"
+    assert ad.read_h5ad(out / "embedded.h5ad").n_obs == 300

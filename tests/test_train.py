@@ -42,6 +42,32 @@ def test_existing_run_is_not_overwritten(small_counts_file, tmp_path):
     assert (out / "precious.txt").read_text() == "keep me"
 
 
+class FailAt(pl.Callback):
+    """Simulates a run that dies after ``step`` optimiser steps, before its first checkpoint."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step >= self.step:
+            raise RuntimeError("killed")
+
+
+def test_overwrite_removes_the_previous_runs_checkpoint_and_keeps_user_files(small_counts_file, tmp_path):
+    out = tmp_path / "run"
+    pretrain(tiny_recipe("mae", train={"checkpoint_every_n_steps": 3}), small_counts_file, out)
+    (out / "precious.txt").write_text("keep me")
+    (out / "model" / "notes.md").write_text("mine")
+    new = tiny_recipe("mae", data={"n_top_genes": 50}, train={"checkpoint_every_n_steps": 100})
+    with pytest.raises(RuntimeError, match="killed"):
+        pretrain(new, small_counts_file, out, overwrite=True, callbacks=[FailAt(1)])
+    assert not (out / "checkpoints" / "last.ckpt").exists()  # the old run's weights can never be resumed
+    assert not (out / "model" / "model.safetensors").exists()
+    assert (out / "precious.txt").read_text() == "keep me" and (out / "model" / "notes.md").read_text() == "mine"
+    with pytest.raises(FileNotFoundError, match="nothing to resume from"):
+        pretrain(new, small_counts_file, out, resume=True)
+
+
 class StopAt(pl.Callback):
     """Simulates a run killed after ``step`` optimiser steps (mid-epoch)."""
 

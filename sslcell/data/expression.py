@@ -104,6 +104,17 @@ class ExpressionDataset:
         warn_missing(alignment)
         return cls(shards, genes, aligners, alignment, log_normalized)
 
+    def close(self) -> None:
+        """Close the shards' open files (reads reopen them); a dataset is also a context manager."""
+        for shard in self._shards:
+            shard.close()
+
+    def __enter__(self) -> ExpressionDataset:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def with_genes(self, genes: Sequence[str] | np.ndarray) -> ExpressionDataset:
         """The same sources re-aligned to another gene list."""
         return self._aligned(self._shards, as_gene_array(genes, where="genes"), self.counts_are_log_normalized)

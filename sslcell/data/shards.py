@@ -132,6 +132,9 @@ class _Shard:
     def read(self, lo: int, hi: int) -> sp.csr_matrix:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release open file handles (an in-memory shard holds none)."""
+
 
 class _MemoryShard(_Shard):
     def __init__(self, adata: ad.AnnData, layer: str | None) -> None:
@@ -258,6 +261,15 @@ class _FileShard(_Shard):
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_file": None, "_readers": None, "_matrix": None, "_pid": -1}
+
+    def close(self) -> None:
+        """Close this process's file handles; the next read reopens them."""
+        if self._pid == os.getpid():
+            for reader in (self._readers or {}).values():
+                reader.close()
+            if self._file is not None:
+                self._file.close()
+        self._pid, self._file, self._readers, self._matrix = -1, None, None, None
 
     def __del__(self) -> None:
         if self._readers is not None and self._pid == os.getpid():
