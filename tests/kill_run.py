@@ -1,8 +1,9 @@
-"""Run a tiny pretraining and SIGKILL it at a chosen point (a helper of tests/test_resume.py, run as a script).
+"""Run a tiny pretraining in a fresh process with one torch thread (a helper of tests/test_resume.py).
 
     python tests/kill_run.py DATA OUT METHOD WORKERS WHERE
-WHERE: ``step:N`` (right after optimiser step N and any checkpoint written then) or ``epoch_end:E`` (right after
-the checkpoint written at the end of epoch E).
+WHERE: ``step:N`` (SIGKILL right after optimiser step N and any checkpoint written then), ``epoch_end:E`` (right
+after the checkpoint written at the end of epoch E), ``never`` (an uninterrupted run) or ``resume``. Every run of
+a comparison happens in such a process, so none inherits another test's process state.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import signal
 import sys
 
 import pytorch_lightning as pl
+import torch
 
 from sslcell.train import pretrain
 from tests.conftest import tiny_image_recipe, tiny_recipe
@@ -41,5 +43,9 @@ class Kill(pl.Callback):
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(1)
     data, out, method, workers, where = sys.argv[1:6]
-    pretrain(recipe(method, int(workers)), data, out, callbacks=[Kill(where)])
+    if where == "resume":
+        pretrain(recipe(method, int(workers)), data, out, resume=True)
+    else:
+        pretrain(recipe(method, int(workers)), data, out, callbacks=[] if where == "never" else [Kill(where)])

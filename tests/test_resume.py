@@ -1,5 +1,6 @@
 """Exact resume from every kind of checkpoint: a run SIGKILLed (in a subprocess) right after a checkpoint and
-resumed ends with the same weights, bit for bit, as an uninterrupted run."""
+resumed ends with the same weights, bit for bit, as an uninterrupted run. Every run is its own process
+(tests/kill_run.py) with the same settings."""
 
 from __future__ import annotations
 
@@ -12,9 +13,7 @@ import pytest
 import torch
 
 from sslcell.checkpoint import load
-from sslcell.train import pretrain
 from tests.conftest import REPO
-from tests.kill_run import recipe
 
 
 @pytest.fixture(scope="module")
@@ -25,12 +24,19 @@ def crops_file(tmp_path_factory):
     return path
 
 
+def run(data, out, method: str, workers: int, where: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, str(REPO / "tests" / "kill_run.py"), str(data), str(out), method,
+                           str(workers), where], env=env, capture_output=True, text=True, timeout=600)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(small_counts_file, crops_file, tmp_path_factory):
     runs = {}
     for method, workers in (("mae", 0), ("mae", 2), ("byol", 0), ("image_simclr", 0), ("image_simclr", 2)):
         out = tmp_path_factory.mktemp("full") / f"{method}{workers}"
-        pretrain(recipe(method, workers), crops_file if method.startswith("image") else small_counts_file, out)
+        done = run(crops_file if method.startswith("image") else small_counts_file, out, method, workers, "never")
+        assert done.returncode == 0, done.stderr[-3000:]
         model = load(out)
         runs[method, workers] = model.trained_info["global_step"], model.state_dict()
     return runs
@@ -43,20 +49,19 @@ def uninterrupted(small_counts_file, crops_file, tmp_path_factory):
     ("mae", 0, "step:4"),        # mid-epoch (every 4 steps)
     ("mae", 0, "step:12"),       # a step checkpoint on the epoch's last batch, killed before the epoch ends
     ("mae", 2, "step:6"),        # mid-epoch, second epoch, with workers (4 batches an epoch: 2 per worker)
-    ("mae", 0, "epoch_end:2"),
+    ("mae", 0, "epoch_end:2"),   # the last epoch: the run's final checkpoint, before its model is written
     ("image_simclr", 0, "epoch_end:0"),  # crops: 72 crops, batch 16 -> 4 batches an epoch
     ("image_simclr", 2, "epoch_end:1"),
-    ("image_simclr", 0, "step:6"),   # the last epoch: the run's final checkpoint, before its model is written
+    ("image_simclr", 0, "step:6"),       # mid-epoch
 ])
 def test_killed_and_resumed_equals_uninterrupted(uninterrupted, small_counts_file, crops_file, tmp_path, method,
                                                   workers, where):
     out, data = tmp_path / "run", crops_file if method.startswith("image") else small_counts_file
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    killed = subprocess.run([sys.executable, str(REPO / "tests" / "kill_run.py"), str(data), str(out),
-                             method, str(workers), where], env=env, capture_output=True, text=True, timeout=600)
+    killed = run(data, out, method, workers, where)
     assert killed.returncode == -9, killed.stderr[-3000:]  # really killed, not finished
     assert (out / "checkpoints" / "last.ckpt").is_file()
-    pretrain(recipe(method, workers), data, out, resume=True)
+    resumed = run(data, out, method, workers, "resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     resumed = load(out)
     steps, reference = uninterrupted[method, workers]
     assert resumed.trained_info["global_step"] == steps

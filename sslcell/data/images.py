@@ -196,7 +196,8 @@ class CellImages:
         return np.dtype(self.images.dtype)
 
     def channel_index(self, channels: Sequence[int | str] | int | str) -> list[int]:
-        """Indices or names -> channel indices; raises :class:`ChannelMismatchError` listing what exists."""
+        """Indices (``0..C-1``; negative ones are refused) or names -> channel indices; raises
+        :class:`ChannelMismatchError` listing what exists."""
         items = [channels] if isinstance(channels, (int, np.integer, str)) else list(channels)
         n = len(self.channel_names)
         available = ", ".join(f"{i}: {name!r}" for i, name in enumerate(self.channel_names))
@@ -207,11 +208,16 @@ class CellImages:
                     raise ChannelMismatchError(f"unknown channel name {item!r}; available channels: {available}")
                 index.append(self.channel_names.index(item))
             elif isinstance(item, (int, np.integer)) and not isinstance(item, bool):
-                if not -n <= item < n:
+                if item < 0:  # a position counted from the end is too easy to get wrong for a channel
+                    raise ChannelMismatchError(
+                        f"channel index {item}: negative indices are not accepted; give 0..{n - 1} or a name "
+                        f"(available channels: {available})"
+                    )
+                if item >= n:
                     raise ChannelMismatchError(
                         f"channel index {item} out of range for {n} channels; available channels: {available}"
                     )
-                index.append(int(item) % n)
+                index.append(int(item))
             else:
                 raise ChannelMismatchError(f"channel selector {item!r} is neither an index nor a name")
         if not index:

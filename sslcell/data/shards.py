@@ -25,6 +25,8 @@ from sslcell.errors import FileFormatError, InputError
 
 IN_MEMORY = "<AnnData>"
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 
 class Workspace:
     """Reusable scratch arrays for repeated block reads (fresh pages cost more than the copy itself)."""
@@ -290,6 +292,8 @@ def _validate(data: np.ndarray, indptr: np.ndarray, shard: _Shard, lo: int, *, c
         bad, what = data < 0, "negative values"
     else:
         bad, what = ~np.isfinite(data), "NaN or inf values"
+        if not bad.any() and data.dtype.itemsize > 4:  # float64 beyond float32's range would be inf in the model
+            bad, what = np.abs(data) > FLOAT32_MAX, "values beyond float32's range (|x| > 3.4e38)"
         if not bad.any():
             bad, what = data < 0, "negative values"
         if not bad.any() and counts:
@@ -299,7 +303,7 @@ def _validate(data: np.ndarray, indptr: np.ndarray, shard: _Shard, lo: int, *, c
     first = int(np.argmax(bad))
     row = lo + int(np.searchsorted(indptr, first, side="right")) - 1
     message = f"{what} in {shard.where}, rows {lo}:{lo + len(indptr) - 1} (first at row {row}, value {data[first]!r})"
-    if what != "NaN or inf values":
+    if what.startswith("negative") or what.startswith("non-integer"):
         message += (
             "; raw counts are expected: if the data are already log-normalised, "
             "open with counts_are_log_normalized=True"

@@ -172,6 +172,12 @@ class ImageInputs(Inputs):
                 f"images are {tuple(batch.shape[2:])} pixels (H, W); the model expects {tuple(self.image_size)}"
             )
         dtype = str(batch.dtype).removeprefix("torch.")
+        if batch.is_floating_point() and self.dtype in _INTEGER_DTYPES:
+            raise InputError(
+                f"images are {dtype}; the model was trained on {self.dtype} crops and its per-channel statistics are "
+                f"in {self.dtype} units: pass the crops as {self.dtype} at the stored scale (float crops rescaled, "
+                "e.g. to [0, 1], would collapse every embedding to one point)"
+            )
         if dtype in _INTEGER_DTYPES and self.dtype in _INTEGER_DTYPES and dtype != self.dtype:
             raise InputError(
                 f"images are {dtype}; the model was trained on {self.dtype} crops and its per-channel statistics are "
@@ -195,9 +201,9 @@ class ImageInputs(Inputs):
         return list(views.chunk(n))
 
     def _check_values(self, batch: Tensor) -> None:
-        self.check(batch)
         if batch.is_floating_point() and not torch.isfinite(batch).all():
             raise InputError("images contain NaN or inf")
+        self.check(batch)
 
     @property
     def contract(self) -> ImageContract:

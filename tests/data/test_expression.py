@@ -169,6 +169,10 @@ def test_value_errors_name_file_and_rows(tmp_path):
     in_memory = adata(sp.csr_matrix(np.where(x > 0, -x, 0)).astype(np.int32))
     with pytest.raises(InputError, match=r"negative values in <AnnData> \(X\)"):
         ExpressionDataset.open(in_memory).read_rows(0, 100)
+    huge = x.astype(np.float64)
+    huge[70, 3] = 1e39  # finite in float64, inf once cast to the model's float32
+    with pytest.raises(InputError, match=r"beyond float32's range .*rows 64:100 \(first at row 70, value .*1e\+39"):
+        ExpressionDataset.open(adata(sp.csr_matrix(huge))).read_rows(64, 100)
 
 
 def test_log_normalized_data_allows_fractions_only_when_declared(tmp_path):

@@ -80,6 +80,8 @@ def test_channel_selection_errors_list_available(x16):
         cells.select_channels([0, 3])
     with pytest.raises(ChannelMismatchError, match="more than once"):
         cells.select_channels([0, "brightfield"])
+    with pytest.raises(ChannelMismatchError, match=r"channel index -1: negative indices are not accepted; give 0..2"):
+        cells.select_channels([-1])
 
 
 def test_getitem_subsets_keep_ids_and_obs(x16):

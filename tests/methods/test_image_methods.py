@@ -91,6 +91,8 @@ def test_inputs_are_checked():
     bad[1, 2, 3, 4] = float("inf")
     with pytest.raises(InputError, match="inf"):
         inputs.normalize(bad)
+    with pytest.raises(InputError, match=r"images are float32; the model was trained on uint8 crops"):
+        inputs.normalize(torch.rand(2, C, S, S))  # crops rescaled to [0, 1]: refused, not collapsed silently
 
 
 def test_views_differ_and_are_reproducible(batch):
