@@ -161,7 +161,7 @@ def main() -> None:
         results[(entry, labels)] = result
 
     results: dict = {}
-    base = {k: v for k, v in ft_values.items() if k != "scratch"}
+    base = {k: v for k, v in ft_values.items() if k != "scratch"}  # "scratch": overrides of earlier versions
     full_cfg = FinetuneConfig.from_dict({**base, "head": "full"})
     linear_cfg = FinetuneConfig.from_dict({**base, "head": "linear"})
     # the from-scratch CNN trains every layer at the head's rate (plus the "scratch" overrides of the YAML)

@@ -65,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--head", choices=["linear", "full"], help="linear probe on frozen embeddings, or full fine-tuning")
     p.add_argument("--epochs", type=int)
     p.add_argument("--lr", type=float, help="head learning rate (encoder: lr x encoder_lr_factor)")
+    p.add_argument("--encoder-lr-factor", type=float, help="encoder learning rate = lr x this (0: frozen encoder)")
+    p.add_argument("--oversample", type=_oversample,
+                   help="class balancing: true (equal classes), false (natural mix) or a power in [0, 1], e.g. 0.5")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--dropout", type=float, help="dropout before the head")
+    p.add_argument("--seed", type=int)
     p.add_argument("--channels", type=_channels, help="channels to use (default: the model's, by name)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing classifier in --out")
     p.set_defaults(run=_finetune)
@@ -188,6 +194,17 @@ def _embed_images(args: argparse.Namespace) -> int:
     return 0
 
 
+def _oversample(text: str) -> bool | float:
+    """``--oversample``: true / false or a power in [0, 1]."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected true, false or a number in [0, 1], got {text!r}") from None
+
+
 def _finetune(args: argparse.Namespace) -> int:
     import yaml
 
@@ -205,9 +222,10 @@ def _finetune(args: argparse.Namespace) -> int:
             values = yaml.safe_load(Path(args.config).read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{args.config}: not valid YAML ({err})") from None
-    for name in ("head", "epochs", "lr"):
+    for name in ("head", "epochs", "lr", "encoder_lr_factor", "oversample", "batch_size", "dropout", "seed"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
+    values.setdefault("progress_bar", sys.stderr.isatty())  # a bar in a terminal; one line an epoch in a log
     config = FinetuneConfig.from_dict(values)
     model = load(args.model)
     if model.inputs.modality == "expression":

@@ -14,6 +14,7 @@ from sslcell.checkpoint import load
 from sslcell.classify import load_classifier
 from sslcell.cli import main
 from sslcell.config import RecipeConfig
+from tests.conftest import REPO
 
 N, S = 96, 16
 NAMES = ["bf", "dna", "actin"]
@@ -217,3 +218,24 @@ def test_corrupt_or_missing_crops_are_clean_errors(files, linear_classifier, tmp
         assert f"sslcell {command}: error:" in err and message in err and str(data) in err
         assert "Traceback" not in err
         assert not out.exists() or not any(out.iterdir())
+
+
+def test_finetune_cli_reaches_every_setting_and_reports_each_epoch(files, tmp_path, caplog):
+    """--config takes the committed benchmark YAML; the flags override it; one log line per epoch."""
+    import logging
+
+    from sslcell.classify.finetune import FinetuneConfig
+
+    for name in ("jurkat", "chula"):  # the benchmarks' settings are valid `sslcell finetune --config` files
+        path = REPO / "benchmarks" / "configs" / f"{name}_finetune.yaml"
+        FinetuneConfig.from_dict(yaml.safe_load(path.read_text()))
+    with caplog.at_level(logging.INFO, logger="sslcell"):
+        assert main(["finetune", "--model", str(files["run"]), "--data", str(files["npz"]), "--out",
+                     str(tmp_path / "clf"), "--config", str(path.with_name("jurkat_finetune.yaml")), "--epochs", "2",
+                     "--encoder-lr-factor", "0.5", "--oversample", "false", "--seed", "3", "--batch-size", "16",
+                     "--dropout", "0.1"]) == 0
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fine-tuning epoch")]
+    assert [line.split(":")[0] for line in lines] == ["fine-tuning epoch 1/2", "fine-tuning epoch 2/2"]
+    used = load_classifier(tmp_path / "clf").info["finetune"]
+    assert (used["epochs"], used["encoder_lr_factor"], used["oversample"], used["seed"], used["batch_size"],
+            used["dropout"], used["lr"]) == (2, 0.5, False, 3, 16, 0.1, 0.002)  # flags over the YAML's values

@@ -5,6 +5,7 @@ Settings come from :class:`~sslcell.classify.finetune.FinetuneConfig` (its docst
 
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import Any
 
@@ -21,6 +22,8 @@ from sslcell.data.images import CellImages
 from sslcell.methods.base import step_seed, warmup_cosine
 from sslcell.methods.inputs import image_augment_config
 from sslcell.train import on_gpu, resolve_precision
+
+log = logging.getLogger(__name__)
 
 
 class _FinetuneModule(pl.LightningModule):
@@ -41,9 +44,19 @@ class _FinetuneModule(pl.LightningModule):
         accuracy = (logits.argmax(1) == self.codes[rows]).float().mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=len(rows))
         self.log("train/accuracy", accuracy, prog_bar=True, batch_size=len(rows))
+        n = torch.tensor(float(len(rows)), device=loss.device)
+        self._epoch_sums += torch.stack([loss.detach().float() * n, accuracy.detach() * n, n])  # no sync a step
         return loss
 
+    def on_train_epoch_end(self) -> None:
+        """Without the progress bar, one line an epoch (logger ``sslcell.classify.training``, shown by the CLI)."""
+        loss, accuracy, n = self._epoch_sums.tolist()
+        if not self.config.progress_bar and n:
+            log.info("fine-tuning epoch %d/%d: loss %.4f, training accuracy %.3f (%d augmented crops)",
+                     self.current_epoch + 1, self.trainer.max_epochs, loss / n, accuracy / n, n)
+
     def on_train_epoch_start(self) -> None:
+        self._epoch_sums = torch.zeros(3, device=self.device)
         self.trainer.train_dataloader.dataset.set_epoch(self.current_epoch)
         if self.config.encoder_lr_factor == 0:  # a frozen encoder stays as it is: no batch-norm statistics updates
             self.classifier.encoder.eval()
