@@ -58,17 +58,25 @@ def embed_rows(
     *,
     batch_size: int = 512,
     device: str | torch.device | None = None,
+    inspect: Callable[[Tensor], None] | None = None,
     **normalize: Any,
 ) -> np.ndarray:
     """Embeddings ``(N, D)`` float32 of ``data`` (crops aligned to the model's channels, or an expression dataset
-    aligned to its genes) by a pretrained ``model``, in eval mode; ``normalize`` goes to ``inputs.normalize``."""
+    aligned to its genes) by a pretrained ``model``, in eval mode; ``normalize`` goes to ``inputs.normalize``.
+    ``inspect`` sees each raw batch (on ``device``) first, e.g. to count empty cells."""
+
+    def encode(x: Tensor) -> Tensor:
+        if inspect is not None:
+            inspect(x)
+        return model.encoder(model.inputs.normalize(x, **normalize))
+
     device = default_device(device)
     model = model.to(device)
     was_training = model.training
     model.eval()
     try:
         return run_batched(
-            lambda x: model.encoder(model.inputs.normalize(x, **normalize)),
+            encode,
             data,
             model.embed_dim,
             batch_size=batch_size,

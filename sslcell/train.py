@@ -187,9 +187,15 @@ def _prepare_expression(
     if d.n_top_genes is not None and d.n_top_genes < len(genes):
         genes = [str(g) for g in select_highly_variable(dataset, d.n_top_genes)]
         dataset = dataset.with_genes(genes)
+    stats = gene_statistics(dataset, target_sum=d.target_sum)  # also refuses all-zero data
+    if stats.attrs["n_empty_cells"]:
+        warnings.warn(
+            f"{stats.attrs['n_empty_cells']} of {stats.attrs['n_cells']} cells have no counts over the model's "
+            f"{len(genes)} genes: they all give the model the same all-zero input (filter empty cells first)",
+            UserWarning, stacklevel=3,
+        )
     mean = std = None
     if d.scale:
-        stats = gene_statistics(dataset, target_sum=d.target_sum)
         mean = tuple(stats["mean_log1p"].astype(float).tolist())
         std = tuple(np.sqrt(stats["var_log1p"].to_numpy()).astype(float).tolist())
     contract = ExpressionContract(

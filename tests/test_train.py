@@ -159,3 +159,19 @@ def test_bf16_autocast_trains(small_counts_file, tmp_path, method):
     loss = metrics["train/loss"].dropna().to_numpy()
     assert len(loss) > 0 and np.isfinite(loss).all()
     assert load(out).embed_dim == 8
+
+
+def test_all_zero_data_is_refused_and_empty_cells_warned(small_counts, tmp_path):
+    from sslcell.errors import InputError
+
+    zero = small_counts.copy()
+    zero.X = zero.X * 0
+    with pytest.raises(InputError, match=r"every value over the 200 genes read is zero \(400 cells\)"):
+        pretrain(tiny_recipe("mae"), zero, tmp_path / "zero")
+    assert not (tmp_path / "zero").exists()  # refused before the run directory is written
+    some = small_counts.copy()
+    x = some.X.tolil()
+    x[:5, :] = 0
+    some.X = x.tocsr()
+    with pytest.warns(UserWarning, match=r"5 of 400 cells have no counts over the model's 100 genes"):
+        pretrain(tiny_recipe("mae", train={"max_epochs": 1}), some, tmp_path / "some")

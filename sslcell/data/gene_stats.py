@@ -47,18 +47,21 @@ def gene_statistics(dataset: ExpressionDataset, chunk_size: int = 4096, target_s
     Columns (index = ``dataset.genes``):
     ``mean_counts``, ``var_counts`` (of the stored values); ``mean_norm``, ``var_norm`` (of counts
     scaled to ``target_sum`` per cell); ``mean_log1p``, ``var_log1p`` (of ``log1p`` of those);
-    ``n_cells_expressed`` (cells with a nonzero value). Variances use ddof=1. When the dataset was
-    opened with ``counts_are_log_normalized=True`` the stored values are taken as the ``log1p`` values
-    and ``norm`` is their ``expm1``.
+    ``n_cells_expressed`` (cells with a nonzero value). Variances use ddof=1. ``attrs``: ``n_cells`` and
+    ``n_empty_cells`` (cells without any nonzero value). When the dataset was opened with
+    ``counts_are_log_normalized=True`` the stored values are taken as the ``log1p`` values and ``norm`` is their
+    ``expm1``. An all-zero dataset raises :class:`InputError`.
     """
     n_genes = dataset.n_genes
     counts, norm, logs = _Moments(n_genes), _Moments(n_genes), _Moments(n_genes)
     expressed = np.zeros(n_genes, dtype=np.int64)
     log_input = dataset.counts_are_log_normalized
+    n_empty = 0
     for _, _, block in dataset.iter_chunks(chunk_size):
         n = block.shape[0]
         rows = np.repeat(np.arange(n), np.diff(block.indptr))
         values = block.data.astype(np.float64)
+        n_empty += n - np.count_nonzero(np.bincount(rows[values != 0], minlength=n))
         if log_input:
             log_values, norm_values = values, np.expm1(values)
         else:
@@ -70,7 +73,7 @@ def gene_statistics(dataset: ExpressionDataset, chunk_size: int = 4096, target_s
         norm.update(*_column_sums(block.indices, norm_values, n_genes), n)
         logs.update(*_column_sums(block.indices, log_values, n_genes), n)
         expressed += np.bincount(block.indices[values != 0], minlength=n_genes)
-    return pd.DataFrame(
+    stats = pd.DataFrame(
         {
             "mean_counts": counts.mean,
             "var_counts": counts.var(),
@@ -82,6 +85,13 @@ def gene_statistics(dataset: ExpressionDataset, chunk_size: int = 4096, target_s
         },
         index=pd.Index(dataset.genes, name="gene"),
     )
+    stats.attrs.update(n_cells=int(dataset.n_obs), n_empty_cells=int(n_empty))
+    if not expressed.any():
+        raise InputError(
+            f"{', '.join(map(str, dataset.sources))}: every value over the {n_genes} genes read is zero "
+            f"({dataset.n_obs} cells): there is nothing to learn from"
+        )
+    return stats
 
 
 def seurat_dispersions(stats: pd.DataFrame, n_bins: int = 20) -> pd.DataFrame:

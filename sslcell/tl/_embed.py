@@ -120,9 +120,22 @@ def _embed_expression(adata: AnnData, model: SSLModule, layer: str | None, log_n
     source: Any = adata.filename if adata.isbacked else adata
     dataset = ExpressionDataset.open(source, layer=layer, genes=list(contract.genes),
                                      counts_are_log_normalized=log_normalized)
-    out = embed_rows(model, dataset, batch_size=batch_size, device=device, counts_are_log_normalized=log_normalized)
+    empty = [0]
+
+    def count_empty(x: torch.Tensor) -> None:
+        empty[0] += int((x.sum(dim=1) == 0).sum())
+
+    with dataset:
+        out = embed_rows(model, dataset, batch_size=batch_size, device=device, inspect=count_empty,
+                         counts_are_log_normalized=log_normalized)
+    if empty[0]:
+        warnings.warn(
+            f"{empty[0]} of {len(out)} cells have no counts over the model's {contract.n_genes} genes: they all get "
+            "the same embedding (filter empty cells, or check that the gene names match the model's)",
+            UserWarning, stacklevel=3,
+        )
     alignment = dataset.alignment
-    return out, {"n_model_genes": contract.n_genes,
+    return out, {"n_model_genes": contract.n_genes, "n_empty_cells": empty[0],
                  "n_missing_genes": int(alignment.n_missing) if alignment is not None else 0}
 
 

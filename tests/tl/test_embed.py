@@ -62,3 +62,15 @@ def test_missing_genes_are_zero_filled_and_reported(trained, small_counts):
     disjoint.var_names = [f"other_{i}" for i in range(disjoint.n_vars)]
     with pytest.raises(GeneMismatchError):
         sslcell.tl.embed(disjoint, model)
+
+
+def test_empty_cells_are_counted_and_warned(trained, small_counts):
+    model, _ = trained
+    adata = small_counts.copy()
+    x = adata.X.tolil()
+    x[[3, 7], :] = 0
+    adata.X = x.tocsr()
+    with pytest.warns(UserWarning, match=r"2 of 400 cells have no counts over the model's 100 genes"):
+        sslcell.tl.embed(adata, model)
+    assert adata.uns["sslcell"]["X_sslcell"]["n_empty_cells"] == 2
+    np.testing.assert_array_equal(adata.obsm["X_sslcell"][3], adata.obsm["X_sslcell"][7])
