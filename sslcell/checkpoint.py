@@ -24,6 +24,7 @@ from sslcell.provenance import versions
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+MODEL_FIELDS = frozenset({"format_version", "recipe", "contract", "embed_dim", "seed", "versions", "trained"})
 
 
 def save_model(model: SSLModule, directory: str | Path, *, trained: dict[str, Any] | None = None) -> Path:
@@ -58,8 +59,10 @@ def read_model_config(directory: str | Path) -> dict[str, Any]:
     directory = model_directory(directory)
     try:
         meta = json.loads((directory / CONFIG).read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise FileFormatError(f"{directory / CONFIG}: not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise FileFormatError(f"{directory / CONFIG}: expected a JSON object, got {type(meta).__name__}")
     if meta.get("format_version") != FORMAT_VERSION:
         raise FileFormatError(
             f"{directory / CONFIG}: format_version {meta.get('format_version')!r} is not supported "
@@ -75,11 +78,18 @@ def load(directory: str | Path, *, map_location: str | torch.device = "cpu") -> 
     """
     directory = model_directory(directory)
     meta = read_model_config(directory)
+    unknown = sorted(set(meta) - MODEL_FIELDS)
+    if unknown:
+        raise FileFormatError(f"{directory / CONFIG}: unknown field(s) {unknown}; a model's fields are "
+                              f"{sorted(MODEL_FIELDS)}")
     try:
         config = RecipeConfig.from_dict(meta["recipe"])
         model = build_method(config, meta["contract"])
-    except (KeyError, ConfigError) as err:
+    except (KeyError, TypeError, AttributeError, ConfigError) as err:
         raise FileFormatError(f"{directory / CONFIG}: bad recipe or input contract ({err})") from None
+    if meta.get("embed_dim", model.embed_dim) != model.embed_dim:
+        raise FileFormatError(f"{directory / CONFIG}: embed_dim {meta['embed_dim']!r} does not match the recipe's "
+                              f"encoder ({model.embed_dim})")
     read_weights(model, directory / WEIGHTS, CONFIG, map_location)
     model.trained_info = meta.get("trained", {})
     model.source = str(directory)

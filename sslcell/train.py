@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from sslcell.data.gene_stats import gene_statistics, select_highly_variable
 from sslcell.data.image_loader import make_image_dataloader
 from sslcell.data.images import CellImages
 from sslcell.data.loader import make_dataloader
-from sslcell.errors import ConfigError, OverwriteError
+from sslcell.errors import ConfigError, FileFormatError, OverwriteError
 from sslcell.methods import SSLModule, build_method
 from sslcell.methods.contracts import Contract, ExpressionContract, ImageContract, contract_from_dict
 
@@ -140,10 +141,28 @@ def _fit(config: RecipeConfig, data: Any, dataset: Any, contract: Contract, out:
     return model
 
 
+def read_checkpoint(ckpt: Path) -> dict[str, Any]:
+    """A resume checkpoint's contents, loaded with ``weights_only=True`` (no code runs); a truncated, corrupt or
+    code-carrying file is a :class:`FileFormatError` that says so."""
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's weights-only unpickler refused it: never retry unsafely
+        raise FileFormatError(
+            f"{ckpt}: refused: not a checkpoint sslcell wrote (corrupt, or holding objects other than tensors and "
+            "plain data, whose loading could run code); start the run again with --overwrite"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as err:
+        raise FileFormatError(f"{ckpt}: cannot read the checkpoint (truncated or corrupt: {err}); start the run "
+                              "again with --overwrite") from None
+    if not isinstance(state, dict):
+        raise FileFormatError(f"{ckpt}: not an sslcell checkpoint (a {type(state).__name__})")
+    return state
+
+
 def _position_loader(dataset: Any, ckpt: Path) -> None:
     """Put the loader at the saved epoch and batch before ``fit``: Lightning makes the epoch's iterator (and
     copies the loader into its workers) before any hook of a resumed run, so the hooks are too late for workers."""
-    state = torch.load(ckpt, map_location="cpu", weights_only=True).get("sslcell_loader") or {}
+    state = read_checkpoint(ckpt).get("sslcell_loader") or {}
     epoch, done = int(state.get("epoch", 0)), int(state.get("batches_done", 0))
     if done >= len(dataset):
         epoch, done = epoch + 1, 0
@@ -339,8 +358,12 @@ def _read_run(out: Path) -> tuple[RecipeConfig, Contract]:
     path = out / RUN_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no run to resume in {out}")
-    payload = json.loads(path.read_text())
-    return RecipeConfig.from_dict(payload["recipe"]), contract_from_dict(payload["contract"])
+    try:
+        payload = json.loads(path.read_text())
+        return RecipeConfig.from_dict(payload["recipe"]), contract_from_dict(payload["contract"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, ConfigError) as err:
+        raise FileFormatError(f"{path}: not a readable run record ({type(err).__name__}: {err}); the run cannot "
+                              "be resumed (start it again with --overwrite)") from None
 
 
 def _is_spawned_rank() -> bool:

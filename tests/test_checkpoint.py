@@ -77,3 +77,21 @@ def test_weights_of_the_wrong_dtype_or_not_finite_are_refused(tmp_path, damage):
     save_file(state, tmp_path / "m" / WEIGHTS)
     with pytest.raises(FileFormatError, match=message):
         load(tmp_path / "m")
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda meta: [meta], "expected a JSON object, got list"),
+    (lambda meta: {**meta, "embed_dim": meta["embed_dim"] + 1}, "embed_dim .* does not match"),
+    (lambda meta: {**meta, "surprise": 1}, r"unknown field\(s\) \['surprise'\]"),
+    (lambda meta: {**meta, "contract": [1, 2]}, "bad recipe or input contract"),
+    (lambda meta: {**meta, "recipe": "mae"}, "bad recipe or input contract"),
+])
+def test_a_model_config_that_does_not_fit_is_refused(tmp_path, edit, message):
+    from sslcell.methods import build_method
+    from tests.conftest import tiny_recipe
+
+    save_model(build_method(tiny_recipe("mae"), {"modality": "expression", "genes": ["a", "b", "c"]}), tmp_path / "m")
+    config = tmp_path / "m" / "config.json"
+    config.write_text(json.dumps(edit(json.loads(config.read_text()))))
+    with pytest.raises(FileFormatError, match=message):
+        load(tmp_path / "m")

@@ -175,3 +175,29 @@ def test_all_zero_data_is_refused_and_empty_cells_warned(small_counts, tmp_path)
     some.X = x.tocsr()
     with pytest.warns(UserWarning, match=r"5 of 400 cells have no counts over the model's 100 genes"):
         pretrain(tiny_recipe("mae", train={"max_epochs": 1}), some, tmp_path / "some")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "pickle", "run_json"])
+def test_a_damaged_run_is_a_one_line_error_on_resume(small_counts_file, tmp_path, damage):
+    import pickle
+
+    from sslcell.errors import FileFormatError
+
+    out = tmp_path / "run"
+    pretrain(tiny_recipe("mae", train={"max_epochs": 1}), small_counts_file, out)
+    ckpt = out / "checkpoints" / "last.ckpt"
+    if damage == "truncated":
+        ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+        message = "cannot read the checkpoint"
+    elif damage == "garbage":
+        ckpt.write_text("not a checkpoint")
+        message = "refused: not a checkpoint sslcell wrote"
+    elif damage == "pickle":  # a planted pickle that would run code: refused, and no advice to unsafe-load it
+        ckpt.write_bytes(pickle.dumps({"state": os.getcwd}))
+        message = "refused: not a checkpoint sslcell wrote .*could run code"
+    else:
+        (out / "run.json").write_text("{ not json")
+        message = "run.json: not a readable run record"
+    with pytest.raises(FileFormatError, match=message) as caught:
+        pretrain(tiny_recipe("mae", train={"max_epochs": 2}), small_counts_file, out, resume=True)
+    assert "weights_only=False" not in str(caught.value)
