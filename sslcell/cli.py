@@ -14,12 +14,31 @@ from sslcell.errors import OverwriteError, SSLCellError
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _show_sslcell_logs()
     try:
         return args.run(args) or 0
-    except (SSLCellError, FileNotFoundError, FileExistsError) as err:
-        print(f"sslcell {args.command}: error: {err}", file=sys.stderr)
+    except (SSLCellError, OSError) as err:  # bad input, or the environment (missing file, full disk, permissions)
+        print(f"sslcell {args.command}: error: {_as_cli(str(err))}", file=sys.stderr)
         return 2
+
+
+def _as_cli(message: str) -> str:
+    """Library messages name Python arguments; on the command line, name the flags."""
+    for python, flag in (("overwrite=True", "--overwrite"), ("key_added", "--key-added"),
+                         ("counts_are_log_normalized=True", "--counts-are-log-normalized")):
+        message = message.replace(python, flag)
+    return message
+
+
+def _show_sslcell_logs() -> None:
+    """sslcell's INFO lines (progress, alignment reports) on stderr; other libraries' loggers are left alone."""
+    log = logging.getLogger("sslcell")
+    if not any(getattr(h, "_sslcell_cli", False) for h in log.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._sslcell_cli = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -146,9 +165,7 @@ def _embed(args: argparse.Namespace) -> int:
 
     if read_model_config(args.model)["contract"]["modality"] == "image":
         return _embed_images(args)
-    src, out = Path(args.data), Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise OverwriteError(f"{out}: exists; pass --overwrite to replace it")
+    src, out = Path(args.data), _new_file(Path(args.out), args.overwrite)
     if out.resolve() == src.resolve():
         raise OverwriteError(f"{out}: is the input file; write to another path")
     ExpressionDataset.open(src, layer=args.layer, counts_are_log_normalized=args.counts_are_log_normalized)  # validates
@@ -166,17 +183,22 @@ def _embed(args: argparse.Namespace) -> int:
     adata.file.close()
     # copy the input file (X stays on disk, never loaded whole), then add the embedding to the copy
     tmp = out.with_name(f".{out.name}.tmp")
-    shutil.copyfile(src, tmp)
-    with h5py.File(tmp, "r+") as f:
-        for group, key, value in (("obsm", args.key, embedding), ("uns", "sslcell", None)):
-            f.require_group(group)
-            if value is None:
-                old = ad.io.read_elem(f[group][key]) if key in f[group] else {}
-                value = {**old, args.key: info}
-            if key in f[group]:
-                del f[group][key]
-            ad.io.write_elem(f[group], key, value)
-    tmp.replace(out)
+    try:
+        shutil.copyfile(src, tmp)
+        with h5py.File(tmp, "r+") as f:
+            for group, key, value in (("obsm", args.key, embedding), ("uns", "sslcell", None)):
+                f.require_group(group)
+                if value is None:
+                    old = ad.io.read_elem(f[group][key]) if key in f[group] else {}
+                    value = {**old, args.key: info}
+                if key in f[group]:
+                    del f[group][key]
+                ad.io.write_elem(f[group], key, value)
+        tmp.replace(out)
+    except OSError as err:
+        raise OSError(f"{out}: could not be written ({err.strerror or err})") from None
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves no full-size temporary copy
     print(f"wrote {out}: obsm[{args.key!r}] {embedding.shape}")
     return 0
 
@@ -282,17 +304,25 @@ def _read_h5ad(path: str):
 
 
 def _new_file(path: Path, overwrite: bool) -> Path:
+    if path.is_dir():
+        raise OverwriteError(f"{path}: is a folder; give the path of the .h5ad file to write")
     if path.exists() and not overwrite:
         raise OverwriteError(f"{path}: exists; pass --overwrite to replace it")
     return path
 
 
 def _write_h5ad(adata, path: Path) -> None:
-    """Write through a temporary file and rename: an interrupted write never leaves half a file at ``path``."""
+    """Write through a temporary file and rename: an interrupted write never leaves half a file at ``path``, and a
+    failed one (a full disk) leaves no temporary file behind; errors name ``path``, not the temporary file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    adata.write_h5ad(tmp)
-    tmp.replace(path)
+    try:
+        adata.write_h5ad(tmp)
+        tmp.replace(path)
+    except OSError as err:
+        raise OSError(f"{path}: could not be written ({err.strerror or err})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _evaluate(args: argparse.Namespace) -> int:

@@ -322,6 +322,8 @@ def _describe(data: Any) -> Any:
 
 
 def _check_new_run(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise OverwriteError(f"{out}: is a file, not a run directory; choose another --out")
     if out.exists() and any(out.iterdir()) and not overwrite:
         what = "a previous run" if (out / RUN_FILE).exists() else "files"
         raise OverwriteError(

@@ -57,3 +57,49 @@ def test_nan_counts_are_refused(recipe_file, small_counts, tmp_path, capsys):
     assert main(["pretrain", "--config", str(recipe_file), "--data", str(path), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "nan.h5ad" in err and "NaN" in err
+
+
+@pytest.fixture(scope="module")
+def small_run(recipe_file, small_counts_file, tmp_path_factory):
+    run = tmp_path_factory.mktemp("cli_run") / "run"
+    assert main(["pretrain", "--config", str(recipe_file), "--data", str(small_counts_file), "--out", str(run),
+                 "--max-epochs", "1"]) == 0
+    return run
+
+
+def test_environment_faults_are_one_line_errors_and_leave_nothing(small_run, small_counts, small_counts_file,
+                                                                  recipe_file, tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "outdir"
+    folder.mkdir()
+    (folder / "mine.txt").write_text("keep")
+    assert main(["embed", "--model", str(small_run), "--data", str(small_counts_file), "--out", str(folder),
+                 "--overwrite"]) == 2
+    assert "outdir: is a folder" in capsys.readouterr().err
+    a_file = tmp_path / "afile"
+    a_file.write_text("keep")
+    assert main(["pretrain", "--config", str(recipe_file), "--data", str(small_counts_file), "--out",
+                 str(a_file)]) == 2
+    assert "afile: is a file, not a run directory" in capsys.readouterr().err
+    f16 = small_counts.copy()
+    f16.X = f16.X.toarray().astype(np.float16)
+    f16.write_h5ad(tmp_path / "f16.h5ad")
+    assert main(["pretrain", "--config", str(recipe_file), "--data", str(tmp_path / "f16.h5ad"), "--out",
+                 str(tmp_path / "r16")]) == 2
+    assert "values of dtype float16 are not supported" in capsys.readouterr().err
+
+    def full_disk(self, path, *args, **kwargs):  # the disk fills up half-way through the write
+        path.write_bytes(b"\0" * 1000)
+        raise OSError(28, "No space left on device")
+
+    clf = tmp_path / "clf"
+    assert main(["finetune", "--model", str(small_run), "--data", str(small_counts_file), "--label-key", "cell_type",
+                 "--out", str(clf), "--head", "linear"]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(ad.AnnData, "write_h5ad", full_disk)
+    pred = tmp_path / "pred"
+    assert main(["predict", "--model", str(clf), "--data", str(small_counts_file), "--out", str(pred)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0, err  # one line
+    assert "pred/predictions.h5ad: could not be written (No space left on device)" in err
+    assert (folder / "mine.txt").read_text() == "keep" and a_file.read_text() == "keep"
+    assert not list(tmp_path.rglob(".*.tmp"))  # no temporary file left behind

@@ -11,11 +11,14 @@ names and a per-cell ``obs``), not yet validated: :meth:`sslcell.data.images.Cel
 * zarr: an array ``(N, C, H, W)``, or a group with an ``images`` array and per-cell arrays as above;
   ``channel_names`` / ``label_names`` from the attributes (or arrays of the group).
 * a folder of ``.tif`` / ``.tiff`` / ``.png`` crops, one file per cell, at the top level or in class subfolders
-  (subfolder name -> ``label``). A 2-D crop is one channel; in a 3-D crop the channel axis is the shorter of the
-  first and last axes, so ``(C, H, W)`` (tifffile) and ``(H, W, C)`` (PIL, RGB) both work; ties read as
-  ``(C, H, W)``. An optional ``obs.csv`` (first column: file name relative to the folder, with or without
-  suffix) adds columns; ``label_key`` then names the column to use as ``label`` (the subfolder name, if any,
-  moves to ``folder``). A folder is read into memory: convert large sets to zarr or uncompressed npz.
+  (subfolder name -> ``label``). A 2-D crop is one channel. A 3-D PNG is ``(H, W, C)`` (PIL). A 3-D TIFF is
+  ``(C, H, W)`` or ``(H, W, C)``, whichever leaves a square ``H x W`` (so a 40-channel 32 x 32 crop reads
+  correctly either way); when both or neither do, the shorter of the first and last axes is the channel axis (ties:
+  ``(C, H, W)``) and a warning says how many crops were read by that fallback: store such crops as ``.npz`` or
+  zarr ``(N, C, H, W)`` to make the layout explicit. An optional ``obs.csv`` (first column: file name relative to
+  the folder, with or without suffix) adds columns; ``label_key`` then names the column to use as ``label`` (the
+  subfolder name, if any, moves to ``folder``). A folder is read into memory: convert large sets to zarr or
+  uncompressed npz.
 """
 
 from __future__ import annotations
@@ -199,8 +202,8 @@ def _read_zarr(path: Path, label_key: str | None) -> RawCells:
 
 
 # -------------------------------------------------------------------------------------------------- folder
-def _read_crop(file: Path) -> np.ndarray:
-    """One crop file -> ``(C, H, W)``; see the module doc for the axis rule."""
+def _read_crop(file: Path) -> tuple[np.ndarray, bool]:
+    """One crop file -> ``(C, H, W)`` and whether its channel axis was a guess; see the module doc for the rule."""
     try:
         if file.suffix.lower() == ".png":
             from PIL import Image
@@ -217,10 +220,23 @@ def _read_crop(file: Path) -> np.ndarray:
         raise FileFormatError(f"{file}: cannot read crop ({type(err).__name__}: {err})") from err
     arr = np.squeeze(arr) if arr.ndim > 3 else arr
     if arr.ndim == 2:
-        return arr[None]
+        return arr[None], False
     if arr.ndim == 3:
-        return np.moveaxis(arr, -1, 0) if arr.shape[-1] < arr.shape[0] else arr
+        if file.suffix.lower() == ".png":
+            return np.moveaxis(arr, -1, 0), False
+        first, ambiguous = _channels_first(arr.shape)
+        return (arr if first else np.moveaxis(arr, -1, 0)), ambiguous
     raise FileFormatError(f"{file}: crop has shape {arr.shape}; expected (H, W), (C, H, W) or (H, W, C)")
+
+
+def _channels_first(shape: tuple[int, ...]) -> tuple[bool, bool]:
+    """Is a 3-D TIFF crop ``(C, H, W)`` (else ``(H, W, C)``), and was that a guess? The layout that leaves a square
+    ``H x W`` wins; otherwise the shorter of the first and last axes is the channel axis (ties: first)."""
+    a, b, c = shape
+    square_if_first, square_if_last = b == c, a == b
+    if square_if_first != square_if_last:
+        return square_if_first, False
+    return a <= c, True
 
 
 def _crop_files(path: Path) -> list[Path]:
@@ -276,17 +292,26 @@ def _strip_crop_suffix(name: str) -> str:
 def _read_folder(path: Path, label_key: str | None) -> RawCells:
     """A folder of crop files, read into one in-memory ``(N, C, H, W)`` array (file order = cell order)."""
     files = _crop_files(path)
-    first = _read_crop(files[0])
+    first, guessed = _read_crop(files[0])
     images = np.empty((len(files), *first.shape), dtype=first.dtype)
     images[0] = first
+    n_guessed = int(guessed)
     for i, file in enumerate(files[1:], start=1):
-        crop = _read_crop(file)
+        crop, guessed = _read_crop(file)
+        n_guessed += guessed
         if crop.shape != first.shape or crop.dtype != first.dtype:
             raise InputError(
                 f"{path}: crops differ: {files[0].relative_to(path)} is {first.shape} {first.dtype} (C, H, W) but "
                 f"{file.relative_to(path)} is {crop.shape} {crop.dtype}; all crops must have one shape and dtype"
             )
         images[i] = crop
+    if n_guessed:
+        warnings.warn(
+            f"{path}: {n_guessed} of {len(files)} TIFF crops have no square H x W either way, so their channel axis "
+            f"was taken by the fallback rule: read as (C, H, W) = {first.shape}. If that is wrong, store the crops "
+            "as .npz or zarr (N, C, H, W)",
+            UserWarning, stacklevel=4,
+        )
     ids = [_strip_crop_suffix(f.relative_to(path).as_posix()) for f in files]
     nested = files[0].parent != path
     obs = _folder_obs(path, ids, [f.parent.name for f in files] if nested else None, label_key)

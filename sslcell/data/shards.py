@@ -156,7 +156,7 @@ class _MemoryShard(_Shard):
         else:
             kind = type(matrix).__name__
             raise InputError(f"{self.where}: unsupported matrix type {kind}; use numpy or scipy.sparse")
-        self.matrix, self.dtype = matrix, matrix.dtype
+        self.matrix, self.dtype = matrix, _check_dtype(matrix.dtype, self.where)
         self.n_obs = adata.n_obs
         self.var_names = np.asarray(adata.var_names.astype(str), dtype=object)
         self.obs = adata.obs.copy()
@@ -219,6 +219,7 @@ class _FileShard(_Shard):
             self._obs = None if isinstance(obs_index, h5py.Dataset) else read_elem(obs)  # read lazily when it can
             n_obs_meta = len(obs_index) if self._obs is None else len(self._obs)
             self.var_names = np.asarray(read_elem(var[var.attrs.get("_index", "_index")]), dtype=str).astype(object)
+        _check_dtype(self.dtype, self.where)
         self.n_obs = shape[0]
         if shape[1] != len(self.var_names) or shape[0] != n_obs_meta:
             raise FileFormatError(
@@ -277,6 +278,15 @@ class _FileShard(_Shard):
         if self._readers is not None and self._pid == os.getpid():
             for reader in self._readers.values():
                 reader.close()
+
+
+def _check_dtype(dtype: np.dtype, where: str) -> np.dtype:
+    """Integer, boolean, float32 or float64 values; anything else is refused with how to convert."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in "biu" or (dtype.kind == "f" and dtype.itemsize >= 4):
+        return dtype
+    raise InputError(f"{where}: values of dtype {dtype} are not supported; sslcell reads integer, float32 or float64 "
+                     "counts (convert first, e.g. adata.X = adata.X.astype('float32'))")
 
 
 def _validate(data: np.ndarray, indptr: np.ndarray, shard: _Shard, lo: int, *, counts: bool) -> None:

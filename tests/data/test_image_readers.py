@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -200,3 +201,23 @@ def test_jurkat_label_free_channels():
     assert cells.channel_names == ["Ch3_brightfield", "Ch6_darkfield_sidescatter"]
     assert len(cells.obs["label"].cat.categories) == 7
     assert cells.obs["label"].value_counts()["G1"] == 900
+
+
+def test_tiff_channel_axis_follows_the_square_rule_and_warns_when_it_guesses(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    many = np.arange(40 * 32 * 32, dtype=np.uint16).reshape(40, 32, 32)  # 40 channels of 32 x 32
+    (tmp_path / "first").mkdir()
+    (tmp_path / "last").mkdir()
+    for i in range(2):
+        tifffile.imwrite(tmp_path / "first" / f"c{i}.tif", many + i, photometric="minisblack")
+        tifffile.imwrite(tmp_path / "last" / f"c{i}.tif", np.moveaxis(many + i, 0, -1), photometric="minisblack")
+    for layout in ("first", "last"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # an unambiguous layout reads without a warning
+            cells = CellImages.read(tmp_path / layout)
+        assert cells.shape == (2, 40, 32, 32), layout
+        np.testing.assert_array_equal(cells.batch(np.array([1])), (many + 1)[None])
+    (tmp_path / "odd").mkdir()
+    tifffile.imwrite(tmp_path / "odd" / "c0.tif", np.zeros((3, 20, 12), np.uint16), photometric="minisblack")
+    with pytest.warns(UserWarning, match=r"1 of 1 TIFF crops have no square H x W.*\(C, H, W\) = \(3, 20, 12\)"):
+        assert CellImages.read(tmp_path / "odd").shape == (1, 3, 20, 12)
