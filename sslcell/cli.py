@@ -27,7 +27,7 @@ def _as_cli(message: str) -> str:
     for python, flag in (("overwrite=True", "--overwrite"), ("key_added", "--key-added"),
                          ("counts_are_log_normalized=True", "--counts-are-log-normalized")):
         message = message.replace(python, flag)
-    return message
+    return " ".join(message.split())  # one line, whatever the wrapped error (YAML, HDF5) printed
 
 
 def _show_sslcell_logs() -> None:

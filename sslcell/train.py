@@ -31,7 +31,7 @@ from sslcell.data.gene_stats import gene_statistics, select_highly_variable
 from sslcell.data.image_loader import make_image_dataloader
 from sslcell.data.images import CellImages
 from sslcell.data.loader import make_dataloader
-from sslcell.errors import ConfigError, FileFormatError, OverwriteError
+from sslcell.errors import ConfigError, FileFormatError, InputError, OverwriteError
 from sslcell.methods import SSLModule, build_method
 from sslcell.methods.contracts import Contract, ExpressionContract, ImageContract, contract_from_dict
 
@@ -202,6 +202,11 @@ def _prepare_expression(
         )
         return dataset, contract
     dataset = ExpressionDataset.open(data, layer=d.layer, counts_are_log_normalized=d.counts_are_log_normalized)
+    if dataset.n_obs < max(d.batch_size, 2):
+        raise InputError(
+            f"{', '.join(map(str, dataset.sources))}: {dataset.n_obs} cell(s), fewer than one batch of {d.batch_size}: "
+            "too few to pretrain on (lower data.batch_size, or pretrain on more cells)"
+        )
     genes = [str(g) for g in dataset.genes]
     if d.n_top_genes is not None and d.n_top_genes < len(genes):
         genes = [str(g) for g in select_highly_variable(dataset, d.n_top_genes)]

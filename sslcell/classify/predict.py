@@ -3,6 +3,7 @@ under ``key_added``) and :func:`sslcell.tl.score`; plots to :mod:`sslcell.pl`.""
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from sslcell.data.images import CellImages
 from sslcell.errors import InputError
 from sslcell.evaluate.metrics import ClassificationReport
 
+log = logging.getLogger(__name__)
 
 def predict(
     classifier: CellClassifier,
@@ -80,4 +82,7 @@ def write_metrics(report: ClassificationReport, truth: np.ndarray, scores: np.nd
     if len(np.unique(truth)) > 1:
         pl.roc_curves(truth, scores, report.classes, path=out / "roc_curves.png")
         files.append(out / "roc_curves.png")
+    else:
+        log.info("roc_curves.png not drawn: every labelled cell is %r (one-vs-rest ROC needs two true classes)",
+                 str(truth[0]))
     return files

@@ -12,6 +12,7 @@ are in :mod:`sslcell.data.image_readers`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -194,6 +195,19 @@ class CellImages:
     @property
     def dtype(self) -> np.dtype:
         return np.dtype(self.images.dtype)
+
+    @property
+    def n_channels(self) -> int:
+        return len(self.channel_names)
+
+    @property
+    def unnamed_channels(self) -> bool:
+        """Whether the crops came without channel names (the placeholders ``channel_<k>``)."""
+        return all(re.fullmatch(r"channel_\d+", name) for name in self.channel_names)
+
+    def rename_channels(self, names: Sequence[str]) -> CellImages:
+        """The same crops with ``names`` ``(C,)`` as their channel names."""
+        return CellImages(self.images, _channel_names(names, self.n_channels), self.obs, self.source)
 
     def channel_index(self, channels: Sequence[int | str] | int | str) -> list[int]:
         """Indices (``0..C-1``; negative ones are refused) or names -> channel indices; raises

@@ -97,6 +97,12 @@ class ClassificationReport:
             f"| balanced accuracy | {_fmt(self.balanced_accuracy)} |",
             f"| macro ROC-AUC (one-vs-rest) | {_fmt(self.macro_roc_auc)} |",
             "",
+        ]
+        absent = [str(name) for name, row in self.per_class.iterrows() if int(row["support"]) == 0]
+        if absent:
+            lines += [f"Classes without true samples (F1 0 in the macro-F1 over all {len(self.classes)} classes; "
+                      f"no recall, no ROC-AUC): {', '.join(absent)}.", ""]
+        lines += [
             "| class | precision | recall | F1 | ROC-AUC | support |",
             "|---|---:|---:|---:|---:|---:|",
         ]

@@ -142,10 +142,14 @@ class ImageInputs(Inputs):
 
     def align(self, cells: CellImages, channels: Sequence[int | str] | None = None) -> CellImages:
         """Select the model's channels from ``cells``: ``channels`` (indices or names) when given, else by the
-        model's channel names. Raises :class:`ChannelMismatchError` when the result differs from the model's
-        channel spec in count or names, or when the crop size differs."""
+        model's channel names. Crops stored without channel names (``channel_0``...) and selected by index are
+        taken, in the order given, as the model's channels. Raises :class:`ChannelMismatchError` when the result
+        differs from the model's channel spec in count or names, or when the crop size differs."""
         if channels is not None:
             cells = cells.select_channels(channels)
+            if cells.unnamed_channels and cells.n_channels == self.n_channels:
+                # crops stored without channel names, selected explicitly by position: take them as the model's
+                cells = cells.rename_channels(self.channel_names)
         elif cells.channel_names != self.channel_names and set(self.channel_names) <= set(cells.channel_names):
             cells = cells.select_channels(self.channel_names)
         if cells.channel_names != self.channel_names:
