@@ -134,7 +134,10 @@ def model_directory(directory: str | Path) -> Path:
 
 
 def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same directory, then rename: a killed run never leaves half a file."""
+    """Write through a temporary file in the same directory, then rename: a killed run never leaves half a file.
+    Temporary files a killed earlier write left beside ``path`` are removed first."""
+    for stale in path.parent.glob(f".{path.name}.*"):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:

@@ -295,7 +295,12 @@ class RunCheckpoint(Callback):
         if trainer.is_global_zero:
             directory.mkdir(parents=True, exist_ok=True)
         trainer.strategy.barrier()
-        trainer.save_checkpoint(tmp, weights_only=False)  # collective: every rank calls it, rank 0 writes
+        try:
+            trainer.save_checkpoint(tmp, weights_only=False)  # collective: every rank calls it, rank 0 writes
+        except BaseException:
+            if trainer.is_global_zero:
+                tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves no partial checkpoint behind
+            raise
         if trainer.is_global_zero:
             os.replace(tmp, directory / LAST)
             save_model(

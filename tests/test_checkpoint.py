@@ -95,3 +95,15 @@ def test_a_model_config_that_does_not_fit_is_refused(tmp_path, edit, message):
     config.write_text(json.dumps(edit(json.loads(config.read_text()))))
     with pytest.raises(FileFormatError, match=message):
         load(tmp_path / "m")
+
+
+def test_temporary_files_of_a_killed_write_are_removed_by_the_next(tmp_path):
+    from sslcell.methods import build_method
+    from tests.conftest import tiny_recipe
+
+    model = build_method(tiny_recipe("mae"), {"modality": "expression", "genes": ["a", "b", "c"]})
+    save_model(model, tmp_path / "m")
+    (tmp_path / "m" / ".model.safetensors.abc123").write_bytes(b"half a file")  # as a SIGKILL mid-write leaves
+    (tmp_path / "m" / ".config.json.xyz").write_text("{")
+    save_model(model, tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
