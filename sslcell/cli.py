@@ -118,6 +118,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write <out>.json and <out>.md")
     p.set_defaults(run=_evaluate)
 
+    p = sub.add_parser("transfer", help="label query cells from a labelled reference by nearest neighbours")
+    p.add_argument("--reference", required=True, help="labelled .h5ad (embedded, or embedded here with --model)")
+    p.add_argument("--query", required=True, help=".h5ad to label (embedded, or embedded here with --model)")
+    p.add_argument("--label-key", required=True, help="obs column of the reference with the labels")
+    p.add_argument("--out", required=True, help="output .h5ad: the query with obs <label-key>_pred / _confidence")
+    p.add_argument("--model", help="embed both sides with this model first (else obsm[--use-rep] must exist)")
+    p.add_argument("--use-rep", default="X_sslcell", help="obsm key of the embeddings")
+    p.add_argument("--n-neighbors", type=int, default=15)
+    p.add_argument("--min-confidence", type=float, default=0.0, help="below this vote share the call is 'unknown'")
+    p.add_argument("--index", choices=["auto", "exact", "hnsw"], default="auto")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(run=_transfer)
+
     p = sub.add_parser("quickstart", help="pretrain, embed and evaluate on generated data, end to end")
     p.add_argument("--out", default="quickstart_out")
     p.add_argument("--max-epochs", type=int, default=None)
@@ -323,6 +336,23 @@ def _write_h5ad(adata, path: Path) -> None:
         raise OSError(f"{path}: could not be written ({err.strerror or err})") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _transfer(args: argparse.Namespace) -> int:
+    from sslcell.tl import embed, transfer_labels
+
+    out = _new_file(Path(args.out), args.overwrite)
+    reference, query = _read_h5ad(args.reference), _read_h5ad(args.query)
+    if args.model:
+        for adata in (reference, query):
+            embed(adata, args.model, key_added=args.use_rep, overwrite=True)
+    transfer_labels(query, reference, args.label_key, args.use_rep, n_neighbors=args.n_neighbors,
+                    min_confidence=args.min_confidence, index=args.index, overwrite=True)
+    _write_h5ad(query, out)
+    info = query.uns["sslcell"][f"{args.label_key}_pred"]
+    print(f"wrote {out}: obs['{args.label_key}_pred'] for {query.n_obs} cells from {info['n_reference']} reference "
+          f"cells ({info['index']} index, {info['n_unknown']} unknown)")
+    return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:

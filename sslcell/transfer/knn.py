@@ -88,6 +88,26 @@ class _ExactIndex:
         return out
 
 
+def vote(dist: np.ndarray, codes: np.ndarray, n_classes: int, weights: str = "distance") -> np.ndarray:
+    """Neighbour votes -> class shares ``(M, n_classes)``: ``dist`` and the neighbours' class ``codes`` are
+    ``(M, k)``. ``"distance"`` weighs a vote by ``1 / distance`` (neighbours at distance 0, if any, take the whole
+    vote); ``"uniform"`` counts votes."""
+    if weights == "uniform":
+        w = np.ones_like(dist, dtype=np.float64)
+    elif weights == "distance":
+        with np.errstate(divide="ignore"):
+            w = 1.0 / dist.astype(np.float64)
+        exact = np.isinf(w)
+        rows = exact.any(axis=1)
+        w[rows] = exact[rows]
+    else:
+        raise ConfigError(f"weights must be 'uniform' or 'distance'; got {weights!r}")
+    n = dist.shape[0]
+    flat = np.arange(n)[:, None] * n_classes + codes
+    proba = np.bincount(flat.ravel(), weights=w.ravel(), minlength=n * n_classes).reshape(n, n_classes)
+    return proba / proba.sum(axis=1, keepdims=True)
+
+
 def _check_params(n_neighbors: int, batch_size: int) -> None:
     if int(n_neighbors) < 1:
         raise ConfigError(f"n_neighbors must be >= 1; got {n_neighbors}")
@@ -138,18 +158,7 @@ class FaissKNNClassifier(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X) -> np.ndarray:
         """``(M, D)`` -> ``(M, n_classes)`` vote fractions, columns ordered as ``classes_``."""
         dist, idx = self.kneighbors(X)
-        if self.weights == "uniform":
-            w = np.ones_like(dist, dtype=np.float64)
-        else:
-            with np.errstate(divide="ignore"):
-                w = 1.0 / dist.astype(np.float64)
-            exact = np.isinf(w)
-            rows = exact.any(axis=1)
-            w[rows] = exact[rows]
-        n, c = dist.shape[0], len(self.classes_)
-        flat = np.arange(n)[:, None] * c + self._y_codes[idx]
-        proba = np.bincount(flat.ravel(), weights=w.ravel(), minlength=n * c).reshape(n, c)
-        return proba / proba.sum(axis=1, keepdims=True)
+        return vote(dist, self._y_codes[idx], len(self.classes_), self.weights)
 
     def predict(self, X) -> np.ndarray:
         """``(M, D)`` -> ``(M,)`` labels from ``classes_``."""

@@ -1,0 +1,123 @@
+"""Zero-shot label transfer: label query cells by a distance-weighted vote of their nearest reference cells."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from sslcell.errors import ConfigError, InputError
+from sslcell.tl._keys import check_free, record
+from sslcell.transfer.knn import vote
+from sslcell.transfer.reference import Kind, ReferenceIndex
+
+UNKNOWN = "unknown"
+
+
+def transfer_labels(
+    query: AnnData,
+    reference: AnnData | ReferenceIndex,
+    label_key: str,
+    use_rep: str = "X_sslcell",
+    *,
+    n_neighbors: int = 15,
+    weights: str = "distance",
+    min_confidence: float = 0.0,
+    index: Kind = "auto",
+    leave_one_out: bool = False,
+    key_added: str | None = None,
+    overwrite: bool = False,
+    copy: bool = False,
+) -> AnnData | None:
+    """Label every cell of ``query`` from its ``n_neighbors`` nearest cells of ``reference`` in ``use_rep``.
+
+    Writes ``query.obs[f"{key_added}_pred"]`` (the winning label, or ``"unknown"`` where its vote share is below
+    ``min_confidence``) and ``query.obs[f"{key_added}_confidence"]`` (that share, in ``(0, 1]``); ``key_added``
+    defaults to ``label_key``. Settings and counts go to ``query.uns["sslcell"][f"{key_added}_pred"]``.
+
+    Args:
+        reference: a labelled AnnData (labels in ``obs[label_key]``, embedding in ``obsm[use_rep]``; cells without
+            a label are left out), or a :class:`~sslcell.transfer.reference.ReferenceIndex` built (and saved) once.
+        weights: ``"distance"`` (votes weighted by ``1 / distance``) or ``"uniform"``.
+        index: ``"auto"`` (exact up to ``APPROX_ABOVE`` reference cells, else HNSW), ``"exact"`` or ``"hnsw"``.
+        leave_one_out: ``query`` is ``reference``: leave each cell out of its own vote (to score the reference
+            against its own labels). Otherwise a cell present on both sides is its own nearest neighbour.
+    """
+    key_added = key_added or label_key
+    pred_key, conf_key = f"{key_added}_pred", f"{key_added}_confidence"
+    for key in (pred_key, conf_key):
+        check_free(query, "obs", key, overwrite)
+    if not 0.0 <= float(min_confidence) <= 1.0:
+        raise ConfigError(f"min_confidence must lie in [0, 1]; got {min_confidence}")
+    if int(n_neighbors) < 1:
+        raise ConfigError(f"n_neighbors must be >= 1; got {n_neighbors}")
+    if leave_one_out and query is not reference:
+        raise ConfigError("leave_one_out=True scores a reference against itself: pass the same AnnData twice")
+    if use_rep not in query.obsm:
+        raise InputError(f"query.obsm has no {use_rep!r} (embed it first with tl.embed); it has {list(query.obsm)}")
+    ref = reference if isinstance(reference, ReferenceIndex) else _reference(reference, label_key, use_rep, index)
+    if ref.use_rep != use_rep:
+        raise InputError(f"the reference index was built from {ref.use_rep!r}, not {use_rep!r}")
+    k = int(n_neighbors) + int(leave_one_out)
+    dist, rows = ref.search(query.obsm[use_rep], k)
+    if leave_one_out:
+        dist, rows = _drop_self(dist, rows, _reference_rows(reference, label_key))
+    proba = vote(dist, ref.codes[rows], len(ref.classes), weights)
+    best = proba.argmax(axis=1)
+    confidence = proba[np.arange(len(best)), best]
+    labels = ref.classes[best].astype(object)
+    unknown = confidence < float(min_confidence)
+    labels[unknown] = UNKNOWN
+    if copy:
+        query = query.copy()
+    categories = list(ref.classes) + ([UNKNOWN] if unknown.any() and UNKNOWN not in ref.classes else [])
+    query.obs[pred_key] = pd.Categorical(labels, categories=categories)
+    query.obs[conf_key] = confidence.astype(np.float32)
+    info: dict[str, Any] = {"label_key": label_key, "use_rep": use_rep, "n_neighbors": int(n_neighbors),
+                            "weights": weights, "min_confidence": float(min_confidence), "index": ref.kind,
+                            "leave_one_out": bool(leave_one_out), "n_reference": ref.n,
+                            "n_unknown": int(unknown.sum()), "model": ref.model}
+    record(query, pred_key, info)
+    return query if copy else None
+
+
+def build_reference(reference: AnnData, label_key: str, use_rep: str = "X_sslcell", *, index: Kind = "auto",
+                    metric: str = "euclidean") -> ReferenceIndex:
+    """A :class:`ReferenceIndex` over the labelled cells of ``reference`` (save it with ``.save(directory)``)."""
+    return _reference(reference, label_key, use_rep, index, metric)
+
+
+def _reference(adata: AnnData, label_key: str, use_rep: str, index: Kind, metric: str = "euclidean") -> ReferenceIndex:
+    if label_key not in adata.obs.columns:
+        raise InputError(f"the reference has no obs column {label_key!r}; columns are {list(adata.obs.columns)}")
+    if use_rep not in adata.obsm:
+        raise InputError(f"reference.obsm has no {use_rep!r} (embed it first with tl.embed); it has "
+                         f"{list(adata.obsm)}")
+    labelled = _reference_rows(adata, label_key)
+    if labelled.size == 0:
+        raise InputError(f"the reference has no labelled cell in obs[{label_key!r}]")
+    model = adata.uns.get("sslcell", {}).get(use_rep, {}).get("model")
+    embedding = np.asarray(adata.obsm[use_rep])[labelled]
+    labels = adata.obs[label_key].to_numpy()[labelled]
+    return ReferenceIndex(embedding, labels, kind=index, metric=metric, model=model, use_rep=use_rep)
+
+
+def _reference_rows(adata: AnnData | ReferenceIndex, label_key: str) -> np.ndarray:
+    """Rows of ``adata`` with a label (the rows of its index)."""
+    if isinstance(adata, ReferenceIndex):
+        return np.arange(adata.n)
+    return np.flatnonzero(adata.obs[label_key].notna().to_numpy())
+
+
+def _drop_self(dist: np.ndarray, rows: np.ndarray, index_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Leave-one-out: remove each query cell from its own neighbours (``k + 1`` were searched; keep ``k``)."""
+    n_query, k = rows.shape[0], rows.shape[1] - 1
+    position = np.full(n_query, -1)
+    position[index_rows] = np.arange(index_rows.size)  # query row -> its row in the index (-1: not indexed)
+    is_self = rows == position[:, None]
+    drop = np.where(is_self.any(axis=1), is_self.argmax(axis=1), k)  # the self match, else the farthest
+    keep = np.ones(rows.shape, dtype=bool)
+    keep[np.arange(n_query), drop] = False
+    return dist[keep].reshape(n_query, k), rows[keep].reshape(n_query, k)

@@ -1,0 +1,126 @@
+"""A labelled reference for label transfer: a faiss index over its embeddings ``(N, D)``, its labels ``(N,)`` and
+the identity of the model that embedded it; built once, saved, and searched by many queries.
+
+Index kinds (``kind="auto"`` picks ``"exact"`` up to :data:`APPROX_ABOVE` reference cells, else ``"hnsw"``):
+
+* ``"exact"``: a flat faiss index (brute force, exact).
+* ``"hnsw"``: a faiss HNSW graph (``M=32`` links per node, ``efConstruction=80``, ``efSearch=max(128, 4 k)``): the
+  candidates are approximate, their distances exact (re-scored from the vectors, as the exact index does).
+
+Saved as a folder: ``index.faiss`` (faiss's own format, HNSW only), ``vectors.npy`` and ``labels.npy``
+(``allow_pickle=False``) and ``reference.json``. Nothing in it executes code on load.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import faiss
+import numpy as np
+
+from sslcell.errors import ConfigError, FileFormatError, InputError
+from sslcell.transfer.knn import Metric, _as_float32, _ExactIndex
+
+APPROX_ABOVE = 200_000  # reference cells above which kind="auto" builds an HNSW index
+HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 128
+FORMAT_VERSION = 1
+Kind = Literal["auto", "exact", "hnsw"]
+
+
+class _HNSWIndex(_ExactIndex):
+    """Approximate candidates from a faiss HNSW graph; distances re-scored exactly from the stored vectors."""
+
+    def __init__(self, x: np.ndarray, metric: str, batch_size: int, index: faiss.Index | None = None):
+        self.metric, self.batch_size = metric, batch_size
+        self.offset = x.mean(axis=0, dtype=np.float64).astype(np.float32) if metric == "euclidean" else None
+        self.x = self._prepare(x)
+        if index is None:
+            kind = faiss.METRIC_L2 if metric == "euclidean" else faiss.METRIC_INNER_PRODUCT
+            index = faiss.IndexHNSWFlat(x.shape[1], HNSW_M, kind)
+            index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+            index.add(self.x)
+        self.index = index
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        self.index.hnsw.efSearch = max(HNSW_EF_SEARCH, 4 * k)
+        return super().search(q, k)
+
+
+class ReferenceIndex:
+    """Labelled reference embeddings ``(N, D)`` behind a faiss index; see the module doc for the kinds."""
+
+    def __init__(self, embedding, labels, *, kind: Kind = "auto", metric: Metric = "euclidean",
+                 model: str | None = None, use_rep: str = "X_sslcell", batch_size: int = 8192) -> None:
+        x = _as_float32(embedding, "reference embedding")
+        labels = np.asarray(labels).astype(str)
+        if labels.shape != (x.shape[0],):
+            raise InputError(f"reference labels have shape {labels.shape}; expected ({x.shape[0]},)")
+        if kind not in ("auto", "exact", "hnsw"):
+            raise ConfigError(f"kind must be 'auto', 'exact' or 'hnsw'; got {kind!r}")
+        self.kind = ("hnsw" if x.shape[0] > APPROX_ABOVE else "exact") if kind == "auto" else kind
+        self.classes, self.codes = np.unique(labels, return_inverse=True)
+        if len(self.classes) < 2:
+            raise InputError(f"the reference holds a single class ({self.classes[0]!r}): nothing to transfer")
+        self.metric, self.model, self.use_rep = metric, model, use_rep
+        index = _HNSWIndex if self.kind == "hnsw" else _ExactIndex
+        self._index = index(x, metric, batch_size)
+
+    @property
+    def n(self) -> int:
+        return int(self._index.x.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self._index.x.shape[1])
+
+    def search(self, query, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Distances and reference rows ``(M, k)`` of the ``k`` nearest reference cells to ``query`` ``(M, D)``."""
+        q = _as_float32(query, "query embedding")
+        if q.shape[1] != self.dim:
+            raise InputError(f"query embeddings have {q.shape[1]} dimensions, the reference's {self.dim}: were both "
+                             "embedded by the same model?")
+        if not 1 <= k <= self.n:
+            raise InputError(f"n_neighbors={k} but the reference holds {self.n} cells")
+        return self._index.search(q, k)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the reference into ``directory`` (created): reloadable with :meth:`load`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        raw = self._index.x + (self._index.offset if self._index.offset is not None else 0)
+        np.save(directory / "vectors.npy", raw if self.metric == "euclidean" else self._index.x)
+        np.save(directory / "labels.npy", self.classes[self.codes])
+        if self.kind == "hnsw":
+            faiss.write_index(self._index.index, str(directory / "index.faiss"))
+        meta = {"format_version": FORMAT_VERSION, "kind": self.kind, "metric": self.metric, "model": self.model,
+                "use_rep": self.use_rep, "n": self.n, "dim": self.dim}
+        (directory / "reference.json").write_text(json.dumps(meta, indent=1))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> ReferenceIndex:
+        """A reference written by :meth:`save`; vectors and labels are read with ``allow_pickle=False``."""
+        directory = Path(directory)
+        try:
+            meta = json.loads((directory / "reference.json").read_text())
+            vectors = np.load(directory / "vectors.npy", allow_pickle=False)
+            labels = np.load(directory / "labels.npy", allow_pickle=False)
+        except FileNotFoundError as err:
+            raise FileFormatError(f"{directory}: not an sslcell reference ({err.filename} is missing)") from None
+        except (ValueError, OSError) as err:
+            raise FileFormatError(f"{directory}: cannot read the reference ({err})") from None
+        if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+            raise FileFormatError(f"{directory / 'reference.json'}: not a reference this sslcell reads")
+        out = cls.__new__(cls)
+        out.kind, out.metric, out.model, out.use_rep = meta["kind"], meta["metric"], meta["model"], meta["use_rep"]
+        out.classes, out.codes = np.unique(labels.astype(str), return_inverse=True)
+        if out.kind == "hnsw":
+            index = faiss.read_index(str(directory / "index.faiss"))
+            out._index = _HNSWIndex(_as_float32(vectors, "reference vectors"), out.metric, 8192, index=index)
+        else:
+            out._index = _ExactIndex(_as_float32(vectors, "reference vectors"), out.metric, 8192)
+        if out.n != meta["n"] or out.dim != meta["dim"]:
+            raise FileFormatError(f"{directory}: vectors {vectors.shape} do not match reference.json")
+        return out

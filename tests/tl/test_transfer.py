@@ -1,0 +1,119 @@
+"""tl.transfer_labels: the vote against scikit-learn's, unknown calls, leave-one-out, HNSW against exact search,
+saved references, the CLI, and each bad input of the issue."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.neighbors import KNeighborsClassifier
+
+from sslcell import tl
+from sslcell.cli import main
+from sslcell.errors import ConfigError, InputError, OverwriteError
+from sslcell.transfer.reference import ReferenceIndex
+
+
+def _cells(n: int, seed: int, dim: int = 8, n_types: int = 4) -> ad.AnnData:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(n_types, size=n)
+    centres = np.random.default_rng(99).normal(0, 3, (n_types, dim))
+    x = (centres[y] + rng.normal(0, 1.5, (n, dim))).astype(np.float32)
+    obs = pd.DataFrame({"cell_type": np.array(list("ABCD"))[y]}, index=[f"c{seed}_{i}" for i in range(n)])
+    adata = ad.AnnData(obs=obs)
+    adata.obsm["X_sslcell"] = x
+    return adata
+
+
+def test_matches_scikit_learns_distance_weighted_vote():
+    ref, query = _cells(600, 0), _cells(300, 1)
+    assert tl.transfer_labels(query, ref, "cell_type") is None
+    knn = KNeighborsClassifier(15, weights="distance").fit(ref.obsm["X_sslcell"], ref.obs["cell_type"])
+    np.testing.assert_array_equal(query.obs["cell_type_pred"].astype(str), knn.predict(query.obsm["X_sslcell"]))
+    np.testing.assert_allclose(query.obs["cell_type_confidence"], knn.predict_proba(query.obsm["X_sslcell"]).max(1),
+                               rtol=1e-5)
+    truth = query.obs["cell_type"].to_numpy()
+    assert (query.obs["cell_type_pred"].astype(str) == truth).mean() > 0.8
+    info = query.uns["sslcell"]["cell_type_pred"]
+    assert (info["index"], info["n_reference"], info["n_neighbors"]) == ("exact", 600, 15)
+    with pytest.raises(OverwriteError, match="cell_type_pred"):
+        tl.transfer_labels(query, ref, "cell_type")
+
+
+def test_low_confidence_calls_are_unknown_and_copy_leaves_the_query():
+    ref, query = _cells(600, 0), _cells(300, 1)
+    out = tl.transfer_labels(query, ref, "cell_type", min_confidence=0.9, copy=True, key_added="t")
+    assert "t_pred" not in query.obs
+    unknown = out.obs["t_pred"] == "unknown"
+    assert 0 < unknown.sum() < len(out)
+    assert (out.obs["t_confidence"][unknown] < 0.9).all() and (out.obs["t_confidence"][~unknown] >= 0.9).all()
+    assert out.uns["sslcell"]["t_pred"]["n_unknown"] == int(unknown.sum())
+
+
+def test_a_cell_is_its_own_neighbour_unless_leave_one_out():
+    ref = _cells(400, 0)
+    ref.obs.loc[ref.obs_names[::7], "cell_type"] = None  # unlabelled cells are not in the index, but are labelled
+    tl.transfer_labels(ref, ref, "cell_type", n_neighbors=1, key_added="self")
+    labelled = ref.obs["cell_type"].notna().to_numpy()
+    np.testing.assert_array_equal(ref.obs["self_pred"].astype(str)[labelled], ref.obs["cell_type"][labelled])
+    tl.transfer_labels(ref, ref, "cell_type", n_neighbors=5, leave_one_out=True, key_added="loo")
+    x, y = ref.obsm["X_sslcell"][labelled], ref.obs["cell_type"].to_numpy()[labelled]
+    rows = np.flatnonzero(labelled)
+    for i in (0, 3, 10):  # by hand: the 5 nearest other labelled cells
+        d = np.linalg.norm(x - ref.obsm["X_sslcell"][rows[i]], axis=1)
+        d[i] = np.inf
+        near = np.argsort(d)[:5]
+        w = pd.Series(1 / d[near]).groupby(y[near]).sum()
+        assert ref.obs["loo_pred"].iloc[rows[i]] == w.idxmax()
+    with pytest.raises(ConfigError, match="pass the same AnnData twice"):
+        tl.transfer_labels(_cells(10, 3), ref, "cell_type", leave_one_out=True)
+
+
+def test_hnsw_agrees_with_exact_search_and_a_saved_reference_reloads(tmp_path):
+    ref, query = _cells(20_000, 0, dim=16), _cells(2_000, 1, dim=16)
+    exact = tl.transfer_labels(query, ref, "cell_type", index="exact", copy=True)
+    approx = tl.transfer_labels(query, ref, "cell_type", index="hnsw", copy=True)
+    agree = (exact.obs["cell_type_pred"].astype(str) == approx.obs["cell_type_pred"].astype(str)).mean()
+    assert agree >= 0.97 and approx.uns["sslcell"]["cell_type_pred"]["index"] == "hnsw"
+    built = tl.build_reference(ref, "cell_type", index="hnsw")
+    built.save(tmp_path / "ref")
+    loaded = ReferenceIndex.load(tmp_path / "ref")
+    again = tl.transfer_labels(query, loaded, "cell_type", copy=True)
+    np.testing.assert_array_equal(again.obs["cell_type_pred"].astype(str), approx.obs["cell_type_pred"].astype(str))
+    np.testing.assert_allclose(again.obs["cell_type_confidence"], approx.obs["cell_type_confidence"], rtol=1e-5)
+
+
+def test_bad_input_is_refused_clearly():
+    ref, query = _cells(100, 0), _cells(50, 1)
+    with pytest.raises(InputError, match="no obs column 'fate'"):
+        tl.transfer_labels(query, ref, "fate")
+    nan = query.copy()
+    nan.obsm["X_sslcell"][4, 2] = np.nan
+    with pytest.raises(InputError, match=r"NaN or inf in 1 rows \(first: row 4\)"):
+        tl.transfer_labels(nan, ref, "cell_type")
+    with pytest.raises(InputError, match="n_neighbors=500 but the reference holds 100 cells"):
+        tl.transfer_labels(query, ref, "cell_type", n_neighbors=500)
+    single = ref.copy()
+    single.obs["cell_type"] = "A"
+    with pytest.raises(InputError, match="single class"):
+        tl.transfer_labels(query, single, "cell_type")
+    with pytest.raises(InputError, match="query.obsm has no 'X_other'"):
+        tl.transfer_labels(query, ref, "cell_type", use_rep="X_other")
+    query.obsm["X_wide"] = np.zeros((50, 12), np.float32)
+    ref.obsm["X_wide"] = np.zeros((100, 8), np.float32)
+    with pytest.raises(InputError, match="12 dimensions, the reference's 8"):
+        tl.transfer_labels(query, ref, "cell_type", use_rep="X_wide")
+    assert not any(c.endswith("_pred") for c in query.obs)
+
+
+def test_cli_transfer(tmp_path, capsys):
+    ref, query = _cells(300, 0), _cells(100, 1)
+    ref.write_h5ad(tmp_path / "ref.h5ad")
+    query.write_h5ad(tmp_path / "q.h5ad")
+    argv = ["transfer", "--reference", str(tmp_path / "ref.h5ad"), "--query", str(tmp_path / "q.h5ad"),
+            "--label-key", "cell_type", "--out", str(tmp_path / "out.h5ad")]
+    assert main(argv) == 0
+    out = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert (out.obs["cell_type_pred"].astype(str) == out.obs["cell_type"]).mean() > 0.8
+    assert main(argv) == 2 and "exists" in capsys.readouterr().err
