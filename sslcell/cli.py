@@ -127,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--use-rep", default="X_sslcell", help="obsm key of the embeddings")
     p.add_argument("--n-neighbors", type=int, default=15)
     p.add_argument("--min-confidence", type=float, default=0.0, help="below this vote share the call is 'unknown'")
-    p.add_argument("--index", choices=["auto", "exact", "hnsw"], default="auto")
+    p.add_argument("--index", choices=["auto", "exact", "ivf", "hnsw"], default="auto")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(run=_transfer)
 

@@ -41,7 +41,8 @@ def transfer_labels(
         reference: a labelled AnnData (labels in ``obs[label_key]``, embedding in ``obsm[use_rep]``; cells without
             a label are left out), or a :class:`~sslcell.transfer.reference.ReferenceIndex` built (and saved) once.
         weights: ``"distance"`` (votes weighted by ``1 / distance``) or ``"uniform"``.
-        index: ``"auto"`` (exact up to ``APPROX_ABOVE`` reference cells, else HNSW), ``"exact"`` or ``"hnsw"``.
+        index: ``"auto"`` (exact up to ``APPROX_ABOVE`` reference cells, else IVF), ``"exact"``, ``"ivf"`` or
+            ``"hnsw"`` (:mod:`sslcell.transfer.reference`).
         leave_one_out: ``query`` is ``reference``: leave each cell out of its own vote (to score the reference
             against its own labels). Otherwise a cell present on both sides is its own nearest neighbour.
     """

@@ -73,9 +73,10 @@ def test_a_cell_is_its_own_neighbour_unless_leave_one_out():
 def test_hnsw_agrees_with_exact_search_and_a_saved_reference_reloads(tmp_path):
     ref, query = _cells(20_000, 0, dim=16), _cells(2_000, 1, dim=16)
     exact = tl.transfer_labels(query, ref, "cell_type", index="exact", copy=True)
-    approx = tl.transfer_labels(query, ref, "cell_type", index="hnsw", copy=True)
-    agree = (exact.obs["cell_type_pred"].astype(str) == approx.obs["cell_type_pred"].astype(str)).mean()
-    assert agree >= 0.97 and approx.uns["sslcell"]["cell_type_pred"]["index"] == "hnsw"
+    for kind in ("ivf", "hnsw"):
+        approx = tl.transfer_labels(query, ref, "cell_type", index=kind, copy=True)
+        agree = (exact.obs["cell_type_pred"].astype(str) == approx.obs["cell_type_pred"].astype(str)).mean()
+        assert agree >= 0.97 and approx.uns["sslcell"]["cell_type_pred"]["index"] == kind
     built = tl.build_reference(ref, "cell_type", index="hnsw")
     built.save(tmp_path / "ref")
     loaded = ReferenceIndex.load(tmp_path / "ref")
