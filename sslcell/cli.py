@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
 def _as_cli(message: str) -> str:
     """Library messages name Python arguments; on the command line, name the flags."""
     for python, flag in (("overwrite=True", "--overwrite"), ("key_added", "--key-added"),
-                         ("counts_are_log_normalized=True", "--counts-are-log-normalized")):
+                         ("counts_are_log_normalized=True", "--counts-are-log-normalized"),
+                         ("max_missing_genes", "--max-missing-genes")):
         message = message.replace(python, flag)
     return " ".join(message.split())  # one line, whatever the wrapped error (YAML, HDF5) printed
 
@@ -69,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="obsm key to write (default X_sslcell; --key is the old name)")
     p.add_argument("--layer", help="read counts from this layer instead of X")
     p.add_argument("--counts-are-log-normalized", action="store_true", help="input is already log1p-normalised")
+    p.add_argument("--max-missing-genes", type=float,
+                   help="largest share of the model's genes that may be missing (default 0.5; 1: any overlap)")
     p.add_argument("--channels", type=_channels, help="crops: channels to use (default: the model's, by name)")
     p.add_argument("--label-key", help="crops: npz/zarr array or obs.csv column with labels, kept in obs")
     p.add_argument("--batch-size", type=int, default=4096)
@@ -190,6 +193,7 @@ def _embed(args: argparse.Namespace) -> int:
         layer=args.layer,
         counts_are_log_normalized=args.counts_are_log_normalized or None,
         batch_size=args.batch_size,
+        max_missing_genes=args.max_missing_genes,
         overwrite=args.overwrite,
     )
     embedding, info = adata.obsm[args.key], adata.uns["sslcell"][args.key]
@@ -218,8 +222,13 @@ def _embed(args: argparse.Namespace) -> int:
 
 def _embed_images(args: argparse.Namespace) -> int:
     from sslcell.data.images import CellImages
+    from sslcell.errors import InputError
     from sslcell.tl import embed_crops
 
+    for flag, value in (("--layer", args.layer), ("--counts-are-log-normalized", args.counts_are_log_normalized),
+                        ("--max-missing-genes", args.max_missing_genes)):
+        if value:
+            raise InputError(f"{flag}: not applicable to an image model; remove it")
     out = _new_file(Path(args.out), args.overwrite)
     cells = CellImages.read(args.data, label_key=args.label_key)
     adata = embed_crops(cells, args.model, key_added=args.key, channels=args.channels,

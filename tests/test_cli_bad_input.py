@@ -56,6 +56,9 @@ def expression(small_counts, tmp_path_factory):
     other = small_counts.copy()
     other.var_names = [f"other_{i}" for i in range(other.n_vars)]
     other.write_h5ad(root / "other_genes.h5ad")
+    few = small_counts.copy()
+    few.var_names = [f"renamed_{i}" if i >= 10 else g for i, g in enumerate(few.var_names)]  # >= 90 of 100 missing
+    few.write_h5ad(root / "few_genes.h5ad")
     (root / "notes.h5ad").write_text("not an AnnData")
     (root / "bad.yaml").write_text("method: [unclosed")
     (root / "unknown.yaml").write_text(yaml.safe_dump({**tiny_recipe("mae").to_dict(), "extra": 1}))
@@ -98,6 +101,8 @@ EXPRESSION_CASES = {
                          "run.json: not a readable run record"),
     "disjoint genes": (["embed", "--model", "{root}/run", "--data", "{root}/other_genes.h5ad", "--out",
                         "{root}/e.h5ad"], "genes"),
+    "too many missing genes": (["embed", "--model", "{root}/run", "--data", "{root}/few_genes.h5ad", "--out",
+                                "{root}/e.h5ad"], "--max-missing-genes"),
     "embed into a folder": (["embed", "--model", "{root}/run", "--data", "{root}/good.h5ad", "--out", "{root}/folder",
                              "--overwrite"], "folder: is a folder"),
     "embed over the input": (["embed", "--model", "{root}/run", "--data", "{root}/good.h5ad", "--out",

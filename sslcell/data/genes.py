@@ -135,6 +135,22 @@ class GeneAligner:
         return out
 
 
+MAX_MISSING_GENES = 0.5  # default largest share of a model's genes that may be missing from data it reads
+
+
+def check_missing(report: GeneAlignment | None, max_share: float = MAX_MISSING_GENES) -> None:
+    """Raise :class:`GeneMismatchError` when more than ``max_share`` of the model's genes are missing."""
+    if not 0.0 <= float(max_share) <= 1.0:
+        raise InputError(f"max_missing_genes must lie in [0, 1]; got {max_share}")
+    if report is None or report.n_missing <= max_share * report.n_model_genes:
+        return
+    raise GeneMismatchError(
+        f"{report}: {report.n_missing / report.n_model_genes:.0%} of the model's genes are missing, more than "
+        f"max_missing_genes={max_share:g}; check the species and symbols vs IDs, or pass a larger "
+        "max_missing_genes (1 accepts any overlap)"
+    )
+
+
 def warn_missing(report: GeneAlignment) -> None:
     """Warn once per dataset when model genes are zero-filled."""
     if report.n_missing:

@@ -12,6 +12,7 @@ from anndata import AnnData
 
 from sslcell.checkpoint import load
 from sslcell.data.expression import ExpressionDataset
+from sslcell.data.genes import MAX_MISSING_GENES, check_missing
 from sslcell.data.images import CellImages
 from sslcell.errors import InputError
 from sslcell.inference import embed_rows
@@ -32,6 +33,7 @@ def embed(
     channels: Sequence[int | str] | None = None,
     batch_size: int | None = None,
     device: str | torch.device | None = None,
+    max_missing_genes: float | None = None,
     overwrite: bool = False,
     copy: bool = False,
 ) -> AnnData | None:
@@ -53,6 +55,8 @@ def embed(
             also drops what ``pl.umap`` computed from it.
         layer, counts_are_log_normalized: expression only: read counts from ``layer``; declare the input already
             log-normalised (default: as the model was trained).
+        max_missing_genes: expression only: the largest share of the model's genes that may be missing from
+            ``adata`` (default 0.5; more is refused, 1 accepts any overlap).
         channels: image models only: channels (indices or names) to feed the model, in its order.
         batch_size: cells per chunk (default 4096 for expression, 512 for crops).
         device: where to run the encoder (default: CUDA when available).
@@ -77,7 +81,7 @@ def embed(
                 "the model reads image crops: pass crops=cells (one crop per row of adata), or use "
                 "tl.embed_crops(cells, model)"
             )
-        _refuse(layer=layer, counts_are_log_normalized=counts_are_log_normalized)
+        _refuse(layer=layer, counts_are_log_normalized=counts_are_log_normalized, max_missing_genes=max_missing_genes)
     else:
         _refuse(crops=crops, channels=channels)
     if copy:
@@ -86,7 +90,7 @@ def embed(
         embedding, info = _embed_crops(adata, crops, model, channels, batch_size or CROPS_BATCH, device)
     else:
         embedding, info = _embed_expression(adata, model, layer, counts_are_log_normalized,
-                                            batch_size or EXPRESSION_BATCH, device)
+                                            batch_size or EXPRESSION_BATCH, device, max_missing_genes)
     drop_derived(adata, key_added)
     adata.obsm[key_added] = embedding
     record(adata, key_added, {"model": str(getattr(model, "source", "<in memory>")),
@@ -113,13 +117,14 @@ def embed_crops(
 
 
 def _embed_expression(adata: AnnData, model: SSLModule, layer: str | None, log_normalized: bool | None,
-                      batch_size: int, device: Any) -> tuple[Any, dict[str, Any]]:
+                      batch_size: int, device: Any, max_missing: float | None) -> tuple[Any, dict[str, Any]]:
     contract = model.inputs.contract
     if log_normalized is None:
         log_normalized = contract.counts_are_log_normalized
     source: Any = adata.filename if adata.isbacked else adata
     dataset = ExpressionDataset.open(source, layer=layer, genes=list(contract.genes),
                                      counts_are_log_normalized=log_normalized)
+    check_missing(dataset.alignment, MAX_MISSING_GENES if max_missing is None else max_missing)
     empty = [0]
 
     def count_empty(x: torch.Tensor) -> None:
@@ -136,7 +141,8 @@ def _embed_expression(adata: AnnData, model: SSLModule, layer: str | None, log_n
         )
     alignment = dataset.alignment
     return out, {"n_model_genes": contract.n_genes, "n_empty_cells": empty[0],
-                 "n_missing_genes": int(alignment.n_missing) if alignment is not None else 0}
+                 "n_missing_genes": int(alignment.n_missing) if alignment is not None else 0,
+                 "missing_genes_examples": list(alignment.examples) if alignment is not None else []}
 
 
 def _embed_crops(adata: AnnData, crops: CellImages, model: SSLModule, channels: Any, batch_size: int,

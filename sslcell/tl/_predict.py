@@ -12,6 +12,7 @@ from anndata import AnnData
 
 from sslcell.classify.classifier import CellClassifier
 from sslcell.data.expression import ExpressionDataset
+from sslcell.data.genes import MAX_MISSING_GENES, check_missing
 from sslcell.data.images import CellImages
 from sslcell.errors import InputError
 from sslcell.evaluate.metrics import ClassificationReport, classification_report
@@ -32,6 +33,7 @@ def predict(
     tta: bool = False,
     batch_size: int = 512,
     device: str | torch.device | None = None,
+    max_missing_genes: float | None = None,
     overwrite: bool = False,
     copy: bool = False,
 ) -> AnnData | None:
@@ -48,6 +50,7 @@ def predict(
             of ``crops`` (``crops.to_anndata()`` or ``tl.embed_crops``).
         crops: image classifiers only: the crops of ``adata``'s rows; ``channels`` selects the model's channels.
         tta: image classifiers only: average the probabilities over each crop's flips and 90-degree turns.
+        max_missing_genes: expression classifiers only: as in :func:`~sslcell.tl.embed` (default 0.5).
         overwrite: replace existing results under ``key_added``; ``copy``: return a predicted copy.
     """
     if not isinstance(classifier, CellClassifier):
@@ -59,7 +62,7 @@ def predict(
     if classifier.inputs.modality == "image":
         if crops is None:
             raise InputError("the classifier reads image crops: pass crops=cells (one crop per row of adata)")
-        _refuse(layer=layer)
+        _refuse(layer=layer, max_missing_genes=max_missing_genes)
         if len(crops) != adata.n_obs or not crops.obs.index.equals(adata.obs_names):
             raise InputError(f"crops ({len(crops)} cells) do not match the rows of adata ({adata.n_obs})")
         data: Any = classifier.inputs.align(crops, channels)
@@ -68,6 +71,7 @@ def predict(
         source: Any = adata.filename if adata.isbacked else adata
         data = ExpressionDataset.open(source, layer=layer, genes=classifier.inputs.genes,
                                       counts_are_log_normalized=classifier.inputs.counts_are_log_normalized)
+        check_missing(data.alignment, MAX_MISSING_GENES if max_missing_genes is None else max_missing_genes)
     if copy:
         adata = adata.to_memory() if adata.isbacked else adata.copy()
     device = default_device(device)
