@@ -24,6 +24,7 @@ from sslcell.provenance import versions
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+CARD = "README.md"
 MODEL_FIELDS = frozenset({"format_version", "recipe", "contract", "embed_dim", "seed", "versions", "trained"})
 
 
@@ -38,7 +39,37 @@ def save_model(model: SSLModule, directory: str | Path, *, trained: dict[str, An
         "versions": versions(),
         "trained": trained or {},
     }
-    return write_weights(model, meta, directory, WEIGHTS, CONFIG)
+    directory = write_weights(model, meta, directory, WEIGHTS, CONFIG)
+    _atomic_write(directory / CARD, lambda p: Path(p).write_text(model_card(meta)))
+    return directory
+
+
+def model_card(meta: dict[str, Any]) -> str:
+    """The model directory's README.md: what the model is, what it reads, how it was trained, how to load it."""
+    recipe, contract, trained = meta["recipe"], meta["contract"], meta.get("trained", {})
+    if contract["modality"] == "expression":
+        genes = contract["genes"]
+        reads = (f"raw counts of {len(genes)} genes ({', '.join(genes[:5])}{', ...' if len(genes) > 5 else ''}), "
+                 f"library size to {contract['target_sum']:g}, log1p"
+                 + (", per-gene standardised" if contract.get("gene_mean") is not None else ""))
+    else:
+        reads = (f"{contract['dtype']} crops of {contract['image_size'][0]} x {contract['image_size'][1]} pixels, "
+                 f"channels {contract['channel_names']}")
+    image = contract["modality"] == "image"
+    embed_call = "sslcell.tl.embed_crops(cells, model)" if image else "sslcell.tl.embed(adata, model)"
+    lines = [
+        "# sslcell model", "",
+        f"- **Method:** {recipe['method']['name']} ({recipe['modality']}), encoder {recipe['encoder']['name']}, "
+        f"embedding width {meta['embed_dim']}",
+        f"- **Reads:** {reads}",
+        f"- **Trained:** {', '.join(f'{k} {v}' for k, v in trained.items()) or 'not recorded'}",
+        f"- **Seed:** {meta['seed']}",
+        f"- **Versions:** {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
+        "- **Metrics:** none recorded with the model (see the benchmarks that used it)", "",
+        f"Load it with `sslcell.load(\"<this folder>\")`, embed with `{embed_call}`. The settings are in",
+        "`config.json` (recipe and input contract) and the weights in `model.safetensors`: nothing here runs code.",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def write_weights(

@@ -24,7 +24,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
-from sslcell.checkpoint import CONFIG, WEIGHTS, save_model, versions
+from sslcell.checkpoint import CARD, CONFIG, WEIGHTS, save_model, versions
 from sslcell.config import RecipeConfig
 from sslcell.data.expression import ExpressionDataset
 from sslcell.data.gene_stats import gene_statistics, select_highly_variable
@@ -346,7 +346,7 @@ def _clear_run(out: Path) -> None:
     writes into ``out``, so a resume can never mix two runs. Every other file stays; ``logs/`` keeps its
     numbered versions."""
     owned = [out / RUN_FILE, out / "checkpoints" / LAST, out / "checkpoints" / f".{LAST}.tmp",
-             *(out / "model" / name for name in (WEIGHTS, CONFIG))]
+             *(out / "model" / name for name in (WEIGHTS, CONFIG, CARD))]
     owned += [p for d in ("checkpoints", "model") if (out / d).is_dir() for p in (out / d).glob(".*")
               if p.name.startswith((f".{LAST}", f".{WEIGHTS}.", f".{CONFIG}."))]
     for path in owned:

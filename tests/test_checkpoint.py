@@ -28,7 +28,7 @@ def test_round_trip(tmp_path, method):
 
 def test_weights_are_safetensors_not_pickle(tmp_path):
     save_model(build_method(tiny_recipe(), CONTRACT), tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     head = (tmp_path / "model.safetensors").read_bytes()[:2]
     assert head != b"\x80\x04" and head[:1] != b"PK"  # neither a pickle nor a torch zip
 
@@ -106,4 +106,13 @@ def test_temporary_files_of_a_killed_write_are_removed_by_the_next(tmp_path):
     (tmp_path / "m" / ".model.safetensors.abc123").write_bytes(b"half a file")  # as a SIGKILL mid-write leaves
     (tmp_path / "m" / ".config.json.xyz").write_text("{")
     save_model(model, tmp_path / "m")
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
+
+def test_every_model_directory_carries_a_model_card(tmp_path):
+    save_model(build_method(tiny_recipe("mae"), CONTRACT), tmp_path / "m", trained={"epochs": 3, "n_cells": 400})
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert card.startswith("# sslcell model")
+    for expected in ("**Method:** mae (expression), encoder mlp", f"raw counts of {len(GENES)} genes",
+                     "epochs 3, n_cells 400", "**Seed:** 0", "torch", 'sslcell.load("<this folder>")'):
+        assert expected in card, expected
