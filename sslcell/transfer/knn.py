@@ -41,16 +41,27 @@ def _as_float32(x, name: str) -> np.ndarray:
 
 
 class _ExactIndex:
-    """Exact faiss index over ``(N, D)`` vectors; ``search`` returns refined, sorted distances."""
+    """Exact faiss index over ``(N, D)`` vectors; ``search`` returns refined, sorted distances.
 
-    def __init__(self, x: np.ndarray, metric: str, batch_size: int):
+    Subclasses build another faiss index in :meth:`_build` (or take a loaded ``index``); the prepared vectors
+    ``x`` are kept for the exact re-scoring of candidates either way."""
+
+    def __init__(self, x: np.ndarray, metric: str, batch_size: int, index: faiss.Index | None = None):
         if metric not in _METRICS:
             raise ConfigError(f"metric must be one of {_METRICS}; got {metric!r}")
         self.metric, self.batch_size = metric, batch_size
         self.offset = x.mean(axis=0, dtype=np.float64).astype(np.float32) if metric == "euclidean" else None
         self.x = self._prepare(x)
-        self.index = faiss.IndexFlatL2(x.shape[1]) if metric == "euclidean" else faiss.IndexFlatIP(x.shape[1])
-        self.index.add(self.x)
+        self.index = self._build(self.x) if index is None else index
+
+    def _build(self, x: np.ndarray) -> faiss.Index:
+        index = faiss.IndexFlatL2(x.shape[1]) if self.metric == "euclidean" else faiss.IndexFlatIP(x.shape[1])
+        index.add(x)
+        return index
+
+    @property
+    def _faiss_metric(self) -> int:
+        return faiss.METRIC_L2 if self.metric == "euclidean" else faiss.METRIC_INNER_PRODUCT
 
     def _prepare(self, x: np.ndarray) -> np.ndarray:
         if self.metric == "euclidean":

@@ -37,16 +37,11 @@ KINDS = ("auto", "exact", "ivf", "hnsw")
 class _HNSWIndex(_ExactIndex):
     """Approximate candidates from a faiss HNSW graph; distances re-scored exactly from the stored vectors."""
 
-    def __init__(self, x: np.ndarray, metric: str, batch_size: int, index: faiss.Index | None = None):
-        self.metric, self.batch_size = metric, batch_size
-        self.offset = x.mean(axis=0, dtype=np.float64).astype(np.float32) if metric == "euclidean" else None
-        self.x = self._prepare(x)
-        if index is None:
-            kind = faiss.METRIC_L2 if metric == "euclidean" else faiss.METRIC_INNER_PRODUCT
-            index = faiss.IndexHNSWFlat(x.shape[1], HNSW_M, kind)
-            index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-            index.add(self.x)
-        self.index = index
+    def _build(self, x: np.ndarray) -> faiss.Index:
+        index = faiss.IndexHNSWFlat(x.shape[1], HNSW_M, self._faiss_metric)
+        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        index.add(x)
+        return index
 
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         self.index.hnsw.efSearch = max(HNSW_EF_SEARCH, 4 * k)
@@ -56,23 +51,20 @@ class _HNSWIndex(_ExactIndex):
 class _IVFIndex(_ExactIndex):
     """Approximate candidates from a faiss inverted file; distances re-scored exactly from the stored vectors."""
 
-    def __init__(self, x: np.ndarray, metric: str, batch_size: int, index: faiss.Index | None = None):
-        self.metric, self.batch_size = metric, batch_size
-        self.offset = x.mean(axis=0, dtype=np.float64).astype(np.float32) if metric == "euclidean" else None
-        self.x = self._prepare(x)
-        if index is None:
-            n, d = self.x.shape
-            nlist = max(1, int(round(np.sqrt(n))))
-            kind = faiss.METRIC_L2 if metric == "euclidean" else faiss.METRIC_INNER_PRODUCT
-            quantizer = faiss.IndexFlatL2(d) if metric == "euclidean" else faiss.IndexFlatIP(d)
-            index = faiss.IndexIVFFlat(quantizer, d, nlist, kind)
-            index.cp.seed = 0
-            sample = np.random.default_rng(0).choice(n, min(n, IVF_TRAIN_PER_LIST * nlist), replace=False)
-            index.train(self.x[np.sort(sample)])
-            index.add(self.x)
-            self._quantizer = quantizer  # faiss does not own it: keep it alive with the index
-        self.index = index
+    def _build(self, x: np.ndarray) -> faiss.Index:
+        n, d = x.shape
+        nlist = max(1, int(round(np.sqrt(n))))
+        self._quantizer = super()._build(x[:0])  # an empty flat index; faiss does not own it: kept alive here
+        index = faiss.IndexIVFFlat(self._quantizer, d, nlist, self._faiss_metric)
+        index.cp.seed = 0
+        sample = np.random.default_rng(0).choice(n, min(n, IVF_TRAIN_PER_LIST * nlist), replace=False)
+        index.train(x[np.sort(sample)])
+        index.add(x)
+        return index
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         self.index.nprobe = max(IVF_MIN_NPROBE, self.index.nlist // 16)
+        return super().search(q, k)
 
 
 class ReferenceIndex:
@@ -142,14 +134,10 @@ class ReferenceIndex:
         out = cls.__new__(cls)
         out.kind, out.metric, out.model, out.use_rep = meta["kind"], meta["metric"], meta["model"], meta["use_rep"]
         out.classes, out.codes = np.unique(labels.astype(str), return_inverse=True)
-        vectors = _as_float32(vectors, "reference vectors")
         if out.kind not in _INDEXES:
             raise FileFormatError(f"{directory / 'reference.json'}: unknown index kind {out.kind!r}")
-        if out.kind == "exact":
-            out._index = _ExactIndex(vectors, out.metric, 8192)
-        else:
-            index = faiss.read_index(str(directory / "index.faiss"))
-            out._index = _INDEXES[out.kind](vectors, out.metric, 8192, index=index)
+        index = None if out.kind == "exact" else faiss.read_index(str(directory / "index.faiss"))
+        out._index = _INDEXES[out.kind](_as_float32(vectors, "reference vectors"), out.metric, 8192, index=index)
         if out.n != meta["n"] or out.dim != meta["dim"]:
             raise FileFormatError(f"{directory}: vectors {vectors.shape} do not match reference.json")
         return out
