@@ -21,8 +21,18 @@ from sslcell.errors import ConfigError
 IMAGE_DTYPES = ("uint8", "uint16", "float32")
 
 
+class _JSONContract:
+    """What both contracts share: their JSON form (``modality`` first, tuples as lists)."""
+
+    modality: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"modality": self.modality, **dataclasses.asdict(self)}  # type: ignore[call-overload]
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
 @dataclass(frozen=True)
-class ExpressionContract:
+class ExpressionContract(_JSONContract):
     """Counts ``(N, G)`` over ``genes`` -> normalised model input ``(N, G)``."""
 
     genes: tuple[str, ...]
@@ -58,13 +68,9 @@ class ExpressionContract:
         """Whether each gene is standardised with the pretraining statistics."""
         return self.gene_mean is not None
 
-    def to_dict(self) -> dict[str, Any]:
-        out = {"modality": self.modality, **dataclasses.asdict(self)}
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
-
 
 @dataclass(frozen=True)
-class ImageContract:
+class ImageContract(_JSONContract):
     """Crops ``(N, C, H, W)`` with ``channel_names`` -> per-channel standardised model input."""
 
     channel_names: tuple[str, ...]
@@ -94,10 +100,6 @@ class ImageContract:
     @property
     def n_channels(self) -> int:
         return len(self.channel_names)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {"modality": self.modality, **dataclasses.asdict(self)}
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
 Contract = ExpressionContract | ImageContract

@@ -17,7 +17,7 @@ from sslcell.data.images import CellImages
 from sslcell.errors import InputError
 from sslcell.inference import embed_rows
 from sslcell.methods import SSLModule
-from sslcell.tl._keys import check_free, drop_derived, record
+from sslcell.tl._keys import check_free, drop_derived, record, refuse
 
 EXPRESSION_BATCH, CROPS_BATCH = 4096, 512
 
@@ -69,7 +69,7 @@ def embed(
             DeprecationWarning,
             stacklevel=2,
         )
-        _refuse(copy=copy, overwrite=overwrite, layer=layer, counts_are_log_normalized=counts_are_log_normalized)
+        refuse(copy=copy, overwrite=overwrite, layer=layer, counts_are_log_normalized=counts_are_log_normalized)
         return embed_crops(adata, model, key_added=key_added, channels=channels, batch_size=batch_size, device=device)
     if not isinstance(adata, AnnData):
         raise InputError(f"adata must be an AnnData (or use tl.embed_crops for crops); got {type(adata).__name__}")
@@ -81,9 +81,9 @@ def embed(
                 "the model reads image crops: pass crops=cells (one crop per row of adata), or use "
                 "tl.embed_crops(cells, model)"
             )
-        _refuse(layer=layer, counts_are_log_normalized=counts_are_log_normalized, max_missing_genes=max_missing_genes)
+        refuse(layer=layer, counts_are_log_normalized=counts_are_log_normalized, max_missing_genes=max_missing_genes)
     else:
-        _refuse(crops=crops, channels=channels)
+        refuse(crops=crops, channels=channels)
     if copy:
         adata = adata.to_memory() if adata.isbacked else adata.copy()
     if model.inputs.modality == "image":
@@ -158,9 +158,3 @@ def _embed_crops(adata: AnnData, crops: CellImages, model: SSLModule, channels: 
     out = embed_rows(model, cells, batch_size=batch_size, device=device)
     return out, {"channel_names": list(cells.channel_names)}
 
-
-def _refuse(**given: Any) -> None:
-    """Raise for arguments that do not apply to this input (never ignore them silently)."""
-    used = [name for name, value in given.items() if value not in (None, False)]
-    if used:
-        raise InputError(f"{', '.join(used)}: not applicable to this model's input; remove the argument")

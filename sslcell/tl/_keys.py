@@ -6,7 +6,7 @@ from typing import Any
 
 from anndata import AnnData
 
-from sslcell.errors import OverwriteError
+from sslcell.errors import InputError, OverwriteError
 
 IMAGES_KEY = "sslcell_images"  # uns key of an AnnData made from crops (CellImages.to_anndata)
 
@@ -16,6 +16,13 @@ def check_free(adata: AnnData, slot: str, key: str, overwrite: bool) -> None:
     mapping = adata.obs if slot == "obs" else getattr(adata, slot)
     if key in mapping and not overwrite:
         raise OverwriteError(f"adata.{slot}[{key!r}] exists; pass overwrite=True or choose another key_added")
+
+
+def refuse(**given: Any) -> None:
+    """Raise for arguments that do not apply to this input (never ignore them silently)."""
+    used = [name for name, value in given.items() if value not in (None, False)]
+    if used:
+        raise InputError(f"{', '.join(used)}: not applicable to this model's input; remove the argument")
 
 
 def drop_derived(adata: AnnData, use_rep: str) -> None:

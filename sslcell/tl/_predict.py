@@ -17,8 +17,7 @@ from sslcell.data.images import CellImages
 from sslcell.errors import InputError
 from sslcell.evaluate.metrics import ClassificationReport, classification_report
 from sslcell.inference import default_device, run_batched
-from sslcell.tl._embed import _refuse
-from sslcell.tl._keys import check_free, record
+from sslcell.tl._keys import check_free, record, refuse
 
 
 def predict(
@@ -62,12 +61,12 @@ def predict(
     if classifier.inputs.modality == "image":
         if crops is None:
             raise InputError("the classifier reads image crops: pass crops=cells (one crop per row of adata)")
-        _refuse(layer=layer, max_missing_genes=max_missing_genes)
+        refuse(layer=layer, max_missing_genes=max_missing_genes)
         if len(crops) != adata.n_obs or not crops.obs.index.equals(adata.obs_names):
             raise InputError(f"crops ({len(crops)} cells) do not match the rows of adata ({adata.n_obs})")
         data: Any = classifier.inputs.align(crops, channels)
     else:
-        _refuse(crops=crops, channels=channels, tta=tta)
+        refuse(crops=crops, channels=channels, tta=tta)
         source: Any = adata.filename if adata.isbacked else adata
         data = ExpressionDataset.open(source, layer=layer, genes=classifier.inputs.genes,
                                       counts_are_log_normalized=classifier.inputs.counts_are_log_normalized)
