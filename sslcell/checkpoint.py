@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ def save_model(model: SSLModule, directory: str | Path, *, trained: dict[str, An
         "trained": trained or {},
     }
     directory = write_weights(model, meta, directory, WEIGHTS, CONFIG)
-    _atomic_write(directory / CARD, lambda p: Path(p).write_text(model_card(meta)))
+    atomic_write(directory / CARD, lambda p: Path(p).write_text(model_card(meta)))
     return directory
 
 
@@ -80,8 +81,8 @@ def write_weights(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    _atomic_write(directory / weights, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    _atomic_write(directory / config, lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
+    atomic_write(directory / weights, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    atomic_write(directory / config, lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
     return directory
 
 
@@ -164,16 +165,16 @@ def model_directory(directory: str | Path) -> Path:
     raise FileFormatError(f"{directory}: not an sslcell model directory (no {CONFIG} in it or in {directory}/model)")
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same directory, then rename: a killed run never leaves half a file.
-    Temporary files a killed earlier write left beside ``path`` are removed first."""
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(tmp)`` a temporary file in ``path``'s folder, then rename it to ``path``: a killed run never leaves
+    half a file, a failed write leaves no temporary file. Those a killed earlier write left are removed first."""
     for stale in path.parent.glob(f".{path.name}.*"):
         stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
+    tmp = Path(name)
     try:
         write(tmp)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)

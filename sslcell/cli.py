@@ -198,9 +198,9 @@ def _embed(args: argparse.Namespace) -> int:
     )
     embedding, info = adata.obsm[args.key], adata.uns["sslcell"][args.key]
     adata.file.close()
-    # copy the input file (X stays on disk, never loaded whole), then add the embedding to the copy
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
+
+    def copy_with_embedding(tmp: str) -> None:
+        """The input file (X stays on disk, never loaded whole) with the embedding added."""
         shutil.copyfile(src, tmp)
         with h5py.File(tmp, "r+") as f:
             for group, key, value in (("obsm", args.key, embedding), ("uns", "sslcell", None)):
@@ -211,11 +211,8 @@ def _embed(args: argparse.Namespace) -> int:
                 if key in f[group]:
                     del f[group][key]
                 ad.io.write_elem(f[group], key, value)
-        tmp.replace(out)
-    except OSError as err:
-        raise OSError(f"{out}: could not be written ({err.strerror or err})") from None
-    finally:
-        tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves no full-size temporary copy
+
+    _write_atomically(out, copy_with_embedding)
     print(f"wrote {out}: obsm[{args.key!r}] {embedding.shape}")
     return 0
 
@@ -334,17 +331,19 @@ def _new_file(path: Path, overwrite: bool) -> Path:
 
 
 def _write_h5ad(adata, path: Path) -> None:
-    """Write through a temporary file and rename: an interrupted write never leaves half a file at ``path``, and a
-    failed one (a full disk) leaves no temporary file behind; errors name ``path``, not the temporary file."""
+    _write_atomically(path, adata.write_h5ad)
+
+
+def _write_atomically(path: Path, write) -> None:
+    """``checkpoint.atomic_write`` (an interrupted write never leaves half a file at ``path``, a failed one leaves
+    no temporary file) into a created parent folder; errors name ``path``, not the temporary file."""
+    from sslcell.checkpoint import atomic_write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        adata.write_h5ad(tmp)
-        tmp.replace(path)
+        atomic_write(path, write)
     except OSError as err:
         raise OSError(f"{path}: could not be written ({err.strerror or err})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _transfer(args: argparse.Namespace) -> int:
