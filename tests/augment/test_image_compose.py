@@ -16,15 +16,7 @@ from sslcell.augment.image import (
     two_views,
 )
 from sslcell.errors import ConfigError, InputError
-
-
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def images(b: int = 8, c: int = 3, h: int = 32, w: int = 32, seed: int = 0) -> torch.Tensor:
-    return torch.randn((b, c, h, w), generator=gen(seed))
-
+from tests.augment.conftest import gen, images
 
 # --- composition ---------------------------------------------------------------------------------
 

@@ -16,14 +16,11 @@ from sslcell.augment.image import ImageAugment, ImageAugmentConfig, two_views
 from sslcell.augment.image import cpu_kernel as kernel
 from sslcell.augment.image import execute as execute_module
 from sslcell.errors import InputError
+from tests.augment.conftest import gen
 
 ALL_OPS = dict(scale=(0.2, 1.0), ratio=(0.5, 2.0), hflip=0.5, vflip=0.5, rot90=True,
                rotation_degrees=40.0, rotation_p=0.5, brightness=0.3, contrast=0.3, gamma=0.5,
                p_intensity=0.8, blur_p=0.5, noise_p=0.5)
-
-
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def torch_pipeline(monkeypatch: pytest.MonkeyPatch) -> None:
