@@ -17,7 +17,7 @@ from sslcell.data.images import CellImages
 from sslcell.errors import InputError
 from sslcell.inference import embed_rows
 from sslcell.methods import SSLModule
-from sslcell.tl._keys import check_free, drop_derived, record, refuse
+from sslcell.tl._keys import check_crops, check_free, drop_derived, record, refuse
 
 EXPRESSION_BATCH, CROPS_BATCH = 4096, 512
 
@@ -147,13 +147,7 @@ def _embed_expression(adata: AnnData, model: SSLModule, layer: str | None, log_n
 
 def _embed_crops(adata: AnnData, crops: CellImages, model: SSLModule, channels: Any, batch_size: int,
                  device: Any) -> tuple[Any, dict[str, Any]]:
-    if not isinstance(crops, CellImages):
-        raise InputError(f"crops must be CellImages (sslcell.read_images); got {type(crops).__name__}")
-    if len(crops) != adata.n_obs or not crops.obs.index.equals(adata.obs_names):
-        raise InputError(
-            f"crops ({len(crops)} cells from {crops.source}) do not match the rows of adata ({adata.n_obs}): pass the "
-            "AnnData made from these crops (crops.to_anndata()) or use tl.embed_crops"
-        )
+    check_crops(adata, crops)
     cells = model.inputs.align(crops, channels)
     out = embed_rows(model, cells, batch_size=batch_size, device=device)
     return out, {"channel_names": list(cells.channel_names)}

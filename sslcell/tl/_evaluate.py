@@ -16,7 +16,7 @@ from sslcell.evaluate.baselines import pca_baseline, pixel_pca_baseline
 from sslcell.evaluate.protocols import cross_validated_scores, few_label_scores
 from sslcell.evaluate.report import ROW_FIELDS, EvaluationReport
 from sslcell.provenance import versions
-from sslcell.tl._keys import is_crops
+from sslcell.tl._keys import check_crops, is_crops
 
 BASELINES = ("pca", "pixel_pca")
 
@@ -106,10 +106,7 @@ def _baselines(adata: ad.AnnData, crops: CellImages | None, baselines: Sequence[
                layer: str | None) -> list[str]:
     """The baselines to compute, checked against what ``adata`` and ``crops`` hold."""
     if crops is not None:
-        if not isinstance(crops, CellImages):
-            raise InputError(f"crops must be CellImages (sslcell.read_images); got {type(crops).__name__}")
-        if len(crops) != adata.n_obs or not crops.obs.index.equals(adata.obs_names):
-            raise InputError(f"crops ({len(crops)} cells) do not match the rows of adata ({adata.n_obs})")
+        check_crops(adata, crops)
     if baselines is None:
         if crops is not None:
             return ["pixel_pca"]

@@ -39,6 +39,19 @@ def record(adata: AnnData, key: str, info: dict[str, Any]) -> None:
     adata.uns.setdefault("sslcell", {})[key] = info
 
 
+def check_crops(adata: AnnData, crops: Any) -> None:
+    """Raise unless ``crops`` are :class:`~sslcell.data.images.CellImages` holding the rows of ``adata``, in order."""
+    from sslcell.data.images import CellImages
+
+    if not isinstance(crops, CellImages):
+        raise InputError(f"crops must be CellImages (sslcell.read_images); got {type(crops).__name__}")
+    if len(crops) != adata.n_obs or not crops.obs.index.equals(adata.obs_names):
+        raise InputError(
+            f"crops ({len(crops)} cells from {crops.source}) do not match the rows of adata ({adata.n_obs}): pass the "
+            "AnnData made from these crops (crops.to_anndata(), or tl.embed_crops)"
+        )
+
+
 def is_crops(adata: AnnData) -> bool:
     """Whether ``adata`` was made from crops (one row per crop, no expression matrix)."""
     return IMAGES_KEY in adata.uns

@@ -17,7 +17,7 @@ from sslcell.data.images import CellImages
 from sslcell.errors import InputError
 from sslcell.evaluate.metrics import ClassificationReport, classification_report
 from sslcell.inference import default_device, run_batched
-from sslcell.tl._keys import check_free, record, refuse
+from sslcell.tl._keys import check_crops, check_free, record, refuse
 
 
 def predict(
@@ -62,8 +62,7 @@ def predict(
         if crops is None:
             raise InputError("the classifier reads image crops: pass crops=cells (one crop per row of adata)")
         refuse(layer=layer, max_missing_genes=max_missing_genes)
-        if len(crops) != adata.n_obs or not crops.obs.index.equals(adata.obs_names):
-            raise InputError(f"crops ({len(crops)} cells) do not match the rows of adata ({adata.n_obs})")
+        check_crops(adata, crops)
         data: Any = classifier.inputs.align(crops, channels)
     else:
         refuse(crops=crops, channels=channels, tta=tta)
