@@ -138,8 +138,10 @@ class GeneAligner:
 MAX_MISSING_GENES = 0.5  # default largest share of a model's genes that may be missing from data it reads
 
 
-def check_missing(report: GeneAlignment | None, max_share: float = MAX_MISSING_GENES) -> None:
-    """Raise :class:`GeneMismatchError` when more than ``max_share`` of the model's genes are missing."""
+def check_missing(report: GeneAlignment | None, max_share: float | None = None) -> None:
+    """Raise :class:`GeneMismatchError` when more than ``max_share`` (default :data:`MAX_MISSING_GENES`) of the
+    model's genes are missing."""
+    max_share = MAX_MISSING_GENES if max_share is None else max_share
     if not 0.0 <= float(max_share) <= 1.0:
         raise InputError(f"max_missing_genes must lie in [0, 1]; got {max_share}")
     if report is None or report.n_missing <= max_share * report.n_model_genes:

@@ -11,13 +11,11 @@ import torch
 from anndata import AnnData
 
 from sslcell.checkpoint import load
-from sslcell.data.expression import ExpressionDataset
-from sslcell.data.genes import MAX_MISSING_GENES, check_missing
 from sslcell.data.images import CellImages
 from sslcell.errors import InputError
 from sslcell.inference import embed_rows
 from sslcell.methods import SSLModule
-from sslcell.tl._keys import check_crops, check_free, drop_derived, record, refuse
+from sslcell.tl._keys import check_crops, check_free, drop_derived, open_counts, record, refuse
 
 EXPRESSION_BATCH, CROPS_BATCH = 4096, 512
 
@@ -121,10 +119,8 @@ def _embed_expression(adata: AnnData, model: SSLModule, layer: str | None, log_n
     contract = model.inputs.contract
     if log_normalized is None:
         log_normalized = contract.counts_are_log_normalized
-    source: Any = adata.filename if adata.isbacked else adata
-    dataset = ExpressionDataset.open(source, layer=layer, genes=list(contract.genes),
-                                     counts_are_log_normalized=log_normalized)
-    check_missing(dataset.alignment, MAX_MISSING_GENES if max_missing is None else max_missing)
+    dataset = open_counts(adata, contract.genes, layer=layer, counts_are_log_normalized=log_normalized,
+                          max_missing_genes=max_missing)
     empty = [0]
 
     def count_empty(x: torch.Tensor) -> None:

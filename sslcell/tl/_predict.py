@@ -12,12 +12,11 @@ from anndata import AnnData
 
 from sslcell.classify.classifier import CellClassifier
 from sslcell.data.expression import ExpressionDataset
-from sslcell.data.genes import MAX_MISSING_GENES, check_missing
 from sslcell.data.images import CellImages
 from sslcell.errors import InputError
 from sslcell.evaluate.metrics import ClassificationReport, classification_report
 from sslcell.inference import default_device, run_batched
-from sslcell.tl._keys import check_crops, check_free, record, refuse
+from sslcell.tl._keys import check_crops, check_free, open_counts, record, refuse
 
 
 def predict(
@@ -66,16 +65,18 @@ def predict(
         data: Any = classifier.inputs.align(crops, channels)
     else:
         refuse(crops=crops, channels=channels, tta=tta)
-        source: Any = adata.filename if adata.isbacked else adata
-        data = ExpressionDataset.open(source, layer=layer, genes=classifier.inputs.genes,
-                                      counts_are_log_normalized=classifier.inputs.counts_are_log_normalized)
-        check_missing(data.alignment, MAX_MISSING_GENES if max_missing_genes is None else max_missing_genes)
+        data = open_counts(adata, classifier.inputs.genes, layer=layer, max_missing_genes=max_missing_genes,
+                           counts_are_log_normalized=classifier.inputs.counts_are_log_normalized)
     if copy:
         adata = adata.to_memory() if adata.isbacked else adata.copy()
     device = default_device(device)
     classifier = classifier.to(device)
-    scores = run_batched(lambda x: classifier.predict_proba(x, tta=tta), data, len(classifier.classes),
-                         batch_size=batch_size, device=device)
+    try:
+        scores = run_batched(lambda x: classifier.predict_proba(x, tta=tta), data, len(classifier.classes),
+                             batch_size=batch_size, device=device)
+    finally:
+        if isinstance(data, ExpressionDataset):
+            data.close()  # the counts file is not held open after predicting
     classes = np.asarray(classifier.classes)
     adata.obs[key_added] = pd.Categorical(classes[scores.argmax(axis=1)], categories=list(classes))
     adata.obs[f"{key_added}_confidence"] = scores.max(axis=1)
