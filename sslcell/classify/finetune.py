@@ -36,7 +36,7 @@ from anndata import AnnData
 from sslcell.classify.classifier import CellClassifier
 from sslcell.classify.training import fit_full
 from sslcell.config import from_dict
-from sslcell.data.expression import ExpressionDataset
+from sslcell.data.expression import open_counts
 from sslcell.data.images import CellImages
 from sslcell.errors import ConfigError, InputError
 from sslcell.evaluate.probes import class_weight, logistic_probe
@@ -187,10 +187,8 @@ def _rows(data: CellImages | AnnData, layer: str | None, model: SSLModule) -> An
     """What the inference loop reads: aligned crops, or the AnnData's counts aligned to the model's genes."""
     if isinstance(data, CellImages):
         return data
-    inputs = model.inputs
-    source: Any = data.filename if data.isbacked else data
-    return ExpressionDataset.open(source, layer=layer, genes=inputs.genes,
-                                  counts_are_log_normalized=inputs.counts_are_log_normalized)
+    return open_counts(data, model.inputs.genes, layer=layer, max_missing_genes=1.0,
+                       counts_are_log_normalized=model.inputs.counts_are_log_normalized)
 
 
 def _describe(data: CellImages | AnnData) -> str:

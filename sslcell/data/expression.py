@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from sslcell.data.genes import GeneAligner, GeneAlignment, as_gene_array, warn_missing
+from sslcell.data.genes import GeneAligner, GeneAlignment, as_gene_array, check_missing, warn_missing
 
 # IN_MEMORY, _ArrayReader, vstack_csr (and Workspace, used here): compatibility re-exports, kept for one
 # release; the reading layer moved to sslcell.data.shards
@@ -216,3 +216,21 @@ class ExpressionDataset:
             out.has_sorted_indices = False
             out.sort_indices()
         return out
+
+
+def open_counts(
+    adata: ad.AnnData,
+    genes: Sequence[str],
+    *,
+    layer: str | None = None,
+    counts_are_log_normalized: bool = False,
+    max_missing_genes: float | None = None,
+) -> ExpressionDataset:
+    """The counts of ``adata`` (``X`` or ``layer``; a backed file is read chunk-wise) aligned to a model's ``genes``;
+    more than ``max_missing_genes`` of them missing is refused (:func:`~sslcell.data.genes.check_missing`). Close
+    the dataset after use."""
+    source = adata.filename if adata.isbacked else adata
+    dataset = ExpressionDataset.open(source, layer=layer, genes=list(genes),
+                                     counts_are_log_normalized=counts_are_log_normalized)
+    check_missing(dataset.alignment, max_missing_genes)
+    return dataset

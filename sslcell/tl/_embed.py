@@ -11,11 +11,12 @@ import torch
 from anndata import AnnData
 
 from sslcell.checkpoint import load
+from sslcell.data.expression import open_counts
 from sslcell.data.images import CellImages
 from sslcell.errors import InputError
 from sslcell.inference import embed_rows
 from sslcell.methods import SSLModule
-from sslcell.tl._keys import check_crops, check_free, drop_derived, open_counts, record, refuse
+from sslcell.tl._keys import check_crops, check_free, drop_derived, record, refuse
 
 EXPRESSION_BATCH, CROPS_BATCH = 4096, 512
 

@@ -52,20 +52,6 @@ def check_crops(adata: AnnData, crops: Any) -> None:
         )
 
 
-def open_counts(adata: AnnData, genes: Any, *, layer: str | None, counts_are_log_normalized: bool,
-                max_missing_genes: float | None) -> Any:
-    """The counts of ``adata`` (``X`` or ``layer``; a backed file is read chunk-wise) as an ``ExpressionDataset``
-    aligned to a model's ``genes``; refuses more than ``max_missing_genes`` of them missing. Close it after use."""
-    from sslcell.data.expression import ExpressionDataset
-    from sslcell.data.genes import check_missing
-
-    source: Any = adata.filename if adata.isbacked else adata
-    dataset = ExpressionDataset.open(source, layer=layer, genes=list(genes),
-                                     counts_are_log_normalized=counts_are_log_normalized)
-    check_missing(dataset.alignment, max_missing_genes)
-    return dataset
-
-
 def is_crops(adata: AnnData) -> bool:
     """Whether ``adata`` was made from crops (one row per crop, no expression matrix)."""
     return IMAGES_KEY in adata.uns

@@ -11,12 +11,12 @@ import torch
 from anndata import AnnData
 
 from sslcell.classify.classifier import CellClassifier
-from sslcell.data.expression import ExpressionDataset
+from sslcell.data.expression import ExpressionDataset, open_counts
 from sslcell.data.images import CellImages
 from sslcell.errors import InputError
 from sslcell.evaluate.metrics import ClassificationReport, classification_report
 from sslcell.inference import default_device, run_batched
-from sslcell.tl._keys import check_crops, check_free, open_counts, record, refuse
+from sslcell.tl._keys import check_crops, check_free, record, refuse
 
 
 def predict(
