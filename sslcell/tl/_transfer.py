@@ -105,10 +105,8 @@ def _reference(adata: AnnData, label_key: str, use_rep: str, index: Kind, metric
     return ReferenceIndex(embedding, labels, kind=index, metric=metric, model=model, use_rep=use_rep)
 
 
-def _reference_rows(adata: AnnData | ReferenceIndex, label_key: str) -> np.ndarray:
+def _reference_rows(adata: AnnData, label_key: str) -> np.ndarray:
     """Rows of ``adata`` with a label (the rows of its index)."""
-    if isinstance(adata, ReferenceIndex):
-        return np.arange(adata.n)
     return np.flatnonzero(adata.obs[label_key].notna().to_numpy())
 
 

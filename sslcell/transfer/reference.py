@@ -107,8 +107,8 @@ class ReferenceIndex:
         """Write the reference into ``directory`` (created): reloadable with :meth:`load`."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        raw = self._index.x + (self._index.offset if self._index.offset is not None else 0)
-        np.save(directory / "vectors.npy", raw if self.metric == "euclidean" else self._index.x)
+        x, offset = self._index.x, self._index.offset  # euclidean vectors are stored centred: undo it
+        np.save(directory / "vectors.npy", x if offset is None else x + offset)
         np.save(directory / "labels.npy", self.classes[self.codes])
         if self.kind != "exact":
             faiss.write_index(self._index.index, str(directory / "index.faiss"))
