@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -44,12 +45,8 @@ class ExpressionContract(_JSONContract):
     modality: ClassVar[str] = "expression"
 
     def __post_init__(self) -> None:
-        genes = tuple(str(g) for g in self.genes)
+        genes = _names(self.genes, "contract.genes", "gene")
         object.__setattr__(self, "genes", genes)
-        if not genes:
-            raise ConfigError("contract.genes: the model needs at least one gene")
-        if len(set(genes)) != len(genes):
-            raise ConfigError("contract.genes: gene names must be unique")
         _positive(self.target_sum, "contract.target_sum")
         _positive(self.clip, "contract.clip")
         if (self.gene_mean is None) != (self.gene_std is None):
@@ -81,12 +78,8 @@ class ImageContract(_JSONContract):
     modality: ClassVar[str] = "image"
 
     def __post_init__(self) -> None:
-        names = tuple(str(c) for c in self.channel_names)
+        names = _names(self.channel_names, "contract.channel_names", "channel")
         object.__setattr__(self, "channel_names", names)
-        if not names:
-            raise ConfigError("contract.channel_names: the model needs at least one channel")
-        if len(set(names)) != len(names):
-            raise ConfigError(f"contract.channel_names: names must be unique, got {list(names)}")
         object.__setattr__(self, "channel_mean", _vector(self.channel_mean, len(names), "contract.channel_mean"))
         std = _vector(self.channel_std, len(names), "contract.channel_std", nonnegative=True)
         object.__setattr__(self, "channel_std", std)
@@ -131,6 +124,17 @@ def contract_from_dict(values: Any) -> Contract:
         if isinstance(err, ConfigError):
             raise
         raise ConfigError(f"contract: {err}") from None
+
+
+def _names(values: Any, where: str, what: str) -> tuple[str, ...]:
+    """At least one name, all distinct, as a tuple of strings."""
+    names = tuple(str(v) for v in values)
+    if not names:
+        raise ConfigError(f"{where}: the model needs at least one {what}")
+    if len(set(names)) != len(names):
+        repeated = sorted(name for name, count in Counter(names).items() if count > 1)
+        raise ConfigError(f"{where}: names must be unique; repeated: {repeated[:10]}")
+    return names
 
 
 def _positive(value: Any, where: str) -> None:
