@@ -84,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--label-key", default="label", help="obs column (npz/zarr array, obs.csv column) with labels")
     p.add_argument("--out", required=True, help="classifier directory")
     p.add_argument("--config", help="YAML with FinetuneConfig fields (flags below override it)")
-    p.add_argument("--head", choices=["linear", "full"], help="linear probe on frozen embeddings, or full fine-tuning")
+    p.add_argument("--head", choices=["linear", "mlp", "full"],
+                   help="linear probe or MLP on frozen embeddings, or full fine-tuning of encoder and head")
     p.add_argument("--epochs", type=int)
     p.add_argument("--lr", type=float, help="head learning rate (encoder: lr x encoder_lr_factor)")
     p.add_argument("--encoder-lr-factor", type=float, help="encoder learning rate = lr x this (0: frozen encoder)")
@@ -92,6 +93,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="class balancing: true (equal classes), false (natural mix) or a power in [0, 1], e.g. 0.5")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--dropout", type=float, help="dropout before the head")
+    p.add_argument("--hidden-dim", type=int, help="mlp head: width of the hidden layer")
+    p.add_argument("--val-fraction", type=float,
+                   help="hold out this share of labelled cells (stratified): best epoch kept, early stopping")
+    p.add_argument("--patience", type=int, help="with --val-fraction: epochs without improvement before stopping")
+    p.add_argument("--supcon-weight", type=float, help="mlp / full: add a supervised contrastive loss, this weight")
     p.add_argument("--seed", type=int)
     p.add_argument("--channels", type=_channels, help="channels to use (default: the model's, by name)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing classifier in --out")
@@ -263,7 +269,8 @@ def _finetune(args: argparse.Namespace) -> int:
             values = yaml.safe_load(Path(args.config).read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{args.config}: not valid YAML ({err})") from None
-    for name in ("head", "epochs", "lr", "encoder_lr_factor", "oversample", "batch_size", "dropout", "seed"):
+    for name in ("head", "epochs", "lr", "encoder_lr_factor", "oversample", "batch_size", "dropout", "hidden_dim",
+                 "val_fraction", "patience", "supcon_weight", "seed"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     values.setdefault("progress_bar", sys.stderr.isatty())  # a bar in a terminal; one line an epoch in a log

@@ -21,8 +21,9 @@ CONFIG = "classifier.json"
 
 
 class CellClassifier(nn.Module):
-    """Raw crops ``(N, C, H, W)`` -> class logits ``(N, K)``: input normalisation, encoder, standardised
-    features, dropout, linear layer.
+    """Raw cells (crops ``(N, C, H, W)`` or counts ``(N, G)``) -> class logits ``(N, K)``: input normalisation,
+    encoder, standardised features, then the head: dropout and a linear layer, with ``hidden > 0`` preceded by
+    a hidden layer (linear ``D -> hidden``, GELU, dropout).
 
     ``feature_mean`` / ``feature_std`` ``(D,)`` standardise the embedding (a linear probe is fitted on
     standardised features); they are 0 / 1 for a fine-tuned head. ``base`` is the pretrained model's recipe
@@ -30,32 +31,44 @@ class CellClassifier(nn.Module):
     """
 
     def __init__(self, inputs: Inputs, encoder: nn.Module, classes: list[str], base: dict[str, Any],
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, hidden: int = 0) -> None:
         super().__init__()
         if len(classes) < 2:
             raise ConfigError(f"a classifier needs at least 2 classes, got {classes}")
+        if int(hidden) != hidden or hidden < 0:
+            raise ConfigError(f"hidden: must be an integer >= 0, got {hidden!r}")
         self.inputs, self.encoder, self.classes, self.base = inputs, encoder, [str(c) for c in classes], base
         dim = encoder.embed_dim
         self.register_buffer("feature_mean", torch.zeros(dim))
         self.register_buffer("feature_std", torch.ones(dim))
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(dim, len(self.classes))
+        self.hidden_dim = int(hidden)
+        self.hidden = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout)) if hidden else None
+        self.head = nn.Linear(hidden or dim, len(self.classes))
         self.dropout_rate = float(dropout)
         self.info: dict[str, Any] = {}
 
     @classmethod
-    def from_pretrained(cls, model: SSLModule, classes: list[str], dropout: float = 0.0) -> CellClassifier:
+    def from_pretrained(cls, model: SSLModule, classes: list[str], dropout: float = 0.0,
+                        hidden: int = 0) -> CellClassifier:
         base = {"recipe": model.config.to_dict(), "contract": model.inputs.contract.to_dict(),
                 "source": getattr(model, "source", None)}
-        return cls(model.inputs, model.encoder, classes, base, dropout)
+        return cls(model.inputs, model.encoder, classes, base, dropout, hidden)
 
     def features(self, x: Tensor) -> Tensor:
-        """Normalised input ``(N, C, H, W)`` -> standardised embedding ``(N, D)``."""
+        """Normalised input -> standardised embedding ``(N, D)``."""
         return (self.encoder(x).float() - self.feature_mean) / self.feature_std
+
+    def head_output(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """Standardised embedding ``(N, D)`` -> (what the last linear layer reads, logits ``(N, K)``). The first is
+        the embedding itself, or the hidden layer's output ``(N, hidden)``; supervised contrastive fine-tuning pulls
+        it together by class."""
+        h = features if self.hidden is None else self.hidden(self.dropout(features))
+        return h, self.head(self.dropout(h))
 
     def forward(self, x: Tensor) -> Tensor:
         """Normalised input -> logits ``(N, K)``."""
-        return self.head(self.dropout(self.features(x)))
+        return self.head_output(self.features(x))[1]
 
     @torch.no_grad()
     def predict_proba(self, batch: Tensor, tta: bool = False) -> Tensor:
@@ -89,6 +102,7 @@ def save_classifier(classifier: CellClassifier, directory: str | Path, *, info: 
         "kind": "classifier",
         "classes": classifier.classes,
         "dropout": classifier.dropout_rate,
+        "hidden": classifier.hidden_dim,
         "base": classifier.base,
         "versions": versions(),
         "info": {**classifier.info, **(info or {})},
@@ -114,7 +128,8 @@ def load_classifier(directory: str | Path, *, map_location: str | torch.device =
             )
         base = meta["base"]
         model = build_method(RecipeConfig.from_dict(base["recipe"]), base["contract"])
-        classifier = CellClassifier(model.inputs, model.encoder, meta["classes"], base, meta.get("dropout", 0.0))
+        classifier = CellClassifier(model.inputs, model.encoder, meta["classes"], base, meta.get("dropout", 0.0),
+                                    meta.get("hidden", 0))
     except (ValueError, KeyError, TypeError, AttributeError, ConfigError) as err:  # ValueError covers bad JSON
         raise FileFormatError(f"{directory / CONFIG}: not a valid classifier description ({err})") from None
     read_weights(classifier, directory / WEIGHTS, CONFIG, map_location)

@@ -1,16 +1,22 @@
-"""Train a :class:`CellClassifier` on labelled crops: a linear probe or full fine-tuning.
+"""Train a :class:`CellClassifier` on labelled cells, crops or expression: three heads, one API.
 
-* ``head="linear"``: the encoder is frozen; the crops are embedded once, the features standardised, and a
+* ``head="linear"``: the encoder is frozen; the cells are embedded once, the features standardised, and a
   multinomial logistic regression (scikit-learn, lbfgs) is fitted, with balanced class weights when
   ``oversample`` is on. Its coefficients become the classifier's linear layer.
+* ``head="mlp"``: the encoder is frozen; a hidden layer (``hidden_dim``, GELU, dropout) and a linear layer are
+  trained on the cached, standardised embeddings (:mod:`sslcell.classify.head`).
 * ``head="full"``: encoder and a dropout + linear head are trained together with AdamW (the head at ``lr``,
-  the encoder at ``lr * encoder_lr_factor``), warm-up and cosine decay, augmented crops, and minority classes
-  oversampled so every class is drawn equally often (``oversample=0.5``: square-root sampling, in between). By
-  default (``init_head="linear_probe"``) the head starts from the linear probe's solution on standardised
-  features ("LP-FT", Kumar et al. 2022): a random head would first push large, noisy gradients through the
-  pretrained encoder. After training, the encoder's batch-norm
-  statistics are re-estimated on un-augmented training crops drawn as training drew them ("precise BN"), so
-  eval mode matches the final weights even after a short run.
+  the encoder at ``lr * encoder_lr_factor``), warm-up and cosine decay, minority classes oversampled so every
+  class is drawn equally often (``oversample=0.5``: square-root sampling, in between); crops are augmented,
+  counts are not. By default (``init_head="linear_probe"``) the head starts from the linear probe's solution on
+  standardised features ("LP-FT", Kumar et al. 2022): a random head would first push large, noisy gradients
+  through the pretrained encoder. After training, the encoder's batch-norm statistics are re-estimated on
+  un-augmented training cells drawn as training drew them ("precise BN"), so eval mode matches the final weights.
+
+Options for ``mlp`` and ``full``: ``supcon_weight > 0`` adds a supervised contrastive loss (pytorch-metric-learning's
+``SupConLoss`` with a ``MultiSimilarityMiner``; :mod:`sslcell.classify.objectives`); ``val_fraction > 0`` holds out a
+stratified share of the labelled cells, scores macro-F1 on them after every epoch, keeps the best epoch's weights
+and stops after ``patience`` epochs without improvement. With the linear head the held-out cells are only scored.
 
 Defaults, chosen on a validation split inside the Jurkat benchmark's training part (never its test split; see
 ``benchmarks/results/images_jurkat_validation.md``): the augmentation is label-preserving geometry only (flips and
@@ -34,9 +40,11 @@ import torch
 from anndata import AnnData
 
 from sslcell.classify.classifier import CellClassifier
+from sslcell.classify.head import fit_mlp_head
+from sslcell.classify.objectives import EarlyStopping
 from sslcell.classify.training import fit_full
 from sslcell.config import from_dict
-from sslcell.data.expression import open_counts
+from sslcell.data.expression import CountRows, open_counts
 from sslcell.data.images import CellImages
 from sslcell.errors import ConfigError, InputError
 from sslcell.evaluate.probes import class_weight, logistic_probe
@@ -54,11 +62,14 @@ LABEL_PRESERVING_AUGMENT: dict[str, Any] = {
 }
 
 
+HEADS = ("linear", "mlp", "full")
+
+
 @dataclass
 class FinetuneConfig:
     """Settings of :func:`finetune` (YAML: ``sslcell finetune --config``)."""
 
-    head: str = "full"  # "linear": probe on frozen embeddings; "full": fine-tune encoder + head
+    head: str = "full"  # "linear": probe on frozen embeddings; "mlp": MLP on frozen embeddings; "full": fine-tune
     epochs: int = 30
     batch_size: int = 128
     lr: float = 2e-3  # head learning rate
@@ -66,6 +77,11 @@ class FinetuneConfig:
     weight_decay: float = 1e-4
     warmup_fraction: float = 0.05
     dropout: float = 0.2
+    hidden_dim: int = 256  # mlp: width of the hidden layer
+    val_fraction: float = 0.0  # share of labelled cells held out (stratified) to score every epoch; 0: none
+    patience: int = 5  # with val_fraction: stop after this many epochs without a better validation macro-F1
+    supcon_weight: float = 0.0  # mlp / full: weight of the supervised contrastive loss added to cross-entropy
+    supcon_temperature: float = 0.1
     # class balancing, a cell of class k weighted by count_k ** -power: True (power 1) draws every class equally
     # often (full) or balances the class weights (linear); a number in [0, 1] is the power (0.5: "square-root
     # sampling", between the natural mix and equal classes); False (0) keeps the natural mix
@@ -81,15 +97,22 @@ class FinetuneConfig:
     augment: dict[str, Any] = field(default_factory=dict)  # full: ImageAugmentConfig fields over the defaults above
 
     def __post_init__(self) -> None:
-        if self.head not in ("linear", "full"):
-            raise ConfigError(f"head: must be 'linear' or 'full', got {self.head!r}")
+        if self.head not in HEADS:
+            raise ConfigError(f"head: must be one of {HEADS}, got {self.head!r}")
         if self.init_head not in ("linear_probe", "random"):
             raise ConfigError(f"init_head: must be 'linear_probe' or 'random', got {self.init_head!r}")
-        for name in ("epochs", "batch_size", "max_iter"):
+        for name in ("epochs", "batch_size", "max_iter", "hidden_dim", "patience"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.C <= 0 or self.encoder_lr_factor < 0:
             raise ConfigError("lr and C must be > 0 and encoder_lr_factor >= 0")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction: must be in [0, 1), got {self.val_fraction}")
+        if self.supcon_weight < 0 or self.supcon_temperature <= 0:
+            raise ConfigError("supcon_weight must be >= 0 and supcon_temperature > 0")
+        if self.supcon_weight > 0 and self.head == "linear":
+            raise ConfigError("supcon_weight: the supervised contrastive loss trains an mlp or full head, not the "
+                              "linear probe")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.warmup_fraction < 1.0 or not 0.0 <= self.label_smoothing < 1.0 or self.weight_decay < 0:
@@ -118,8 +141,8 @@ def finetune(
 
     Args:
         data: image models: labelled crops (:class:`CellImages`; the model's channels are selected by name, or by
-            ``channels``). Expression models: an AnnData of counts (``X`` or ``layer``), aligned to the model's genes
-            by name; the linear head only (``head="linear"``).
+            ``channels``). Expression models: an AnnData of counts (``X`` or ``layer``; backed or in memory), aligned
+            to the model's genes by name; the labelled cells' counts are read into memory.
         model: a pretrained model (``sslcell.load``).
         label_key: an ``obs`` column name, or an array ``(N,)`` of labels. Cells with a missing label are skipped.
         config: :class:`FinetuneConfig` (default: full fine-tuning).
@@ -145,9 +168,6 @@ def finetune(
             raise InputError(f"this model reads expression counts (an AnnData); got {type(data).__name__}")
         if channels is not None:
             raise InputError("channels: not applicable to expression data; remove the argument")
-        if config.head != "linear":
-            raise InputError("expression models are fine-tuned with head='linear' (a probe on the frozen encoder); "
-                             "full fine-tuning is available for image models")
     y = _labels(data, label_key)
     keep = ~y.isna().to_numpy()
     y = y[keep]
@@ -160,35 +180,68 @@ def finetune(
         raise InputError(f"need labelled cells of at least 2 classes; got counts {counts}")
     if absent:
         log.info("classes without training cells (kept as outputs, never predicted): %s", absent)
-    if isinstance(data, CellImages) and not keep.all():
-        data = data[np.flatnonzero(keep)]
+    cells = _labelled(data, np.flatnonzero(keep), layer, model)  # crops, or counts in memory
+    val = _validation_mask(codes, config.val_fraction, config.seed)
+    train_codes = codes[~val]
+    present = np.bincount(train_codes, minlength=len(classes))
     model = copy.deepcopy(model).cpu()
     with torch.random.fork_rng(devices=[]):  # seeded by config.seed; the caller's global random state is kept
         torch.manual_seed(config.seed)
         classifier = CellClassifier.from_pretrained(
-            model, classes, dropout=config.dropout if config.head == "full" else 0.0
+            model, classes, dropout=0.0 if config.head == "linear" else config.dropout,
+            hidden=config.hidden_dim if config.head == "mlp" else 0,
         )
-        if config.head == "linear" or config.init_head == "linear_probe":
-            _fit_linear(classifier, model, _rows(data, layer, model), keep, codes, config, device)
+        stopper = EarlyStopping(codes[val], config.patience) if val.any() else None
+        x = None
+        if config.head != "full" or config.init_head == "linear_probe":
+            x = embed_rows(model, cells, device=device)  # (N, D): frozen encoder, no augmentation
+        if config.head == "linear" or (config.head == "full" and config.init_head == "linear_probe"):
+            _fit_linear(classifier, x[~val], train_codes, config)
+        if config.head == "mlp":
+            fit_mlp_head(classifier, x[~val], train_codes, config, (x[val], stopper) if stopper else None)
         if config.head == "full":
-            fit_full(classifier, data, codes, config)
+            train_cells, val_cells = cells[np.flatnonzero(~val)], cells[np.flatnonzero(val)]
+            fit_full(classifier, train_cells, train_codes, config, (val_cells, stopper) if stopper else None)
+        elif config.head == "linear" and stopper is not None:
+            stopper.update(0, _fit_linear_predict(classifier, x[val]), classifier)
     with torch.no_grad():  # a class without training cells is never predicted
         classifier.head.bias[torch.from_numpy(present == 0)] = -1e4
     classifier.info = {
         "finetune": asdict(config),
-        "n_train": int(len(codes)),
+        "n_train": int(len(train_codes)),
         "train_class_counts": dict(zip(classes, present.tolist(), strict=True)),
         "data": _describe(data),
     }
+    if stopper is not None:
+        classifier.info["validation"] = {"n_cells": int(val.sum()), **stopper.summary()}
     return classifier.eval()
 
 
-def _rows(data: CellImages | AnnData, layer: str | None, model: SSLModule) -> Any:
-    """What the inference loop reads: aligned crops, or the AnnData's counts aligned to the model's genes."""
+def _labelled(data: CellImages | AnnData, rows: np.ndarray, layer: str | None, model: SSLModule) -> Any:
+    """The labelled cells, in order: aligned crops, or the AnnData's counts over the model's genes read into memory
+    (:class:`CountRows`; a backed file is read chunk-wise)."""
     if isinstance(data, CellImages):
-        return data
-    return open_counts(data, model.inputs.genes, layer=layer, max_missing_genes=1.0,
-                       counts_are_log_normalized=model.inputs.counts_are_log_normalized)
+        return data if len(rows) == len(data) else data[rows]
+    dataset = open_counts(data, model.inputs.genes, layer=layer, max_missing_genes=1.0,
+                          counts_are_log_normalized=model.inputs.counts_are_log_normalized)
+    try:
+        return CountRows.read(dataset, rows)
+    finally:
+        dataset.close()
+
+
+def _validation_mask(codes: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask ``(N,)`` of held-out cells: per class of ``c`` cells, ``round(fraction * c)`` of them, at least
+    one and at most ``c - 1`` (a class with one cell keeps it for training); drawn with ``default_rng(seed)``."""
+    val = np.zeros(len(codes), dtype=bool)
+    if fraction <= 0:
+        return val
+    rng = np.random.default_rng(seed)
+    for c in np.unique(codes):
+        members = np.flatnonzero(codes == c)
+        n = min(max(1, int(round(fraction * len(members)))), len(members) - 1)
+        val[rng.choice(members, n, replace=False)] = True
+    return val
 
 
 def _describe(data: CellImages | AnnData) -> str:
@@ -214,14 +267,9 @@ def _labels(data: CellImages | AnnData, labels: Any) -> pd.Series:
     return values
 
 
-def _fit_linear(classifier: CellClassifier, model: SSLModule, rows: Any, keep: np.ndarray, codes: np.ndarray,
-                config: FinetuneConfig, device: Any) -> None:
-    """Fit the logistic probe (:func:`~sslcell.evaluate.probes.logistic_probe`) on ``model``'s embeddings of the
-    labelled cells (``keep`` selects them among the rows of an expression dataset; crops are already selected);
-    ``classifier`` shares ``model``'s inputs and encoder. Its scaler and coefficients become the linear layer."""
-    x = embed_rows(model, rows, device=device)  # (N, D), frozen encoder, no augmentation
-    if len(x) != len(codes):
-        x = x[keep]
+def _fit_linear(classifier: CellClassifier, x: np.ndarray, codes: np.ndarray, config: FinetuneConfig) -> None:
+    """Fit the logistic probe (:func:`~sslcell.evaluate.probes.logistic_probe`) on embeddings ``x (N, D)`` of the
+    training cells, classes ``codes (N,)``; its scaler and coefficients become ``classifier``'s linear layer."""
     probe = logistic_probe(C=config.C, max_iter=config.max_iter, class_weight=class_weight(codes, config.oversample))
     probe.fit(x, codes)
     scaler, logistic = probe[0], probe[-1]
@@ -239,3 +287,10 @@ def _fit_linear(classifier: CellClassifier, model: SSLModule, rows: Any, keep: n
         classifier.feature_std.copy_(torch.from_numpy(std))
         classifier.head.weight.copy_(torch.from_numpy(weight))
         classifier.head.bias.copy_(torch.from_numpy(bias))
+
+
+def _fit_linear_predict(classifier: CellClassifier, x: np.ndarray) -> np.ndarray:
+    """Classes ``(N,)`` the fitted linear head predicts for embeddings ``x (N, D)``."""
+    with torch.no_grad():
+        z = (torch.from_numpy(x) - classifier.feature_mean) / classifier.feature_std
+        return classifier.eval().head_output(z)[1].argmax(1).numpy()

@@ -1,6 +1,9 @@
-"""Full fine-tuning of a :class:`CellClassifier` on crops: the Lightning module, the run, precise batch norm.
+"""Full fine-tuning of a :class:`CellClassifier`: the Lightning module, the run, precise batch norm.
 
-Settings come from :class:`~sslcell.classify.finetune.FinetuneConfig` (its docstring says why each default).
+Cells are crops (:class:`~sslcell.data.images.CellImages`, augmented with label-preserving geometry) or counts held in
+memory (:class:`~sslcell.data.expression.CountRows`, normalised as the model was pretrained, not augmented: the
+head's dropout regularises). Settings come from :class:`~sslcell.classify.finetune.FinetuneConfig` (its docstring
+says why each default); the loss and early stopping from :mod:`sslcell.classify.objectives`.
 """
 
 from __future__ import annotations
@@ -12,13 +15,12 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from sslcell.augment.image import ImageAugment
 from sslcell.classify.classifier import CellClassifier
+from sslcell.classify.objectives import EarlyStopping, SupervisedLoss, predict_codes
 from sslcell.data.image_loader import make_image_dataloader
-from sslcell.data.images import CellImages
 from sslcell.methods.base import step_seed, warmup_cosine
 from sslcell.methods.inputs import image_augment_config
 from sslcell.train import on_gpu, resolve_precision
@@ -27,20 +29,26 @@ log = logging.getLogger(__name__)
 
 
 class _FinetuneModule(pl.LightningModule):
-    def __init__(self, classifier: CellClassifier, codes: np.ndarray, config: Any) -> None:
+    def __init__(self, classifier: CellClassifier, codes: np.ndarray, config: Any,
+                 validation: tuple[Any, EarlyStopping] | None = None) -> None:
         super().__init__()
-        self.classifier, self.config = classifier, config
+        self.classifier, self.config, self.validation = classifier, config, validation
         self.register_buffer("codes", torch.from_numpy(codes.astype(np.int64)), persistent=False)
-        self.augment = ImageAugment(image_augment_config(config.augment))
+        self.image = classifier.inputs.modality == "image"
+        self.augment = ImageAugment(image_augment_config(config.augment)) if self.image else None
+        self.loss = SupervisedLoss(config.label_smoothing, config.supcon_weight, config.supcon_temperature)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        images, rows = batch
+        cells, rows = batch
         seed = step_seed(self.config.seed, self.global_step)
         torch.manual_seed(seed)
-        generator = torch.Generator(device=images.device).manual_seed(seed)
-        x = self.classifier.inputs.views(images, generator, n=1, augment=self.augment)[0]
-        logits = self.classifier(x)
-        loss = F.cross_entropy(logits.float(), self.codes[rows], label_smoothing=self.config.label_smoothing)
+        if self.image:
+            generator = torch.Generator(device=cells.device).manual_seed(seed)
+            x = self.classifier.inputs.views(cells, generator, n=1, augment=self.augment)[0]
+        else:
+            x = self.classifier.inputs.normalize(cells)
+        head_input, logits = self.classifier.head_output(self.classifier.features(x))
+        loss = self.loss(logits, head_input, self.codes[rows])
         accuracy = (logits.argmax(1) == self.codes[rows]).float().mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=len(rows))
         self.log("train/accuracy", accuracy, prog_bar=True, batch_size=len(rows))
@@ -49,11 +57,18 @@ class _FinetuneModule(pl.LightningModule):
         return loss
 
     def on_train_epoch_end(self) -> None:
-        """Without the progress bar, one line an epoch (logger ``sslcell.classify.training``, shown by the CLI)."""
+        """Without the progress bar, one line an epoch (logger ``sslcell.classify.training``, shown by the CLI);
+        with a validation split, score it and stop when it stops improving."""
         loss, accuracy, n = self._epoch_sums.tolist()
         if not self.config.progress_bar and n:
-            log.info("fine-tuning epoch %d/%d: loss %.4f, training accuracy %.3f (%d augmented crops)",
-                     self.current_epoch + 1, self.trainer.max_epochs, loss / n, accuracy / n, n)
+            log.info("fine-tuning epoch %d/%d: loss %.4f, training accuracy %.3f (%d %s)",
+                     self.current_epoch + 1, self.trainer.max_epochs, loss / n, accuracy / n, n,
+                     "augmented crops" if self.image else "cells")
+        if self.validation is not None:
+            rows, stopper = self.validation
+            predicted = predict_codes(self.classifier, rows, self.config.batch_size, self.device)
+            if stopper.update(self.current_epoch, predicted, self.classifier):
+                self.trainer.should_stop = True
 
     def on_train_epoch_start(self) -> None:
         self._epoch_sums = torch.zeros(3, device=self.device)
@@ -63,7 +78,7 @@ class _FinetuneModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         c = self.config
-        head = list(self.classifier.head.parameters())
+        head = [p for name, p in self.classifier.named_parameters() if not name.startswith("encoder.")]
         encoder = [p for p in self.classifier.encoder.parameters() if p.requires_grad]
         groups = [{"params": head, "lr": c.lr}]
         if c.encoder_lr_factor > 0:
@@ -78,9 +93,11 @@ class _FinetuneModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def fit_full(classifier: CellClassifier, cells: CellImages, codes: np.ndarray, config: Any) -> None:
-    """Train encoder and head together on augmented crops (``codes`` ``(N,)``: class of each crop), then
-    re-estimate the batch-norm statistics."""
+def fit_full(classifier: CellClassifier, cells: Any, codes: np.ndarray, config: Any,
+             validation: tuple[Any, EarlyStopping] | None = None) -> None:
+    """Train encoder and head together on ``cells`` (crops or :class:`CountRows`; ``codes`` ``(N,)``: the class of
+    each), then re-estimate the batch-norm statistics. ``validation``: ``(validation cells, EarlyStopping)``; the
+    best epoch's weights are restored before the batch-norm pass."""
     weights = None
     if config.oversample:
         counts = np.bincount(codes)
@@ -101,11 +118,13 @@ def fit_full(classifier: CellClassifier, cells: CellImages, codes: np.ndarray, c
         enable_model_summary=False,
         use_distributed_sampler=False,
     )
-    module = _FinetuneModule(classifier, codes, config)
+    module = _FinetuneModule(classifier, codes, config, validation)
     module.train()  # a loaded model comes in eval mode; dropout and batch norm must train here
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")  # exact here
         trainer.fit(module, loader)
+    if validation is not None:
+        validation[1].restore(classifier)
     if config.encoder_lr_factor > 0:
         device = torch.device("cuda") if on_gpu(config.accelerator) else torch.device("cpu")
         _recalibrate_batch_norm(classifier.to(device), cells, weights, batch_size, config.seed)
@@ -113,7 +132,7 @@ def fit_full(classifier: CellClassifier, cells: CellImages, codes: np.ndarray, c
 
 
 @torch.no_grad()
-def _recalibrate_batch_norm(classifier: CellClassifier, cells: CellImages, weights: np.ndarray | None,
+def _recalibrate_batch_norm(classifier: CellClassifier, cells: Any, weights: np.ndarray | None,
                             batch_size: int, seed: int, max_cells: int = 8192) -> None:
     """Re-estimate the encoder's batch-norm statistics for the final weights ("precise BN").
 
@@ -121,8 +140,9 @@ def _recalibrate_batch_norm(classifier: CellClassifier, cells: CellImages, weigh
     changing weights (momentum 0.1). After a short run they no longer match the final encoder and its
     predictions in eval mode can collapse to one class. One pass in train mode with cumulative averaging
     (``momentum=None``) over at most ``max_cells`` un-augmented training crops, drawn (seeded) as training drew
-    them: with the oversampling ``weights`` when given. The layers after batch norm were trained on
-    statistics of class-balanced batches; statistics of the natural class mix would shift their inputs.
+    them: with the oversampling ``weights`` when given (``cells``: crops or :class:`CountRows`). The layers after
+    batch norm were trained on statistics of class-balanced batches; statistics of the natural class mix would
+    shift their inputs.
     """
     norms = [m for m in classifier.encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not norms:

@@ -234,3 +234,48 @@ def open_counts(
                                      counts_are_log_normalized=counts_are_log_normalized)
     check_missing(dataset.alignment, max_missing_genes)
     return dataset
+
+
+class CountRows:
+    """Some cells' counts held in memory, ``(N, G)`` float32 CSR over a model's genes, read densely by rows.
+
+    It has the row protocol of :class:`~sslcell.data.images.CellImages` (``len``, ``shape``, ``dtype``,
+    ``batch(rows)``, indexing by positions), so the crops' batch loader, batch-norm recalibration and the
+    inference loop serve counts too; fine-tuning holds its labelled cells this way.
+    """
+
+    def __init__(self, counts: sp.spmatrix, source: str = "<counts>") -> None:
+        self.counts = sp.csr_matrix(counts, dtype=np.float32)
+        self.source = source
+
+    @classmethod
+    def read(cls, dataset: ExpressionDataset, rows: np.ndarray, chunk_size: int = 4096) -> CountRows:
+        """The dataset's ``rows`` (positions, in increasing order), read chunk by chunk."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.ndim != 1 or (np.diff(rows) <= 0).any() or (len(rows) and not 0 <= rows[0] <= rows[-1] < len(dataset)):
+            raise InputError(f"CountRows.read: rows must be increasing positions in [0, {len(dataset)})")
+        parts = []
+        for start, stop, chunk in dataset.iter_chunks(chunk_size):
+            lo, hi = np.searchsorted(rows, [start, stop])
+            if hi > lo:
+                parts.append(chunk[rows[lo:hi] - start])
+        counts = sp.vstack(parts, format="csr") if parts else sp.csr_matrix((0, dataset.n_genes), dtype=np.float32)
+        return cls(counts, source=", ".join(map(str, dataset.sources)))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.counts.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return self.counts.shape[0]
+
+    def __getitem__(self, rows: np.ndarray) -> CountRows:
+        return CountRows(self.counts[np.asarray(rows)], self.source)
+
+    def batch(self, rows: np.ndarray) -> np.ndarray:
+        """Dense counts ``(len(rows), G)`` float32 of the given positions."""
+        return self.counts[np.asarray(rows)].toarray()

@@ -222,7 +222,7 @@ def test_expression_model_is_refused(train):
 
 
 @pytest.mark.parametrize("values,field", [
-    ({"head": "mlp"}, "head"),
+    ({"head": "mlp2"}, "head"),
     ({"epochs": 0}, "epochs"),
     ({"batch_size": 0}, "batch_size"),
     ({"dropout": 1.0}, "dropout"),
