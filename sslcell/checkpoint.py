@@ -22,7 +22,12 @@ from sslcell.errors import ConfigError, FileFormatError
 from sslcell.methods import SSLModule, build_method
 from sslcell.provenance import versions
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # the format this release writes
+# Every format a release has written. Each stays readable by later releases, proved by a model, a classifier and
+# their expected outputs committed per format under tests/fixtures/checkpoints/format<N>/. A change to what is
+# written bumps FORMAT_VERSION, appends it here, adds the conversion from the older formats to the readers, and
+# commits a new fixture folder; old fixture folders are never regenerated.
+READABLE_FORMATS = (1,)
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 CARD = "README.md"
@@ -95,12 +100,22 @@ def read_model_config(directory: str | Path) -> dict[str, Any]:
         raise FileFormatError(f"{directory / CONFIG}: not valid JSON ({err})") from None
     if not isinstance(meta, dict):
         raise FileFormatError(f"{directory / CONFIG}: expected a JSON object, got {type(meta).__name__}")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise FileFormatError(
-            f"{directory / CONFIG}: format_version {meta.get('format_version')!r} is not supported "
-            f"(this sslcell reads {FORMAT_VERSION})"
-        )
+    check_format(meta, directory / CONFIG)
     return meta
+
+
+def check_format(meta: dict[str, Any], path: Path) -> None:
+    """Refuse a JSON description whose ``format_version`` this release cannot read, saying why."""
+    version = meta.get("format_version")
+    integer = isinstance(version, int) and not isinstance(version, bool)  # JSON true is not format 1
+    if integer and version in READABLE_FORMATS:
+        return
+    readable = ", ".join(map(str, READABLE_FORMATS))
+    if integer and version > max(READABLE_FORMATS):
+        raise FileFormatError(f"{path}: format_version {version} was written by a newer sslcell; this one reads "
+                              f"format(s) {readable}: upgrade sslcell (pip install -U sslcell)")
+    raise FileFormatError(f"{path}: format_version {version!r} is not an sslcell format (this sslcell reads "
+                          f"format(s) {readable})")
 
 
 def load(directory: str | Path, *, map_location: str | torch.device = "cpu") -> SSLModule:

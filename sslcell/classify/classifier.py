@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from sslcell.augment.image import dihedral_views
-from sslcell.checkpoint import FORMAT_VERSION, read_weights, versions, write_weights
+from sslcell.checkpoint import FORMAT_VERSION, check_format, read_weights, versions, write_weights
 from sslcell.config import RecipeConfig
 from sslcell.errors import ConfigError, FileFormatError, InputError
 from sslcell.methods import SSLModule, build_method
@@ -121,11 +121,10 @@ def load_classifier(directory: str | Path, *, map_location: str | torch.device =
         )
     try:
         meta = json.loads((directory / CONFIG).read_text())
-        if meta.get("format_version") != FORMAT_VERSION or meta.get("kind") != "classifier":
-            raise FileFormatError(
-                f"{directory / CONFIG}: kind {meta.get('kind')!r} format_version {meta.get('format_version')!r} is not "
-                f"an sslcell classifier this version reads (format_version {FORMAT_VERSION})"
-            )
+        if not isinstance(meta, dict) or meta.get("kind") != "classifier":
+            kind = meta.get("kind") if isinstance(meta, dict) else type(meta).__name__
+            raise FileFormatError(f"{directory / CONFIG}: kind {kind!r} is not an sslcell classifier")
+        check_format(meta, directory / CONFIG)
         base = meta["base"]
         model = build_method(RecipeConfig.from_dict(base["recipe"]), base["contract"])
         classifier = CellClassifier(model.inputs, model.encoder, meta["classes"], base, meta.get("dropout", 0.0),
