@@ -39,18 +39,24 @@ def _counts_matrix(counts, layer: str | None):
     return x
 
 
-def pca_baseline(counts, n_comps: int = 50, n_top_genes: int = 2000, seed: int = 0, *, layer: str | None = None):
+def pca_baseline(counts, n_comps: int = 50, n_top_genes: int = 2000, seed: int = 0, *, layer: str | None = None,
+                 fit_rows: np.ndarray | None = None):
     """The standard scanpy PCA of raw counts ``(N, G)`` -> ``(N, n_comps)`` float32.
 
     ``normalize_total(target_sum=1e4)``, ``log1p``, ``highly_variable_genes(flavor="seurat",
     n_top_genes=min(n_top_genes, G))`` on the log data, ``scale(max_value=10)`` of those genes, then
     ``pca(n_comps, random_state=seed)``. ``counts``: an AnnData (``.X``, or ``.layers[layer]``) or a
     dense or sparse matrix; it is not modified. ``n_comps`` must be below ``min(N, number of HVGs)``.
+
+    ``fit_rows`` (positions or a boolean mask): choose the genes and fit the scaling and the PCA on these cells
+    only (a transfer reference), then project every cell; the same steps, with scikit-learn's ARPACK PCA.
     """
     x = _counts_matrix(counts, layer)
     adata = ad.AnnData(x)
     sc.pp.normalize_total(adata, target_sum=1e4)
     sc.pp.log1p(adata)
+    if fit_rows is not None:
+        return _pca_fitted_on(adata, _positions(fit_rows, adata.n_obs), n_comps, n_top_genes, seed)
     sc.pp.highly_variable_genes(adata, flavor="seurat", n_top_genes=min(n_top_genes, adata.n_vars))
     adata = adata[:, adata.var["highly_variable"].to_numpy()].copy()
     if not 1 <= n_comps < min(adata.shape):
@@ -64,9 +70,40 @@ def pca_baseline(counts, n_comps: int = 50, n_top_genes: int = 2000, seed: int =
     return np.asarray(adata.obsm["X_pca"], dtype=np.float32)
 
 
-def pixel_pca_baseline(cells, n_comps: int = 50, seed: int = 0, *, batch_size: int = 4096) -> np.ndarray:
+def _positions(rows: np.ndarray, n: int) -> np.ndarray:
+    rows = np.asarray(rows)
+    rows = np.flatnonzero(rows) if rows.dtype == bool else rows.astype(np.int64)
+    if rows.ndim != 1 or len(rows) < 2 or rows.min() < 0 or rows.max() >= n:
+        raise InputError(f"fit_rows must select at least 2 of the {n} cells (positions or a boolean mask)")
+    return rows
+
+
+def _pca_fitted_on(adata: ad.AnnData, rows: np.ndarray, n_comps: int, n_top_genes: int, seed: int) -> np.ndarray:
+    """pca_baseline's gene choice, scaling and PCA fitted on ``rows`` of log-normalised ``adata``; all cells
+    projected."""
+    from sklearn.decomposition import PCA
+
+    reference = adata[rows].copy()
+    sc.pp.highly_variable_genes(reference, flavor="seurat", n_top_genes=min(n_top_genes, adata.n_vars))
+    genes = reference.var["highly_variable"].to_numpy()
+    x = adata.X[:, genes]
+    x = np.asarray(x.toarray() if sparse.issparse(x) else x, dtype=np.float64)
+    if not 1 <= n_comps < min(len(rows), int(genes.sum())):
+        raise InputError(f"n_comps={n_comps} must be >= 1 and < min(fit cells, highly variable genes) = "
+                         f"{min(len(rows), int(genes.sum()))}")
+    mean, std = x[rows].mean(0), x[rows].std(0, ddof=1)  # as sc.pp.scale
+    std[std == 0] = 1
+    z = np.clip((x - mean) / std, -10, 10)
+    pca = PCA(n_comps, svd_solver="arpack", random_state=seed).fit(z[rows])
+    return pca.transform(z).astype(np.float32)
+
+
+def pixel_pca_baseline(cells, n_comps: int = 50, seed: int = 0, *, batch_size: int = 4096,
+                       fit_rows: np.ndarray | None = None) -> np.ndarray:
     """Raw-pixel PCA of crops ``(N, C, H, W)`` -> ``(N, n_comps)`` float32: every pixel of every channel z-scored
-    (over the crops given), then PCA (``random_state=seed``). Holds the ``(N, C*H*W)`` float32 pixels in memory."""
+    (over the crops given), then PCA (``random_state=seed``). Holds the ``(N, C*H*W)`` float32 pixels in memory.
+    ``fit_rows`` (positions or a boolean mask): fit the z-scoring and the PCA on these crops only (a transfer
+    reference), then project every crop."""
     from sklearn.decomposition import PCA
     from sklearn.preprocessing import StandardScaler
 
@@ -75,7 +112,11 @@ def pixel_pca_baseline(cells, n_comps: int = 50, seed: int = 0, *, batch_size: i
     for start in range(0, n, batch_size):
         rows = np.arange(start, min(start + batch_size, n))
         x[rows] = cells.batch(rows).reshape(len(rows), -1)
-    if not 1 <= n_comps < min(x.shape):
-        raise InputError(f"n_comps={n_comps} must be >= 1 and < min(crops, pixels) = {min(x.shape)}")
-    x = StandardScaler().fit_transform(x)
-    return PCA(n_comps, random_state=seed).fit_transform(x).astype(np.float32)
+    rows = np.arange(n) if fit_rows is None else _positions(fit_rows, n)
+    if not 1 <= n_comps < min(len(rows), x.shape[1]):
+        raise InputError(f"n_comps={n_comps} must be >= 1 and < min(crops, pixels) = {min(len(rows), x.shape[1])}")
+    if fit_rows is None:
+        return PCA(n_comps, random_state=seed).fit_transform(StandardScaler().fit_transform(x)).astype(np.float32)
+    scaler = StandardScaler().fit(x[rows])
+    pca = PCA(n_comps, random_state=seed).fit(scaler.transform(x[rows]))
+    return pca.transform(scaler.transform(x)).astype(np.float32)

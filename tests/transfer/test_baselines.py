@@ -90,3 +90,41 @@ def test_bad_input():
         pca_baseline(ad.AnnData(x), layer="raw")
     with pytest.warns(UserWarning, match="non-integer"):
         pca_baseline(np.log1p(x), n_comps=5)
+
+
+def test_fitted_on_all_rows_is_the_usual_pca():
+    x = _counts()
+    _sign_free_close(pca_baseline(x, n_comps=5, n_top_genes=120, fit_rows=np.ones(x.shape[0], bool)),
+                     pca_baseline(x, n_comps=5, n_top_genes=120), rtol=1e-3)
+
+
+def test_fitted_on_a_reference_projects_the_other_cells_with_the_reference_steps():
+    x = _counts()
+    reference = np.arange(0, 150, 2)
+    ours = pca_baseline(x, n_comps=5, n_top_genes=120, fit_rows=reference)
+    dense = x.toarray().astype(np.float64)
+    log = np.log1p(dense / dense.sum(axis=1, keepdims=True) * 1e4)
+    hvg = sc.pp.highly_variable_genes(ad.AnnData(log[reference]), flavor="seurat", n_top_genes=120, inplace=False)
+    z = log[:, hvg["highly_variable"].to_numpy()]
+    z = np.clip((z - z[reference].mean(0)) / z[reference].std(0, ddof=1), -10, 10)
+    centre = z[reference].mean(0)
+    _, _, vt = np.linalg.svd(z[reference] - centre, full_matrices=False)
+    _sign_free_close(ours, (z - centre) @ vt[:5].T, rtol=1e-3)
+    with pytest.raises(InputError, match="fit_rows"):
+        pca_baseline(x, fit_rows=np.array([3]))
+
+
+def test_pixel_pca_fitted_on_a_reference_projects_the_other_crops():
+    from sslcell.data.images import CellImages
+    from sslcell.evaluate.baselines import pixel_pca_baseline
+
+    rng = np.random.default_rng(0)
+    crops = rng.integers(0, 255, (60, 2, 6, 6), dtype=np.uint8)
+    cells = CellImages.from_array(crops, channel_names=["a", "b"])
+    reference = np.arange(40)
+    ours = pixel_pca_baseline(cells, n_comps=4, fit_rows=reference)
+    flat = crops.reshape(60, -1).astype(np.float64)
+    z = (flat - flat[reference].mean(0)) / flat[reference].std(0)
+    centre = z[reference].mean(0)
+    _, _, vt = np.linalg.svd(z[reference] - centre, full_matrices=False)
+    _sign_free_close(ours, (z - centre) @ vt[:4].T, rtol=1e-3)
