@@ -46,7 +46,7 @@ from sslcell.evaluate.protocols import few_label_split
 from sslcell.provenance import versions
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+DATA = ROOT.parent / "shared" / "data"  # --data-dir overrides it (a worktree elsewhere)
 # few-label heads: fixed before the run (defaults of FinetuneConfig except the epochs, which a 5-cells-per-class
 # training set needs more of: 80 cells make one batch, so 30 epochs would be 30 optimiser steps)
 HEADS = {
@@ -208,8 +208,12 @@ def main() -> None:
     parser.add_argument("--n-per-class", type=int, default=5)
     parser.add_argument("--max-epochs", type=int, default=None, help="override the recipes' pretraining epochs")
     parser.add_argument("--workdir", default="/tmp/sslcell_bench_transfer_quality")
+    parser.add_argument("--data-dir", default=str(DATA), help="folder with the labelled datasets")
     args = parser.parse_args()
-    command = "python benchmarks/bench_transfer_quality.py " + " ".join(sys.argv[1:])
+    global DATA
+    DATA = Path(args.data_dir)
+    command = "python benchmarks/bench_transfer_quality.py " + " ".join(
+        a for a in sys.argv[1:] if a != args.data_dir and a != "--data-dir")
     rows: list[dict] = []
     info: dict = {}
     for name in args.datasets:
