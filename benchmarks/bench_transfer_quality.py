@@ -63,15 +63,15 @@ def scores(truth: np.ndarray, pred: np.ndarray) -> dict[str, float]:
             "accuracy": float(accuracy_score(truth, pred))}
 
 
-def load_bladder(seed: int):
-    adata = ad.read_h5ad(DATA / "mouse_bladder_mca_2100.h5ad")
+def load_bladder(seed: int, data_dir: Path):
+    adata = ad.read_h5ad(data_dir / "mouse_bladder_mca_2100.h5ad")
     y = adata.obs["label"].astype(str).to_numpy()
     ref, query = train_test_split(np.arange(adata.n_obs), test_size=0.5, stratify=y, random_state=seed)
     return adata, y, np.sort(ref), np.sort(query)
 
 
-def load_chula(seed: int):
-    cells = CellImages.read(DATA / "chula_rbc12_crops48.npz")
+def load_chula(seed: int, data_dir: Path):
+    cells = CellImages.read(data_dir / "chula_rbc12_crops48.npz")
     y = cells.obs["label"].astype(str).to_numpy()
     groups = cells.obs["image_id"].to_numpy()
     ref, query = next(StratifiedGroupKFold(2, shuffle=True, random_state=seed).split(np.arange(len(y)), y, groups))
@@ -109,12 +109,12 @@ def logistic(x_ref, y_ref, x_query, standardize: bool = True) -> np.ndarray:
 
 def run_dataset(name: str, args, rows: list[dict], info: dict) -> None:
     if name == "bladder":
-        data, y, ref, query = load_bladder(args.seed)
+        data, y, ref, query = load_bladder(args.seed, Path(args.data_dir))
         recipe = ROOT / "configs" / "expression_mae.yaml"
         pca = pca_baseline(data, n_comps=50, seed=args.seed, fit_rows=ref)
         baseline = "PCA-50 (HVG, fitted on reference)"
     else:
-        data, y, ref, query = load_chula(args.seed)
+        data, y, ref, query = load_chula(args.seed, Path(args.data_dir))
         recipe = ROOT / "benchmarks" / "configs" / "chula_simclr.yaml"
         pca = pixel_pca_baseline(data, n_comps=50, seed=args.seed, fit_rows=ref)
         baseline = "raw-pixel PCA-50 (fitted on reference)"
@@ -210,8 +210,6 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/sslcell_bench_transfer_quality")
     parser.add_argument("--data-dir", default=str(DATA), help="folder with the labelled datasets")
     args = parser.parse_args()
-    global DATA
-    DATA = Path(args.data_dir)
     command = "python benchmarks/bench_transfer_quality.py " + " ".join(
         a for a in sys.argv[1:] if a != args.data_dir and a != "--data-dir")
     rows: list[dict] = []
