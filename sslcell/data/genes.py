@@ -138,6 +138,13 @@ class GeneAligner:
 MAX_MISSING_GENES = 0.5  # default largest share of a model's genes that may be missing from data it reads
 
 
+def missing_info(report: GeneAlignment | None, n_model_genes: int) -> dict[str, Any]:
+    """What ``uns`` records about a model's genes missing from the data: count and a few names."""
+    return {"n_model_genes": int(n_model_genes),
+            "n_missing_genes": int(report.n_missing) if report is not None else 0,
+            "missing_genes_examples": list(report.examples) if report is not None else []}
+
+
 def check_missing(report: GeneAlignment | None, max_share: float | None = None) -> None:
     """Raise :class:`GeneMismatchError` when more than ``max_share`` (default :data:`MAX_MISSING_GENES`) of the
     model's genes are missing."""

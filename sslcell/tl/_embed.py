@@ -12,6 +12,7 @@ from anndata import AnnData
 
 from sslcell.checkpoint import load
 from sslcell.data.expression import open_counts
+from sslcell.data.genes import missing_info
 from sslcell.data.images import CellImages
 from sslcell.errors import InputError
 from sslcell.inference import embed_rows
@@ -136,10 +137,7 @@ def _embed_expression(adata: AnnData, model: SSLModule, layer: str | None, log_n
             "the same embedding (filter empty cells, or check that the gene names match the model's)",
             UserWarning, stacklevel=3,
         )
-    alignment = dataset.alignment
-    return out, {"n_model_genes": contract.n_genes, "n_empty_cells": empty[0],
-                 "n_missing_genes": int(alignment.n_missing) if alignment is not None else 0,
-                 "missing_genes_examples": list(alignment.examples) if alignment is not None else []}
+    return out, {**missing_info(dataset.alignment, contract.n_genes), "n_empty_cells": empty[0]}
 
 
 def _embed_crops(adata: AnnData, crops: CellImages, model: SSLModule, channels: Any, batch_size: int,

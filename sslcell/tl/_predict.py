@@ -12,6 +12,7 @@ from anndata import AnnData
 
 from sslcell.classify.classifier import CellClassifier
 from sslcell.data.expression import ExpressionDataset, open_counts
+from sslcell.data.genes import missing_info
 from sslcell.data.images import CellImages
 from sslcell.errors import InputError
 from sslcell.evaluate.metrics import ClassificationReport, classification_report
@@ -83,6 +84,8 @@ def predict(
     adata.obsm[f"{key_added}_proba"] = scores
     info: dict[str, Any] = {"classifier": str(getattr(classifier, "source", "<in memory>")),
                             "classes": list(classes), "tta": bool(tta)}
+    if isinstance(data, ExpressionDataset):
+        info.update(missing_info(data.alignment, len(classifier.inputs.genes)))
     record(adata, key_added, info)
     if label_key is not None:
         report = score(adata, label_key, key_added)

@@ -77,3 +77,19 @@ def test_expression_linear_head_end_to_end(small_counts, tmp_path):
         "image_size": [S, S], "dtype": "uint8"})
     with pytest.raises(InputError, match="reads image crops"):
         finetune(train, image_model, "cell_type", LINEAR)
+
+
+def test_expression_predict_records_missing_genes_and_refuses_too_many(small_counts, tmp_path):
+    model = sslcell.pretrain(tiny_recipe("mae", train={"max_epochs": 1}), small_counts, tmp_path / "run")
+    clf = finetune(small_counts, model, "cell_type", LINEAR)
+    genes = list(clf.inputs.genes)
+    some_missing = small_counts[:50, [g for g in small_counts.var_names if g not in genes[:10]]].copy()
+    tl.predict(some_missing, clf)
+    info = some_missing.uns["sslcell"]["sslcell_pred"]
+    assert info["n_missing_genes"] == 10 and info["n_model_genes"] == len(genes)
+    assert set(info["missing_genes_examples"]) <= set(genes[:10])
+    most_missing = small_counts[:50, [g for g in small_counts.var_names if g not in genes[:80]]].copy()
+    with pytest.raises(InputError, match="missing"):
+        tl.predict(most_missing, clf)
+    tl.predict(most_missing, clf, max_missing_genes=0.9)
+    assert most_missing.uns["sslcell"]["sslcell_pred"]["n_missing_genes"] == 80
