@@ -34,7 +34,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
-from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
 import sslcell
 from sslcell.classify import FinetuneConfig, finetune
@@ -80,27 +80,44 @@ def load_chula(seed: int, data_dir: Path):
 
 
 def pretrain_and_embed(name: str, data, ref: np.ndarray, query: np.ndarray, recipe: Path, workdir: Path,
-                       max_epochs: int | None):
-    """Pretrain on the reference rows (no labels); return the model, reference and query embeddings, seconds."""
+                       max_epochs: int | None, reuse: bool):
+    """Pretrain on the reference rows (no labels), or with ``reuse`` load the model an earlier run of this script
+    pretrained with the same recipe, split and epochs; return the model, reference and query embeddings, seconds."""
     config = load_config(recipe)
     config.train.progress_bar = False
-    start = time.perf_counter()
-    if isinstance(data, CellImages):
-        model = sslcell.pretrain(config, data[ref], workdir / name, overwrite=True, max_epochs=max_epochs)
+    run, stamp = workdir / name, workdir / f"{name}.json"
+    key = {"recipe": config.to_dict(), "reference_rows": int(len(ref)), "first_rows": ref[:10].tolist(),
+           "max_epochs": max_epochs}
+    if reuse and stamp.is_file() and json.loads(stamp.read_text())["key"] == key:
+        model, seconds = sslcell.load(run), json.loads(stamp.read_text())["seconds"]
+        print(f"{name}: reusing the model pretrained in {run}", flush=True)
+    else:
+        start = time.perf_counter()
+        subset = data[ref] if isinstance(data, CellImages) else data[ref].copy()
+        model = sslcell.pretrain(config, subset, run, overwrite=True, max_epochs=max_epochs)
         seconds = time.perf_counter() - start
+        stamp.write_text(json.dumps({"key": key, "seconds": seconds}))
+    if isinstance(data, CellImages):
         emb = sslcell.tl.embed_crops(data, model).obsm["X_sslcell"]
     else:
-        model = sslcell.pretrain(config, data[ref].copy(), workdir / name, overwrite=True, max_epochs=max_epochs)
-        seconds = time.perf_counter() - start
         emb = sslcell.tl.embed(data, model, copy=True).obsm["X_sslcell"]
     return model, emb[ref], emb[query], seconds
 
 
-def knn_transfer(x_ref, y_ref, x_query, n_neighbors: int) -> np.ndarray:
+def knn_transfer(x_ref, y_ref, x_query, n_neighbors: int, class_weight: str | None = None) -> np.ndarray:
     reference = ad.AnnData(obs={"label": y_ref}, obsm={"X": x_ref})
     query = ad.AnnData(obs={"i": np.arange(len(x_query))}, obsm={"X": x_query})
-    sslcell.tl.transfer_labels(query, reference, "label", use_rep="X", n_neighbors=n_neighbors)
+    sslcell.tl.transfer_labels(query, reference, "label", use_rep="X", n_neighbors=n_neighbors,
+                               class_weight=class_weight)
     return query.obs["label_pred"].astype(str).to_numpy()
+
+
+def reference_cv(x_ref, y_ref, n_neighbors: int, class_weight: str | None, seed: int) -> float:
+    """5-fold stratified CV macro-F1 of kNN transfer within the reference half: how a setting is chosen without
+    the query."""
+    folds = StratifiedKFold(5, shuffle=True, random_state=seed).split(x_ref, y_ref)
+    return float(np.mean([scores(y_ref[va], knn_transfer(x_ref[tr], y_ref[tr], x_ref[va], n_neighbors,
+                                                         class_weight))["macro_f1"] for tr, va in folds]))
 
 
 def logistic(x_ref, y_ref, x_query, standardize: bool = True) -> np.ndarray:
@@ -120,7 +137,7 @@ def run_dataset(name: str, args, rows: list[dict], info: dict) -> None:
         baseline = "raw-pixel PCA-50 (fitted on reference)"
     print(f"{name}: reference {len(ref)}, query {len(query)}, {len(np.unique(y))} classes", flush=True)
     model, e_ref, e_query, seconds = pretrain_and_embed(name, data, ref, query, recipe, Path(args.workdir),
-                                                        args.max_epochs)
+                                                        args.max_epochs, args.reuse_models)
     info[name] = {"reference": int(len(ref)), "query": int(len(query)), "classes": int(len(np.unique(y))),
                   "recipe": str(recipe.relative_to(ROOT)), "pretrain_s": round(seconds, 1),
                   "epochs": args.max_epochs or load_config(recipe).train.max_epochs}
@@ -136,7 +153,10 @@ def run_dataset(name: str, args, rows: list[dict], info: dict) -> None:
 
     # zero-shot: every reference label
     for rep, (x_ref, x_query) in reps.items():
-        add(f"{rep} + kNN-15 transfer", "zero-shot", [scores(y[query], knn_transfer(x_ref, y[ref], x_query, 15))])
+        for class_weight, label in ((None, ""), ("balanced", ", balanced votes")):
+            add(f"{rep} + kNN-15 transfer{label}", "zero-shot",
+                [scores(y[query], knn_transfer(x_ref, y[ref], x_query, 15, class_weight))])
+            rows[-1]["reference_cv_macro_f1"] = reference_cv(x_ref, y[ref], 15, class_weight, args.seed)
         add(f"{rep} + logistic", "zero-shot", [scores(y[query], logistic(x_ref, y[ref], x_query))])
         if rep == baseline:
             add(f"{rep} + logistic (unscaled)", "zero-shot",
@@ -153,8 +173,9 @@ def run_dataset(name: str, args, rows: list[dict], info: dict) -> None:
         for label, standardize in variants.items():
             add(f"{rep} + {label}", protocol, [scores(y[query], logistic(x_all[t], y[t], x_query, standardize))
                                                for t in draws.values()])
-        add(f"{rep} + kNN-{n} transfer", protocol,
-            [scores(y[query], knn_transfer(x_all[t], y[t], x_query, n)) for t in draws.values()])
+        for class_weight, label in ((None, ""), ("balanced", ", balanced votes")):
+            add(f"{rep} + kNN-{n} transfer{label}", protocol,
+                [scores(y[query], knn_transfer(x_all[t], y[t], x_query, n, class_weight)) for t in draws.values()])
     for head, values in HEADS.items():
         results = []
         start = time.perf_counter()
@@ -189,10 +210,12 @@ def write(rows: list[dict], info: dict, args, command: str) -> None:
                   f"Reference {meta['reference']} cells, query {meta['query']}, {meta['classes']} classes. "
                   f"Encoder: `{meta['recipe']}`, {meta['epochs']} epochs on the reference half without labels "
                   f"({meta['pretrain_s']} s).", "",
-                  "| protocol | entry | macro-F1 | accuracy | runs |", "|---|---|---:|---:|---:|"]
+                  "| protocol | entry | macro-F1 | accuracy | runs | reference CV macro-F1 |",
+                  "|---|---|---:|---:|---:|---:|"]
         for r in sorted((r for r in rows if r["dataset"] == name), key=lambda r: (r["protocol"], -r["macro_f1"])):
+            cv = f"{r['reference_cv_macro_f1']:.3f}" if "reference_cv_macro_f1" in r else ""
             lines.append(f"| {r['protocol']} | {r['entry']} | {r['macro_f1']:.3f} ± {r['macro_f1_std']:.3f} | "
-                         f"{r['accuracy']:.3f} ± {r['accuracy_std']:.3f} | {r['n_runs']} |")
+                         f"{r['accuracy']:.3f} ± {r['accuracy_std']:.3f} | {r['n_runs']} | {cv} |")
         lines.append("")
     lines += ["Few-label head settings (fixed before the run; FinetuneConfig defaults otherwise): "
               + "; ".join(f"{k}: `{v}`" for k, v in HEADS.items()), ""]
@@ -209,6 +232,8 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=None, help="override the recipes' pretraining epochs")
     parser.add_argument("--workdir", default="/tmp/sslcell_bench_transfer_quality")
     parser.add_argument("--data-dir", default=str(DATA), help="folder with the labelled datasets")
+    parser.add_argument("--reuse-models", action="store_true",
+                        help="load the encoders an earlier run pretrained (same recipe, split, epochs) from --workdir")
     args = parser.parse_args()
     command = "python benchmarks/bench_transfer_quality.py " + " ".join(
         a for a in sys.argv[1:] if a != args.data_dir and a != "--data-dir")

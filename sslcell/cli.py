@@ -136,6 +136,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--use-rep", default="X_sslcell", help="obsm key of the embeddings")
     p.add_argument("--n-neighbors", type=int, default=15)
     p.add_argument("--min-confidence", type=float, default=0.0, help="below this vote share the call is 'unknown'")
+    p.add_argument("--class-weight", choices=["balanced"],
+                   help="balanced: divide each class's votes by its share of the reference (rare types not outvoted)")
     p.add_argument("--index", choices=["auto", "exact", "ivf", "hnsw"], default="auto")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(run=_transfer)
@@ -362,7 +364,8 @@ def _transfer(args: argparse.Namespace) -> int:
         for adata in (reference, query):
             embed(adata, args.model, key_added=args.use_rep, overwrite=True)
     transfer_labels(query, reference, args.label_key, args.use_rep, n_neighbors=args.n_neighbors,
-                    min_confidence=args.min_confidence, index=args.index, overwrite=True)
+                    class_weight=args.class_weight, min_confidence=args.min_confidence, index=args.index,
+                    overwrite=True)
     _write_h5ad(query, out)
     info = query.uns["sslcell"][f"{args.label_key}_pred"]
     print(f"wrote {out}: obs['{args.label_key}_pred'] for {query.n_obs} cells from {info['n_reference']} reference "
