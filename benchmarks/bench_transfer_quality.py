@@ -194,6 +194,9 @@ def run_dataset(name: str, args, rows: list[dict], info: dict) -> None:
         rows[-1]["seconds_per_seed"] = round((time.perf_counter() - start) / len(draws), 1)
 
 
+REUSED = "; the encoder was pretrained by an earlier run of this script (same recipe, split and epochs) and reused"
+
+
 def write(rows: list[dict], info: dict, args, command: str) -> None:
     out = ROOT / "benchmarks" / "results" / "transfer_quality"
     payload = {"command": command, "seed": args.seed, "seeds": args.seeds, "datasets": info, "rows": rows,
@@ -209,7 +212,8 @@ def write(rows: list[dict], info: dict, args, command: str) -> None:
         lines += [f"## {name}", "",
                   f"Reference {meta['reference']} cells, query {meta['query']}, {meta['classes']} classes. "
                   f"Encoder: `{meta['recipe']}`, {meta['epochs']} epochs on the reference half without labels "
-                  f"({meta['pretrain_s']} s).", "",
+                  f"({meta['pretrain_s']} s{REUSED if args.reuse_models else ''}).",
+                  "",
                   "| protocol | entry | macro-F1 | accuracy | runs | reference CV macro-F1 |",
                   "|---|---|---:|---:|---:|---:|"]
         for r in sorted((r for r in rows if r["dataset"] == name), key=lambda r: (r["protocol"], -r["macro_f1"])):
