@@ -127,6 +127,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write <out>.json and <out>.md")
     p.set_defaults(run=_evaluate)
 
+    p = sub.add_parser("cell-cycle", help="place cells on a closed trajectory fitted through an embedding (theta)")
+    p.add_argument("--data", required=True, help=".h5ad with the representation in obsm")
+    p.add_argument("--out", required=True, help="output .h5ad: obs cell_cycle_theta (and _phase with anchors)")
+    p.add_argument("--use-rep", default="X_sslcell", help="obsm key of the representation")
+    p.add_argument("--anchor-key", help="obs column of phase labels (NaN: unlabelled) fixing origin and direction")
+    p.add_argument("--anchor-order", type=lambda text: [t.strip() for t in text.split(",") if t.strip()],
+                   help="the phases in cycle order, comma-separated, e.g. G1,S,G2,M")
+    p.add_argument("--key-added", default="cell_cycle")
+    p.add_argument("--plot", help="also write pl.cell_cycle's figure to this PNG")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out and obs keys")
+    p.set_defaults(run=_cell_cycle)
+
     p = sub.add_parser("transfer", help="label query cells from a labelled reference by nearest neighbours")
     p.add_argument("--reference", required=True, help="labelled .h5ad (embedded, or embedded here with --model)")
     p.add_argument("--query", required=True, help=".h5ad to label (embedded, or embedded here with --model)")
@@ -353,6 +365,24 @@ def _write_atomically(path: Path, write) -> None:
         atomic_write(path, write)
     except OSError as err:
         raise OSError(f"{path}: could not be written ({err.strerror or err})") from None
+
+
+def _cell_cycle(args: argparse.Namespace) -> int:
+    from sslcell.pl import cell_cycle as plot_cell_cycle
+    from sslcell.tl import cell_cycle
+
+    out = _new_file(Path(args.out), args.overwrite)
+    adata = _read_h5ad(args.data)
+    cell_cycle(adata, args.use_rep, anchor_key=args.anchor_key, anchor_order=args.anchor_order,
+               key_added=args.key_added, overwrite=args.overwrite)
+    _write_h5ad(adata, out)
+    info = adata.uns["sslcell"][args.key_added]
+    if args.plot:
+        plot_cell_cycle(adata, color=args.anchor_key, key=args.key_added, path=args.plot)
+    print(f"wrote {out}: obs['{args.key_added}_theta'] for {adata.n_obs} cells; closure {info['closure']:.2f}, "
+          f"residual {info['residual']:.2f}, explained variance {info['explained_variance']:.2f}"
+          + (f", {info['anchor_accuracy']:.0%} of anchored cells in their phase's arc" if info["anchored"] else ""))
+    return 0
 
 
 def _transfer(args: argparse.Namespace) -> int:

@@ -1,0 +1,201 @@
+"""Fit a closed trajectory (the cell cycle) through a representation and place every cell on it: an angle θ.
+
+The method, in three steps (:func:`fit_cycle`):
+
+1. **Plane.** The representation ``(N, D)`` is centred and projected on its first two principal components
+   (``D == 2``: used as it is). DeepCycle's descriptor (class log-probabilities), tricycle's cell-cycle-gene PCA
+   and an embedding whose main variation is the cycle all put the cycle there.
+2. **Circle.** Each axis is scaled to unit variance (an ellipse aligned with the axes becomes a circle) and a
+   circle is fitted by least squares (Kåsa's algebraic fit), then refitted on the cells within 2.5 robust standard
+   deviations of it (three rounds), so a few outliers do not pull it. θ is each cell's angle around the centre.
+   Fitting the centre, not taking the mean, keeps θ right when cells crowd on one arc (G1 is long).
+3. **Anchors.** Direction and origin are arbitrary until anchored: with cells labelled by phase (``anchors``, NaN
+   for unlabelled cells) and the phases' order around the cycle, every direction and origin (1° steps) is tried;
+   each phase gets an arc as wide as its share of the labelled cells, in order from θ = 0; the choice that puts
+   the most labelled cells in their own phase's arc wins. θ = 0 is then the start of the first phase, θ grows in
+   the phase order, and every cell gets the phase of the arc it falls in.
+
+Quality, recorded with the fit: ``explained_variance`` (share of the representation's variance in the plane),
+``residual`` (median |r - R| / R: 0 for cells on the circle; about 0.4 for a round gaussian blob, which has no
+cycle), ``closure`` (1 minus the largest empty arc over 2π: 1 when cells go all the way round). A fit with
+``residual > RESIDUAL_WARN`` or ``closure < CLOSURE_WARN`` warns that there may be no cycle to find.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from sslcell.errors import InputError
+
+TWO_PI = 2.0 * np.pi
+RESIDUAL_WARN = 0.25
+CLOSURE_WARN = 0.75
+N_ORIGINS = 360
+
+
+@dataclass
+class CycleFit:
+    """A fitted cycle: how to map a representation ``(N, D)`` to θ ``(N,)``, and how well it fitted.
+
+    ``mean (D,)`` and ``basis (D, 2)`` give the plane, ``scale (2,)`` the axis scaling, ``centre (2,)`` and
+    ``radius`` the circle in the scaled plane, ``direction`` (±1) and ``origin`` (radians) the anchoring. With
+    anchors, ``phases`` lists them in cycle order and ``phase_starts`` the start of each phase's arc.
+    """
+
+    mean: list[float]
+    basis: list[list[float]]
+    scale: list[float]
+    centre: list[float]
+    radius: float
+    direction: int = 1
+    origin: float = 0.0
+    explained_variance: float = 1.0
+    residual: float = 0.0
+    closure: float = 1.0
+    anchored: bool = False
+    anchor_accuracy: float | None = None
+    phases: list[str] = field(default_factory=list)
+    phase_starts: list[float] = field(default_factory=list)
+    method: str = "circle fit in the 2-D principal plane (axes scaled to unit variance), robust refit"
+
+    def plane(self, x: np.ndarray) -> np.ndarray:
+        """Representation ``(N, D)`` -> scaled plane coordinates ``(N, 2)``."""
+        x = _as_matrix(x, len(self.mean))
+        return ((x - np.asarray(self.mean)) @ np.asarray(self.basis)) / np.asarray(self.scale)
+
+    def raw_angle(self, plane: np.ndarray) -> np.ndarray:
+        """Scaled plane coordinates ``(N, 2)`` -> angle around the circle's centre, before anchoring ``(N,)``."""
+        d = plane - np.asarray(self.centre)
+        return np.mod(np.arctan2(d[:, 1], d[:, 0]), TWO_PI)
+
+    def theta(self, x: np.ndarray) -> np.ndarray:
+        """Representation ``(N, D)`` -> θ ``(N,)`` in ``[0, 2π)``, anchored."""
+        return self._anchor(self.raw_angle(self.plane(x)))
+
+    def phase(self, theta: np.ndarray) -> np.ndarray:
+        """θ ``(N,)`` -> the phase whose arc holds it ``(N,)`` (object array); requires an anchored fit."""
+        if not self.phases:
+            raise InputError("this cycle fit has no phases: fit it with anchors and their order")
+        return np.asarray(self.phases, dtype=object)[np.searchsorted(self.phase_starts, theta, side="right") - 1]
+
+    def _anchor(self, raw: np.ndarray) -> np.ndarray:
+        return np.mod(self.direction * raw - self.origin, TWO_PI)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able (``adata.uns``)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> CycleFit:
+        return cls(**{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in values.items()})
+
+
+def fit_cycle(x: np.ndarray, anchors: np.ndarray | None = None, order: list[str] | None = None,
+              warn: bool = True) -> CycleFit:
+    """Fit a cycle through ``x (N, D)`` (module doc). ``anchors (N,)``: each cell's phase label or NaN / None;
+    ``order``: the phases in cycle order (default: the labels' sorted categories). Returns the :class:`CycleFit`."""
+    x = _as_matrix(x)
+    mean = x.mean(axis=0)
+    centred = x - mean
+    if x.shape[1] == 2:
+        basis, explained = np.eye(2), 1.0
+    else:
+        _, s, vt = np.linalg.svd(centred, full_matrices=False)
+        basis, total = vt[:2].T, float((s**2).sum())
+        explained = float((s[:2] ** 2).sum() / total) if total > 0 else 0.0
+    plane = centred @ basis
+    scale = plane.std(axis=0)
+    if (scale <= 1e-12 * max(1.0, float(np.abs(x).max()))).any():
+        raise InputError("the representation does not vary in two directions: no cycle can be fitted")
+    plane = plane / scale
+    centre, radius = _robust_circle(plane)
+    fit = CycleFit(mean=mean.tolist(), basis=basis.tolist(), scale=scale.tolist(), centre=centre.tolist(),
+                   radius=float(radius), explained_variance=explained)
+    raw = fit.raw_angle(plane)
+    r = np.linalg.norm(plane - centre, axis=1)
+    fit.residual = float(np.median(np.abs(r - radius)) / radius)
+    fit.closure = closure(raw)
+    if anchors is not None:
+        _anchor(fit, raw, anchors, order)
+    if warn and (fit.residual > RESIDUAL_WARN or fit.closure < CLOSURE_WARN):
+        warnings.warn(
+            f"the cells may not lie on a closed trajectory: residual {fit.residual:.2f} (> {RESIDUAL_WARN} suggests "
+            f"a blob, not a ring), closure {fit.closure:.2f} (< {CLOSURE_WARN}: an arc, not a ring); θ may mean "
+            "little. Check pl.cell_cycle, or fit on a representation that holds the cycle (e.g. a fine-tuned "
+            "phase classifier's outputs, or cell-cycle genes).", UserWarning, stacklevel=2)
+    return fit
+
+
+def closure(theta: np.ndarray) -> float:
+    """1 minus the largest empty arc between consecutive angles ``(N,)``, over 2π: 1 when the cells cover the whole
+    circle evenly (large N), 0.5 when they fill only half of it."""
+    t = np.sort(np.mod(np.asarray(theta, dtype=np.float64), TWO_PI))
+    if t.size == 0:
+        return 0.0
+    gaps = np.diff(np.concatenate([t, [t[0] + TWO_PI]]))
+    return float(1.0 - gaps.max() / TWO_PI)
+
+
+def _as_matrix(x: Any, width: int | None = None) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 3 or x.shape[1] < 2:
+        raise InputError(f"a cycle is fitted to a representation (N >= 3 cells, D >= 2); got shape {x.shape}")
+    if width is not None and x.shape[1] != width:
+        raise InputError(f"the representation has {x.shape[1]} dimensions; this fit was made on {width}")
+    if not np.isfinite(x).all():
+        raise InputError("the representation holds NaN or inf values")
+    return x
+
+
+def _circle(p: np.ndarray) -> tuple[np.ndarray, float]:
+    """Kåsa's least-squares circle through points ``(N, 2)``: solve x² + y² = 2ax + 2by + c."""
+    a = np.column_stack([2 * p, np.ones(len(p))])
+    b = (p**2).sum(axis=1)
+    (cx, cy, c), *_ = np.linalg.lstsq(a, b, rcond=None)
+    return np.array([cx, cy]), float(np.sqrt(max(c + cx**2 + cy**2, 1e-12)))
+
+
+def _robust_circle(p: np.ndarray, rounds: int = 3, cut: float = 2.5) -> tuple[np.ndarray, float]:
+    centre, radius = _circle(p)
+    for _ in range(rounds):
+        resid = np.linalg.norm(p - centre, axis=1) - radius
+        spread = 1.4826 * np.median(np.abs(resid - np.median(resid)))
+        keep = np.abs(resid) <= cut * max(spread, 1e-12)
+        if keep.sum() < 3 or keep.all():
+            break
+        centre, radius = _circle(p[keep])
+    return centre, radius
+
+
+def _anchor(fit: CycleFit, raw: np.ndarray, anchors: Any, order: list[str] | None) -> None:
+    """Choose direction and origin from labelled cells (module doc); sets the fit's phases and arcs."""
+    labels = np.asarray(anchors, dtype=object)
+    if labels.shape != raw.shape:
+        raise InputError(f"anchors must have one label per cell ({raw.shape[0]}); got shape {labels.shape}")
+    known = np.array([v is not None and not (isinstance(v, float) and np.isnan(v)) for v in labels])
+    labels = labels[known].astype(str)
+    order = [str(p) for p in (order if order is not None else sorted(set(labels)))]
+    if len(order) < 2 or len(set(order)) != len(order):
+        raise InputError(f"the anchor order must name at least 2 distinct phases; got {order}")
+    unknown = sorted(set(labels) - set(order))
+    if unknown:
+        raise InputError(f"anchor labels {unknown[:10]} are not in the phase order {order}")
+    if labels.size < len(order):
+        raise InputError(f"{labels.size} anchored cells for {len(order)} phases: label at least one cell per phase")
+    codes = np.array([order.index(v) for v in labels])
+    counts = np.bincount(codes, minlength=len(order))
+    starts = TWO_PI * np.concatenate([[0.0], np.cumsum(counts)[:-1]]) / counts.sum()
+    best = (-1.0, 1, 0.0)
+    for direction in (1, -1):
+        angles = direction * raw[known]
+        for origin in np.arange(N_ORIGINS) * TWO_PI / N_ORIGINS:
+            arc = np.searchsorted(starts, np.mod(angles - origin, TWO_PI), side="right") - 1
+            accuracy = float(np.mean(arc == codes))
+            if accuracy > best[0]:
+                best = (accuracy, direction, float(origin))
+    fit.anchor_accuracy, fit.direction, fit.origin = best
+    fit.anchored, fit.phases, fit.phase_starts = True, order, starts.tolist()

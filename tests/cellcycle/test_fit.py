@@ -1,0 +1,128 @@
+"""fit_cycle: recovers known angles on a noisy ring, anchors direction and origin, warns on a blob; metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+from sslcell.cellcycle import CycleFit, closure, fit_cycle
+from sslcell.errors import InputError
+from sslcell.evaluate import circular_correlation, cyclic_spearman, phase_arc_accuracy
+
+PHASES = ["G1", "S", "G2M"]
+STARTS = [0.0, np.pi, 1.5 * np.pi]
+
+
+def ring(n: int = 600, seed: int = 0, noise: float = 0.05, dim: int = 10, skew: bool = True):
+    """Cells on a tilted ellipse in ``dim`` dimensions, plus noise and a stronger unrelated direction; known θ
+    (G1 crowded: half the cells) and phases."""
+    rng = np.random.default_rng(seed)
+    theta = np.mod(rng.uniform(0, 2 * np.pi, n) ** (1.3 if skew else 1.0) / (2 * np.pi) ** (0.3 if skew else 0),
+                   2 * np.pi)
+    q, _ = np.linalg.qr(rng.normal(size=(dim, dim)))
+    x = np.column_stack([3 * np.cos(theta), 1.5 * np.sin(theta)]) @ q[:, :2].T
+    x += noise * rng.normal(size=(n, dim)) * 1.5 + 5.0
+    phase = np.array(PHASES, dtype=object)[np.searchsorted(STARTS, theta, side="right") - 1]
+    return x, theta, phase
+
+
+def angular_error(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.abs(np.angle(np.exp(1j * (a - b))))
+
+
+@pytest.mark.parametrize("n,noise,skew,max_error", [(3000, 0.01, False, 0.03), (600, 0.05, False, 0.25),
+                                                     (600, 0.05, True, 0.25)])
+def test_anchored_theta_recovers_the_known_angles(n, noise, skew, max_error):
+    x, theta, phase = ring(n=n, noise=noise, skew=skew)
+    fit = fit_cycle(x, phase, PHASES)
+    estimate = fit.theta(x)
+    assert circular_correlation(estimate, theta) > 0.97
+    # radians. Phase arcs are as wide as the phases' shares of the labelled cells, so with 600 cells the sampling
+    # error of those shares (about 0.02 x 2π) shifts the origin; crowded cells (skew) also bend the scaled ellipse
+    assert np.median(angular_error(estimate, theta)) < max_error
+    assert fit.direction in (1, -1) and fit.anchored and fit.anchor_accuracy > 0.9
+    assert fit.residual < 0.15 and fit.closure > 0.95 and fit.explained_variance > 0.8
+    assert phase_arc_accuracy(estimate, phase, fit.phases, fit.phase_starts) > 0.9
+    assert set(fit.phase(estimate)) == set(PHASES)
+
+
+def test_a_mirrored_and_rotated_ring_gets_the_same_anchored_theta():
+    x, theta, phase = ring(seed=1)
+    mirrored = x * np.r_[-1.0, np.ones(x.shape[1] - 1)]  # flip one axis: the ring runs the other way round
+    a, b = fit_cycle(x, phase, PHASES).theta(x), fit_cycle(mirrored, phase, PHASES).theta(mirrored)
+    assert np.median(angular_error(a, b)) < 0.05
+
+
+def test_a_few_labelled_cells_anchor_the_cycle():
+    x, theta, phase = ring(seed=2)
+    few = np.full(len(phase), None, dtype=object)
+    rows = np.random.default_rng(0).choice(len(phase), 30, replace=False)
+    few[rows] = phase[rows]
+    estimate = fit_cycle(x, few, PHASES).theta(x)
+    assert np.median(angular_error(estimate, theta)) < 0.3
+
+
+def test_a_blob_warns_and_an_arc_has_low_closure():
+    rng = np.random.default_rng(0)
+    with pytest.warns(UserWarning, match="closed trajectory"):
+        fit = fit_cycle(rng.normal(size=(500, 5)))
+    assert fit.residual > 0.25
+    t = rng.uniform(0, np.pi, 400)
+    assert closure(t) < 0.55
+    assert closure(rng.uniform(0, 2 * np.pi, 2000)) > 0.98
+
+
+def test_fit_round_trips_through_a_dict():
+    x, _, phase = ring(seed=3)
+    fit = fit_cycle(x, phase, PHASES)
+    again = CycleFit.from_dict({k: np.asarray(v) if isinstance(v, list) else v for k, v in fit.to_dict().items()})
+    np.testing.assert_allclose(again.theta(x), fit.theta(x))
+
+
+def test_bad_input_is_refused():
+    x, _, phase = ring(n=50)
+    with pytest.raises(InputError, match="N >= 3 cells, D >= 2"):
+        fit_cycle(x[:, :1])
+    with pytest.raises(InputError, match="NaN"):
+        fit_cycle(np.where(np.eye(50, 10) == 1, np.nan, x))
+    with pytest.raises(InputError, match="not in the phase order"):
+        fit_cycle(x, phase, ["G1", "S"])
+    with pytest.raises(InputError, match="one label per cell"):
+        fit_cycle(x, phase[:10], PHASES)
+    with pytest.raises(InputError, match="two directions"):
+        fit_cycle(np.column_stack([np.arange(50.0), np.zeros(50)]))
+    with pytest.raises(InputError, match="dimensions"):
+        fit_cycle(x).theta(x[:, :5])
+
+
+def test_circular_correlation_known_values():
+    rng = np.random.default_rng(0)
+    a = rng.uniform(0, 2 * np.pi, 500)
+    assert circular_correlation(a, a) == pytest.approx(1.0)
+    assert circular_correlation(a, -a) == pytest.approx(-1.0)
+    assert circular_correlation(a, a + 1.0) == pytest.approx(1.0)  # a rotation does not change it
+    assert abs(circular_correlation(a, rng.uniform(0, 2 * np.pi, 500))) < 0.15
+    with pytest.raises(InputError, match="same shape"):
+        circular_correlation(a, a[:10])
+
+
+def test_cyclic_spearman_finds_the_cut_and_the_direction():
+    rng = np.random.default_rng(0)
+    theta = rng.uniform(0, 2 * np.pi, 300)
+    phase = np.array(PHASES, dtype=object)[np.searchsorted(STARTS, theta, side="right") - 1]
+    rotated_reversed = np.mod(2.0 - theta, 2 * np.pi)
+    result = cyclic_spearman(rotated_reversed, phase, PHASES)
+    assert result["spearman"] > 0.9 and result["direction"] == -1.0  # ties in 3 phases cap it near 0.93
+    at_true_cut = spearmanr(theta, np.searchsorted(STARTS, theta, side="right")).statistic
+    assert cyclic_spearman(theta, phase, PHASES)["spearman"] == pytest.approx(at_true_cut, abs=1e-9)
+    shuffled = cyclic_spearman(theta, rng.permutation(phase), PHASES)["spearman"]
+    assert shuffled < 0.3
+
+
+def test_phase_arc_accuracy_by_hand():
+    theta = np.array([0.1, 3.5, 5.0, 0.2])
+    phase = np.array(["G1", "S", "G2M", "S"])
+    assert phase_arc_accuracy(theta, phase, PHASES, STARTS) == pytest.approx(0.75)
+    with pytest.raises(InputError, match="phase_starts"):
+        phase_arc_accuracy(theta, phase, PHASES, [0.0, 3.0, 2.0])

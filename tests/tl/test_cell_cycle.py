@@ -1,0 +1,85 @@
+"""tl.cell_cycle and pl.cell_cycle on AnnData: keys, anchors from an obs column, refusals, the figure, the CLI."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from sslcell import pl, tl
+from sslcell.cli import main
+from sslcell.errors import InputError, OverwriteError
+from sslcell.evaluate import circular_correlation
+from tests.cellcycle.test_fit import PHASES, ring
+
+
+@pytest.fixture
+def cells() -> ad.AnnData:
+    x, theta, phase = ring(n=400, seed=4)
+    adata = ad.AnnData(obs=pd.DataFrame({"phase": pd.Categorical(phase, categories=PHASES), "theta_true": theta},
+                                        index=[f"c{i}" for i in range(len(theta))]),
+                       obsm={"X_sslcell": x.astype(np.float32)})
+    return adata
+
+
+def test_writes_theta_phase_plane_and_the_fit(cells):
+    tl.cell_cycle(cells, anchor_key="phase")
+    assert {"cell_cycle_theta", "cell_cycle_phase"} <= set(cells.obs)
+    assert cells.obsm["cell_cycle_plane"].shape == (400, 2)
+    theta = cells.obs["cell_cycle_theta"].to_numpy()
+    assert ((theta >= 0) & (theta < 2 * np.pi)).all()
+    assert circular_correlation(theta, cells.obs["theta_true"]) > 0.95
+    info = cells.uns["sslcell"]["cell_cycle"]
+    assert {"method", "direction", "origin", "closure", "residual", "explained_variance"} <= set(info)
+    assert list(info["phases"]) == PHASES and info["use_rep"] == "X_sslcell"
+    assert (cells.obs["cell_cycle_phase"] == cells.obs["phase"]).mean() > 0.85
+
+
+def test_order_can_be_given_and_unlabelled_cells_are_placed(cells):
+    few = cells.obs["phase"].astype(object)
+    few[np.arange(400) % 10 != 0] = np.nan
+    cells.obs["few"] = few
+    tl.cell_cycle(cells, anchor_key="few", anchor_order=PHASES, key_added="cc")
+    assert cells.obs["cc_theta"].notna().all() and cells.obs["cc_phase"].notna().all()
+    assert (cells.obs["cc_phase"] == cells.obs["phase"]).mean() > 0.8
+
+
+def test_without_anchors_there_is_no_phase_and_the_result_writes_to_h5ad(cells, tmp_path):
+    out = tl.cell_cycle(cells, copy=True)
+    assert "cell_cycle_phase" not in out.obs and "cell_cycle_theta" not in cells.obs
+    assert out.uns["sslcell"]["cell_cycle"]["anchored"] is False
+    out.write_h5ad(tmp_path / "out.h5ad")
+    assert ad.read_h5ad(tmp_path / "out.h5ad").uns["sslcell"]["cell_cycle"]["radius"] > 0
+
+
+def test_refusals(cells):
+    with pytest.raises(InputError, match="no 'X_pca'"):
+        tl.cell_cycle(cells, use_rep="X_pca")
+    with pytest.raises(InputError, match="no obs column 'stage'"):
+        tl.cell_cycle(cells, anchor_key="stage")
+    with pytest.raises(InputError, match="needs anchor_key"):
+        tl.cell_cycle(cells, anchor_order=PHASES)
+    tl.cell_cycle(cells)
+    with pytest.raises(OverwriteError, match="cell_cycle_theta"):
+        tl.cell_cycle(cells)
+    tl.cell_cycle(cells, anchor_key="phase", overwrite=True)
+
+
+def test_plot_shows_the_plane_and_theta_by_phase(cells, tmp_path):
+    tl.cell_cycle(cells, anchor_key="phase")
+    fig = pl.cell_cycle(cells, color="phase", path=tmp_path / "cycle.png")
+    assert len(fig.axes) >= 3 and (tmp_path / "cycle.png").stat().st_size > 10_000
+    with pytest.raises(InputError, match="no cell-cycle fit under 'other'"):
+        pl.cell_cycle(cells, key="other")
+
+
+def test_cli_cell_cycle(cells, tmp_path, capsys):
+    cells.write_h5ad(tmp_path / "emb.h5ad")
+    assert main(["cell-cycle", "--data", str(tmp_path / "emb.h5ad"), "--use-rep", "X_sslcell",
+                 "--anchor-key", "phase", "--anchor-order", "G1,S,G2M", "--out", str(tmp_path / "out.h5ad"),
+                 "--plot", str(tmp_path / "cycle.png")]) == 0
+    out = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert "cell_cycle_theta" in out.obs and (tmp_path / "cycle.png").is_file()
+    assert "closure" in capsys.readouterr().out
+    assert main(["cell-cycle", "--data", str(tmp_path / "emb.h5ad"), "--out", str(tmp_path / "out.h5ad")]) == 2
