@@ -7,7 +7,8 @@ AnnData as it is and return a report.
   :func:`score` -> a :class:`~sslcell.evaluate.ClassificationReport` of those predictions.
 * :func:`evaluate` -> an :class:`~sslcell.evaluate.EvaluationReport` of embeddings against labels and baselines.
 * :func:`cell_cycle` -> ``obs[f"{key_added}_theta"]`` (and ``_phase`` with anchors): each cell's position on a
-  closed trajectory fitted through an embedding.
+  closed trajectory fitted through an embedding; from expression, :func:`score_cell_cycle` (S / G2M scores and
+  phase pseudo-labels) and :func:`cell_cycle_pca` (the cycle-gene PCA baseline).
 * :func:`transfer_labels` -> ``obs[f"{label_key}_pred"]``, ``obs[f"{label_key}_confidence"]`` from a labelled
   reference (an AnnData, or a saved :func:`build_reference` index), with no training.
 """
@@ -17,13 +18,16 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from sslcell.tl._cellcycle import cell_cycle
+from sslcell.tl._cellcycle import cell_cycle, cell_cycle_pca, score_cell_cycle
 from sslcell.tl._embed import embed, embed_crops
 from sslcell.tl._evaluate import evaluate
 from sslcell.tl._predict import predict, score
 from sslcell.tl._transfer import build_reference, transfer_labels
 
-__all__ = ["build_reference", "cell_cycle", "embed", "embed_crops", "evaluate", "predict", "score", "transfer_labels"]
+__all__ = [
+    "build_reference", "cell_cycle", "cell_cycle_pca", "embed", "embed_crops", "evaluate", "predict", "score",
+    "score_cell_cycle", "transfer_labels",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -66,3 +66,41 @@ def cell_cycle(
     info = {"use_rep": use_rep, "anchor_key": anchor_key, **fit.to_dict()}
     record(adata, key_added, {k: v for k, v in info.items() if v is not None})  # .h5ad cannot hold None
     return adata if copy else None
+
+
+def score_cell_cycle(adata: AnnData, *, layer: str | None = None, s_genes: Sequence[str] | None = None,
+                     g2m_genes: Sequence[str] | None = None, key_added: str = "cycle_score", overwrite: bool = False,
+                     copy: bool = False) -> AnnData | None:
+    """S and G2/M gene scores and a G1 / S / G2M call per cell from raw counts (:mod:`sslcell.cellcycle.expression`:
+    the shipped Tirosh genes, or yours). Writes ``obs[f"{key_added}_S"]``, ``obs[f"{key_added}_G2M"]`` and
+    ``obs[f"{key_added}_phase"]``: pseudo-labels for ``tl.cell_cycle(anchor_key=f"{key_added}_phase")``."""
+    from sslcell.cellcycle.expression import PHASE_ORDER, score_phases
+
+    keys = {"S_score": f"{key_added}_S", "G2M_score": f"{key_added}_G2M", "phase": f"{key_added}_phase"}
+    for key in keys.values():
+        check_free(adata, "obs", key, overwrite)
+    scores = score_phases(adata, layer=layer, s_genes=s_genes, g2m_genes=g2m_genes)
+    if copy:
+        adata = adata.copy()
+    for column, key in keys.items():
+        adata.obs[key] = scores[column].to_numpy()
+    adata.obs[keys["phase"]] = pd.Categorical(scores["phase"], categories=PHASE_ORDER)
+    record(adata, key_added, {"layer": layer, "genes": "custom" if s_genes or g2m_genes else "Tirosh et al. 2016"})
+    return adata if copy else None
+
+
+def cell_cycle_pca(adata: AnnData, *, layer: str | None = None, s_genes: Sequence[str] | None = None,
+                   g2m_genes: Sequence[str] | None = None, n_comps: int = 2, key_added: str = "X_cell_cycle_pca",
+                   overwrite: bool = False, copy: bool = False) -> AnnData | None:
+    """The cycle-gene PCA baseline (tricycle's idea, fitted on these cells) into ``obsm[key_added]`` ``(N, n_comps)``;
+    ``tl.cell_cycle(adata, use_rep=key_added, ...)`` turns it into θ to compare with an embedding's."""
+    from sslcell.cellcycle.expression import cycle_gene_pca
+
+    check_free(adata, "obsm", key_added, overwrite)
+    x = cycle_gene_pca(adata, layer=layer, s_genes=s_genes, g2m_genes=g2m_genes, n_comps=n_comps)
+    if copy:
+        adata = adata.copy()
+    adata.obsm[key_added] = x
+    record(adata, key_added, {"layer": layer, "n_comps": n_comps,
+                              "genes": "custom" if s_genes or g2m_genes else "Tirosh et al. 2016"})
+    return adata if copy else None

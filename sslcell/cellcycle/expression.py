@@ -1,0 +1,94 @@
+"""The cell cycle from expression: phase pseudo-labels from S and G2/M gene scores, and the cycle-gene PCA baseline.
+
+* :func:`cycle_genes`: the S and G2/M genes of Tirosh et al. (2016) shipped with sslcell (human symbols, with the
+  current names of renamed genes), found in a dataset's genes case-insensitively, so mouse symbols (``Mcm5``) match.
+* :func:`score_phases`: scanpy's ``score_genes_cell_cycle`` on log-normalised counts -> S and G2/M scores and a
+  G1 / S / G2M call per cell (pseudo-labels that anchor a fitted cycle).
+* :func:`cycle_gene_pca`: tricycle's idea (Zheng et al. 2022), fitted on the data itself: the first principal
+  components of the log-normalised, scaled cycle genes; the cycle is a ring in their plane, and
+  ``tl.cell_cycle(use_rep=...)`` on them gives the baseline θ an embedding's θ is compared with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+from sslcell.data.genesets import example_programmes
+from sslcell.errors import InputError
+
+PHASE_ORDER = ["G1", "S", "G2M"]
+S_SET, G2M_SET = "TIROSH2016_S_PHASE", "TIROSH2016_G2M_PHASE"
+
+
+def cycle_genes(var_names: Sequence[str], s_genes: Sequence[str] | None = None,
+                g2m_genes: Sequence[str] | None = None, min_genes: int = 5) -> tuple[list[str], list[str]]:
+    """The S and G2/M genes present in ``var_names`` (as spelled there): the shipped Tirosh lists, or the given
+    ones, matched case-insensitively. Fewer than ``min_genes`` of either present is an error."""
+    shipped = example_programmes()
+    sets = {"S": list(s_genes) if s_genes is not None else shipped[S_SET],
+            "G2M": list(g2m_genes) if g2m_genes is not None else shipped[G2M_SET]}
+    names = np.asarray(var_names).astype(str)
+    position: dict[str, int] = {}
+    for j, name in enumerate(names):
+        position.setdefault(name.casefold(), j)
+    found = {}
+    for phase, genes in sets.items():
+        index = sorted({position[g.casefold()] for g in genes if g.casefold() in position})
+        if len(index) < min_genes:
+            raise InputError(f"only {len(index)} of {len(genes)} {phase} genes (e.g. {genes[:3]}) are among the "
+                             f"data's genes (e.g. {list(names[:3])}); need {min_genes}: check species, symbols vs "
+                             "IDs, or pass s_genes / g2m_genes")
+        found[phase] = names[index].tolist()
+    return found["S"], found["G2M"]
+
+
+def _log_normalised(adata: ad.AnnData, layer: str | None) -> ad.AnnData:
+    import scanpy as sc
+
+    if layer is not None and layer not in adata.layers:
+        raise InputError(f"layer {layer!r} not in adata.layers (available: {list(adata.layers)})")
+    x = adata.X if layer is None else adata.layers[layer]
+    x = sparse.csr_matrix(x, dtype=np.float32) if sparse.issparse(x) else np.asarray(x, dtype=np.float32)
+    values = x.data if sparse.issparse(x) else x
+    if not np.isfinite(values).all() or (values < 0).any():
+        raise InputError("counts must be finite and non-negative to score the cell cycle")
+    work = ad.AnnData(x, obs=pd.DataFrame(index=adata.obs_names), var=pd.DataFrame(index=adata.var_names))
+    sc.pp.normalize_total(work, target_sum=1e4)
+    sc.pp.log1p(work)
+    return work
+
+
+def score_phases(adata: ad.AnnData, *, layer: str | None = None, s_genes: Sequence[str] | None = None,
+                 g2m_genes: Sequence[str] | None = None, seed: int = 0) -> pd.DataFrame:
+    """S and G2/M scores and a phase call per cell from raw counts (``X`` or ``layer``), as scanpy's
+    ``score_genes_cell_cycle`` computes them on log-normalised counts. Returns a DataFrame indexed like
+    ``adata.obs`` with columns ``S_score``, ``G2M_score`` and ``phase`` (categorical G1, S, G2M)."""
+    import scanpy as sc
+
+    s, g2m = cycle_genes(adata.var_names, s_genes, g2m_genes)
+    work = _log_normalised(adata, layer)
+    sc.tl.score_genes_cell_cycle(work, s_genes=s, g2m_genes=g2m, random_state=seed)
+    return pd.DataFrame({"S_score": work.obs["S_score"].to_numpy(np.float32),
+                         "G2M_score": work.obs["G2M_score"].to_numpy(np.float32),
+                         "phase": pd.Categorical(work.obs["phase"].astype(str), categories=PHASE_ORDER)},
+                        index=adata.obs_names)
+
+
+def cycle_gene_pca(adata: ad.AnnData, *, layer: str | None = None, s_genes: Sequence[str] | None = None,
+                   g2m_genes: Sequence[str] | None = None, n_comps: int = 2, seed: int = 0) -> np.ndarray:
+    """PCA ``(N, n_comps)`` float32 of the S and G2/M genes of log-normalised counts, each gene scaled to unit
+    variance (clipped at 10) first."""
+    from sklearn.decomposition import PCA
+
+    s, g2m = cycle_genes(adata.var_names, s_genes, g2m_genes)
+    work = _log_normalised(adata, layer)[:, s + g2m]
+    x = work.X.toarray() if sparse.issparse(work.X) else np.asarray(work.X)
+    std = x.std(axis=0, ddof=1)
+    std[std == 0] = 1.0
+    z = np.clip((x - x.mean(axis=0)) / std, -10, 10)
+    return PCA(n_comps, random_state=seed).fit_transform(z).astype(np.float32)
