@@ -1,0 +1,153 @@
+"""The DeepCycle recipe on crops (Rappez et al. 2020): markers teach, label-free channels tell the time.
+
+1. **Pseudo-phases from marker channels** (:func:`marker_phases`): each crop's integrated marker intensity
+   (pixel sum above the crop's own background, its 10th percentile). ``"quantiles"``: the quantile bins of one
+   marker (a DNA stain: DNA content rises from G1 to G2/M, so bin 1 < bin 2 < ... follows the cycle).
+   ``"grid"``: DeepCycle's 2 x 2 median grid of two markers (FUCCI: a G1 marker first, an S/G2/M marker second),
+   in cycle order ``lo/lo`` (early G1), ``hi/lo`` (G1), ``hi/hi`` (G1/S), ``lo/hi`` (S/G2/M).
+2. **A classifier on the label-free channels** (``classify.finetune``, any head) learns to predict them.
+3. **The descriptor** is the classifier's class log-probabilities ``(N, K)``, as in DeepCycle. Their principal plane
+   does not show the cycle: a confident classifier's log-probabilities vary most along one direction (on the
+   tests' synthetic crops, θ fitted there reached a circular correlation of 0.16 with the truth). So the cycle is
+   fitted (:func:`~sslcell.cellcycle.fit.fit_cycle`, anchored by the pseudo-phases) on the **phase wheel**
+   :func:`wheel`: each class is a direction ``φ_k = 2π (k + ½) / K`` in the pseudo-phases' cycle order and a cell
+   sits at ``Σ_k p_k (cos φ_k, sin φ_k)``, so a cell between two phases lies between their directions
+   (circular correlation 0.69 on the same crops).
+
+The fitted :class:`CycleRecipe` (classifier + fit) is saved as a folder (safetensors and JSON) and placed on new
+crops that lack the markers (:meth:`CycleRecipe.apply`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sslcell.cellcycle.fit import CycleFit, fit_cycle
+from sslcell.classify.classifier import CellClassifier, load_classifier, save_classifier
+from sslcell.data.images import CellImages
+from sslcell.errors import ConfigError, FileFormatError, InputError
+from sslcell.inference import default_device, run_batched
+
+RECIPE_JSON = "cycle.json"
+GRID_ORDER = ["lo/lo", "hi/lo", "hi/hi", "lo/hi"]
+
+
+def marker_intensity(cells: CellImages, channel: int | str, batch_size: int = 1024) -> np.ndarray:
+    """Integrated intensity ``(N,)`` of one channel: per crop, the sum of pixels above its 10th percentile."""
+    (index,) = cells.channel_index([channel])
+    out = np.empty(len(cells), dtype=np.float64)
+    for start in range(0, len(cells), batch_size):
+        rows = np.arange(start, min(start + batch_size, len(cells)))
+        x = cells.batch(rows)[:, index].reshape(len(rows), -1).astype(np.float64)
+        out[rows] = np.clip(x - np.percentile(x, 10, axis=1, keepdims=True), 0, None).sum(axis=1)
+    return out
+
+
+def marker_phases(cells: CellImages, markers: Sequence[int | str], scheme: str = "quantiles",
+                  n_bins: int = 4) -> tuple[np.ndarray, list[str]]:
+    """Pseudo-phase labels ``(N,)`` from marker channels and their cycle order (module doc)."""
+    markers = list(markers)
+    if scheme == "quantiles":
+        if len(markers) != 1 or n_bins < 2:
+            raise ConfigError(f"scheme='quantiles' takes one marker channel and n_bins >= 2; got {markers}, {n_bins}")
+        value = marker_intensity(cells, markers[0])
+        edges = np.quantile(value, np.linspace(0, 1, n_bins + 1)[1:-1])
+        order = [f"bin{i + 1}" for i in range(n_bins)]
+        return np.asarray(order, dtype=object)[np.searchsorted(edges, value, side="right")], order
+    if scheme == "grid":
+        if len(markers) != 2:
+            raise ConfigError(f"scheme='grid' takes two marker channels (G1 marker, S/G2/M marker); got {markers}")
+        a, b = (marker_intensity(cells, m) for m in markers)
+        high_a, high_b = a > np.median(a), b > np.median(b)
+        labels = np.where(high_a, np.where(high_b, "hi/hi", "hi/lo"), np.where(high_b, "lo/hi", "lo/lo"))
+        return labels.astype(object), list(GRID_ORDER)
+    raise ConfigError(f"scheme must be 'quantiles' or 'grid'; got {scheme!r}")
+
+
+def descriptor_of(classifier: CellClassifier, cells: CellImages, channels: Sequence[int | str] | None = None,
+                  device: Any = None, batch_size: int = 512) -> np.ndarray:
+    """DeepCycle's descriptor: the classifier's class log-probabilities ``(N, K)`` of crops."""
+    cells = classifier.inputs.align(cells, channels)
+    device = default_device(device)
+    classifier = classifier.to(device).eval()
+    with torch.no_grad():
+        return run_batched(lambda x: torch.log_softmax(classifier(classifier.inputs.normalize(x)).float(), dim=1),
+                           cells, len(classifier.classes), batch_size=batch_size, device=device)
+
+
+def wheel(log_proba: np.ndarray, classes: Sequence[str], order: Sequence[str]) -> np.ndarray:
+    """The phase wheel ``(N, 2)`` of class log-probabilities ``(N, K)`` (columns in ``classes`` order), with the
+    classes placed round the circle in cycle ``order`` (module doc)."""
+    columns = [list(classes).index(name) for name in order]
+    phi = 2 * np.pi * (np.arange(len(order)) + 0.5) / len(order)
+    p = np.exp(log_proba[:, columns])
+    return np.column_stack([p @ np.cos(phi), p @ np.sin(phi)])
+
+
+@dataclass
+class CycleRecipe:
+    """A classifier on label-free channels and the cycle fitted through its class log-probabilities."""
+
+    classifier: CellClassifier
+    fit: CycleFit
+    info: dict[str, Any]
+
+    def apply(self, cells: CellImages, channels: Sequence[int | str] | None = None,
+              device: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """θ ``(N,)``, phase ``(N,)`` and descriptor ``(N, K)`` of crops, which need not hold the markers
+        (``channels``: the label-free channels, default: the classifier's, by name)."""
+        descriptor = descriptor_of(self.classifier, cells, channels, device)
+        theta = self.fit.theta(wheel(descriptor, self.classifier.classes, self.info["order"]))
+        return theta, self.fit.phase(theta), descriptor
+
+    def save(self, directory: str | Path) -> Path:
+        """``classifier/`` (safetensors + JSON) and ``cycle.json`` (the fit and the recipe's settings)."""
+        directory = Path(directory)
+        save_classifier(self.classifier, directory / "classifier")
+        (directory / RECIPE_JSON).write_text(json.dumps({"kind": "cycle_recipe", "fit": self.fit.to_dict(),
+                                                         "info": self.info}, indent=1))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> CycleRecipe:
+        """Restore a saved recipe; nothing in it executes code."""
+        directory = Path(directory)
+        try:
+            meta = json.loads((directory / RECIPE_JSON).read_text())
+            if meta.get("kind") != "cycle_recipe":
+                raise KeyError("kind")
+            fit = CycleFit.from_dict(meta["fit"])
+        except FileNotFoundError:
+            raise FileFormatError(f"{directory}: no {RECIPE_JSON}; not a saved cell-cycle recipe") from None
+        except (ValueError, KeyError, TypeError) as err:
+            raise FileFormatError(f"{directory / RECIPE_JSON}: not a valid cell-cycle recipe ({err})") from None
+        return cls(load_classifier(directory / "classifier"), fit, meta.get("info", {}))
+
+
+def fit_recipe(cells: CellImages, model: Any, markers: Sequence[int | str], channels: Sequence[int | str] | None,
+               config: Any = None, *, scheme: str = "quantiles", n_bins: int = 4,
+               device: Any = None) -> tuple[CycleRecipe, np.ndarray]:
+    """The whole DeepCycle recipe (module doc) on labelled-by-marker crops: pseudo-phases from ``markers``, a
+    classifier fine-tuned from ``model`` on ``channels`` (label-free; default: the model's, by name), the cycle fit.
+    ``config``: a :class:`~sslcell.classify.FinetuneConfig`. Returns the recipe and the pseudo-phases ``(N,)``."""
+    from sslcell.classify.finetune import FinetuneConfig, finetune
+
+    used = cells.channel_index(list(channels) if channels is not None else list(model.inputs.channel_names))
+    leaked = set(cells.channel_index(list(markers))) & set(used)
+    if leaked:
+        raise InputError(f"marker channel(s) {sorted(leaked)} are also among the classifier's input channels: the "
+                         "markers teach, they must not be seen (choose label-free channels)")
+    phases, order = marker_phases(cells, markers, scheme, n_bins)
+    free = model.inputs.align(cells, channels)
+    classifier = finetune(free, model, phases, config or FinetuneConfig(), device=device)
+    fit = fit_cycle(wheel(descriptor_of(classifier, free, device=device), classifier.classes, order), phases, order)
+    info = {"markers": [str(m) for m in markers], "scheme": scheme, "order": order, "n_cells": len(cells),
+            "channels": [cells.channel_names[i] for i in used]}
+    return CycleRecipe(classifier, fit, info), phases
