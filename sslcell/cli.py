@@ -128,8 +128,17 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_evaluate)
 
     p = sub.add_parser("cell-cycle", help="place cells on a closed trajectory fitted through an embedding (theta)")
-    p.add_argument("--data", required=True, help=".h5ad with the representation in obsm")
-    p.add_argument("--out", required=True, help="output .h5ad: obs cell_cycle_theta (and _phase with anchors)")
+    p.add_argument("--data", required=True,
+                   help=".h5ad with the representation in obsm; with --model or --recipe: crops (.npz, zarr, folder)")
+    p.add_argument("--out", required=True, help="output .h5ad: obs cell_cycle_theta (and _phase with anchors); "
+                   "with --model or --recipe: a folder (recipe/, cells.h5ad, cell_cycle.png)")
+    p.add_argument("--model", help="DeepCycle recipe: fine-tune this pretrained image model on --channels to predict "
+                   "pseudo-phases cut from --marker-channels, then fit the cycle")
+    p.add_argument("--marker-channels", type=_channels, help="with --model: the marker channel(s) (1: quantiles; "
+                   "2: G1 marker, S/G2/M marker, median grid)")
+    p.add_argument("--channels", type=_channels, help="with --model / --recipe: the label-free channels")
+    p.add_argument("--epochs", type=int, help="with --model: fine-tuning epochs")
+    p.add_argument("--recipe", help="place new crops with a recipe saved by --model (markers not needed)")
     p.add_argument("--use-rep", default="X_sslcell", help="obsm key of the representation")
     p.add_argument("--anchor-key", help="obs column of phase labels (NaN: unlabelled) fixing origin and direction")
     p.add_argument("--anchor-order", type=lambda text: [t.strip() for t in text.split(",") if t.strip()],
@@ -371,6 +380,8 @@ def _cell_cycle(args: argparse.Namespace) -> int:
     from sslcell.pl import cell_cycle as plot_cell_cycle
     from sslcell.tl import cell_cycle
 
+    if args.model or args.recipe:
+        return _cell_cycle_crops(args)
     out = _new_file(Path(args.out), args.overwrite)
     adata = _read_h5ad(args.data)
     cell_cycle(adata, args.use_rep, anchor_key=args.anchor_key, anchor_order=args.anchor_order,
@@ -382,6 +393,48 @@ def _cell_cycle(args: argparse.Namespace) -> int:
     print(f"wrote {out}: obs['{args.key_added}_theta'] for {adata.n_obs} cells; closure {info['closure']:.2f}, "
           f"residual {info['residual']:.2f}, explained variance {info['explained_variance']:.2f}"
           + (f", {info['anchor_accuracy']:.0%} of anchored cells in their phase's arc" if info["anchored"] else ""))
+    return 0
+
+
+def _cell_cycle_crops(args: argparse.Namespace) -> int:
+    """DeepCycle on crops: fit a recipe (--model) or apply a saved one (--recipe); write a folder."""
+    import pandas as pd
+
+    from sslcell.cellcycle.recipe import CycleRecipe, fit_recipe
+    from sslcell.checkpoint import load
+    from sslcell.classify import FinetuneConfig
+    from sslcell.data.images import CellImages
+    from sslcell.errors import InputError
+    from sslcell.pl import cell_cycle as plot_cell_cycle
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise OverwriteError(f"{out}: exists and is not an empty folder; pass --overwrite or choose another --out")
+    cells = CellImages.read(args.data)
+    if args.model:
+        if not args.marker_channels:
+            raise InputError("--model fits the DeepCycle recipe: give --marker-channels and the label-free --channels")
+        values = {"progress_bar": sys.stderr.isatty(), **({"epochs": args.epochs} if args.epochs else {})}
+        recipe, pseudo = fit_recipe(cells, load(args.model), args.marker_channels, args.channels,
+                                    FinetuneConfig.from_dict(values),
+                                    scheme="quantiles" if len(args.marker_channels) == 1 else "grid")
+        recipe.save(out / "recipe")
+    else:
+        recipe, pseudo = CycleRecipe.load(args.recipe), None
+    theta, phase, descriptor = recipe.apply(cells, args.channels)
+    adata = cells.to_anndata()
+    adata.obs["cell_cycle_theta"] = theta.astype("float32")
+    adata.obs["cell_cycle_phase"] = pd.Categorical(phase, categories=recipe.fit.phases)
+    if pseudo is not None:
+        adata.obs["pseudo_phase"] = pd.Categorical(pseudo, categories=recipe.info["order"])
+    adata.obsm["cell_cycle_descriptor"] = descriptor
+    adata.obsm["cell_cycle_plane"] = recipe.plane(descriptor).astype("float32")
+    adata.uns["sslcell"] = {"cell_cycle": {k: v for k, v in recipe.fit.to_dict().items() if v is not None}}
+    _write_h5ad(adata, out / "cells.h5ad")
+    plot_cell_cycle(adata, color="pseudo_phase" if pseudo is not None else None, path=out / "cell_cycle.png")
+    fit = recipe.fit
+    print(f"wrote {out}: {'recipe/, ' if args.model else ''}cells.h5ad (obs cell_cycle_theta, cell_cycle_phase), "
+          f"cell_cycle.png; closure {fit.closure:.2f}, residual {fit.residual:.2f}")
     return 0
 
 

@@ -107,6 +107,10 @@ class CycleRecipe:
         theta = self.fit.theta(wheel(descriptor, self.classifier.classes, self.info["order"]))
         return theta, self.fit.phase(theta), descriptor
 
+    def plane(self, descriptor: np.ndarray) -> np.ndarray:
+        """Descriptor ``(N, K)`` -> the scaled plane ``(N, 2)`` the cycle was fitted in (for ``pl.cell_cycle``)."""
+        return self.fit.plane(wheel(descriptor, self.classifier.classes, self.info["order"]))
+
     def save(self, directory: str | Path) -> Path:
         """``classifier/`` (safetensors + JSON) and ``cycle.json`` (the fit and the recipe's settings)."""
         directory = Path(directory)

@@ -95,3 +95,27 @@ def test_markers_must_not_be_among_the_classifier_channels_and_bad_folders_are_r
         fit_recipe(cells, model, ["brightfield"], None)
     with pytest.raises(FileFormatError, match="not a saved cell-cycle recipe"):
         CycleRecipe.load(tmp_path)
+
+
+def test_cli_fits_a_recipe_on_crops_and_applies_it_to_crops_without_markers(model, tmp_path, capsys):
+    from sslcell.checkpoint import save_model
+    from sslcell.cli import main
+
+    cells, _ = cycling_crops(200, 6)
+    np.savez(tmp_path / "crops.npz", images=np.asarray(cells.images), channel_names=np.array(NAMES))
+    new, _ = cycling_crops(50, 7)
+    np.savez(tmp_path / "new.npz", images=np.asarray(new.images)[:, :1], channel_names=np.array(NAMES[:1]))
+    save_model(model, tmp_path / "model")
+    assert main(["cell-cycle", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "crops.npz"),
+                 "--channels", "brightfield", "--marker-channels", "g1_marker,sg2m_marker", "--epochs", "2",
+                 "--out", str(tmp_path / "fit")]) == 0
+    import anndata as ad
+
+    fitted = ad.read_h5ad(tmp_path / "fit" / "cells.h5ad")
+    assert {"cell_cycle_theta", "cell_cycle_phase", "pseudo_phase"} <= set(fitted.obs)
+    assert (tmp_path / "fit" / "cell_cycle.png").is_file() and (tmp_path / "fit" / "recipe" / "cycle.json").is_file()
+    assert main(["cell-cycle", "--recipe", str(tmp_path / "fit" / "recipe"), "--data", str(tmp_path / "new.npz"),
+                 "--out", str(tmp_path / "placed")]) == 0
+    assert ad.read_h5ad(tmp_path / "placed" / "cells.h5ad").obs["cell_cycle_theta"].notna().all()
+    assert main(["cell-cycle", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "crops.npz"),
+                 "--out", str(tmp_path / "again")]) == 2
