@@ -4,7 +4,7 @@ Reference: 1,000,000 x 64 float32 embeddings, 100,000 queries, both drawn (seed 
 labels are 20 cell types (cluster id mod 20); 15 neighbours, distance-weighted votes on every side. Each entry runs
 in its own process (peak RSS from getrusage), timed as build (index / fit) and search (predict) separately:
 
-* sslcell default (``index="auto"``: HNSW above 200,000 reference cells);
+* sslcell default (``index="auto"``: IVF above 200,000 reference cells, settings in sslcell.transfer.reference);
 * sslcell exact (``index="exact"``): the calls every entry is compared with;
 * scikit-learn ``KNeighborsClassifier(algorithm="brute", n_jobs=-1)``.
 
@@ -13,7 +13,8 @@ least 97% of the calls.
 
     python benchmarks/bench_transfer.py [--n-reference 1000000] [--n-query 100000]
 
-Writes benchmarks/results/transfer_speed.md / .json.
+Writes benchmarks/results/transfer_speed.md / .json; the hand-written notes of an earlier transfer_speed.md (from its
+"Variants tried" line on) are kept.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRIES = ("sslcell_default", "sslcell_exact", "sklearn_brute")
+NOTES = "Variants tried"  # the line from which an earlier transfer_speed.md is kept
 
 
 def make_data(folder: Path, n_ref: int, n_query: int, dim: int, seed: int) -> None:
@@ -65,6 +67,11 @@ def run_entry(entry: str, folder: Path, k: int) -> dict:
         t1 = time.perf_counter()
         tl.transfer_labels(query, index, "label", n_neighbors=k)
         pred, kind = query.obs["label_pred"].astype(str).to_numpy(), index.kind
+        if kind == "ivf":
+            from sslcell.transfer.reference import IVF
+
+            faiss_index = index._index.index
+            kind = f"ivf ({IVF.codec}, nlist {faiss_index.nlist}, nprobe {faiss_index.nprobe})"
     else:
         clf = KNeighborsClassifier(k, weights="distance", algorithm="brute", n_jobs=-1).fit(x_ref, y_ref)
         t1 = time.perf_counter()
@@ -73,6 +80,13 @@ def run_entry(entry: str, folder: Path, k: int) -> dict:
     np.save(folder / f"pred_{entry}.npy", pred.astype(str))
     return {"entry": entry, "index": kind, "build_s": t1 - t0, "search_s": t2 - t1, "total_s": t2 - t0,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def kept_notes(path: Path) -> list[str]:
+    """The notes of an earlier result file, from its "Variants tried" line to the end (none if there is none)."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    start = next((i for i, line in enumerate(lines) if line.startswith(NOTES)), len(lines))
+    return [""] + lines[start:] if start < len(lines) else []
 
 
 def main() -> None:
@@ -132,6 +146,7 @@ def main() -> None:
     lines += ["", f"**Speed-up (total, scikit-learn / sslcell default): {speedup:.1f}x, target 10x: "
               f"{'PASS' if speedup >= 10 else 'MISS'}; agreement with exact search {agreement:.4f}, target 0.97: "
               f"{'PASS' if agreement >= 0.97 else 'MISS'}**"]
+    lines += kept_notes(out.with_suffix(".md"))
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

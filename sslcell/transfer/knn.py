@@ -71,6 +71,10 @@ class _ExactIndex:
             x = x / np.where(norms > 0, norms, 1.0)
         return np.ascontiguousarray(x, dtype=np.float32)
 
+    def _n_candidates(self, k: int) -> int:
+        """Candidates fetched from the faiss index per query and re-scored exactly; the nearest ``k`` are kept."""
+        return k
+
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``(M, D)`` queries -> distances ``(M, k)`` float32 and indices ``(M, k)`` int64, nearest first."""
         if q.shape[1] != self.x.shape[1]:
@@ -78,14 +82,17 @@ class _ExactIndex:
         if not 1 <= k <= self.index.ntotal:
             raise InputError(f"k={k} neighbours requested, but the index holds {self.index.ntotal} points")
         q = self._prepare(q)
+        n_cand = min(max(k, self._n_candidates(k)), self.index.ntotal)
         dist = np.empty((q.shape[0], k), dtype=np.float32)
         idx = np.empty((q.shape[0], k), dtype=np.int64)
         for start in range(0, q.shape[0], self.batch_size):
             stop = min(start + self.batch_size, q.shape[0])
-            _, idx[start:stop] = self.index.search(q[start:stop], k)
-            dist[start:stop] = self._refine(q[start:stop], idx[start:stop])
-        order = np.argsort(dist, axis=1, kind="stable")
-        return np.take_along_axis(dist, order, axis=1), np.take_along_axis(idx, order, axis=1)
+            _, cand = self.index.search(q[start:stop], n_cand)
+            d = self._refine(q[start:stop], cand)
+            d[cand < 0] = np.inf  # an approximate index may find fewer candidates than asked (faiss pads with -1)
+            order = np.argsort(d, axis=1, kind="stable")[:, :k]
+            dist[start:stop], idx[start:stop] = np.take_along_axis(d, order, 1), np.take_along_axis(cand, order, 1)
+        return dist, idx
 
     def _refine(self, q: np.ndarray, idx: np.ndarray) -> np.ndarray:
         """Exact distances of queries ``(M, D)`` to their candidates ``idx`` ``(M, k)``."""

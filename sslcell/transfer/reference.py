@@ -17,6 +17,7 @@ exact index does). Saved as a folder: ``index.faiss`` (faiss's own format, appro
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -28,7 +29,6 @@ from sslcell.transfer.knn import Metric, _as_float32, _ExactIndex
 
 APPROX_ABOVE = 200_000  # reference cells above which kind="auto" builds an IVF index
 HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 128
-IVF_MIN_NPROBE, IVF_TRAIN_PER_LIST = 32, 64
 FORMAT_VERSION = 1
 Kind = Literal["auto", "exact", "ivf", "hnsw"]
 KINDS = ("auto", "exact", "ivf", "hnsw")
@@ -48,22 +48,53 @@ class _HNSWIndex(_ExactIndex):
         return super().search(q, k)
 
 
+@dataclass(frozen=True)
+class IVFSettings:
+    """How an IVF reference is built and searched; :data:`IVF` holds the defaults (see the module doc)."""
+
+    codec: Literal["flat", "sq8"] = "sq8"  # the inverted lists hold float32 vectors, or 8-bit scalar codes
+    lists_per_sqrt_n: float = 1.0  # nlist = round(lists_per_sqrt_n * sqrt(N))
+    train_per_list: int = 64  # k-means (seed 0) is trained on at most train_per_list * nlist reference cells
+    min_nprobe: int = 32  # lists searched per query ...
+    probe_divisor: int | None = None  # ... or nlist // probe_divisor where that is more (None: never)
+    candidates_per_neighbour: int = 2  # candidates re-scored exactly per neighbour asked for
+
+    def nlist(self, n: int) -> int:
+        return max(1, min(n, int(round(self.lists_per_sqrt_n * np.sqrt(n)))))
+
+    def nprobe(self, nlist: int) -> int:
+        return min(nlist, max(self.min_nprobe, nlist // self.probe_divisor if self.probe_divisor else 0))
+
+
+IVF = IVFSettings()
+
+
 class _IVFIndex(_ExactIndex):
     """Approximate candidates from a faiss inverted file; distances re-scored exactly from the stored vectors."""
 
+    settings: IVFSettings = IVF
+
     def _build(self, x: np.ndarray) -> faiss.Index:
         n, d = x.shape
-        nlist = max(1, int(round(np.sqrt(n))))
+        nlist = self.settings.nlist(n)
         self._quantizer = super()._build(x[:0])  # an empty flat index; faiss does not own it: kept alive here
-        index = faiss.IndexIVFFlat(self._quantizer, d, nlist, self._faiss_metric)
+        if self.settings.codec == "flat":
+            index = faiss.IndexIVFFlat(self._quantizer, d, nlist, self._faiss_metric)
+        else:
+            index = faiss.IndexIVFScalarQuantizer(self._quantizer, d, nlist, faiss.ScalarQuantizer.QT_8bit,
+                                                  self._faiss_metric)
         index.cp.seed = 0
-        sample = np.random.default_rng(0).choice(n, min(n, IVF_TRAIN_PER_LIST * nlist), replace=False)
+        index.cp.min_points_per_centroid = min(index.cp.min_points_per_centroid, self.settings.train_per_list)
+        sample = np.random.default_rng(0).choice(n, min(n, self.settings.train_per_list * nlist), replace=False)
         index.train(x[np.sort(sample)])
         index.add(x)
         return index
 
+    def _n_candidates(self, k: int) -> int:
+        return self.settings.candidates_per_neighbour * k
+
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        self.index.nprobe = max(IVF_MIN_NPROBE, self.index.nlist // 16)
+        self.index.nprobe = self.settings.nprobe(self.index.nlist)
         return super().search(q, k)
 
 

@@ -1,9 +1,10 @@
-"""tl.transfer_labels: the vote against scikit-learn's, unknown calls, leave-one-out, HNSW against exact search,
-saved references, the CLI, and each bad input of the issue."""
+"""tl.transfer_labels: the vote against scikit-learn's, unknown calls, leave-one-out, HNSW and IVF against exact
+search (IVF also on overlapping clusters), saved references, the CLI, and each bad input of the issue."""
 
 from __future__ import annotations
 
 import anndata as ad
+import faiss
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,6 +13,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from sslcell import tl
 from sslcell.cli import main
 from sslcell.errors import ConfigError, InputError, OverwriteError
+from sslcell.transfer.knn import vote
 from sslcell.transfer.reference import ReferenceIndex
 
 
@@ -83,6 +85,47 @@ def test_hnsw_agrees_with_exact_search_and_a_saved_reference_reloads(tmp_path):
     again = tl.transfer_labels(query, loaded, "cell_type", copy=True)
     np.testing.assert_array_equal(again.obs["cell_type_pred"].astype(str), approx.obs["cell_type_pred"].astype(str))
     np.testing.assert_allclose(again.obs["cell_type_confidence"], approx.obs["cell_type_confidence"], rtol=1e-5)
+
+
+def _overlapping(n: int, seed: int, dim: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """40 anisotropic gaussian clusters that overlap heavily, 8 labels, 10% of them random: exact-kNN accuracy ~0.75."""
+    g = np.random.default_rng(5)
+    centres = g.normal(0, 0.35, (40, dim))
+    shapes = [np.linalg.qr(g.normal(size=(dim, dim)))[0] * np.arange(1, dim + 1) ** -0.5 for _ in range(40)]
+    rng = np.random.default_rng(seed)
+    cluster = rng.integers(40, size=n)
+    x = centres[cluster] + np.einsum("nd,nde->ne", rng.normal(size=(n, dim)), np.stack(shapes)[cluster])
+    y = cluster % 8
+    flip = rng.random(n) < 0.1
+    y[flip] = rng.integers(8, size=int(flip.sum()))
+    return x.astype(np.float32), np.array(list("ABCDEFGH"))[y]
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_default_ivf_agrees_with_exact_search_on_overlapping_clusters(tmp_path, metric):
+    x, y = _overlapping(20_000, 0)
+    q, truth = _overlapping(2_000, 1)
+    exact = ReferenceIndex(x, y, kind="exact", metric=metric)
+    ivf = ReferenceIndex(x, y, kind="ivf", metric=metric)
+    assert isinstance(ivf._index.index, faiss.IndexIVFScalarQuantizer)  # 8-bit codes find the candidates
+    d_ex, r_ex = exact.search(q, 15)
+    d_ivf, r_ivf = ivf.search(q, 15)
+    calls_ex = vote(d_ex, exact.codes[r_ex], len(exact.classes)).argmax(axis=1)
+    calls_ivf = vote(d_ivf, ivf.codes[r_ivf], len(ivf.classes)).argmax(axis=1)
+    assert 0.6 < (exact.classes[calls_ex] == truth).mean() < 0.9  # hard: votes are often close
+    assert (r_ivf[:, :, None] == r_ex[:, None, :]).any(axis=2).mean() >= 0.97  # recall@15
+    assert (calls_ivf == calls_ex).mean() >= 0.97
+    # distances are exact (re-scored from the vectors), sorted, whatever the 8-bit codes said
+    xn, qn = (x, q) if metric == "euclidean" else (x / np.linalg.norm(x, axis=1, keepdims=True),
+                                                     q / np.linalg.norm(q, axis=1, keepdims=True))
+    true = np.linalg.norm(xn[r_ivf] - qn[:, None, :], axis=2)
+    np.testing.assert_allclose(d_ivf, true if metric == "euclidean" else true**2 / 2, rtol=1e-4, atol=1e-6)
+    assert (np.diff(d_ivf, axis=1) >= 0).all()
+    loaded = ReferenceIndex.load(ivf.save(tmp_path / "ivf"))
+    assert loaded.kind == "ivf" and isinstance(loaded._index.index, faiss.IndexIVFScalarQuantizer)
+    d_again, r_again = loaded.search(q, 15)
+    np.testing.assert_array_equal(r_again, r_ivf)
+    np.testing.assert_allclose(d_again, d_ivf, rtol=1e-6)
 
 
 def test_bad_input_is_refused_clearly():

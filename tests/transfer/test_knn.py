@@ -9,6 +9,7 @@ from sklearn.neighbors import KNeighborsClassifier, KNeighborsTransformer
 
 from sslcell.errors import ConfigError, InputError
 from sslcell.transfer.knn import FaissKNNClassifier, FaissNeighbors, knn_transfer
+from sslcell.transfer.reference import IVFSettings, _IVFIndex
 
 
 def _data(n=400, m=150, d=10, n_classes=4, seed=0):
@@ -68,6 +69,19 @@ def test_batched_queries_equal_unbatched():
     full = FaissKNNClassifier(15).fit(x, y).predict_proba(q)
     batched = FaissKNNClassifier(15, batch_size=7).fit(x, y).predict_proba(q)
     np.testing.assert_array_equal(full, batched)
+
+
+def test_candidates_an_approximate_index_cannot_find_come_back_at_infinite_distance():
+    class OneList(_IVFIndex):  # 40 lists of ~10 cells, 1 searched: fewer than the 30 candidates asked for
+        settings = IVFSettings(codec="flat", lists_per_sqrt_n=2.0, probe_divisor=10**6, min_nprobe=1)
+
+    x = np.random.default_rng(0).normal(size=(400, 8)).astype(np.float32)
+    dist, idx = OneList(x, "euclidean", 64).search(x[:50], 15)
+    missing = idx < 0
+    assert missing.any() and np.isinf(dist[missing]).all()
+    true = np.linalg.norm(x[np.where(missing, 0, idx)] - x[:50, None, :], axis=2)
+    np.testing.assert_allclose(dist[~missing], true[~missing], rtol=1e-5, atol=1e-6)
+    assert (idx[:, 0] == np.arange(50)).all() and (np.diff(dist, axis=1) >= 0).all()
 
 
 def test_integer_labels_and_clone():
