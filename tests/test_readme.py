@@ -45,10 +45,21 @@ def _crops(n: int, seed: int) -> dict[str, np.ndarray]:
             "label": labels, "labels": labels, "plate": np.array(["plate1", "plate2", "plate3"])[np.arange(n) % 3]}
 
 
+def _tirosh_names(names) -> list[str]:
+    """The simulated cycle genes (S_xx, G2M_xx) renamed to shipped Tirosh S and G2/M symbols, mouse-cased."""
+    from sslcell.data.genesets import example_programmes
+
+    shipped = example_programmes()
+    s, g2m = iter(shipped["TIROSH2016_S_PHASE"]), iter(shipped["TIROSH2016_G2M_PHASE"])
+    return [next(s).capitalize() if n.startswith("S_") else next(g2m).capitalize() if n.startswith("G2M_") else n
+            for n in names]
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     (tmp_path / "configs").symlink_to(REPO / "configs")
     counts = make_expression(n_cells=900, n_genes=300, n_cell_types=4, n_batches=2, seed=3)
+    counts.var_names = _tirosh_names(counts.var_names)
     (tmp_path / "atlas_shards").mkdir()
     counts[:300].write_h5ad(tmp_path / "atlas_shards" / "part0.h5ad")
     counts[300:600].write_h5ad(tmp_path / "atlas_shards" / "part1.h5ad")
@@ -86,6 +97,7 @@ def test_python_tour_runs_as_written(workdir):
         namespace: dict = {}
         exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 (our own README)
     assert (workdir / "umap.png").is_file() and (workdir / "confusion.png").is_file()
+    assert (workdir / "cycle.png").is_file() and (workdir / "runs" / "cycle_recipe" / "cycle.json").is_file()
     assert (workdir / "runs" / "img_classifier").is_dir()
     assert "sslcell_pred_proba" in namespace["pred"].obsm
 

@@ -141,7 +141,7 @@ def fit_recipe(cells: CellImages, model: Any, markers: Sequence[int | str], chan
     """The whole DeepCycle recipe (module doc) on labelled-by-marker crops: pseudo-phases from ``markers``, a
     classifier fine-tuned from ``model`` on ``channels`` (label-free; default: the model's, by name), the cycle fit.
     ``config``: a :class:`~sslcell.classify.FinetuneConfig`. Returns the recipe and the pseudo-phases ``(N,)``."""
-    from sslcell.classify.finetune import FinetuneConfig, finetune
+    from sslcell.classify import FinetuneConfig, finetune
 
     used = cells.channel_index(list(channels) if channels is not None else list(model.inputs.channel_names))
     leaked = set(cells.channel_index(list(markers))) & set(used)
