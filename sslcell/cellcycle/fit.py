@@ -34,6 +34,8 @@ from sslcell.errors import InputError
 TWO_PI = 2.0 * np.pi
 RESIDUAL_WARN = 0.25
 CLOSURE_WARN = 0.75
+# the anchors contradict the path when fewer labelled cells fall in their own phase's arc than halfway between
+# chance (the sum of the phases' squared shares) and all of them
 N_ORIGINS = 360
 
 
@@ -58,6 +60,7 @@ class CycleFit:
     closure: float = 1.0
     anchored: bool = False
     anchor_accuracy: float | None = None
+    anchor_chance: float | None = None  # the share expected by chance: sum of the phases' squared shares
     phases: list[str] = field(default_factory=list)
     phase_starts: list[float] = field(default_factory=list)
     method: str = "circle fit in the 2-D principal plane (axes scaled to unit variance), robust refit"
@@ -121,6 +124,11 @@ def fit_cycle(x: np.ndarray, anchors: np.ndarray | None = None, order: list[str]
     fit.closure = closure(raw)
     if anchors is not None:
         _anchor(fit, raw, anchors, order)
+        if warn and fit.anchor_accuracy < (1 + fit.anchor_chance) / 2:
+            warnings.warn(
+                f"the anchors contradict the fitted path: at best {fit.anchor_accuracy:.0%} of the labelled cells fall "
+                f"in their phase's arc (by chance {fit.anchor_chance:.0%}; order {fit.phases}); check the phase order "
+                "and the labels", UserWarning, stacklevel=2)
     if warn and (fit.residual > RESIDUAL_WARN or fit.closure < CLOSURE_WARN):
         warnings.warn(
             f"the cells may not lie on a closed trajectory: residual {fit.residual:.2f} (> {RESIDUAL_WARN} suggests "
@@ -198,4 +206,5 @@ def _anchor(fit: CycleFit, raw: np.ndarray, anchors: Any, order: list[str] | Non
             if accuracy > best[0]:
                 best = (accuracy, direction, float(origin))
     fit.anchor_accuracy, fit.direction, fit.origin = best
+    fit.anchor_chance = float(((counts / counts.sum()) ** 2).sum())
     fit.anchored, fit.phases, fit.phase_starts = True, order, starts.tolist()

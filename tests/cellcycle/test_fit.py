@@ -126,3 +126,11 @@ def test_phase_arc_accuracy_by_hand():
     assert phase_arc_accuracy(theta, phase, PHASES, STARTS) == pytest.approx(0.75)
     with pytest.raises(InputError, match="phase_starts"):
         phase_arc_accuracy(theta, phase, PHASES, [0.0, 3.0, 2.0])
+
+
+def test_anchors_that_contradict_the_path_warn():
+    x, _, phase = ring(seed=5)
+    shuffled = np.random.default_rng(0).permutation(phase)
+    with pytest.warns(UserWarning, match="anchors contradict"):
+        fit = fit_cycle(x, shuffled, PHASES)
+    assert fit.anchor_accuracy < (1 + fit.anchor_chance) / 2

@@ -119,3 +119,9 @@ def test_cli_fits_a_recipe_on_crops_and_applies_it_to_crops_without_markers(mode
     assert ad.read_h5ad(tmp_path / "placed" / "cells.h5ad").obs["cell_cycle_theta"].notna().all()
     assert main(["cell-cycle", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "crops.npz"),
                  "--out", str(tmp_path / "again")]) == 2
+
+
+def test_a_marker_channel_that_does_not_exist_is_refused():
+    cells, _ = cycling_crops(20, 8)
+    with pytest.raises(Exception, match="dapi"):
+        marker_phases(cells, ["dapi"], "quantiles")
