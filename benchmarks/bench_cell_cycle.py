@@ -99,20 +99,16 @@ def jurkat(args, rows: list[dict], info: dict) -> None:
         labelled = cells[train]
         recipe, _ = fit_recipe(labelled, encoder, [1], [0, 2], finetune_config)
         seconds = time.perf_counter() - start
-        theta, phase, descriptor = recipe.apply(free[test], channels=None)
+        placed = recipe.to_anndata(free[test])
+        theta, descriptor = placed.obs["cell_cycle_theta"].to_numpy(), placed.obsm["cell_cycle_descriptor"]
         predicted = np.asarray(recipe.classifier.classes)[descriptor.argmax(1)]
         add(name, theta, recipe.fit, pseudo_accuracy=float(np.mean(predicted == pseudo[test])),
             pseudo_arc_accuracy=phase_arc_accuracy(theta, pseudo[test], BINS, recipe.fit.phase_starts),
             train_s=round(seconds, 1))
         if best is None:
-            best = (recipe, theta, descriptor)
-    recipe, theta, descriptor = best
-    adata = free[test].to_anndata()
-    adata.obs["phase"] = pd.Categorical(truth[test], categories=ORDER)
-    adata.obs["cell_cycle_theta"] = theta
-    adata.obsm["cell_cycle_plane"] = recipe.plane(descriptor)
-    adata.uns["sslcell"] = {"cell_cycle": recipe.fit.to_dict()}
-    sslcell.pl.cell_cycle(adata, color="phase", path=ROOT / "benchmarks" / "results" / "cell_cycle_jurkat.png")
+            best = placed
+    best.obs["phase"] = pd.Categorical(truth[test], categories=ORDER)
+    sslcell.pl.cell_cycle(best, color="phase", path=ROOT / "benchmarks" / "results" / "cell_cycle_jurkat.png")
     info["jurkat"] = {"train": int(len(train)), "test": int(len(test)), "finetune": finetune_config.__dict__}
 
 

@@ -421,15 +421,9 @@ def _cell_cycle_crops(args: argparse.Namespace) -> int:
         recipe.save(out / "recipe")
     else:
         recipe, pseudo = CycleRecipe.load(args.recipe), None
-    theta, phase, descriptor = recipe.apply(cells, args.channels)
-    adata = cells.to_anndata()
-    adata.obs["cell_cycle_theta"] = theta.astype("float32")
-    adata.obs["cell_cycle_phase"] = pd.Categorical(phase, categories=recipe.fit.phases)
+    adata = recipe.to_anndata(cells, args.channels)
     if pseudo is not None:
         adata.obs["pseudo_phase"] = pd.Categorical(pseudo, categories=recipe.info["order"])
-    adata.obsm["cell_cycle_descriptor"] = descriptor
-    adata.obsm["cell_cycle_plane"] = recipe.plane(descriptor).astype("float32")
-    adata.uns["sslcell"] = {"cell_cycle": {k: v for k, v in recipe.fit.to_dict().items() if v is not None}}
     _write_h5ad(adata, out / "cells.h5ad")
     plot_cell_cycle(adata, color="pseudo_phase" if pseudo is not None else None, path=out / "cell_cycle.png")
     fit = recipe.fit

@@ -89,8 +89,9 @@ class CycleFit:
         return np.mod(self.direction * raw - self.origin, TWO_PI)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able (``adata.uns``)."""
-        return asdict(self)
+        """JSON-able (``adata.uns``: fields that are None are left out, as ``.h5ad`` cannot hold None;
+        :meth:`from_dict` restores them as None)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> CycleFit:

@@ -107,6 +107,21 @@ class CycleRecipe:
         theta = self.fit.theta(wheel(descriptor, self.classifier.classes, self.info["order"]))
         return theta, self.fit.phase(theta), descriptor
 
+    def to_anndata(self, cells: CellImages, channels: Sequence[int | str] | None = None, device: Any = None):
+        """:meth:`apply` written into the crops' AnnData (``cells.to_anndata()``): ``obs["cell_cycle_theta"]``,
+        ``obs["cell_cycle_phase"]``, ``obsm["cell_cycle_descriptor"]``, ``obsm["cell_cycle_plane"]`` and the fit in
+        ``uns["sslcell"]["cell_cycle"]``, as ``tl.cell_cycle`` writes them, so ``pl.cell_cycle`` shows it."""
+        import pandas as pd
+
+        theta, phase, descriptor = self.apply(cells, channels, device)
+        adata = cells.to_anndata()
+        adata.obs["cell_cycle_theta"] = theta.astype(np.float32)
+        adata.obs["cell_cycle_phase"] = pd.Categorical(phase, categories=self.fit.phases)
+        adata.obsm["cell_cycle_descriptor"] = descriptor
+        adata.obsm["cell_cycle_plane"] = self.plane(descriptor).astype(np.float32)
+        adata.uns.setdefault("sslcell", {})["cell_cycle"] = self.fit.to_dict()
+        return adata
+
     def plane(self, descriptor: np.ndarray) -> np.ndarray:
         """Descriptor ``(N, K)`` -> the scaled plane ``(N, 2)`` the cycle was fitted in (for ``pl.cell_cycle``)."""
         return self.fit.plane(wheel(descriptor, self.classifier.classes, self.info["order"]))

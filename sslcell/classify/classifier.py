@@ -57,7 +57,11 @@ class CellClassifier(nn.Module):
 
     def features(self, x: Tensor) -> Tensor:
         """Normalised input -> standardised embedding ``(N, D)``."""
-        return (self.encoder(x).float() - self.feature_mean) / self.feature_std
+        return self.standardize(self.encoder(x))
+
+    def standardize(self, embedding: Tensor) -> Tensor:
+        """Embedding ``(N, D)`` -> standardised with ``feature_mean`` / ``feature_std``, float32."""
+        return (embedding.float() - self.feature_mean) / self.feature_std
 
     def head_output(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """Standardised embedding ``(N, D)`` -> (what the last linear layer reads, logits ``(N, K)``). The first is

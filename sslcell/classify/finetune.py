@@ -48,6 +48,7 @@ from sslcell.data.expression import CountRows, open_counts
 from sslcell.data.images import CellImages
 from sslcell.errors import ConfigError, InputError
 from sslcell.evaluate.probes import class_weight, logistic_probe
+from sslcell.evaluate.protocols import label_fraction_split
 from sslcell.inference import embed_rows
 from sslcell.methods import SSLModule
 from sslcell.methods.inputs import image_augment_config
@@ -231,16 +232,11 @@ def _labelled(data: CellImages | AnnData, rows: np.ndarray, layer: str | None, m
 
 
 def _validation_mask(codes: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask ``(N,)`` of held-out cells: per class of ``c`` cells, ``round(fraction * c)`` of them, at least
-    one and at most ``c - 1`` (a class with one cell keeps it for training); drawn with ``default_rng(seed)``."""
+    """Boolean mask ``(N,)`` of held-out cells: a stratified ``fraction`` of every class, at least one and at most
+    ``c - 1`` of its ``c`` cells (:func:`~sslcell.evaluate.protocols.label_fraction_split` with ``keep_one``)."""
     val = np.zeros(len(codes), dtype=bool)
-    if fraction <= 0:
-        return val
-    rng = np.random.default_rng(seed)
-    for c in np.unique(codes):
-        members = np.flatnonzero(codes == c)
-        n = min(max(1, int(round(fraction * len(members)))), len(members) - 1)
-        val[rng.choice(members, n, replace=False)] = True
+    if fraction > 0:
+        val[label_fraction_split(codes, fraction, seed, keep_one=True)] = True
     return val
 
 
@@ -292,5 +288,4 @@ def _fit_linear(classifier: CellClassifier, x: np.ndarray, codes: np.ndarray, co
 def _fit_linear_predict(classifier: CellClassifier, x: np.ndarray) -> np.ndarray:
     """Classes ``(N,)`` the fitted linear head predicts for embeddings ``x (N, D)``."""
     with torch.no_grad():
-        z = (torch.from_numpy(x) - classifier.feature_mean) / classifier.feature_std
-        return classifier.eval().head_output(z)[1].argmax(1).numpy()
+        return classifier.eval().head_output(classifier.standardize(torch.from_numpy(x)))[1].argmax(1).numpy()

@@ -31,8 +31,8 @@ def fit_mlp_head(classifier: CellClassifier, x: np.ndarray, codes: np.ndarray, c
     with torch.no_grad():
         classifier.feature_mean.copy_(torch.from_numpy(mean))
         classifier.feature_std.copy_(torch.from_numpy(std))
-    z = torch.from_numpy((x - mean) / std).float()
-    z_val = torch.from_numpy((validation[0] - mean) / std).float() if validation is not None else None
+    z = classifier.standardize(torch.from_numpy(x))
+    z_val = classifier.standardize(torch.from_numpy(validation[0])) if validation is not None else None
     y = torch.from_numpy(codes.astype(np.int64))
     head = [p for name, p in classifier.named_parameters() if not name.startswith("encoder.")]
     optimizer = torch.optim.AdamW(head, lr=config.lr, weight_decay=config.weight_decay)

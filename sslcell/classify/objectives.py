@@ -79,15 +79,9 @@ class EarlyStopping:
 
 
 def predict_codes(classifier: nn.Module, rows: Any, batch_size: int, device: torch.device) -> np.ndarray:
-    """Predicted classes ``(N,)`` of ``rows`` (crops, or in-memory counts) by ``classifier`` in eval mode; the
-    classifier's training mode is restored."""
+    """Predicted classes ``(N,)`` of ``rows`` (crops, or in-memory counts) by ``classifier`` (its
+    ``predict_proba`` runs in eval mode and restores the training mode)."""
     from sslcell.inference import run_batched
 
-    was_training = classifier.training
-    classifier.eval()
-    try:
-        probs = run_batched(lambda x: classifier(classifier.inputs.normalize(x)), rows, len(classifier.classes),
-                            batch_size=batch_size, device=device)
-    finally:
-        classifier.train(was_training)
-    return probs.argmax(1)
+    return run_batched(classifier.predict_proba, rows, len(classifier.classes), batch_size=batch_size,
+                       device=device).argmax(1)

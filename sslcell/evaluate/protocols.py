@@ -159,9 +159,10 @@ def few_label_scores(
     )
 
 
-def label_fraction_split(y, fraction: float, seed: int = 0) -> np.ndarray:
+def label_fraction_split(y, fraction: float, seed: int = 0, *, keep_one: bool = False) -> np.ndarray:
     """Sorted positions of a stratified ``fraction`` of ``y`` ``(N,)``: per class, ``max(1, round(fraction * c))`` of
-    its ``c`` cells, drawn with ``default_rng(seed)`` class by class in sorted class order."""
+    its ``c`` cells (with ``keep_one``, at most ``c - 1``: every class keeps a cell outside the selection), drawn
+    with ``default_rng(seed)`` class by class in sorted class order."""
     if not 0.0 < float(fraction) <= 1.0:
         raise ConfigError(f"fraction must be in (0, 1]; got {fraction}")
     y = np.asarray(y)
@@ -169,5 +170,6 @@ def label_fraction_split(y, fraction: float, seed: int = 0) -> np.ndarray:
     keep = []
     for c in np.unique(y):
         members = np.flatnonzero(y == c)
-        keep.append(rng.choice(members, max(1, int(round(fraction * len(members)))), replace=False))
+        n = max(1, int(round(fraction * len(members))))
+        keep.append(rng.choice(members, min(n, len(members) - 1) if keep_one else n, replace=False))
     return np.sort(np.concatenate(keep))
