@@ -1,4 +1,5 @@
-"""Command line: ``sslcell pretrain | embed | finetune | predict | evaluate | quickstart``."""
+"""Command line: ``sslcell pretrain | embed | finetune | predict | evaluate | transfer | cell-cycle | benchmark |
+quickstart``."""
 
 from __future__ import annotations
 
@@ -163,12 +164,42 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(run=_transfer)
 
+    p = sub.add_parser("benchmark", help="run a benchmark suite (tasks x recipes x baselines x peers) and write tables")
+    p.add_argument("suite", nargs="?", help="suite YAML, e.g. benchmarks/suites/speed.yaml")
+    p.add_argument("--quick", action="store_true", help="tiny settings (seconds to minutes): checks that it all runs")
+    p.add_argument("--out", help="folder for <suite>.md / .json / plots (default: the suite's out)")
+    p.add_argument("--data", help="folder where the suite's relative data paths resolve (default: its data_dir)")
+    p.add_argument("--only", nargs="+", metavar="TASK", help="run only these tasks of the suite")
+    p.add_argument("--workdir", help="keep models and scratch files here (default: a temporary folder)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (tasks that train or embed)")
+    p.add_argument("--list", action="store_true", help="list the task kinds, their parameters, baselines and peers")
+    p.set_defaults(run=_benchmark)
+
     p = sub.add_parser("quickstart", help="pretrain, embed and evaluate on generated data, end to end")
     p.add_argument("--out", default="quickstart_out")
     p.add_argument("--max-epochs", type=int, default=None)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(run=_quickstart)
     return parser
+
+
+def _benchmark(args: argparse.Namespace) -> int:
+    from sslcell.benchmark import load_suite, run_suite
+    from sslcell.benchmark.registry import describe_kinds
+
+    if args.list:
+        print(describe_kinds())
+        return 0
+    if not args.suite:
+        raise SSLCellError("give a suite file (or --list to see the task kinds)")
+    suite = load_suite(args.suite, quick=args.quick, data_dir=args.data, out=args.out)
+    run = run_suite(suite, workdir=args.workdir, device=args.device, only=args.only)
+    print(f"results: {run.markdown_path} (and {run.json_path.name})")
+    for missed in run.targets_missed:
+        print(f"target not met: {missed}")
+    for task, message in run.errors.items():
+        print(f"task {task} failed: {message}", file=sys.stderr)
+    return 1 if run.errors else 0
 
 
 def _channels(text: str) -> list[int | str]:

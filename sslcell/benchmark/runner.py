@@ -1,0 +1,127 @@
+"""Run a suite: every task in order, one progress bar, a Markdown table file and a JSON record per run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import tempfile
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sslcell.benchmark.record import describe_hardware, provenance
+from sslcell.benchmark.registry import Context, TaskResult
+from sslcell.benchmark.report import markdown
+from sslcell.benchmark.suite import Suite
+from sslcell.errors import OverwriteError
+
+log = logging.getLogger("sslcell.benchmark")
+HEADER = "# Benchmark suite:"  # first line of every results file this runner writes
+
+
+@dataclasses.dataclass
+class SuiteRun:
+    """The outcome of :func:`run_suite`: per-task results, failures (task -> message), written files."""
+
+    results: dict[str, TaskResult]
+    errors: dict[str, str]
+    markdown_path: Path
+    json_path: Path
+
+    @property
+    def targets_missed(self) -> list[str]:
+        return [f"{task}: {t.name}" for task, r in self.results.items() for t in r.targets if not t.met]
+
+
+def output_paths(suite: Suite) -> tuple[Path, Path, str]:
+    """``(markdown, json, prefix)``; a --quick run writes ``<name>_quick.*`` beside the full results."""
+    stem = f"{suite.name}_quick" if suite.quick else suite.name
+    return suite.out / f"{stem}.md", suite.out / f"{stem}.json", stem
+
+
+def run_suite(suite: Suite, *, workdir: str | Path | None = None, device: str = "auto",
+              progress: bool | None = None, only: list[str] | None = None) -> SuiteRun:
+    """Run ``suite`` (or only the tasks named in ``only``), write its results and return them.
+
+    A task that raises is recorded as failed (message and traceback in the JSON) and the others still run.
+    Results files are replaced only if this runner wrote them (their first line is ``# Benchmark suite:``).
+    """
+    from tqdm.auto import tqdm
+
+    md_path, json_path, stem = output_paths(suite)
+    for path in (md_path, json_path):
+        _check_ours(path)
+    tasks = [t for t in suite.tasks if only is None or t.name in only]
+    unknown = sorted(set(only or []) - {t.name for t in suite.tasks})
+    if unknown:
+        raise ValueError(f"no task named {unknown[0]!r} in suite {suite.name}; tasks: {[t.name for t in suite.tasks]}")
+    suite.out.mkdir(parents=True, exist_ok=True)
+    record: dict[str, Any] = provenance(suite.seed) | {
+        "suite": suite.describe(), "quick": suite.quick,
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    hardware_line = describe_hardware(record["hardware"])
+    log.info("suite %s%s: %d task(s) on %s", suite.name, " (--quick)" if suite.quick else "", len(tasks),
+             hardware_line)
+    results: dict[str, TaskResult] = {}
+    errors: dict[str, str] = {}
+    durations: dict[str, float] = {}
+    tracebacks: dict[str, str] = {}
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="sslcell_bench_") as tmp:
+        root = Path(workdir) if workdir is not None else Path(tmp)
+        bar = tqdm(tasks, desc=suite.name, unit="task", disable=progress is False if progress is not None else None)
+        for task in bar:
+            bar.set_postfix_str(task.name)
+            ctx = Context(seed=suite.seed, quick=suite.quick, workdir=root / task.name, out_dir=suite.out,
+                          prefix=f"{stem}_{task.name}", device=device,
+                          steps=lambda items, desc="": tqdm(items, desc=desc, leave=False, position=1,
+                                                             disable=bar.disable))
+            ctx.workdir.mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            try:
+                results[task.name] = task.kind.run(task, ctx)
+            except Exception as err:  # noqa: BLE001 - one failed task must not lose the others' results
+                errors[task.name] = f"{type(err).__name__}: {err}"
+                tracebacks[task.name] = traceback.format_exc()
+                log.error("task %s failed: %s", task.name, errors[task.name])
+            durations[task.name] = time.perf_counter() - t0
+            log.info("task %s: %s in %.0f s", task.name, "failed" if task.name in errors else "done",
+                     durations[task.name])
+    record["seconds"] = time.perf_counter() - start
+    record["tasks"] = {name: {"seconds": durations[name], **_result_json(r)} for name, r in results.items()}
+    record["failed"] = {name: {"error": errors[name], "traceback": tracebacks[name]} for name in errors}
+    json_path.write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
+    md_path.write_text(markdown(suite.name, suite.description, record, results, errors, durations, hardware_line))
+    log.info("wrote %s and %s", md_path, json_path)
+    return SuiteRun(results=results, errors=errors, markdown_path=md_path, json_path=json_path)
+
+
+def _check_ours(path: Path) -> None:
+    if not path.exists():
+        return
+    head = path.read_text(errors="replace")[:200]
+    ours = head.startswith(HEADER) if path.suffix == ".md" else '"suite"' in head or '"seed"' in head
+    if not ours:
+        raise OverwriteError(f"{path} exists and was not written by sslcell benchmark; choose another --out")
+
+
+def _result_json(result: TaskResult) -> dict[str, Any]:
+    out = dataclasses.asdict(result)
+    for target, t in zip(out["targets"], result.targets, strict=True):
+        target["met"] = t.met
+    return out
+
+
+def _json_default(value: Any) -> Any:
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON-able: {type(value).__name__}")

@@ -1,0 +1,246 @@
+"""Suite files: YAML listing tasks x recipes x baselines x peers, validated with messages that name the field.
+
+.. code-block:: yaml
+
+    name: crops                      # default: the file's stem
+    description: fate and cell type from crops
+    seed: 0
+    data_dir: ../../../shared/data   # relative data paths resolve here (relative to this file); --data overrides
+    out: ../results                  # where tables, plots and the JSON go (relative to this file); --out overrides
+    tasks:
+      - name: chula                  # unique; names the output files
+        kind: crop_classification    # a registered kind (sslcell benchmark --list)
+        data: chula_rbc12_crops48.npz
+        params: {label_key: label, group_key: image_id}
+        recipes:                     # pretraining recipes: a YAML path (relative to this file), or a mapping
+          - ../configs/chula_simclr.yaml
+          - {name: mae, config: ../configs/chula_mae.yaml, finetune: ../configs/chula_finetune.yaml}
+        baselines: [pixel_pca, random_encoder, supervised_cnn]
+        peers: []
+        quick: {max_cells: 256}      # added to the kind's own --quick settings
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sslcell.benchmark.registry import TaskKind, check_names, task_kind
+from sslcell.config import RecipeConfig, from_dict, load_config
+from sslcell.errors import ConfigError
+
+SUITE_FIELDS = ("name", "description", "seed", "data_dir", "out", "tasks")
+TASK_FIELDS = ("name", "kind", "data", "params", "recipes", "baselines", "peers", "quick")
+
+
+@dataclass
+class RecipeSpec:
+    """A pretraining recipe of a task: its config, where it came from, and optional fine-tuning settings."""
+
+    name: str
+    config: RecipeConfig
+    source: str  # the YAML path, or "inline"
+    finetune: dict[str, Any] | None = None
+
+
+@dataclass
+class TaskSpec:
+    """One task of a suite, validated: ``params`` is the kind's parameter dataclass (``--quick`` applied)."""
+
+    name: str
+    kind: TaskKind
+    params: Any
+    data: dict[str, Path] = field(default_factory=dict)  # role -> existing path ("data" for a single file)
+    recipes: list[RecipeSpec] = field(default_factory=list)
+    baselines: list[str] = field(default_factory=list)
+    peers: list[str] = field(default_factory=list)
+
+    @property
+    def path(self) -> Path:
+        """The single data file (``data: file.h5ad``)."""
+        if "data" not in self.data:
+            raise ConfigError(f"task {self.name}: expects one data file (data: <path>), got roles {sorted(self.data)}")
+        return self.data["data"]
+
+
+@dataclass
+class Suite:
+    name: str
+    description: str
+    seed: int
+    tasks: list[TaskSpec]
+    source: Path
+    out: Path
+    quick: bool
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able summary of what runs (kinds, resolved parameters, data, recipes, baselines, peers)."""
+        return {
+            "name": self.name, "source": str(self.source), "seed": self.seed, "quick": self.quick,
+            "tasks": [{
+                "name": t.name, "kind": t.kind.name, "params": dataclasses.asdict(t.params),
+                "data": {k: str(v) for k, v in t.data.items()},
+                "recipes": [{"name": r.name, "source": r.source, "finetune": r.finetune} for r in t.recipes],
+                "baselines": t.baselines, "peers": t.peers,
+            } for t in self.tasks],
+        }
+
+
+def load_suite(path: str | Path, *, quick: bool = False, data_dir: str | Path | None = None,
+               out: str | Path | None = None) -> Suite:
+    """Read and validate a suite file; ``data_dir`` / ``out`` override the file's own (the CLI's --data / --out)."""
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such suite file") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+    try:
+        return _suite(values, path, quick=quick, data_dir=data_dir, out=out)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def _suite(values: Any, path: Path, *, quick: bool, data_dir, out) -> Suite:
+    _mapping(values, "suite", SUITE_FIELDS)
+    here = path.resolve().parent
+    if data_dir is not None:
+        base = Path(data_dir)
+    elif values.get("data_dir") is not None:
+        base = here / _string(values["data_dir"], "data_dir")
+    else:
+        base = Path.cwd()
+    out_dir = Path(out) if out is not None else here / _string(values.get("out", "results"), "out")
+    seed = values.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed: expected an integer, got {seed!r}")
+    tasks_raw = values.get("tasks")
+    if not isinstance(tasks_raw, list) or not tasks_raw:
+        raise ConfigError("tasks: expected a non-empty list of tasks")
+    tasks = [_task(t, f"tasks[{i}]", here, base, quick) for i, t in enumerate(tasks_raw)]
+    names = [t.name for t in tasks]
+    for i, name in enumerate(names):
+        if names.index(name) != i:
+            raise ConfigError(f"tasks[{i}].name: {name!r} is used twice (task names name the output files)")
+    return Suite(name=_string(values.get("name", path.stem), "name"),
+                 description=_string(values.get("description", ""), "description"),
+                 seed=seed, tasks=tasks, source=path, out=out_dir, quick=quick)
+
+
+def _task(values: Any, where: str, here: Path, base: Path, quick: bool) -> TaskSpec:
+    _mapping(values, where, TASK_FIELDS)
+    if "kind" not in values:
+        raise ConfigError(f"{where}.kind: missing (the kind of task, e.g. crop_classification)")
+    kind = task_kind(_string(values["kind"], f"{where}.kind"), f"{where}.kind")
+    name = _string(values.get("name", kind.name), f"{where}.name")
+    if not name.replace("_", "").replace("-", "").isalnum():
+        raise ConfigError(f"{where}.name: {name!r} may hold only letters, digits, '-' and '_' (it names files)")
+    params = dict(_mapping(values.get("params") or {}, f"{where}.params"))
+    if quick:
+        params.update(kind.quick)
+        params.update(_mapping(values.get("quick") or {}, f"{where}.quick"))
+    parsed = from_dict(kind.params, params, f"{where}.params")
+    check = getattr(parsed, "check", None)
+    if check is not None:
+        try:
+            check()
+        except ConfigError as err:
+            raise ConfigError(f"{where}.params.{err}") from None
+    data = _data(values.get("data"), f"{where}.data", base)
+    if kind.needs_data and not data:
+        raise ConfigError(f"{where}.data: task kind {kind.name} needs a data file")
+    recipes_raw = values.get("recipes") or []
+    if recipes_raw and not kind.takes_recipes:
+        raise ConfigError(f"{where}.recipes: task kind {kind.name} takes no recipes")
+    if not isinstance(recipes_raw, list):
+        raise ConfigError(f"{where}.recipes: expected a list, got {recipes_raw!r}")
+    recipes = [_recipe(r, f"{where}.recipes[{i}]", here) for i, r in enumerate(recipes_raw)]
+    return TaskSpec(
+        name=name, kind=kind, params=parsed, data=data, recipes=recipes,
+        baselines=check_names(_strings(values.get("baselines"), f"{where}.baselines"), kind.baselines,
+                              "baseline", f"{where}.baselines", kind.name),
+        peers=check_names(_strings(values.get("peers"), f"{where}.peers"), kind.peers,
+                          "peer", f"{where}.peers", kind.name),
+    )
+
+
+def _data(values: Any, where: str, base: Path) -> dict[str, Path]:
+    if values is None:
+        return {}
+    roles = {"data": values} if isinstance(values, str) else _mapping(values, where)
+    out = {}
+    for role, value in roles.items():
+        spot = where if isinstance(values, str) else f"{where}.{role}"
+        p = Path(_string(value, spot)).expanduser()
+        p = p if p.is_absolute() else base / p
+        if not p.exists():
+            raise ConfigError(f"{spot}: no such file or folder: {p} (relative paths resolve in the suite's data_dir "
+                              f"or --data)")
+        out[role] = p
+    return out
+
+
+def _recipe(value: Any, where: str, here: Path) -> RecipeSpec:
+    if isinstance(value, str):
+        value = {"config": value}
+    _mapping(value, where, ("name", "config", "finetune"))
+    if "config" not in value:
+        raise ConfigError(f"{where}.config: missing (a recipe YAML path or mapping)")
+    config_value = value["config"]
+    if isinstance(config_value, str):
+        source = here / config_value
+        try:
+            config = load_config(source)
+        except ConfigError as err:
+            raise ConfigError(f"{where}.config: {err}") from None
+        default_name = Path(config_value).stem
+    else:
+        source, default_name = "inline", f"recipe{where.rsplit('[', 1)[-1].rstrip(']')}"
+        try:
+            config = RecipeConfig.from_dict(_mapping(config_value, f"{where}.config"))
+        except ConfigError as err:
+            raise ConfigError(f"{where}.config.{err}") from None
+    finetune = value.get("finetune")
+    if isinstance(finetune, str):
+        try:
+            finetune = yaml.safe_load((here / finetune).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"{where}.finetune: cannot read {here / finetune} ({err})") from None
+    if finetune is not None:
+        from sslcell.classify.finetune import FinetuneConfig
+
+        try:
+            FinetuneConfig.from_dict(_mapping(finetune, f"{where}.finetune"))
+        except ConfigError as err:
+            raise ConfigError(f"{where}.finetune.{err}") from None
+    return RecipeSpec(name=_string(value.get("name", default_name), f"{where}.name"), config=config,
+                      source=str(source), finetune=finetune)
+
+
+def _mapping(value: Any, where: str, allowed: tuple[str, ...] | None = None) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    if allowed is not None:
+        unknown = sorted(set(value) - set(allowed))
+        if unknown:
+            raise ConfigError(f"{where}.{unknown[0]}: unknown field; valid fields are {list(allowed)}")
+    return value
+
+
+def _string(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _strings(value: Any, where: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: expected a list of names, got {value!r}")
+    return [_string(v, f"{where}[{i}]") for i, v in enumerate(value)]

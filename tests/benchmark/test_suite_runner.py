@@ -1,0 +1,156 @@
+"""The benchmark runner: suite validation (errors name the field), outputs, provenance, failures, --quick."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+import yaml
+
+from sslcell.benchmark import Table, Target, TaskKind, TaskResult, load_suite, register, run_suite
+from sslcell.benchmark.registry import TASKS
+from sslcell.cli import main
+from sslcell.errors import ConfigError, OverwriteError
+
+
+@dataclass
+class ToyParams:
+    n: int = 10
+    fail: bool = False
+
+    def check(self) -> None:
+        if self.n < 1:
+            raise ConfigError(f"n: must be >= 1, got {self.n}")
+
+
+def _toy_run(task, ctx) -> TaskResult:
+    if task.params.fail:
+        raise RuntimeError("toy failure")
+    total = sum(range(task.params.n))
+    size = task.path.stat().st_size if task.data else 0
+    return TaskResult(tables=[Table("sums", ["n", "sum", "bytes"], [{"n": task.params.n, "sum": total,
+                                                                     "bytes": size}])],
+                      targets=[Target("sum at least 10", float(total), 10.0)], notes=[f"seed {ctx.seed}"],
+                      raw={"baselines": task.baselines, "recipes": [r.name for r in task.recipes]})
+
+
+TOY = TASKS.get("toy_sum") or register(TaskKind(
+    name="toy_sum", params=ToyParams, run=_toy_run, summary="sum of range(n)", baselines=("zero",),
+    peers=("python",), takes_recipes=True, quick={"n": 3}))
+
+
+def _write(tmp_path, suite: dict, name: str = "suite.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(suite))
+    return path
+
+
+def _suite(**task):
+    return {"name": "toy", "seed": 7, "out": "results", "tasks": [{"name": "a", "kind": "toy_sum", **task}]}
+
+
+def test_run_writes_markdown_json_with_provenance(tmp_path):
+    (tmp_path / "x.bin").write_bytes(b"12345")
+    path = _write(tmp_path, _suite(params={"n": 6}, data="x.bin", baselines=["zero"], peers=["python"]) |
+                  {"data_dir": "."})
+    run = run_suite(load_suite(path), progress=False)
+    assert run.results["a"].tables[0].rows == [{"n": 6, "sum": 15, "bytes": 5}]
+    record = json.loads(run.json_path.read_text())
+    assert run.json_path == tmp_path / "results" / "toy.json"
+    assert record["seed"] == 7 and record["quick"] is False
+    assert record["git"]["commit"] and record["hardware"]["cpu_count"] >= 1
+    assert record["versions"]["torch"] != "not installed" and "sslcell" in record["versions"]
+    assert record["tasks"]["a"]["targets"][0]["met"] is True
+    assert record["suite"]["tasks"][0]["params"] == {"n": 6, "fail": False}
+    text = run.markdown_path.read_text()
+    assert text.startswith("# Benchmark suite: toy") and "| 6 | 15 | 5 |" in text and "seed 7" in text
+
+
+def test_quick_applies_kind_and_suite_overrides_and_writes_beside(tmp_path):
+    path = _write(tmp_path, _suite(params={"n": 100}))
+    assert load_suite(path, quick=True).tasks[0].params.n == 3
+    suite = load_suite(_write(tmp_path, _suite(params={"n": 100}, quick={"n": 5}), "s2.yaml"), quick=True)
+    assert suite.tasks[0].params.n == 5
+    run = run_suite(suite, progress=False)
+    assert run.markdown_path.name == "toy_quick.md" and "(--quick)" in run.markdown_path.read_text()
+    assert run.targets_missed == []  # sum(range(5)) = 10: goals are inclusive
+    assert Target("x", 10.0, 10.0).met and not Target("x", 11.0, 10.0, higher_is_better=False).met
+    assert not Target("x", float("nan"), 0.0).met
+
+
+def test_failed_task_is_recorded_and_others_still_run(tmp_path):
+    suite = _suite(params={"fail": True})
+    suite["tasks"].append({"name": "b", "kind": "toy_sum"})
+    run = run_suite(load_suite(_write(tmp_path, suite)), progress=False)
+    assert set(run.results) == {"b"} and "toy failure" in run.errors["a"]
+    record = json.loads(run.json_path.read_text())
+    assert "RuntimeError" in record["failed"]["a"]["traceback"]
+    assert "**Failed**: RuntimeError: toy failure" in run.markdown_path.read_text()
+
+
+@pytest.mark.parametrize(("task", "field"), [
+    ({"kind": "nope"}, "tasks[0].kind: unknown task kind 'nope'"),
+    ({"kind": "toy_sum", "baselines": ["zero", "pca"]}, "tasks[0].baselines[1]: unknown baseline 'pca'"),
+    ({"kind": "toy_sum", "peers": ["anndata"]}, "tasks[0].peers[0]: unknown peer 'anndata'"),
+    ({"kind": "toy_sum", "params": {"m": 1}}, "tasks[0].params.m: unknown field"),
+    ({"kind": "toy_sum", "params": {"n": "many"}}, "tasks[0].params.n: expected an integer"),
+    ({"kind": "toy_sum", "params": {"n": 0}}, "tasks[0].params.n: must be >= 1"),
+    ({"kind": "toy_sum", "data": "missing.h5ad"}, "tasks[0].data: no such file or folder"),
+    ({"kind": "toy_sum", "recipes": ["nowhere.yaml"]}, "tasks[0].recipes[0].config: "),
+    ({"kind": "toy_sum", "recipes": [{"config": {"modality": "sound"}}]}, "tasks[0].recipes[0].config.modality"),
+    ({"kind": "toy_sum", "colour": "red"}, "tasks[0].colour: unknown field"),
+    ({"name": "a b", "kind": "toy_sum"}, "tasks[0].name"),
+])
+def test_bad_suite_names_the_field(tmp_path, task, field):
+    path = _write(tmp_path, {"tasks": [task]})
+    with pytest.raises(ConfigError, match=f"^{str(path)}: " + __import__("re").escape(field)):
+        load_suite(path)
+
+
+def test_bad_suite_files(tmp_path):
+    with pytest.raises(ConfigError, match="no such suite file"):
+        load_suite(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tasks: [kind: toy_sum\n  name: x")
+    with pytest.raises(ConfigError, match="not valid YAML.*line"):
+        load_suite(bad)
+    with pytest.raises(ConfigError, match="tasks: expected a non-empty list"):
+        load_suite(_write(tmp_path, {"name": "x"}))
+    with pytest.raises(ConfigError, match=r"tasks\[1\].name: 'a' is used twice"):
+        load_suite(_write(tmp_path, {"tasks": [{"name": "a", "kind": "toy_sum"}] * 2}))
+
+
+def test_recipes_resolve_relative_to_the_suite(tmp_path):
+    path = _write(tmp_path, _suite(recipes=["configs/expression_mae.yaml"]))
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_suite(path)
+    import shutil
+    from pathlib import Path
+
+    (tmp_path / "configs").mkdir()
+    shutil.copy(Path(__file__).parents[2] / "configs" / "expression_mae.yaml", tmp_path / "configs")
+    task = load_suite(path).tasks[0]
+    assert task.recipes[0].name == "expression_mae" and task.recipes[0].config.method.name == "mae"
+
+
+def test_never_overwrites_a_file_it_did_not_write(tmp_path):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "toy.md").write_text("my notes\n")
+    with pytest.raises(OverwriteError, match="not written by sslcell benchmark"):
+        run_suite(load_suite(_write(tmp_path, _suite())), progress=False)
+    assert (out / "toy.md").read_text() == "my notes\n"
+
+
+def test_cli_runs_lists_and_reports_errors(tmp_path, capsys):
+    path = _write(tmp_path, _suite())
+    assert main(["benchmark", str(path), "--quick", "--out", str(tmp_path / "o")]) == 0
+    assert (tmp_path / "o" / "toy_quick.json").exists()
+    assert "target not met: a: sum at least 10" in capsys.readouterr().out
+    assert main(["benchmark", "--list"]) == 0
+    assert "toy_sum: sum of range(n)" in capsys.readouterr().out
+    assert main(["benchmark", str(tmp_path / "none.yaml")]) == 2
+    assert "no such suite file" in capsys.readouterr().err
+    failing = _write(tmp_path, _suite(params={"fail": True}), "f.yaml")
+    assert main(["benchmark", str(failing), "--out", str(tmp_path / "f")]) == 1
