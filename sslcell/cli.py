@@ -36,11 +36,23 @@ def _show_sslcell_logs() -> None:
     """sslcell's INFO lines (progress, alignment reports) on stderr; other libraries' loggers are left alone."""
     log = logging.getLogger("sslcell")
     if not any(getattr(h, "_sslcell_cli", False) for h in log.handlers):
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         handler._sslcell_cli = True  # type: ignore[attr-defined]
         log.addHandler(handler)
     log.setLevel(logging.INFO)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at each record (a test's capture, a redirect), not the one at creation."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -144,6 +156,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--anchor-key", help="obs column of phase labels (NaN: unlabelled) fixing origin and direction")
     p.add_argument("--anchor-order", type=lambda text: [t.strip() for t in text.split(",") if t.strip()],
                    help="the phases in cycle order, comma-separated, e.g. G1,S,G2,M")
+    p.add_argument("--reference", help=".h5ad holding a cell-cycle fit (written by this command) of cells embedded "
+                   "with the same model: place --data's cells on it, nothing refitted (e.g. cells all in one phase)")
+    p.add_argument("--reference-key", default="cell_cycle", help="the fit's key in --reference")
     p.add_argument("--key-added", default="cell_cycle")
     p.add_argument("--plot", help="also write pl.cell_cycle's figure to this PNG")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out and obs keys")
@@ -415,10 +430,17 @@ def _cell_cycle(args: argparse.Namespace) -> int:
         return _cell_cycle_crops(args)
     out = _new_file(Path(args.out), args.overwrite)
     adata = _read_h5ad(args.data)
-    cell_cycle(adata, args.use_rep, anchor_key=args.anchor_key, anchor_order=args.anchor_order,
-               key_added=args.key_added, overwrite=args.overwrite)
+    reference = _read_h5ad(args.reference) if args.reference else None
+    cell_cycle(adata, args.use_rep, anchor_key=args.anchor_key, anchor_order=args.anchor_order, reference=reference,
+               reference_key=args.reference_key, key_added=args.key_added, overwrite=args.overwrite)
     _write_h5ad(adata, out)
     info = adata.uns["sslcell"][args.key_added]
+    if reference is not None:
+        print(f"wrote {out}: obs['{args.key_added}_theta'] for {adata.n_obs} cells placed on {args.reference}'s fit; "
+              f"their residual {info['projected_residual']:.2f}, they span {info['projected_closure']:.0%} of it")
+        if args.plot:
+            plot_cell_cycle(adata, key=args.key_added, path=args.plot)
+        return 0
     if args.plot:
         plot_cell_cycle(adata, color=args.anchor_key, key=args.key_added, path=args.plot)
     print(f"wrote {out}: obs['{args.key_added}_theta'] for {adata.n_obs} cells; closure {info['closure']:.2f}, "

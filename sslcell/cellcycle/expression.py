@@ -4,6 +4,10 @@
   current names of renamed genes), found in a dataset's genes case-insensitively, so mouse symbols (``Mcm5``) match.
 * :func:`score_phases`: scanpy's ``score_genes_cell_cycle`` on log-normalised counts -> S and G2/M scores and a
   G1 / S / G2M call per cell (pseudo-labels that anchor a fitted cycle).
+* :func:`score_phase_sets`: Revelio's pseudo-labels (Schwabe et al. 2020): a score per phase gene set (for example
+  Whitfield et al. 2002's G1/S, S, G2, G2/M and M/G1 genes), z-scored over the cells, and each cell called by its
+  highest score. With sets that cover the whole cycle, the calls mark early and late G1 too, which S and G2/M
+  scores cannot.
 * :func:`cycle_gene_pca`: tricycle's idea (Zheng et al. 2022), fitted on the data itself: the first principal
   components of the log-normalised, scaled cycle genes; the cycle is a ring in their plane, and
   ``tl.cell_cycle(use_rep=...)`` on them gives the baseline θ an embedding's θ is compared with.
@@ -11,7 +15,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import anndata as ad
 import numpy as np
@@ -77,6 +81,42 @@ def score_phases(adata: ad.AnnData, *, layer: str | None = None, s_genes: Sequen
                          "G2M_score": work.obs["G2M_score"].to_numpy(np.float32),
                          "phase": pd.Categorical(work.obs["phase"].astype(str), categories=PHASE_ORDER)},
                         index=adata.obs_names)
+
+
+def score_phase_sets(adata: ad.AnnData, sets: Mapping[str, Sequence[str]], *, layer: str | None = None,
+                     min_genes: int = 3, seed: int = 0) -> pd.DataFrame:
+    """Revelio-style phase calls (module doc) from raw counts (``X`` or ``layer``).
+
+    ``sets``: phase name -> its genes, **in cycle order** (the order of the categories of the call). Each set is
+    scored as scanpy's ``score_genes`` does on log-normalised counts (the mean of its genes minus that of control
+    genes of similar expression), matched case-insensitively; every score is then z-scored over the cells, so sets
+    of different sizes and strengths compete fairly, and each cell is called by its highest z-score.
+
+    Returns a DataFrame indexed like ``adata.obs``: ``<phase>_score`` (the z-score) per set and ``phase``
+    (categorical in the sets' order). Fewer than ``min_genes`` genes of a set present, or fewer than two sets, is an
+    error."""
+    import scanpy as sc
+
+    if len(sets) < 2:
+        raise InputError(f"score_phase_sets needs at least two phase gene sets; got {list(sets)}")
+    work = _log_normalised(adata, layer)
+    position: dict[str, str] = {}
+    for name in np.asarray(adata.var_names).astype(str):
+        position.setdefault(name.casefold(), name)
+    out: dict[str, np.ndarray] = {}
+    for phase, genes in sets.items():
+        found = list(dict.fromkeys(position[g.casefold()] for g in genes if g.casefold() in position))
+        if len(found) < min_genes:
+            raise InputError(f"only {len(found)} of {len(genes)} genes of the {phase!r} set are among the data's "
+                             f"genes; need {min_genes}")
+        sc.tl.score_genes(work, found, ctrl_size=max(len(found), 50), score_name="_phase_score", random_state=seed)
+        score = work.obs["_phase_score"].to_numpy(np.float64)
+        std = score.std()
+        out[f"{phase}_score"] = ((score - score.mean()) / (std if std > 0 else 1.0)).astype(np.float32)
+    order = [str(p) for p in sets]
+    z = np.column_stack(list(out.values()))
+    phase = pd.Categorical.from_codes(z.argmax(axis=1), categories=order)
+    return pd.DataFrame({**out, "phase": phase}, index=adata.obs_names)
 
 
 def cycle_gene_pca(adata: ad.AnnData, *, layer: str | None = None, s_genes: Sequence[str] | None = None,

@@ -17,8 +17,18 @@ The method, in three steps (:func:`fit_cycle`):
 
 Quality, recorded with the fit: ``explained_variance`` (share of the representation's variance in the plane),
 ``residual`` (median |r - R| / R: 0 for cells on the circle; about 0.4 for a round gaussian blob, which has no
-cycle), ``closure`` (1 minus the largest empty arc over 2π: 1 when cells go all the way round). A fit with
-``residual > RESIDUAL_WARN`` or ``closure < CLOSURE_WARN`` warns that there may be no cycle to find.
+cycle), ``closure`` (1 minus the largest empty arc over 2π: 1 when cells go all the way round) and
+``closure_unscaled`` (the same around a circle fitted in the plane *without* step 2's axis scaling). The scaling
+turns an ellipse into a circle, but it also bends an arc (cells of one phase only, or part of the cycle) into a
+horseshoe that looks closed: on a ring's single-phase arcs ``closure`` is 0.75-0.8 while ``closure_unscaled`` is
+0.23-0.30 (full rings, ellipses up to 6:1 included: 0.94-0.99). A fit with ``residual > RESIDUAL_WARN``, ``closure
+< CLOSURE_WARN`` or ``closure_unscaled < CLOSURE_WARN`` warns that there may be no cycle to find.
+
+**New cells on an existing fit.** :meth:`CycleFit.theta` places any cells on a fitted cycle; that is how cells of
+a single phase (an acquisition of G1 cells, say) get a θ in their phase's arc, which no fit of their own can give
+them (``sslcell.cellcycle.project.project_cycle`` does it for an AnnData, writing what ``tl.cell_cycle`` writes).
+:meth:`CycleFit.residual_of` says how far new cells lie from the fitted circle; :meth:`CycleFit.reanchored` keeps
+the circle and takes direction, origin and phase arcs from other labelled cells.
 """
 
 from __future__ import annotations
@@ -58,6 +68,7 @@ class CycleFit:
     explained_variance: float = 1.0
     residual: float = 0.0
     closure: float = 1.0
+    closure_unscaled: float | None = None  # closure around a circle fitted without axis scaling (None: older fits)
     anchored: bool = False
     anchor_accuracy: float | None = None
     anchor_chance: float | None = None  # the share expected by chance: sum of the phases' squared shares
@@ -78,6 +89,21 @@ class CycleFit:
     def theta(self, x: np.ndarray) -> np.ndarray:
         """Representation ``(N, D)`` -> θ ``(N,)`` in ``[0, 2π)``, anchored."""
         return self._anchor(self.raw_angle(self.plane(x)))
+
+    def residual_of(self, x: np.ndarray) -> float:
+        """Median ``|r - R| / R`` of cells ``x (N, D)`` around this fit's circle (``residual`` for other cells: near
+        the fit's own residual when they lie on the same cycle, about 0.4 or more when they do not)."""
+        r = np.linalg.norm(self.plane(x) - np.asarray(self.centre), axis=1)
+        return float(np.median(np.abs(r - self.radius)) / self.radius)
+
+    def reanchored(self, x: np.ndarray, anchors: Any, order: list[str] | None = None, warn: bool = True) -> CycleFit:
+        """The same circle, anchored anew by labelled cells ``x (N, D)`` (``anchors``, ``order`` as in
+        :func:`fit_cycle`): direction, origin and phase arcs come from them. Returns a new :class:`CycleFit`."""
+        fit = CycleFit.from_dict(self.to_dict())
+        _anchor(fit, self.raw_angle(self.plane(x)), anchors, order)
+        if warn:
+            _warn_contradiction(fit)
+        return fit
 
     def phase(self, theta: np.ndarray) -> np.ndarray:
         """θ ``(N,)`` -> the phase whose arc holds it ``(N,)`` (object array); requires an anchored fit."""
@@ -123,20 +149,32 @@ def fit_cycle(x: np.ndarray, anchors: np.ndarray | None = None, order: list[str]
     r = np.linalg.norm(plane - centre, axis=1)
     fit.residual = float(np.median(np.abs(r - radius)) / radius)
     fit.closure = closure(raw)
+    # the same circle fit without the axis scaling (isotropic units): an arc stays an arc (module doc)
+    iso = plane * scale / scale.max()
+    iso_centre, _ = _robust_circle(iso)
+    fit.closure_unscaled = closure(np.arctan2(iso[:, 1] - iso_centre[1], iso[:, 0] - iso_centre[0]))
     if anchors is not None:
         _anchor(fit, raw, anchors, order)
-        if warn and fit.anchor_accuracy < (1 + fit.anchor_chance) / 2:
-            warnings.warn(
-                f"the anchors contradict the fitted path: at best {fit.anchor_accuracy:.0%} of the labelled cells fall "
-                f"in their phase's arc (by chance {fit.anchor_chance:.0%}; order {fit.phases}); check the phase order "
-                "and the labels", UserWarning, stacklevel=2)
-    if warn and (fit.residual > RESIDUAL_WARN or fit.closure < CLOSURE_WARN):
+        if warn:
+            _warn_contradiction(fit, stacklevel=3)
+    if warn and (fit.residual > RESIDUAL_WARN or fit.closure < CLOSURE_WARN or fit.closure_unscaled < CLOSURE_WARN):
         warnings.warn(
             f"the cells may not lie on a closed trajectory: residual {fit.residual:.2f} (> {RESIDUAL_WARN} suggests "
-            f"a blob, not a ring), closure {fit.closure:.2f} (< {CLOSURE_WARN}: an arc, not a ring); θ may mean "
-            "little. Check pl.cell_cycle, or fit on a representation that holds the cycle (e.g. a fine-tuned "
-            "phase classifier's outputs, or cell-cycle genes).", UserWarning, stacklevel=2)
+            f"a blob, not a ring), closure {fit.closure:.2f} and without axis scaling {fit.closure_unscaled:.2f} "
+            f"(< {CLOSURE_WARN}: an arc, not a ring, e.g. cells of one phase only); θ may mean little. Check "
+            "pl.cell_cycle, or fit on a representation that holds the cycle (e.g. a fine-tuned phase classifier's "
+            "outputs, or cell-cycle genes); to place cells of one phase, project them onto a fit made on cells of "
+            "all phases (CycleFit.theta, sslcell.cellcycle.project.project_cycle, CycleRecipe.apply).",
+            UserWarning, stacklevel=2)
     return fit
+
+
+def _warn_contradiction(fit: CycleFit, stacklevel: int = 3) -> None:
+    if fit.anchor_accuracy < (1 + fit.anchor_chance) / 2:
+        warnings.warn(
+            f"the anchors contradict the fitted path: at best {fit.anchor_accuracy:.0%} of the labelled cells fall "
+            f"in their phase's arc (by chance {fit.anchor_chance:.0%}; order {fit.phases}); check the phase order "
+            "and the labels", UserWarning, stacklevel=stacklevel)
 
 
 def closure(theta: np.ndarray) -> float:

@@ -102,7 +102,9 @@ class CycleRecipe:
     def apply(self, cells: CellImages, channels: Sequence[int | str] | None = None,
               device: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """θ ``(N,)``, phase ``(N,)`` and descriptor ``(N, K)`` of crops, which need not hold the markers
-        (``channels``: the label-free channels, default: the classifier's, by name)."""
+        (``channels``: the label-free channels, default: the classifier's, by name). Each crop is placed by itself on
+        the fitted cycle (nothing is refitted), so an acquisition of cells all in one phase gets the θ those cells
+        would get among cells of every phase: θ in that phase's arc."""
         descriptor = descriptor_of(self.classifier, cells, channels, device)
         theta = self.fit.theta(wheel(descriptor, self.classifier.classes, self.info["order"]))
         return theta, self.fit.phase(theta), descriptor

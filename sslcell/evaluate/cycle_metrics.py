@@ -28,12 +28,20 @@ def _angles(theta, name: str = "theta") -> np.ndarray:
     return t
 
 
-def circular_correlation(theta, truth) -> float:
-    """Circular-circular correlation in ``[-1, 1]`` of two angle arrays ``(N,)``: ``Σ sin(a - ā) sin(b - b̄) /
-    sqrt(Σ sin²(a - ā) Σ sin²(b - b̄))`` with ā, b̄ the circular means."""
+def circular_correlation(theta, truth, *, uniform: bool = False) -> float:
+    """Circular-circular correlation in ``[-1, 1]`` of two angle arrays ``(N,)``.
+
+    Default (Jammalamadaka & SenGupta): ``Σ sin(a - ā) sin(b - b̄) / sqrt(Σ sin²(a - ā) Σ sin²(b - b̄))`` with ā, b̄
+    the circular means. ``uniform=True``: their form for angles spread uniformly round the circle (Topics in Circular
+    Statistics, 2001, section 8.2), ``R(a - b) - R(a + b)`` with R the mean resultant length: 1 when θ is the truth
+    turned by any constant, -1 when it runs the other way, about 0 when unrelated. Use it when the truth is uniform
+    (a cycle sampled at steady state): there ā and b̄ are noise and the default can take either sign for a right θ.
+    """
     a, b = _angles(theta), _angles(truth, "truth")
     if a.shape != b.shape:
         raise InputError(f"theta {a.shape} and truth {b.shape} must have the same shape")
+    if uniform:
+        return float(np.abs(np.exp(1j * (a - b)).mean()) - np.abs(np.exp(1j * (a + b)).mean()))
     sa = np.sin(a - np.angle(np.exp(1j * a).mean()))
     sb = np.sin(b - np.angle(np.exp(1j * b).mean()))
     denominator = np.sqrt((sa**2).sum() * (sb**2).sum())

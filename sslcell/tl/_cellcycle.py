@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -19,11 +20,18 @@ def cell_cycle(
     *,
     anchor_key: str | None = None,
     anchor_order: Sequence[str] | None = None,
+    reference: Any = None,
+    reference_key: str = "cell_cycle",
     key_added: str = "cell_cycle",
     overwrite: bool = False,
     copy: bool = False,
 ) -> AnnData | None:
     """Place every cell on a closed trajectory fitted through ``obsm[use_rep]`` (:mod:`sslcell.cellcycle.fit`).
+
+    With ``reference`` (an AnnData whose fit is under ``uns["sslcell"][reference_key]``, that recorded dict, or a
+    :class:`~sslcell.cellcycle.CycleFit`) nothing is fitted: the cells are placed on the reference's trajectory
+    (:func:`sslcell.cellcycle.project_cycle`), which is how to read a new acquisition - possibly of cells all in one
+    phase, where no closed path can be fitted - embedded with the same model.
 
     Writes ``obs[f"{key_added}_theta"]`` (θ in ``[0, 2π)``), ``obsm[f"{key_added}_plane"]`` (the scaled 2-D plane the
     circle was fitted in, ``(N, 2)``) and, with anchors, ``obs[f"{key_added}_phase"]`` (the phase arc each cell
@@ -37,6 +45,13 @@ def cell_cycle(
             are placed but not used, so a few labelled cells suffice.
         anchor_order: the phases in cycle order (e.g. ``["G1", "S", "G2M"]``); default: the column's categories.
     """
+    if reference is not None:
+        if anchor_key is not None or anchor_order is not None:
+            raise InputError("anchor_key / anchor_order fix a new fit; with reference= the reference's anchors apply")
+        from sslcell.cellcycle.project import project_cycle
+
+        return project_cycle(adata, reference, use_rep, reference_key=reference_key, key_added=key_added,
+                             overwrite=overwrite, copy=copy)
     if use_rep not in adata.obsm:
         raise InputError(f"adata.obsm has no {use_rep!r} (embed it first with tl.embed); it has {list(adata.obsm)}")
     theta_key, phase_key, plane_key = f"{key_added}_theta", f"{key_added}_phase", f"{key_added}_plane"

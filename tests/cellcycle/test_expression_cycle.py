@@ -62,3 +62,37 @@ def test_counts_are_checked(cycling):
         tl.score_cell_cycle(bad, s_genes=s, g2m_genes=g2m)
     with pytest.raises(InputError, match="layer 'counts'"):
         tl.cell_cycle_pca(adata, layer="counts", s_genes=s, g2m_genes=g2m)
+
+
+def test_phase_set_calls_follow_the_simulated_phase_groups_all_round():
+    from sslcell.cellcycle.expression import score_phase_sets
+    from sslcell.data.synthetic import WHITFIELD_PEAKS, programmes_of
+
+    adata = make_expression(n_cells=600, n_genes=300, n_cell_types=3, seed=1, cycle_programme="whitfield")
+    groups = programmes_of(adata)
+    sets = {name: [g.upper() for g in groups[name]] for name in WHITFIELD_PEAKS}  # matched case-insensitively
+    calls = score_phase_sets(adata, sets)
+    assert list(calls["phase"].cat.categories) == list(WHITFIELD_PEAKS)
+    assert [c for c in calls.columns if c != "phase"] == [f"{name}_score" for name in WHITFIELD_PEAKS]
+    z = calls["MG1_score"].to_numpy()
+    assert abs(z.mean()) < 1e-5 and abs(z.std() - 1) < 1e-3
+    # each call's simulated phase lies closest to that group's peak more often than not; chance is about 0.2
+    theta = adata.obs["cycle_theta"].to_numpy()
+    peaks = np.array(list(WHITFIELD_PEAKS.values()))
+    nearest = np.abs(np.angle(np.exp(1j * (theta[:, None] - peaks[None, :])))).argmin(axis=1)
+    assert np.mean(calls["phase"].cat.codes.to_numpy() == nearest) > 0.5
+    # mid-G1 cells (0.4-0.6 pi), which S and G2M scores call G1 wholesale, are told apart: M/G1 early, G1/S late
+    early = calls["phase"][(theta > 0.2 * np.pi) & (theta < 0.45 * np.pi)]
+    late = calls["phase"][(theta > 0.55 * np.pi) & (theta < 0.8 * np.pi)]
+    assert (early == "MG1").mean() > (late == "MG1").mean() + 0.2
+    assert (late == "G1S").mean() > (early == "G1S").mean() + 0.2
+
+
+def test_phase_sets_are_checked(cycling):
+    from sslcell.cellcycle.expression import score_phase_sets
+
+    adata, s, g2m = cycling
+    with pytest.raises(InputError, match="at least two"):
+        score_phase_sets(adata, {"S": s})
+    with pytest.raises(InputError, match="'G1' set"):
+        score_phase_sets(adata, {"S": s, "G1": ["NOPE1", "NOPE2", s[0]]})

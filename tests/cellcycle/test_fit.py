@@ -107,6 +107,16 @@ def test_circular_correlation_known_values():
         circular_correlation(a, a[:10])
 
 
+def test_circular_correlation_for_uniform_angles_ignores_the_noisy_mean_direction():
+    rng = np.random.default_rng(0)
+    truth = rng.uniform(0, 2 * np.pi, 2000)
+    warped = truth + 0.6 * np.sin(truth) + 2.0 + rng.normal(0, 0.2, truth.size)  # right order, uneven speed
+    assert circular_correlation(warped, truth, uniform=True) > 0.8
+    assert circular_correlation(-warped, truth, uniform=True) < -0.8
+    assert abs(circular_correlation(rng.uniform(0, 2 * np.pi, truth.size), truth, uniform=True)) < 0.1
+    assert circular_correlation(truth + 1.0, truth, uniform=True) == pytest.approx(1.0, abs=0.05)
+
+
 def test_cyclic_spearman_finds_the_cut_and_the_direction():
     rng = np.random.default_rng(0)
     theta = rng.uniform(0, 2 * np.pi, 300)
@@ -134,3 +144,36 @@ def test_anchors_that_contradict_the_path_warn():
     with pytest.warns(UserWarning, match="anchors contradict"):
         fit = fit_cycle(x, shuffled, PHASES)
     assert fit.anchor_accuracy < (1 + fit.anchor_chance) / 2
+
+
+def test_cells_of_one_phase_projected_onto_a_fit_of_all_phases_fall_in_their_arc():
+    """A second acquisition of cells all in one phase: fitted alone, they would spread round the whole circle;
+    placed on the reference fit (all phases), their θ falls in their phase's arc."""
+    x, theta, phase = ring(n=1200, seed=6, skew=False)  # skew=True: crowding bends the arcs (see above)
+    reference, new = np.arange(600), np.arange(600, 1200)
+    fit = fit_cycle(x[reference], phase[reference], PHASES)
+    for p in PHASES:
+        cells = new[phase[new] == p]
+        placed = fit.theta(x[cells])
+        assert np.mean(fit.phase(placed) == p) > 0.85, p
+        assert phase_arc_accuracy(placed, phase[cells], fit.phases, fit.phase_starts) > 0.85
+        assert fit.residual_of(x[cells]) < 0.15  # they lie on the reference circle
+        with pytest.warns(UserWarning, match="closed trajectory"):  # a fit of their own: an arc, warned
+            alone = fit_cycle(x[cells])
+        assert alone.closure_unscaled < 0.5 < alone.closure  # the axis scaling bends the arc into a horseshoe
+
+
+def test_residual_of_other_cells_and_reanchoring_keep_the_circle():
+    x, theta, phase = ring(n=800, seed=7)
+    anchored = fit_cycle(x, phase, PHASES)
+    bare = fit_cycle(x)
+    assert not bare.anchored and bare.closure_unscaled > 0.9
+    again = bare.reanchored(x, phase, PHASES)
+    assert again.anchored and not bare.anchored  # a new fit; the old one is left as it was
+    assert np.median(angular_error(again.theta(x), anchored.theta(x))) < 0.02
+    assert again.phase_starts == pytest.approx(anchored.phase_starts)
+    assert bare.residual_of(x) == pytest.approx(bare.residual)
+    blob = np.random.default_rng(0).normal(size=(300, x.shape[1])) + x.mean(axis=0)
+    assert bare.residual_of(blob) > 0.4
+    with pytest.warns(UserWarning, match="anchors contradict"):
+        bare.reanchored(x, np.random.default_rng(1).permutation(phase), PHASES)

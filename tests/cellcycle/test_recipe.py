@@ -18,12 +18,12 @@ S = 16
 NAMES = ["brightfield", "g1_marker", "sg2m_marker"]
 
 
-def cycling_crops(n: int, seed: int) -> tuple[CellImages, np.ndarray]:
+def cycling_crops(n: int, seed: int, arc: tuple[float, float] = (0.0, 2 * np.pi)) -> tuple[CellImages, np.ndarray]:
     """Crops of cells whose label-free look goes round with the cycle θ: size ``4 + 1.5 cos θ`` and brightness
     ``110 + 70 sin θ`` (both survive flips and turns); a G1 marker peaking at θ = 0.7π and an S/G2/M marker
-    peaking at 1.5π."""
+    peaking at 1.5π. θ is uniform on ``arc`` (default: the whole cycle; a short arc: cells of one phase)."""
     rng = np.random.default_rng(seed)
-    theta = rng.uniform(0, 2 * np.pi, n)
+    theta = np.mod(rng.uniform(*arc, n), 2 * np.pi)
     yy, xx = np.mgrid[:S, :S]
     size, brightness = 2.5 + 1.0 * np.cos(theta), 110 + 70 * np.sin(theta)
     r2 = (yy - 7.5) ** 2 + (xx - 7.5) ** 2
@@ -87,6 +87,21 @@ def test_recipe_places_new_crops_without_markers_on_the_cycle(recipe, tmp_path):
     fitted.save(tmp_path / "recipe")
     again = CycleRecipe.load(tmp_path / "recipe")
     np.testing.assert_allclose(again.apply(label_free)[0], estimate, atol=1e-4)
+
+
+@pytest.mark.parametrize("pseudo_phase,half_width", [("hi/lo", 0.2), ("hi/hi", 0.1), ("lo/hi", 0.2)])
+def test_a_saved_recipe_places_an_acquisition_of_one_phase_in_that_phase_arc(recipe, tmp_path, pseudo_phase,
+                                                                            half_width):
+    """A second acquisition whose cells are all in one phase (no markers): each crop is placed on the fitted cycle
+    by itself, so θ falls in that phase's arc (a fit of their own could not tell where they are)."""
+    fitted, phases = recipe
+    _, theta = cycling_crops(400, 1)  # the crops the recipe was fitted on: where this pseudo-phase sits in θ
+    centre = np.angle(np.exp(1j * theta[phases == pseudo_phase]).mean())
+    new, _ = cycling_crops(60, 9, (centre - half_width * np.pi, centre + half_width * np.pi))
+    fitted.save(tmp_path / "recipe")
+    estimate, phase, _ = CycleRecipe.load(tmp_path / "recipe").apply(new.select_channels(["brightfield"]))
+    assert np.mean(phase == pseudo_phase) > 0.8  # 1.0 with these seeds; 4 arcs
+    assert np.mean(fitted.fit.phase(estimate) == pseudo_phase) > 0.8
 
 
 def test_markers_must_not_be_among_the_classifier_channels_and_bad_folders_are_refused(model, tmp_path):

@@ -151,3 +151,65 @@ def test_bad_sizes_and_foreign_data():
         make_expression(**SMALL, dispersion=0.0)
     with pytest.raises(InputError, match="synthetic"):
         programmes_of(ad.AnnData(np.zeros((2, 2))))
+
+
+def _digest(a: ad.AnnData) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for arr in (a.X.data, a.X.indices, a.X.indptr, a.obs["cycle_theta"].to_numpy(), a.obs["library_size"].to_numpy(),
+                a.obs["cell_type"].cat.codes.to_numpy(), a.obs["batch"].cat.codes.to_numpy(),
+                a.obs["cycle_phase"].cat.codes.to_numpy()):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    h.update("\n".join(a.var_names).encode())
+    h.update("\n".join(a.var["programme"].astype(str)).encode())
+    return h.hexdigest()[:16]
+
+
+@pytest.mark.parametrize("kwargs,digest,total", [
+    ({}, "a9de362bd4f6519e", 6273141),
+    (SMALL, "1d18f5e9188e6c48", 1601329),
+    ({**SMALL, "cycle_programme": "s_g2m"}, "1d18f5e9188e6c48", 1601329),
+])
+def test_default_output_is_unchanged_by_the_cycle_programme_option(kwargs, digest, total):
+    """Counts, obs and var of the default (and explicit ``"s_g2m"``) programme are those of the generator before
+    ``cycle_programme`` existed (digests computed on that code; README's quickstart table depends on them)."""
+    a = make_expression(**kwargs)
+    assert int(a.X.sum()) == total
+    assert _digest(a) == digest
+
+
+def test_whitfield_programme_marks_every_phase_and_resolves_mid_g1():
+    a = make_expression(**SMALL, cycle_programme="whitfield")
+    progs, x = programmes_of(a), _lognorm(a)
+    groups = ["MG1", "G1S", "S", "G2", "G2M"]
+    assert list(progs)[:5] == groups and all(len(progs[g]) == 8 for g in groups)  # 40 cycle genes, 5 groups
+    assert a.uns["synthetic"]["params"]["cycle_programme"] == "whitfield"
+    assert set(a.uns["synthetic"]["phase_peaks"]) == set(groups)
+    theta = a.obs["cycle_theta"].to_numpy()
+    assert (a.obs["cycle_phase"].astype(str).to_numpy() == np.where(
+        theta < np.pi, "G1", np.where(theta < 1.5 * np.pi, "S", "G2M"))).all()
+    order = np.argsort(theta)
+    peaks = {}
+    for g in groups:
+        score = x[:, a.var_names.get_indexer(progs[g])].mean(1)
+        smooth = np.convolve(np.r_[score[order][-50:], score[order], score[order][:50]], np.ones(101) / 101, "same")
+        peaks[g] = theta[order][np.argmax(smooth[50:-50])]
+        expected = a.uns["synthetic"]["phase_peaks"][g]
+        assert abs(np.angle(np.exp(1j * (peaks[g] - expected)))) < 0.25 * np.pi, g
+    # mid-G1: the M/G1 score falls and the G1/S score rises between 0.3 pi and 0.7 pi (the default has neither)
+    early, late = (theta > 0.25 * np.pi) & (theta < 0.4 * np.pi), (theta > 0.6 * np.pi) & (theta < 0.75 * np.pi)
+    for g, sign in (("MG1", 1), ("G1S", -1)):
+        score = x[:, a.var_names.get_indexer(progs[g])].mean(1)
+        assert sign * (score[early].mean() - score[late].mean()) > 0.1, g
+    default = make_expression(**SMALL)
+    assert not any(name.startswith(("MG1_", "G1S_", "G2_")) for name in default.var_names)
+
+
+def test_whitfield_programme_refusals():
+    with pytest.raises(ConfigError, match="cycle_programme must be one of"):
+        make_expression(**SMALL, cycle_programme="tricycle")
+    with pytest.raises(ConfigError, match="needs cycle_genes >= 5"):
+        make_expression(**SMALL, cycle_programme="whitfield", cycle_genes=4)
+    assert make_expression(**SMALL, cycle_programme="whitfield", cycle_genes=0).var["programme"].cat.categories[
+        1] == "typeA"

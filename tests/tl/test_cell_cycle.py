@@ -83,3 +83,82 @@ def test_cli_cell_cycle(cells, tmp_path, capsys):
     assert "cell_cycle_theta" in out.obs and (tmp_path / "cycle.png").is_file()
     assert "closure" in capsys.readouterr().out
     assert main(["cell-cycle", "--data", str(tmp_path / "emb.h5ad"), "--out", str(tmp_path / "out.h5ad")]) == 2
+
+
+def _one_phase(phase: str, n: int = 800, seed: int = 9) -> tuple[ad.AnnData, ad.AnnData]:
+    """A reference of all phases and, in the same embedding space, a second acquisition of one phase only."""
+    x, theta, labels = ring(n=n, seed=seed, skew=False)
+    half = n // 2
+    obs = pd.DataFrame({"phase": pd.Categorical(labels, categories=PHASES), "theta_true": theta},
+                       index=[f"c{i}" for i in range(n)])
+    reference = ad.AnnData(obs=obs.iloc[:half].copy(), obsm={"X_sslcell": x[:half].astype(np.float32)})
+    keep = np.flatnonzero(labels[half:] == phase) + half
+    new = ad.AnnData(obs=obs.iloc[keep].copy(), obsm={"X_sslcell": x[keep].astype(np.float32)})
+    return reference, new
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_an_embedding_of_one_phase_warns_instead_of_a_confident_theta(phase):
+    _, new = _one_phase(phase)
+    with pytest.warns(UserWarning, match="closed trajectory"):
+        tl.cell_cycle(new)
+    info = new.uns["sslcell"]["cell_cycle"]
+    assert info["closure_unscaled"] < 0.5  # the warning's reason is recorded with the fit
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_one_phase_projected_onto_a_reference_fit_falls_in_its_arc(phase, tmp_path):
+    from sslcell.cellcycle import project_cycle
+
+    reference, new = _one_phase(phase)
+    tl.cell_cycle(reference, anchor_key="phase")
+    reference.write_h5ad(tmp_path / "reference.h5ad")  # the reference as a user keeps it: a file
+    stored = ad.read_h5ad(tmp_path / "reference.h5ad")
+    for ref in (reference, stored.uns["sslcell"]["cell_cycle"]):
+        out = project_cycle(new, ref, copy=True)
+        assert (out.obs["cell_cycle_phase"] == phase).mean() > 0.85
+        info = out.uns["sslcell"]["cell_cycle"]
+        assert info["projected"] and info["projected_residual"] < 0.15 and info["projected_closure"] < 0.6
+    np.testing.assert_allclose(project_cycle(new, stored, copy=True).obs["cell_cycle_theta"],
+                               project_cycle(new, reference, copy=True).obs["cell_cycle_theta"], atol=1e-5)
+    assert len(pl.cell_cycle(out, color="phase").axes) >= 3  # pl.cell_cycle shows a projection as it shows a fit
+    # projecting the reference's own cells gives the θ tl.cell_cycle wrote
+    again = project_cycle(reference, reference, key_added="again", copy=True)
+    np.testing.assert_allclose(again.obs["again_theta"], reference.obs["cell_cycle_theta"], atol=1e-5)
+
+
+def test_project_cycle_refusals_and_a_foreign_representation_warns():
+    from sslcell.cellcycle import project_cycle
+
+    reference, new = _one_phase("G1")
+    with pytest.raises(InputError, match="no cell-cycle fit"):
+        project_cycle(new, reference)
+    tl.cell_cycle(reference, anchor_key="phase")
+    with pytest.raises(InputError, match="lacks"):
+        project_cycle(new, {"radius": 1.0})
+    with pytest.raises(InputError, match="no 'X_pca'"):
+        project_cycle(new, reference, use_rep="X_pca")
+    new.obsm["narrow"] = new.obsm["X_sslcell"][:, :4]
+    with pytest.raises(InputError, match="dimensions"):
+        project_cycle(new, reference, use_rep="narrow")
+    new.obsm["other"] = np.random.default_rng(0).normal(size=new.obsm["X_sslcell"].shape) * 3 + 5
+    with pytest.warns(UserWarning, match="far from the reference cycle"):
+        project_cycle(new, reference, use_rep="other")
+    with pytest.raises(OverwriteError):
+        project_cycle(new, reference)
+
+
+def test_tl_cell_cycle_with_a_reference_places_one_phase_in_its_arc_and_so_does_the_cli(tmp_path, capsys):
+    reference, new = _one_phase("G2M")
+    tl.cell_cycle(reference, anchor_key="phase")
+    with pytest.raises(InputError, match="reference's anchors apply"):
+        tl.cell_cycle(new, reference=reference, anchor_key="phase")
+    out = tl.cell_cycle(new, reference=reference, copy=True)
+    assert (out.obs["cell_cycle_phase"] == "G2M").mean() > 0.85 and out.uns["sslcell"]["cell_cycle"]["projected"]
+    reference.write_h5ad(tmp_path / "ref.h5ad")
+    new.write_h5ad(tmp_path / "new.h5ad")
+    assert main(["cell-cycle", "--data", str(tmp_path / "new.h5ad"), "--reference", str(tmp_path / "ref.h5ad"),
+                 "--out", str(tmp_path / "out.h5ad")]) == 0
+    cli = ad.read_h5ad(tmp_path / "out.h5ad")
+    np.testing.assert_allclose(cli.obs["cell_cycle_theta"], out.obs["cell_cycle_theta"], atol=1e-5)
+    assert "placed on" in capsys.readouterr().out

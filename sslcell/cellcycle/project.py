@@ -1,0 +1,110 @@
+"""Place new cells on a cycle fitted before: θ from a reference fit, not from a fit of their own.
+
+A fit needs cells all round the cycle. Cells of a single phase (a second acquisition of G1 cells, a sorted
+population) lie on an arc, and a circle fitted through them alone spreads them round the whole circle: θ then says
+nothing (``fit_cycle`` warns). Projected onto a fit made on cells of all phases (in the same representation: the
+same embedding model, the same cycle-gene PCA, the same recipe), they keep the reference's circle, direction,
+origin and phase arcs, so θ falls in their phase's arc. :func:`project_cycle` does that for an AnnData and writes
+what ``tl.cell_cycle`` writes; on crops, :meth:`sslcell.cellcycle.recipe.CycleRecipe.apply` does the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from sslcell.cellcycle.fit import RESIDUAL_WARN, CycleFit, closure
+from sslcell.errors import InputError
+
+if TYPE_CHECKING:  # anndata and pandas load on use: importing sslcell.cellcycle stays light
+    from anndata import AnnData
+
+_FIELDS = {f.name for f in dataclasses.fields(CycleFit)}
+
+
+def as_fit(reference: CycleFit | dict[str, Any] | AnnData, key: str = "cell_cycle") -> CycleFit:
+    """A :class:`CycleFit` from a fit, the dict ``tl.cell_cycle`` recorded (``adata.uns["sslcell"][key]``, from
+    memory or an ``.h5ad``), or the reference AnnData that holds it under ``key``."""
+    from anndata import AnnData
+
+    if isinstance(reference, CycleFit):
+        return reference
+    if isinstance(reference, AnnData):
+        try:
+            reference = reference.uns["sslcell"][key]
+        except (KeyError, TypeError):
+            raise InputError(f"the reference AnnData has no cell-cycle fit under uns['sslcell'][{key!r}]: run "
+                             f"tl.cell_cycle on it first (key_added={key!r})") from None
+    if not isinstance(reference, dict):
+        raise InputError(f"a reference fit is a CycleFit, the dict tl.cell_cycle recorded, or an AnnData holding it; "
+                         f"got {type(reference).__name__}")
+    missing = {"mean", "basis", "scale", "centre", "radius"} - set(reference)
+    if missing:
+        raise InputError(f"the reference fit lacks {sorted(missing)}: not a cell-cycle fit")
+    values = {k: v for k, v in reference.items() if k in _FIELDS}
+    for name in ("anchored",):
+        if name in values:
+            values[name] = bool(values[name])
+    for name in ("phases",):
+        if name in values:
+            values[name] = [str(p) for p in np.asarray(values[name]).tolist()]
+    return CycleFit.from_dict(values)
+
+
+def project_cycle(
+    adata: AnnData,
+    reference: CycleFit | dict[str, Any] | AnnData,
+    use_rep: str = "X_sslcell",
+    *,
+    reference_key: str = "cell_cycle",
+    key_added: str = "cell_cycle",
+    overwrite: bool = False,
+    copy: bool = False,
+    warn: bool = True,
+) -> AnnData | None:
+    """Place the cells of ``adata`` on a reference cycle fit (module doc); nothing is refitted.
+
+    ``reference``: a :class:`CycleFit`, the dict ``tl.cell_cycle`` recorded (``ref.uns["sslcell"]["cell_cycle"]``),
+    or the reference AnnData itself (its fit under ``reference_key``). ``obsm[use_rep]`` must be the same
+    representation the reference was fitted on (same model, same genes, same width).
+
+    Writes, as ``tl.cell_cycle`` does: ``obs[f"{key_added}_theta"]``, ``obsm[f"{key_added}_plane"]``,
+    ``obs[f"{key_added}_phase"]`` (when the reference is anchored) and ``uns["sslcell"][key_added]``: the reference
+    fit's fields plus ``projected: True``, ``projected_residual`` (these cells around the reference circle) and
+    ``projected_closure`` (how far round it they go: low for one phase, as expected). Warns when the cells lie far
+    from the reference circle (``projected_residual > RESIDUAL_WARN``): another representation, or no cycle.
+    """
+    import pandas as pd
+
+    from sslcell.tl._keys import check_free, record
+
+    fit = as_fit(reference, reference_key)
+    if use_rep not in adata.obsm:
+        raise InputError(f"adata.obsm has no {use_rep!r}; it has {list(adata.obsm)}")
+    theta_key, phase_key, plane_key = f"{key_added}_theta", f"{key_added}_phase", f"{key_added}_plane"
+    check_free(adata, "obs", theta_key, overwrite)
+    check_free(adata, "obsm", plane_key, overwrite)
+    if fit.phases:
+        check_free(adata, "obs", phase_key, overwrite)
+    x = np.asarray(adata.obsm[use_rep])
+    theta = fit.theta(x)
+    plane = fit.plane(x)
+    residual = fit.residual_of(x)
+    if warn and residual > RESIDUAL_WARN:
+        warnings.warn(
+            f"these cells lie far from the reference cycle (residual {residual:.2f} around its circle, > "
+            f"{RESIDUAL_WARN}; the reference's own {fit.residual:.2f}): is obsm[{use_rep!r}] the representation the "
+            "reference was fitted on (same model, same genes)? θ may mean little.", UserWarning, stacklevel=2)
+    if copy:
+        adata = adata.copy()
+    adata.obs[theta_key] = theta.astype(np.float32)
+    adata.obsm[plane_key] = plane.astype(np.float32)
+    if fit.phases:
+        adata.obs[phase_key] = pd.Categorical(fit.phase(theta), categories=fit.phases)
+    info = {"use_rep": use_rep, **fit.to_dict(), "projected": True, "projected_residual": residual,
+            "projected_closure": closure(fit.raw_angle(plane))}
+    record(adata, key_added, info)
+    return adata if copy else None
