@@ -207,8 +207,8 @@ def _benchmark(args: argparse.Namespace) -> int:
         return 0
     if not args.suite:
         raise SSLCellError("give a suite file (or --list to see the task kinds)")
-    suite = load_suite(args.suite, quick=args.quick, data_dir=args.data, out=args.out)
-    run = run_suite(suite, workdir=args.workdir, device=args.device, only=args.only)
+    suite = load_suite(args.suite, quick=args.quick, data_dir=args.data, out=args.out, only=args.only)
+    run = run_suite(suite, workdir=args.workdir, device=args.device)
     print(f"results: {run.markdown_path} (and {run.json_path.name})")
     for missed in run.targets_missed:
         print(f"target not met: {missed}")

@@ -58,6 +58,7 @@ def _tirosh_names(names) -> list[str]:
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     (tmp_path / "configs").symlink_to(REPO / "configs")
+    (tmp_path / "benchmarks").symlink_to(REPO / "benchmarks")
     counts = make_expression(n_cells=900, n_genes=300, n_cell_types=4, n_batches=2, seed=3)
     counts.var_names = _tirosh_names(counts.var_names)
     (tmp_path / "atlas_shards").mkdir()
@@ -66,6 +67,7 @@ def workdir(tmp_path, monkeypatch):
     counts[:600].write_h5ad(tmp_path / "atlas.h5ad")
     counts[600:800].write_h5ad(tmp_path / "my_cells.h5ad")
     counts[800:].write_h5ad(tmp_path / "reference.h5ad")
+    counts[700:].write_h5ad(tmp_path / "more_cells.h5ad")
     np.savez(tmp_path / "crops.npz", **_crops(96, 0))
     np.savez(tmp_path / "train_crops.npz", **_crops(64, 1))
     np.savez(tmp_path / "test_crops.npz", **_crops(32, 2))
@@ -93,13 +95,18 @@ def workdir(tmp_path, monkeypatch):
 def test_python_tour_runs_as_written(workdir):
     blocks = _blocks(_section("## Python tour", "## CLI tour"), "python")
     assert len(blocks) == 2
+    namespaces = []
     for block in blocks:
         namespace: dict = {}
         exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 (our own README)
+        namespaces.append(namespace)
     assert (workdir / "umap.png").is_file() and (workdir / "confusion.png").is_file()
     assert (workdir / "cycle.png").is_file() and (workdir / "runs" / "cycle_recipe" / "cycle.json").is_file()
     assert (workdir / "runs" / "img_classifier").is_dir()
     assert "sslcell_pred_proba" in namespace["pred"].obsm
+    expression = namespaces[0]
+    assert expression["ref"].uns["sslcell"]["cycle_sslcell"]["projected"]
+    assert expression["run"].markdown_path.is_file() and not expression["run"].errors
 
 
 def test_cli_tour_runs_as_written(workdir, capsys):
@@ -115,3 +122,4 @@ def test_cli_tour_runs_as_written(workdir, capsys):
         assert main(argv) == 0, (line, capsys.readouterr().err)
     assert (workdir / "runs" / "pred" / "predictions.h5ad").is_file()
     assert (workdir / "report.md").is_file() and (workdir / "runs" / "clf").is_dir()
+    assert (workdir / "more_cycled.h5ad").is_file() and (workdir / "bench_quick" / "crop_speed_quick.md").is_file()

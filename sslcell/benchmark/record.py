@@ -54,6 +54,9 @@ def command() -> str:
     argv = list(sys.argv)
     if argv and argv[0].endswith(("sslcell", "__main__.py")):
         argv[0] = "sslcell"
+    elif argv and argv[0].endswith(".py"):  # a script, e.g. benchmarks/bench_loader.py
+        argv[0] = f"python {os.path.relpath(argv[0]) if os.path.isabs(argv[0]) else argv[0]}"
+        return argv[0] + (" " + shlex.join(argv[1:]) if argv[1:] else "")
     return shlex.join(argv)
 
 

@@ -16,7 +16,7 @@ from sslcell.benchmark.record import describe_hardware, provenance
 from sslcell.benchmark.registry import Context, TaskResult
 from sslcell.benchmark.report import markdown
 from sslcell.benchmark.suite import Suite
-from sslcell.errors import OverwriteError
+from sslcell.errors import ConfigError, OverwriteError
 
 log = logging.getLogger("sslcell.benchmark")
 HEADER = "# Benchmark suite:"  # first line of every results file this runner writes
@@ -36,9 +36,10 @@ class SuiteRun:
         return [f"{task}: {t.name}" for task, r in self.results.items() for t in r.targets if not t.met]
 
 
-def output_paths(suite: Suite) -> tuple[Path, Path, str]:
-    """``(markdown, json, prefix)``; a --quick run writes ``<name>_quick.*`` beside the full results."""
-    stem = f"{suite.name}_quick" if suite.quick else suite.name
+def output_paths(suite: Suite, only: list[str] | None = None) -> tuple[Path, Path, str]:
+    """``(markdown, json, prefix)``: ``<name>.*``; a run of some tasks (``only``) writes ``<name>_<task>-<task>.*`` and
+    a --quick run ``<name>[...]_quick.*``, so neither replaces the whole suite's results."""
+    stem = suite.name + (f"_{'-'.join(only)}" if only else "") + ("_quick" if suite.quick else "")
     return suite.out / f"{stem}.md", suite.out / f"{stem}.json", stem
 
 
@@ -51,13 +52,16 @@ def run_suite(suite: Suite, *, workdir: str | Path | None = None, device: str = 
     """
     from tqdm.auto import tqdm
 
-    md_path, json_path, stem = output_paths(suite)
-    for path in (md_path, json_path):
-        _check_ours(path)
-    tasks = [t for t in suite.tasks if only is None or t.name in only]
+    only = only if only is not None else suite.only
     unknown = sorted(set(only or []) - {t.name for t in suite.tasks})
     if unknown:
-        raise ValueError(f"no task named {unknown[0]!r} in suite {suite.name}; tasks: {[t.name for t in suite.tasks]}")
+        raise ConfigError(f"--only: no task named {unknown[0]!r} in suite {suite.name}; its tasks are "
+                          f"{[t.name for t in suite.tasks]}")
+    tasks = [t for t in suite.tasks if only is None or t.name in only]
+    only = [t.name for t in tasks] if only else None  # suite order
+    md_path, json_path, stem = output_paths(suite, only)
+    for path in (md_path, json_path):
+        _check_ours(path)
     suite.out.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = provenance(suite.seed) | {
         "suite": suite.describe(), "quick": suite.quick,

@@ -76,6 +76,7 @@ class Suite:
     source: Path
     out: Path
     quick: bool
+    only: list[str] | None = None  # the tasks selected at load time (--only); None: all
 
     def describe(self) -> dict[str, Any]:
         """JSON-able summary of what runs (kinds, resolved parameters, data, recipes, baselines, peers)."""
@@ -91,8 +92,11 @@ class Suite:
 
 
 def load_suite(path: str | Path, *, quick: bool = False, data_dir: str | Path | None = None,
-               out: str | Path | None = None) -> Suite:
-    """Read and validate a suite file; ``data_dir`` / ``out`` override the file's own (the CLI's --data / --out)."""
+               out: str | Path | None = None, only: list[str] | None = None) -> Suite:
+    """Read and validate a suite file; ``data_dir`` / ``out`` override the file's own (the CLI's --data / --out).
+
+    ``only``: keep just these tasks (the others are not validated, so their data need not exist here).
+    """
     path = Path(path)
     try:
         values = yaml.safe_load(path.read_text())
@@ -101,12 +105,12 @@ def load_suite(path: str | Path, *, quick: bool = False, data_dir: str | Path | 
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
     try:
-        return _suite(values, path, quick=quick, data_dir=data_dir, out=out)
+        return _suite(values, path, quick=quick, data_dir=data_dir, out=out, only=only)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
 
 
-def _suite(values: Any, path: Path, *, quick: bool, data_dir, out) -> Suite:
+def _suite(values: Any, path: Path, *, quick: bool, data_dir, out, only) -> Suite:
     _mapping(values, "suite", SUITE_FIELDS)
     here = path.resolve().parent
     if data_dir is not None:
@@ -122,14 +126,19 @@ def _suite(values: Any, path: Path, *, quick: bool, data_dir, out) -> Suite:
     tasks_raw = values.get("tasks")
     if not isinstance(tasks_raw, list) or not tasks_raw:
         raise ConfigError("tasks: expected a non-empty list of tasks")
-    tasks = [_task(t, f"tasks[{i}]", here, base, quick) for i, t in enumerate(tasks_raw)]
-    names = [t.name for t in tasks]
+    names = [t.get("name", t.get("kind")) if isinstance(t, dict) else None for t in tasks_raw]
     for i, name in enumerate(names):
-        if names.index(name) != i:
+        if name is not None and names.index(name) != i:
             raise ConfigError(f"tasks[{i}].name: {name!r} is used twice (task names name the output files)")
+    unknown = sorted(set(only or []) - set(names))
+    if unknown:
+        raise ConfigError(f"--only: no task named {unknown[0]!r}; the suite's tasks are {names}")
+    tasks = [_task(t, f"tasks[{i}]", here, base, quick) for i, t in enumerate(tasks_raw)
+             if not only or names[i] in only]
     return Suite(name=_string(values.get("name", path.stem), "name"),
                  description=_string(values.get("description", ""), "description"),
-                 seed=seed, tasks=tasks, source=path, out=out_dir, quick=quick)
+                 seed=seed, tasks=tasks, source=path, out=out_dir, quick=quick,
+                 only=[t.name for t in tasks] if only else None)
 
 
 def _task(values: Any, where: str, here: Path, base: Path, quick: bool) -> TaskSpec:

@@ -154,3 +154,27 @@ def test_cli_runs_lists_and_reports_errors(tmp_path, capsys):
     assert "no such suite file" in capsys.readouterr().err
     failing = _write(tmp_path, _suite(params={"fail": True}), "f.yaml")
     assert main(["benchmark", str(failing), "--out", str(tmp_path / "f")]) == 1
+
+
+def test_only_runs_some_tasks_into_their_own_files(tmp_path):
+    suite = _suite()
+    suite["tasks"] += [{"name": "b", "kind": "toy_sum"}, {"name": "c", "kind": "toy_sum"}]
+    path = _write(tmp_path, suite)
+    run = run_suite(load_suite(path), progress=False, only=["c", "a"])
+    assert set(run.results) == {"a", "c"} and run.markdown_path.name == "toy_a-c.md"
+    assert not (tmp_path / "results" / "toy.md").exists()  # the whole suite's results are not replaced
+    with pytest.raises(ConfigError, match="--only: no task named 'z'"):
+        run_suite(load_suite(path), progress=False, only=["z"])
+
+
+def test_only_at_load_time_skips_the_other_tasks_data(tmp_path):
+    suite = _suite()
+    suite["tasks"].append({"name": "b", "kind": "toy_sum", "data": "absent.npz"})
+    path = _write(tmp_path, suite)
+    with pytest.raises(ConfigError, match=r"tasks\[1\].data: no such file"):
+        load_suite(path)
+    loaded = load_suite(path, only=["a"])
+    assert [t.name for t in loaded.tasks] == ["a"]
+    assert run_suite(loaded, progress=False).markdown_path.name == "toy_a.md"
+    with pytest.raises(ConfigError, match="--only: no task named 'c'"):
+        load_suite(path, only=["c"])

@@ -1,0 +1,192 @@
+"""Task kind crop_classification: the splits, the validation protocol, the supervised CNN and the shipped suite."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from sslcell.benchmark import load_suite, run_suite
+from sslcell.benchmark.tasks import crop_classification as cc
+from sslcell.benchmark.tasks._supervised_cnn import CNNSettings, PlainCNN, balanced_class_weights, train_cnn
+from sslcell.data.images import CellImages
+from sslcell.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+SUITE = ROOT / "benchmarks" / "suites" / "crops.yaml"
+DATA = ROOT.parent / "shared" / "data"
+
+
+def _crops(n_per_class: int = 40, seed: int = 0) -> CellImages:
+    """Two classes told apart by a bright square (class b), 2 channels, 16 px, uint8, 8 groups."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 60, size=(2 * n_per_class, 2, 16, 16), dtype=np.uint8)
+    images[n_per_class:, 0, 4:12, 4:12] += 150
+    labels = np.array(["a"] * n_per_class + ["b"] * n_per_class)
+    import pandas as pd
+
+    obs = pd.DataFrame({"label": labels, "smear": np.arange(2 * n_per_class) % 8})
+    return CellImages.from_array(images, channel_names=["bf", "df"], obs=obs)
+
+
+def test_splits_by_group_keep_groups_apart_and_validation_stays_inside_training():
+    y = np.repeat(np.array(list("abc")), 50)
+    groups = np.arange(150) % 15
+    train, test = cc._test_split(y, groups, 0.2, seed=0)
+    assert set(groups[train]).isdisjoint(groups[test]) and len(train) + len(test) == 150
+    labelled = cc._labelled_split(y, groups, train, 0.5, 0.25, seed=0)
+    assert set(labelled.rows) <= set(train) and set(labelled.fit) | set(labelled.val) == set(labelled.rows)
+    assert set(groups[labelled.fit]).isdisjoint(groups[labelled.val]) and not set(labelled.val) & set(test)
+    # stratified: every class in test; the validation split keeps at least one crop per class to train on
+    train, test = cc._test_split(y, None, 0.2, seed=0)
+    assert {c: (y[test] == c).sum() for c in "abc"} == {"a": 10, "b": 10, "c": 10}
+    labelled = cc._labelled_split(y, None, train, 0.1, 0.2, seed=0)
+    assert len(labelled.rows) == 12 and set(y[labelled.fit]) == set("abc") and len(labelled.val) == 3
+
+
+def test_subsample_is_stratified_with_two_per_class():
+    y = np.array(["a"] * 1000 + ["b"] * 10)
+    rows = cc._subsample(y, 101, seed=0)
+    assert (y[rows] == "a").sum() == 100 and (y[rows] == "b").sum() == 2 and np.all(np.diff(rows) > 0)
+
+
+def test_evaluate_chooses_on_validation_and_refits_on_all_labels():
+    """A fake entry whose validation score is its setting: the best one is chosen, refitted on all labelled rows."""
+    fits = []
+
+    class Report:
+        def __init__(self, value):
+            self.accuracy = self.macro_f1 = self.balanced_accuracy = self.macro_roc_auc = value
+
+    def fit(setting, rows):
+        fits.append((setting, len(rows)))
+        return setting
+
+    def score(model, rows, tta):
+        return Report(model + (0.5 if tta else 0.0) if len(rows) == 3 else 0.1 * model)
+
+    entry = cc.Entry("fake", sslcell=True, candidates=[("low", 0.2), ("high", 0.4), ("mid", 0.3)], fit=fit,
+                     score=score)
+    labelled = cc.Labelled(1.0, rows=np.arange(10), fit=np.arange(7), val=np.arange(7, 10))
+    rows, grid, reports = cc._evaluate(entry, labelled, np.arange(20, 25), tta=True)
+    assert fits == [(0.2, 7), (0.4, 7), (0.3, 7), (0.4, 10)]
+    assert [r["entry"] for r in rows] == ["fake", "fake + TTA"] and rows[0]["setting"] == "high"
+    assert rows[0]["val_macro_f1"] == 0.4 and rows[1]["val_macro_f1"] == 0.9
+    assert rows[0]["accuracy"] == pytest.approx(0.04) and ("fake + TTA", "100%") in reports
+    assert [g["chosen"] for g in grid] == ["", "yes", ""]
+
+
+def test_plain_cnn_shapes_and_class_weights():
+    net = PlainCNN(3, (8, 16, 32))
+    assert net(torch.zeros(2, 3, 40, 40)).shape == (2, 32) and net.embed_dim == 32
+    weights = balanced_class_weights(np.array([0, 0, 0, 1]), 3)
+    np.testing.assert_allclose(weights, [4 / 6, 2.0, 0.0])
+
+
+def test_supervised_cnn_learns_a_visible_class_and_never_predicts_an_absent_one():
+    cells = _crops()
+    cells.obs["label"] = cells.obs["label"].astype("category").cat.add_categories(["never"])
+    codes = cells.obs["label"].cat.codes.to_numpy()
+    state = torch.random.get_rng_state()
+    classifier = train_cnn(cells, codes, ["a", "b", "never"], CNNSettings(lr=3e-3, epochs=15, widths=[8, 16, 16],
+                                                                          batch_size=16), torch.device("cpu"))
+    assert torch.equal(state, torch.random.get_rng_state())  # the caller's random state is kept
+    proba = classifier.predict_proba(torch.from_numpy(cells.batch(np.arange(len(cells)))), tta=True)
+    assert proba.shape == (80, 3) and float(proba[:, 2].max()) < 1e-3
+    assert (proba.argmax(1).numpy() == codes).mean() > 0.9
+
+
+def test_params_check_names_the_field(tmp_path):
+    with pytest.raises(ConfigError, match="label_fractions"):
+        cc.CropClassificationParams(label_fractions=[0.0]).check()
+    with pytest.raises(ConfigError, match="cnn_epochs"):
+        cc.CropClassificationParams(cnn_epochs=[]).check()
+    suite = {"name": "s", "tasks": [{"kind": "crop_classification", "data": str(tmp_path),
+                                     "params": {"pca_class_weights": [2.0]}}]}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(suite))
+    with pytest.raises(ConfigError, match=r"tasks\[0\]\.params\.pca_class_weights"):
+        load_suite(tmp_path / "s.yaml")
+
+
+def _synthetic_suite(tmp_path, **params) -> Path:
+    """80 crops of 2 classes (a bright square marks class b) in 8 smears; a 1-epoch tiny SimCLR recipe."""
+    cells = _crops()
+    np.savez(tmp_path / "crops.npz", images=np.asarray(cells.images), labels=np.repeat([0, 1], 40),
+             label_names=np.array(["a", "b"]), smear=np.arange(80) % 8)
+    recipe = {"modality": "image", "method": {"name": "simclr", "projection_dim": 8, "projection_hidden": 16},
+              "encoder": {"name": "resnet_tiny", "options": {"base_width": 4}}, "data": {"batch_size": 16},
+              "train": {"max_epochs": 1}}
+    suite = {"name": "s", "out": "out", "tasks": [{
+        "name": "toy", "kind": "crop_classification", "data": str(tmp_path / "crops.npz"),
+        "params": {"group_key": "smear", "label_fractions": [1.0, 0.5], "cnn_widths": [8, 16, 16], "cnn_batch_size": 16,
+                   "cnn_lrs": [0.003, 0.0001], "cnn_epochs": [15], "pca_components": 10, **params},
+        "recipes": [{"name": "tiny", "config": recipe, "finetune": {"epochs": 2, "batch_size": 16}}],
+        "baselines": ["pixel_pca", "random_encoder", "supervised_cnn"]}]}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(suite))
+    return tmp_path / "s.yaml"
+
+
+def test_synthetic_task_end_to_end_with_tta(tmp_path):
+    run = run_suite(load_suite(_synthetic_suite(tmp_path)), workdir=tmp_path / "work", device="cpu",
+                    progress=False)
+    assert run.errors == {}
+    result = run.results["toy"]
+    rows = {(r["entry"], r["labels"]): r for r in result.raw["rows"]}
+    cnn = rows["supervised CNN from scratch (8-16-16) + TTA", "100%"]
+    assert cnn["setting"] == "lr 0.003, 15 epochs" and cnn["accuracy"] > 0.9  # the square is easy to see
+    assert rows["raw pixels PCA-10 + logistic", "100%"]["accuracy"] > 0.9
+    for entry in ("sslcell tiny + linear probe", "sslcell tiny + fine-tune + TTA",
+                  "random-weight resnet_tiny (tiny's encoder) + linear probe + TTA"):
+        assert {(entry, "100%"), (entry, "50%")} <= set(rows)
+    # targets: the validation-chosen sslcell row against the validation-chosen CNN row, on test scores
+    for labels in ("100%", "50%"):
+        ours = max((r for r in result.raw["rows"] if r["family"] == "sslcell" and r["labels"] == labels),
+                   key=lambda r: r["val_macro_f1"])
+        cnn = max((r for r in result.raw["rows"] if r["entry"].startswith("supervised") and r["labels"] == labels),
+                  key=lambda r: r["val_macro_f1"])
+        target = next(t for t in result.targets if t.name.startswith(labels) and t.name.endswith("accuracy"))
+        assert target.value == pytest.approx(ours["accuracy"] / cnn["accuracy"])
+    grid = [g for g in result.raw["grid"] if g["entry"].startswith("supervised") and g["labels"] == "100%"]
+    assert [g["setting"] for g in grid] == ["lr 0.003, 15 epochs", "lr 0.0001, 15 epochs"]
+    assert sum(g["chosen"] == "yes" for g in grid) == 1
+    assert (tmp_path / "out" / result.plots[0]).is_file()
+    assert "by smear (GroupShuffleSplit" in run.markdown_path.read_text()
+
+
+def test_cnn_must_get_at_least_the_finetuning_budget(tmp_path):
+    run = run_suite(load_suite(_synthetic_suite(tmp_path, cnn_epochs=[1])), progress=False)
+    assert "at least the recipes' fine-tuning budget (2 epochs)" in run.errors["toy"]
+
+
+@pytest.mark.skipif(not (DATA / "jurkat_cellcycle_ifc_mlcp.npz").is_file(), reason="shared data not present")
+def test_shipped_suite_runs_quick(tmp_path):
+    suite = load_suite(SUITE, quick=True, out=tmp_path)
+    assert [t.name for t in suite.tasks] == ["jurkat", "chula"]
+    assert suite.tasks[0].params.channels == [0, 2] and suite.tasks[1].params.group_key == "image_id"
+    run = run_suite(suite, workdir=tmp_path / "work", device="cpu", progress=False)
+    assert run.errors == {}
+    record = json.loads(run.json_path.read_text())
+    for name, n_recipes, n_finetuned in (("jurkat", 2, 1), ("chula", 1, 1)):
+        result = run.results[name]
+        rows = result.raw["rows"]
+        # per fraction (--quick: no TTA rows): PCA, a random encoder per architecture, the CNN, a probe per recipe,
+        # fine-tuning for the recipes not in probe_only
+        assert len(rows) == 2 * (1 + n_recipes + 1 + n_recipes + n_finetuned)
+        assert {r["labels"] for r in rows} == {"100%", "10%"}
+        for r in rows:
+            for key in ("accuracy", "macro_f1", "val_macro_f1"):
+                assert 0.0 <= r[key] <= 1.0
+            assert math.isfinite(r["balanced_accuracy"])
+        assert len(result.targets) == 4 and all(t.value >= 0 for t in result.targets)
+        assert (tmp_path / result.plots[0]).is_file()
+        assert record["tasks"][name]["raw"]["n_test"] == result.raw["n_test"]
+        assert result.raw["n_cells"] <= 260
+    jurkat = run.results["jurkat"].raw
+    assert jurkat["labelled"]["10%"]["n"] < jurkat["labelled"]["100%"]["n"] == jurkat["n_train"]
+    text = run.markdown_path.read_text()
+    assert "supervised CNN from scratch" in text and "every candidate setting" in text and "(--quick)" in text
