@@ -14,7 +14,8 @@ import torch
 import yaml
 
 from sslcell.benchmark import load_suite, run_suite
-from sslcell.benchmark.tasks.augment_speed import ROWS, images_per_second, load_crops, median_ratio, run_child
+from sslcell.benchmark.child import run_child
+from sslcell.benchmark.tasks.augment_speed import ROWS, images_per_second, load_crops, median_ratio
 from sslcell.cli import main
 from sslcell.errors import ConfigError
 

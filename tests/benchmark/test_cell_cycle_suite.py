@@ -119,6 +119,9 @@ def test_generated_crops_end_to_end(tmp_path):
         assert sum(r["chance"] for r in single if r["recipe"] == entry) == pytest.approx(1.0)
     assert {r["θ as among all held-out crops"] for r in single} == {"same"}
     assert all(0 <= r["θ in the phase's arc"] <= 1 for r in single)
+    assert {r["mean θ's arc"] for r in single} | {r["most crops' arc"] for r in single} <= {"early", "late"}
+    for r in single:  # over half of an acquisition in its arc: that arc holds the most of its crops
+        assert (r["most crops' arc"] == r["phase"]) or r["θ in the phase's arc"] <= 0.5
     (target,) = result.targets
     assert target.value == by["pixel_pca"]["aligned Spearman"] and target.goal == 0.85
     assert result.plots == ["gen_gen_crops_tiny_deepcycle.png", "gen_gen_crops_random_encoder_deepcycle.png"]

@@ -1,35 +1,36 @@
 """Fresh-process probes of the expression benchmarks, and the step timer they share with in-process runs.
 
 A probe runs in its own Python process (:func:`run_probe`) so that only its own memory counts: it streams one
-loader epoch, pretrains for a bounded number of steps, or embeds a backed file, and prints one JSON line with its
-peak resident memory (``VmHWM`` of ``/proc/self/status``) and its timings. The process is started with
-:func:`runpy.run_path` on this file, not as a module of :mod:`sslcell.benchmark.tasks`, so that importing the
-package (every task kind) does not add to what it measures.
+loader epoch, pretrains for a bounded number of steps, or embeds a backed file, and returns its peak resident
+memory (``VmHWM`` of ``/proc/self/status``) and its timings. The process loads this file by path
+(:func:`sslcell.benchmark.child.run_child`), not as a module of :mod:`sslcell.benchmark.tasks`, so that importing
+the package (every task kind) does not add to what it measures.
 
 Top-level imports are the standard library only: the package imports this module with every task kind.
 """
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 GB = 1e9  # memory is reported in decimal GB (the issue's "3 GB"); 1 GB < 1 GiB, so the stricter reading
-_LAUNCH = "import runpy, sys; runpy.run_path(sys.argv.pop(1), run_name='__main__')"
 
 
 def run_probe(kind: str, **args: Any) -> dict[str, Any]:
-    """Run probe ``kind`` (``loader``, ``pretrain`` or ``embed``) in a fresh Python process; its JSON result."""
-    command = [sys.executable, "-c", _LAUNCH, str(Path(__file__).resolve()), kind, json.dumps(args)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        tail = "\n".join(done.stderr.strip().splitlines()[-15:])
-        raise RuntimeError(f"{kind} probe failed (exit {done.returncode}):\n{tail}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    """Run probe ``kind`` (``loader``, ``pretrain`` or ``embed``) with keyword ``args`` in a fresh Python process
+    (:func:`~sslcell.benchmark.child.run_child`); its JSON-able result."""
+    from sslcell.benchmark.child import run_child
+
+    with tempfile.TemporaryDirectory(prefix=f"sslcell_{kind}_probe_") as scratch:
+        return run_child(f"{__name__}:probe", {"kind": kind, "args": args}, Path(scratch))
+
+
+def probe(spec: dict[str, Any]) -> dict[str, Any]:
+    """The child's side of :func:`run_probe`: ``spec = {"kind": ..., "args": {...}}``."""
+    return PROBES[spec["kind"]](**spec["args"])
 
 
 def status_bytes(field: str) -> int:
@@ -210,7 +211,3 @@ def probe_embed(path: str, model: str, batch_size: int | None, device: str | Non
 
 
 PROBES = {"loader": probe_loader, "pretrain": probe_pretrain, "embed": probe_embed}
-
-if __name__ == "__main__":
-    kind, arguments = sys.argv[-2], json.loads(sys.argv[-1])
-    print(json.dumps(PROBES[kind](**arguments)))

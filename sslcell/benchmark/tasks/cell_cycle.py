@@ -25,8 +25,8 @@ held-out crops of one acquisition group of true phases (``acquisitions``: G1, S,
 only those, are placed by it as an acquisition of their own (``CycleRecipe.apply``). The groups' arcs on the recipe's
 circle come from the *training* crops and their labels (``CycleFit.reanchored``: same circle, arcs as wide as the
 groups' shares); reported: the share of each acquisition's θ in its group's arc (chance: the arc's share of the
-circle), whether θ is the same as when those crops are placed among all held-out crops, and what a circle fitted to
-the acquisition alone gives.
+circle), the arcs holding its circular mean θ and most of its crops, whether θ is the same as when those crops are
+placed among all held-out crops, and what a circle fitted to the acquisition alone gives.
 
 **Synthetic expression** (``source: synthetic_expression``; ``make_expression``, ``n_cells`` x ``n_genes``,
 ``n_cell_types``, seed): θ against the simulated continuous phase, per cycle programme (``programmes``):
@@ -305,12 +305,14 @@ def _run_crops(task: Any, ctx: Context) -> TaskResult:
                        "training crops. Seconds: pretraining (embedding rows) or the DeepCycle recipe's fine-tuning "
                        "and fit (recipe rows) on this run's hardware."),
             Table("Single-phase acquisitions: held-out crops of one phase group, placed by the saved and loaded "
-                  "recipe", ["recipe", "phase", "crops", "θ in the phase's arc", "chance",
-                             "θ as among all held-out crops", "own fit: closure", "own fit: closure unscaled",
-                             "own fit: residual"], single,
+                  "recipe", ["recipe", "phase", "crops", "θ in the phase's arc", "chance", "mean θ's arc",
+                             "most crops' arc", "θ as among all held-out crops", "own fit: closure",
+                             "own fit: closure unscaled", "own fit: residual"], single,
                   note="Arcs of the groups on each recipe's circle from the training crops' labels; chance = the "
-                       "arc's share of the circle. \"Own fit\": a circle fitted to the acquisition alone "
-                       "(`fit_cycle` warns below 0.75 closure / above 0.25 residual)."),
+                       "arc's share of the circle. \"Mean θ's arc\": the arc holding the acquisition's circular "
+                       "mean θ; \"most crops' arc\": the arc holding the most of its crops. \"Own fit\": a circle "
+                       "fitted to the acquisition alone (`fit_cycle` warns below 0.75 closure / above 0.25 "
+                       "residual)."),
         ],
         targets=targets,
         plots=plots,
@@ -348,9 +350,13 @@ def single_phase(recipe: Any, entry: str, free: Any, train: np.ndarray, test: np
             continue
         theta, _, descriptor = recipe.apply(free[test[mask]])
         plane = wheel(descriptor, classes, order)
+        placed = arcs.theta(plane)
+        mean = float(np.angle(np.mean(np.exp(1j * placed))) % (2 * np.pi))  # the acquisition's circular mean θ
+        named, counts = np.unique(arcs.phase(placed), return_counts=True)
         row = {"recipe": entry, "phase": group, "crops": int(mask.sum()),
-               "θ in the phase's arc": float(np.mean(arcs.phase(arcs.theta(plane)) == group)),
+               "θ in the phase's arc": float(np.mean(arcs.phase(placed) == group)),
                "chance": float(width / (2 * np.pi)),
+               "mean θ's arc": str(arcs.phase(np.array([mean]))[0]), "most crops' arc": str(named[counts.argmax()]),
                "θ as among all held-out crops": "same" if np.allclose(theta, theta_all[mask], atol=1e-4)
                else "DIFFERENT"}
         try:

@@ -218,7 +218,7 @@ def _recipes(spec: dict[str, Any]) -> list[tuple[str, Any]]:
 def _in_child(function: str, spec: dict[str, Any], ctx: Context, n_rounds: int, desc: str) -> dict[str, Any]:
     """``function(spec)`` of this module in a fresh process with ``OMP_WAIT_POLICY=PASSIVE``; its lines starting
     with ``round`` advance the progress bar and go to the log."""
-    from sslcell.benchmark.tasks.augment_speed import run_child
+    from sslcell.benchmark.child import run_child
 
     rounds = iter(ctx.steps(range(n_rounds), desc=desc))
 

@@ -81,7 +81,7 @@ def make_data(folder: Path, n_ref: int, n_query: int, dim: int, seed: int, *, n_
 
 def run(task: Any, ctx: Context) -> TaskResult:
     """Make the data, run each entry in its own process, compare the calls, tabulate."""
-    from sslcell.benchmark.tasks.augment_speed import run_child
+    from sslcell.benchmark.child import run_child
 
     p: KnnTransferParams = task.params
     folder = ctx.workdir / "data"
