@@ -322,22 +322,17 @@ def _oversample(text: str) -> bool | float:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    import yaml
-
     from sslcell.checkpoint import load
     from sslcell.classify import FinetuneConfig, finetune, save_classifier
+    from sslcell.config import read_yaml
     from sslcell.data.images import CellImages
-    from sslcell.errors import ConfigError
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise OverwriteError(f"{out}: is not empty; pass --overwrite to replace it or choose another --out")
     values = {}
     if args.config:
-        try:
-            values = yaml.safe_load(Path(args.config).read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{args.config}: not valid YAML ({err})") from None
+        values = read_yaml(args.config)
     for name in ("head", "epochs", "lr", "encoder_lr_factor", "oversample", "batch_size", "dropout", "hidden_dim",
                  "val_fraction", "patience", "supcon_weight", "seed"):
         if getattr(args, name) is not None:

@@ -168,19 +168,29 @@ class RecipeConfig:
             raise ConfigError(f"optim.lr: must be positive, got {self.optim.lr}")
 
 
-def load_config(path: str | Path) -> RecipeConfig:
-    """Read a recipe from YAML; errors name the file and the field."""
+def read_yaml(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """The mapping at the top of a YAML file (``{}`` for an empty file); a missing or unreadable file, malformed
+    YAML or another top level raise :class:`ConfigError` naming the file (``what``: its role, for the message)."""
     path = Path(path)
     try:
         values = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
+        raise ConfigError(f"{path}: no such {what} file") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the {what} file ({err.strerror or err})") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
     if values is None:
-        values = {}
+        return {}
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(values).__name__}")
+    return values
+
+
+def load_config(path: str | Path) -> RecipeConfig:
+    """Read a recipe from YAML; errors name the file and the field."""
+    path = Path(path)
+    values = read_yaml(path)
     try:
         return RecipeConfig.from_dict(values)
     except ConfigError as err:

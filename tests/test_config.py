@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from sslcell.config import RecipeConfig, load_config
+from sslcell.config import RecipeConfig, load_config, read_yaml
 from sslcell.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -53,3 +53,26 @@ def test_load_config_names_the_file(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="no such config"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_read_yaml_errors_name_the_file_and_its_role(tmp_path):
+    assert read_yaml(_text(tmp_path / "empty.yaml", "")) == {}
+    assert read_yaml(_text(tmp_path / "ok.yaml", "a: 1\n")) == {"a": 1}
+    with pytest.raises(ConfigError, match=r"missing.yaml: no such suite file"):
+        read_yaml(tmp_path / "missing.yaml", "suite")
+    with pytest.raises(ConfigError, match=r"folder: cannot read the suite file"):
+        read_yaml(_folder(tmp_path / "folder"), "suite")
+    with pytest.raises(ConfigError, match=r"bad.yaml: not valid YAML \(.*line 1"):
+        read_yaml(_text(tmp_path / "bad.yaml", "a: [1\n"))
+    with pytest.raises(ConfigError, match=r"list.yaml: the top level must be a mapping, got list"):
+        read_yaml(_text(tmp_path / "list.yaml", "- 1\n"))
+
+
+def _text(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _folder(path: Path) -> Path:
+    path.mkdir()
+    return path

@@ -27,10 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from sslcell.benchmark.registry import TaskKind, check_names, task_kind
-from sslcell.config import RecipeConfig, from_dict, load_config
+from sslcell.config import RecipeConfig, from_dict, load_config, read_yaml
 from sslcell.errors import ConfigError
 
 SUITE_FIELDS = ("name", "description", "seed", "data_dir", "out", "tasks")
@@ -98,12 +96,7 @@ def load_suite(path: str | Path, *, quick: bool = False, data_dir: str | Path | 
     ``only``: keep just these tasks (the others are not validated, so their data need not exist here).
     """
     path = Path(path)
-    try:
-        values = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such suite file") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+    values = read_yaml(path, "suite")
     try:
         return _suite(values, path, quick=quick, data_dir=data_dir, out=out, only=only)
     except ConfigError as err:
@@ -217,9 +210,9 @@ def _recipe(value: Any, where: str, here: Path) -> RecipeSpec:
     finetune = value.get("finetune")
     if isinstance(finetune, str):
         try:
-            finetune = yaml.safe_load((here / finetune).read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise ConfigError(f"{where}.finetune: cannot read {here / finetune} ({err})") from None
+            finetune = read_yaml(here / finetune, "fine-tuning settings")
+        except ConfigError as err:
+            raise ConfigError(f"{where}.finetune: {err}") from None
     if finetune is not None:
         from sslcell.classify.finetune import FinetuneConfig
 
