@@ -180,15 +180,20 @@ def _prepare_images(
         return cells.select_channels(list(contract.channel_names)), contract
     if d.channels is not None:
         cells = cells.select_channels(d.channels)
-    stats = cells.channel_stats(max_cells=d.stats_max_cells, seed=config.train.seed)
-    contract = ImageContract(
+    return cells, image_contract(cells, max_cells=d.stats_max_cells, seed=config.train.seed)
+
+
+def image_contract(cells: CellImages, max_cells: int = 10000, seed: int = 0) -> ImageContract:
+    """The input contract a model trained on ``cells`` fixes: channel names, per-channel mean / std (over at most
+    ``max_cells`` crops, sampled with ``seed``), crop size and dtype."""
+    stats = cells.channel_stats(max_cells=max_cells, seed=seed)
+    return ImageContract(
         channel_names=tuple(cells.channel_names),
         channel_mean=tuple(stats["mean"]),
         channel_std=tuple(stats["std"]),
         image_size=tuple(int(s) for s in cells.shape[2:]),
         dtype=str(cells.dtype),
     )
-    return cells, contract
 
 
 def _prepare_expression(

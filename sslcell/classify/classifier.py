@@ -12,9 +12,11 @@ from torch import Tensor, nn
 from sslcell.augment.image import dihedral_views
 from sslcell.checkpoint import FORMAT_VERSION, check_format, read_weights, versions, write_weights
 from sslcell.config import RecipeConfig
+from sslcell.data.images import CellImages
 from sslcell.errors import ConfigError, FileFormatError, InputError
-from sslcell.methods import SSLModule, build_method
+from sslcell.methods import SSLModule, build_encoder, build_inputs
 from sslcell.methods.inputs import Inputs
+from sslcell.train import image_contract
 
 WEIGHTS = "classifier.safetensors"
 CONFIG = "classifier.json"
@@ -26,8 +28,9 @@ class CellClassifier(nn.Module):
     a hidden layer (linear ``D -> hidden``, GELU, dropout).
 
     ``feature_mean`` / ``feature_std`` ``(D,)`` standardise the embedding (a linear probe is fitted on
-    standardised features); they are 0 / 1 for a fine-tuned head. ``base`` is the pretrained model's recipe
-    and input contract, so :func:`load_classifier` can rebuild the encoder from JSON.
+    standardised features); they are 0 / 1 for a fine-tuned head. ``base`` holds the input contract and the
+    encoder's description, so :func:`load_classifier` can rebuild the encoder from JSON: the pretrained model's
+    recipe (:meth:`from_pretrained`), or the encoder's name and options (:meth:`from_scratch`).
     """
 
     def __init__(self, inputs: Inputs, encoder: nn.Module, classes: list[str], base: dict[str, Any],
@@ -54,6 +57,27 @@ class CellClassifier(nn.Module):
         base = {"recipe": model.config.to_dict(), "contract": model.inputs.contract.to_dict(),
                 "source": getattr(model, "source", None)}
         return cls(model.inputs, model.encoder, classes, base, dropout, hidden)
+
+    @classmethod
+    def from_scratch(cls, cells: CellImages, classes: list[str], encoder: str = "plain_cnn",
+                     encoder_options: dict[str, Any] | None = None, dropout: float = 0.0, hidden: int = 0,
+                     stats_max_cells: int = 10000, seed: int = 0) -> CellClassifier:
+        """A randomly initialised classifier for crops like ``cells`` (train it with
+        :func:`~sslcell.classify.train_from_scratch`).
+
+        The input contract standardises each channel with the mean and std of ``cells`` (at most
+        ``stats_max_cells`` crops, sampled with ``seed``), as pretraining does; ``encoder`` / ``encoder_options``
+        name an image encoder as a recipe's ``encoder.name`` / ``encoder.options`` do (e.g. ``"plain_cnn"``,
+        ``{"widths": [32, 64, 128]}``). Weights are drawn from torch's global random state.
+        """
+        if not isinstance(cells, CellImages):
+            raise InputError(f"from_scratch builds a classifier for image crops (CellImages); got "
+                             f"{type(cells).__name__}")
+        description = {"name": encoder, "options": dict(encoder_options or {})}
+        contract = image_contract(cells, max_cells=stats_max_cells, seed=seed)
+        inputs, net = _build_encoder(description, contract.to_dict())
+        base = {"encoder": description, "contract": contract.to_dict(), "source": None}
+        return cls(inputs, net, classes, base, dropout, hidden)
 
     def features(self, x: Tensor) -> Tensor:
         """Normalised input -> standardised embedding ``(N, D)``."""
@@ -130,8 +154,8 @@ def load_classifier(directory: str | Path, *, map_location: str | torch.device =
             raise FileFormatError(f"{directory / CONFIG}: kind {kind!r} is not an sslcell classifier")
         check_format(meta, directory / CONFIG)
         base = meta["base"]
-        model = build_method(RecipeConfig.from_dict(base["recipe"]), base["contract"])
-        classifier = CellClassifier(model.inputs, model.encoder, meta["classes"], base, meta.get("dropout", 0.0),
+        inputs, encoder = _build_encoder(base.get("encoder", base.get("recipe")), base["contract"])
+        classifier = CellClassifier(inputs, encoder, meta["classes"], base, meta.get("dropout", 0.0),
                                     meta.get("hidden", 0))
     except (ValueError, KeyError, TypeError, AttributeError, ConfigError) as err:  # ValueError covers bad JSON
         raise FileFormatError(f"{directory / CONFIG}: not a valid classifier description ({err})") from None
@@ -139,3 +163,14 @@ def load_classifier(directory: str | Path, *, map_location: str | torch.device =
     classifier.info = meta.get("info", {})
     classifier.source = str(directory)
     return classifier.eval()
+
+
+def _build_encoder(description: dict[str, Any], contract: dict[str, Any]) -> tuple[Inputs, nn.Module]:
+    """The input module and an untrained encoder: ``description`` is a pretraining recipe, or (a classifier from
+    scratch) an image encoder's ``{"name", "options"}``."""
+    if "modality" in description:
+        recipe = RecipeConfig.from_dict(description)
+    else:
+        recipe = RecipeConfig.from_dict({"modality": "image", "encoder": description})
+    inputs = build_inputs(recipe, contract)
+    return inputs, build_encoder(recipe, inputs)

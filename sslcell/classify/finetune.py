@@ -6,14 +6,23 @@
 * ``head="mlp"``: the encoder is frozen; a hidden layer (``hidden_dim``, GELU, dropout) and a linear layer are
   trained on the cached, standardised embeddings (:mod:`sslcell.classify.head`).
 * ``head="full"``: encoder and a dropout + linear head are trained together with AdamW (the head at ``lr``,
-  the encoder at ``lr * encoder_lr_factor``), warm-up and cosine decay, minority classes oversampled so every
-  class is drawn equally often (``oversample=0.5``: square-root sampling, in between); crops are augmented,
-  counts are not. By default (``init_head="linear_probe"``) the head starts from the linear probe's solution on
-  standardised features ("LP-FT", Kumar et al. 2022): a random head would first push large, noisy gradients
-  through the pretrained encoder. After training, the encoder's batch-norm statistics are re-estimated on
-  un-augmented training cells drawn as training drew them ("precise BN"), so eval mode matches the final weights.
+  the encoder at ``lr * encoder_lr_factor``), warm-up and cosine decay (``schedule="one_cycle"``: torch's
+  one-cycle to each group's rate instead), minority classes oversampled so every class is drawn equally often
+  (``oversample=0.5``: square-root sampling, in between; ``balance="loss"``: natural draws and a cross-entropy
+  weighted by the balanced class weights to that power instead); crops are augmented, counts are not. By default
+  (``init_head="linear_probe"``) the head starts from the linear probe's solution on standardised features
+  ("LP-FT", Kumar et al. 2022): a random head would first push large, noisy gradients through the pretrained
+  encoder. After training, the encoder's batch-norm statistics are re-estimated on un-augmented training cells
+  drawn as training drew them ("precise BN"), so eval mode matches the final weights.
 
-Options for ``mlp`` and ``full``: ``supcon_weight > 0`` adds a supervised contrastive loss (pytorch-metric-learning's
+:func:`train_from_scratch` runs the same full loop on a randomly initialised encoder (any image encoder, by
+default the plain CNN), with :data:`SCRATCH_RECIPE` by default: issue 14's supervised baseline (one-cycle to 3e-3,
+class-weighted cross-entropy, AdamW weight decay 0.01, 30 epochs). A pretrained encoder can be fine-tuned with the
+same recipe by giving ``finetune`` those settings.
+
+Options for ``mlp`` and ``full``: ``min_steps`` raises the epochs so that training makes at least that many optimiser
+steps (with few labels an epoch is one or two batches; the last partial batch is dropped); ``classifier.info``
+records the epochs run. ``supcon_weight > 0`` adds a supervised contrastive loss (pytorch-metric-learning's
 ``SupConLoss`` with a ``MultiSimilarityMiner``; :mod:`sslcell.classify.objectives`); ``val_fraction > 0`` holds out a
 stratified share of the labelled cells, scores macro-F1 on them after every epoch, keeps the best epoch's weights
 and stops after ``patience`` epochs without improvement. With the linear head the held-out cells are only scored.
@@ -31,7 +40,8 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -42,7 +52,7 @@ from anndata import AnnData
 from sslcell.classify.classifier import CellClassifier
 from sslcell.classify.head import fit_mlp_head
 from sslcell.classify.objectives import EarlyStopping
-from sslcell.classify.training import fit_full
+from sslcell.classify.training import fit_full, training_epochs
 from sslcell.config import from_dict
 from sslcell.data.expression import CountRows, open_counts
 from sslcell.data.images import CellImages
@@ -64,6 +74,15 @@ LABEL_PRESERVING_AUGMENT: dict[str, Any] = {
 
 
 HEADS = ("linear", "mlp", "full")
+SCHEDULES = ("cosine", "one_cycle")
+BALANCES = ("sampling", "loss")
+
+# FinetuneConfig fields of issue 14's supervised baseline, trained from scratch (train_from_scratch's default):
+# one-cycle to 3e-3 for 30 epochs, class-weighted cross-entropy, AdamW weight decay 0.01; head and encoder at lr
+SCRATCH_RECIPE: dict[str, Any] = {
+    "epochs": 30, "lr": 3e-3, "schedule": "one_cycle", "balance": "loss", "oversample": 1.0, "weight_decay": 0.01,
+    "init_head": "random", "encoder_lr_factor": 1.0,
+}
 
 
 @dataclass
@@ -76,7 +95,9 @@ class FinetuneConfig:
     lr: float = 2e-3  # head learning rate
     encoder_lr_factor: float = 0.25  # encoder learning rate = lr * this (0: frozen encoder)
     weight_decay: float = 1e-4
-    warmup_fraction: float = 0.05
+    warmup_fraction: float = 0.05  # schedule "cosine": share of the steps in linear warm-up
+    schedule: str = "cosine"  # full: "cosine" (warm-up + cosine decay) or "one_cycle" (torch's OneCycleLR)
+    min_steps: int = 0  # mlp / full: raise the epochs so that training makes at least this many optimiser steps
     dropout: float = 0.2
     hidden_dim: int = 256  # mlp: width of the hidden layer
     val_fraction: float = 0.0  # share of labelled cells held out (stratified) to score every epoch; 0: none
@@ -84,9 +105,11 @@ class FinetuneConfig:
     supcon_weight: float = 0.0  # mlp / full: weight of the supervised contrastive loss added to cross-entropy
     supcon_temperature: float = 0.1
     # class balancing, a cell of class k weighted by count_k ** -power: True (power 1) draws every class equally
-    # often (full) or balances the class weights (linear); a number in [0, 1] is the power (0.5: "square-root
+    # often (full, balance "sampling"), weights the loss by the balanced class weights n / (K count_k) (full,
+    # balance "loss") or balances the class weights (linear); a number in [0, 1] is the power (0.5: "square-root
     # sampling", between the natural mix and equal classes); False (0) keeps the natural mix
     oversample: bool | float = True
+    balance: str = "sampling"  # full: balance by weighted draws ("sampling") or class-weighted cross-entropy ("loss")
     init_head: str = "linear_probe"  # full: start from the linear probe ("linear_probe") or a random head ("random")
     label_smoothing: float = 0.0
     C: float = 1.0  # linear: inverse L2 strength of the logistic regression
@@ -102,9 +125,20 @@ class FinetuneConfig:
             raise ConfigError(f"head: must be one of {HEADS}, got {self.head!r}")
         if self.init_head not in ("linear_probe", "random"):
             raise ConfigError(f"init_head: must be 'linear_probe' or 'random', got {self.init_head!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule: must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.balance not in BALANCES:
+            raise ConfigError(f"balance: must be one of {BALANCES}, got {self.balance!r}")
+        if self.head == "mlp" and self.schedule != "cosine":
+            raise ConfigError("schedule: the mlp head trains with warm-up + cosine; 'one_cycle' is for head 'full'")
+        if self.head == "mlp" and self.balance != "sampling":
+            raise ConfigError("balance: the mlp head balances classes by sampling; 'loss' is for head 'full' (the "
+                              "linear probe balances with class weights either way)")
         for name in ("epochs", "batch_size", "max_iter", "hidden_dim", "patience"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if isinstance(self.min_steps, bool) or not isinstance(self.min_steps, int) or self.min_steps < 0:
+            raise ConfigError(f"min_steps: must be an integer >= 0, got {self.min_steps!r}")
         if self.lr <= 0 or self.C <= 0 or self.encoder_lr_factor < 0:
             raise ConfigError("lr and C must be > 0 and encoder_lr_factor >= 0")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -169,6 +203,68 @@ def finetune(
             raise InputError(f"this model reads expression counts (an AnnData); got {type(data).__name__}")
         if channels is not None:
             raise InputError("channels: not applicable to expression data; remove the argument")
+    classes, codes, rows = _label_codes(data, label_key)
+    cells = _labelled(data, rows, layer, model)  # crops, or counts in memory
+    model = copy.deepcopy(model).cpu()
+
+    def build(train_rows: np.ndarray) -> CellClassifier:
+        dropout = 0.0 if config.head == "linear" else config.dropout
+        return CellClassifier.from_pretrained(model, classes, dropout, config.hidden_dim if config.head == "mlp" else 0)
+
+    return _train(build, cells, codes, config, _describe(data),
+                  embed=lambda part: embed_rows(model, part, device=device))  # (N, D): frozen encoder, as is
+
+
+def train_from_scratch(
+    data: CellImages,
+    label_key: str | np.ndarray = "label",
+    config: FinetuneConfig | None = None,
+    *,
+    encoder: str = "plain_cnn",
+    encoder_options: dict[str, Any] | None = None,
+    channels: Any = None,
+) -> CellClassifier:
+    """Train a randomly initialised crop classifier (:meth:`CellClassifier.from_scratch`) with the full fine-tuning
+    loop: the supervised baseline of a pretrained encoder, trained the same way.
+
+    Args:
+        data: labelled crops; ``channels`` (indices or names) selects some. Each channel is standardised with the
+            training crops' mean and std.
+        label_key: an ``obs`` column name, or labels ``(N,)`` (a ``pd.Categorical`` keeps its categories: classes
+            without crops are outputs that are never predicted). Crops with a missing label are skipped.
+        config: :class:`FinetuneConfig` with ``head="full"``, ``init_head="random"`` and ``encoder_lr_factor > 0``;
+            default ``FinetuneConfig(**SCRATCH_RECIPE)``, issue 14's supervised baseline.
+        encoder, encoder_options: an image encoder by name and its options, as in a recipe's ``encoder``.
+
+    Returns:
+        The trained :class:`CellClassifier`, on the CPU, in eval mode (save it with ``save_classifier``).
+    """
+    config = config or FinetuneConfig(**SCRATCH_RECIPE)
+    if config.head != "full":
+        raise ConfigError(f"head: a classifier from scratch trains its encoder; use 'full', got {config.head!r}")
+    if config.init_head != "random":
+        raise ConfigError("init_head: a classifier from scratch has no pretrained features to probe; set "
+                          "init_head: random (SCRATCH_RECIPE does)")
+    if config.encoder_lr_factor <= 0:
+        raise ConfigError("encoder_lr_factor: 0 would freeze a random encoder; use 1 (SCRATCH_RECIPE does)")
+    if not isinstance(data, CellImages):
+        raise InputError(f"train_from_scratch trains on image crops (CellImages); got {type(data).__name__}")
+    if channels is not None:
+        data = data.select_channels(channels)
+    classes, codes, rows = _label_codes(data, label_key)
+    cells = _labelled(data, rows, None, None)
+
+    def build(train_rows: np.ndarray) -> CellClassifier:
+        return CellClassifier.from_scratch(cells[train_rows], classes, encoder, encoder_options,
+                                           dropout=config.dropout, seed=config.seed)
+
+    return _train(build, cells, codes, config, _describe(data))
+
+
+def _label_codes(data: CellImages | AnnData, label_key: str | np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """``(classes, codes (n,), rows (n,))`` of the labelled cells of ``data``: their classes as indices into
+    ``classes`` (the label categories, those without cells included) and their positions; refused unless at least
+    2 classes have cells."""
     y = _labels(data, label_key)
     keep = ~y.isna().to_numpy()
     y = y[keep]
@@ -181,44 +277,52 @@ def finetune(
         raise InputError(f"need labelled cells of at least 2 classes; got counts {counts}")
     if absent:
         log.info("classes without training cells (kept as outputs, never predicted): %s", absent)
-    cells = _labelled(data, np.flatnonzero(keep), layer, model)  # crops, or counts in memory
+    return classes, codes, np.flatnonzero(keep)
+
+
+def _train(build: Callable[[np.ndarray], CellClassifier], cells: Any, codes: np.ndarray, config: FinetuneConfig,
+           described: str, embed: Callable[[Any], np.ndarray] | None = None) -> CellClassifier:
+    """Hold out the validation cells, build the classifier (``build(training rows)``, under ``config.seed``) and
+    train its head (on embeddings ``embed(cells) (N, D)``) or the whole network; a class without training cells
+    is never predicted. Returns it in eval mode with ``info`` filled in."""
     val = _validation_mask(codes, config.val_fraction, config.seed)
     train_codes = codes[~val]
-    present = np.bincount(train_codes, minlength=len(classes))
-    model = copy.deepcopy(model).cpu()
+    train_rows, val_rows = np.flatnonzero(~val), np.flatnonzero(val)
     with torch.random.fork_rng(devices=[]):  # seeded by config.seed; the caller's global random state is kept
         torch.manual_seed(config.seed)
-        classifier = CellClassifier.from_pretrained(
-            model, classes, dropout=0.0 if config.head == "linear" else config.dropout,
-            hidden=config.hidden_dim if config.head == "mlp" else 0,
-        )
+        classifier = build(train_rows)
+        present = np.bincount(train_codes, minlength=len(classifier.classes))
         stopper = EarlyStopping(codes[val], config.patience) if val.any() else None
+        run: dict[str, int] = {}
         x = None
         if config.head != "full" or config.init_head == "linear_probe":
-            x = embed_rows(model, cells, device=device)  # (N, D): frozen encoder, no augmentation
+            x = embed(cells)
         if config.head == "linear" or (config.head == "full" and config.init_head == "linear_probe"):
             _fit_linear(classifier, x[~val], train_codes, config)
         if config.head == "mlp":
-            fit_mlp_head(classifier, x[~val], train_codes, config, (x[val], stopper) if stopper else None)
+            run["epochs"] = training_epochs(len(train_codes), config)[0]
+            fit_mlp_head(classifier, x[~val], train_codes, replace(config, epochs=run["epochs"]),
+                         (x[val], stopper) if stopper else None)
         if config.head == "full":
-            train_cells, val_cells = cells[np.flatnonzero(~val)], cells[np.flatnonzero(val)]
-            fit_full(classifier, train_cells, train_codes, config, (val_cells, stopper) if stopper else None)
+            run = fit_full(classifier, cells[train_rows], train_codes, config,
+                           (cells[val_rows], stopper) if stopper else None)
         elif config.head == "linear" and stopper is not None:
             stopper.update(0, _fit_linear_predict(classifier, x[val]), classifier)
     with torch.no_grad():  # a class without training cells is never predicted
         classifier.head.bias[torch.from_numpy(present == 0)] = -1e4
     classifier.info = {
         "finetune": asdict(config),
+        **run,
         "n_train": int(len(train_codes)),
-        "train_class_counts": dict(zip(classes, present.tolist(), strict=True)),
-        "data": _describe(data),
+        "train_class_counts": dict(zip(classifier.classes, present.tolist(), strict=True)),
+        "data": described,
     }
     if stopper is not None:
         classifier.info["validation"] = {"n_cells": int(val.sum()), **stopper.summary()}
     return classifier.eval()
 
 
-def _labelled(data: CellImages | AnnData, rows: np.ndarray, layer: str | None, model: SSLModule) -> Any:
+def _labelled(data: CellImages | AnnData, rows: np.ndarray, layer: str | None, model: SSLModule | None) -> Any:
     """The labelled cells, in order: aligned crops, or the AnnData's counts over the model's genes read into memory
     (:class:`CountRows`; a backed file is read chunk-wise)."""
     if isinstance(data, CellImages):
@@ -253,7 +357,10 @@ def _labels(data: CellImages | AnnData, labels: Any) -> pd.Series:
             raise InputError(f"{where}: no obs column {labels!r}; columns are {list(data.obs.columns)}")
         values = data.obs[labels]
     else:
-        labels = np.asarray(labels)
+        if isinstance(labels, pd.Series):
+            labels = labels.array  # by position; a categorical keeps its categories
+        if not isinstance(labels, pd.Categorical):
+            labels = np.asarray(labels)
         n = len(data.obs)
         if labels.shape != (n,):
             raise InputError(f"labels has shape {labels.shape} for {n} cells; expected ({n},)")

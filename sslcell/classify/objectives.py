@@ -25,12 +25,15 @@ log = logging.getLogger(__name__)
 
 
 class SupervisedLoss(nn.Module):
-    """``loss(logits (B, K), head_input (B, F), labels (B,)) -> scalar``; see the module doc."""
+    """``loss(logits (B, K), head_input (B, F), labels (B,)) -> scalar``; see the module doc. ``class_weight (K,)``
+    weights the cross-entropy per class (torch's weighted mean, ``sum_i w_(y_i) l_i / sum_i w_(y_i)``); the
+    supervised contrastive term is unweighted."""
 
     def __init__(self, label_smoothing: float = 0.0, supcon_weight: float = 0.0, supcon_temperature: float = 0.1,
-                 miner_epsilon: float = 0.1) -> None:
+                 miner_epsilon: float = 0.1, class_weight: Tensor | None = None) -> None:
         super().__init__()
         self.label_smoothing, self.supcon_weight = float(label_smoothing), float(supcon_weight)
+        self.register_buffer("class_weight", None if class_weight is None else class_weight.float())
         if self.supcon_weight > 0:  # imported here: pytorch-metric-learning takes seconds to import
             from pytorch_metric_learning import losses, miners
 
@@ -38,7 +41,7 @@ class SupervisedLoss(nn.Module):
             self.miner = miners.MultiSimilarityMiner(epsilon=miner_epsilon)
 
     def forward(self, logits: Tensor, head_input: Tensor, labels: Tensor) -> Tensor:
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+        loss = F.cross_entropy(logits.float(), labels, weight=self.class_weight, label_smoothing=self.label_smoothing)
         if self.supcon_weight > 0:
             z = head_input.float()
             loss = loss + self.supcon_weight * self.supcon(z, labels, self.miner(z, labels))

@@ -1,9 +1,12 @@
 """Full fine-tuning of a :class:`CellClassifier`: the Lightning module, the run, precise batch norm.
 
+One loop for a pretrained encoder and for one trained from scratch (the crop benchmark's supervised CNN).
 Cells are crops (:class:`~sslcell.data.images.CellImages`, augmented with label-preserving geometry) or counts held in
 memory (:class:`~sslcell.data.expression.CountRows`, normalised as the model was pretrained, not augmented: the
 head's dropout regularises). Settings come from :class:`~sslcell.classify.finetune.FinetuneConfig` (its docstring
-says why each default); the loss and early stopping from :mod:`sslcell.classify.objectives`.
+says why each default): the schedule (warm-up + cosine, or one-cycle), class balancing (weighted draws, or
+class-weighted cross-entropy) and a minimum number of optimiser steps; the loss and early stopping come from
+:mod:`sslcell.classify.objectives`.
 """
 
 from __future__ import annotations
@@ -28,15 +31,34 @@ from sslcell.train import on_gpu, resolve_precision
 log = logging.getLogger(__name__)
 
 
+def balanced_class_weights(codes: np.ndarray, n_classes: int, power: float = 1.0) -> np.ndarray:
+    """``(K,)`` float32: ``(n / (K_present * count_k)) ** power`` for the classes present in ``codes (N,)`` (power 1:
+    scikit-learn's "balanced"), 0 for the others."""
+    counts = np.bincount(codes, minlength=n_classes)
+    present = counts > 0
+    weights = np.zeros(n_classes, dtype=np.float32)
+    weights[present] = (len(codes) / (present.sum() * counts[present])) ** float(power)
+    return weights
+
+
+def training_epochs(n_cells: int, config: Any) -> tuple[int, int]:
+    """``(epochs, steps per epoch)`` of a run on ``n_cells``: batches of ``min(batch_size, n_cells)``, the last
+    partial batch dropped (as the loaders do); ``config.epochs`` raised, if needed, so that the run makes at least
+    ``config.min_steps`` optimiser steps."""
+    steps = n_cells // min(config.batch_size, n_cells)
+    return max(config.epochs, -(-config.min_steps // steps)), steps
+
+
 class _FinetuneModule(pl.LightningModule):
     def __init__(self, classifier: CellClassifier, codes: np.ndarray, config: Any,
-                 validation: tuple[Any, EarlyStopping] | None = None) -> None:
+                 validation: tuple[Any, EarlyStopping] | None = None, class_weight: np.ndarray | None = None) -> None:
         super().__init__()
         self.classifier, self.config, self.validation = classifier, config, validation
         self.register_buffer("codes", torch.from_numpy(codes.astype(np.int64)), persistent=False)
         self.image = classifier.inputs.modality == "image"
         self.augment = ImageAugment(image_augment_config(config.augment)) if self.image else None
-        self.loss = SupervisedLoss(config.label_smoothing, config.supcon_weight, config.supcon_temperature)
+        self.loss = SupervisedLoss(config.label_smoothing, config.supcon_weight, config.supcon_temperature,
+                                   class_weight=None if class_weight is None else torch.from_numpy(class_weight))
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         cells, rows = batch
@@ -88,27 +110,44 @@ class _FinetuneModule(pl.LightningModule):
                 p.requires_grad_(False)
         optimizer = torch.optim.AdamW(groups, weight_decay=c.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = int(total * c.warmup_fraction)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, total, warmup, 0.01))
+        if c.schedule == "one_cycle":  # torch's defaults: 30% up from lr/25, cosine down to lr/25e4; Adam's beta1
+            # cycles 0.95 -> 0.85 -> 0.95 against the learning rate
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in groups],
+                                                            total_steps=total)
+        else:
+            warmup = int(total * c.warmup_fraction)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                          lambda step: warmup_cosine(step, total, warmup, 0.01))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 def fit_full(classifier: CellClassifier, cells: Any, codes: np.ndarray, config: Any,
-             validation: tuple[Any, EarlyStopping] | None = None) -> None:
+             validation: tuple[Any, EarlyStopping] | None = None) -> dict[str, int]:
     """Train encoder and head together on ``cells`` (crops or :class:`CountRows`; ``codes`` ``(N,)``: the class of
     each), then re-estimate the batch-norm statistics. ``validation``: ``(validation cells, EarlyStopping)``; the
-    best epoch's weights are restored before the batch-norm pass."""
-    weights = None
-    if config.oversample:
-        counts = np.bincount(codes)
-        weights = counts[codes] ** -float(config.oversample)
+    best epoch's weights are restored before the batch-norm pass.
+
+    Classes are balanced with the power ``config.oversample``: ``balance="sampling"`` draws a cell of class ``k``
+    with weight ``count_k ** -power``; ``balance="loss"`` keeps the natural draws and weights the cross-entropy
+    (:func:`balanced_class_weights`). Returns ``{"epochs": planned epochs (raised to reach config.min_steps),
+    "steps": optimiser steps made}``."""
+    power = float(config.oversample)
+    weights, class_weight = None, None
+    if power > 0 and config.balance == "sampling":
+        weights = np.bincount(codes)[codes] ** -power
+    elif power > 0:
+        class_weight = balanced_class_weights(codes, len(classifier.classes), power)
     batch_size = min(config.batch_size, len(codes))
+    epochs, steps = training_epochs(len(codes), config)
+    if epochs > config.epochs:
+        log.info("%d cells make %d step(s) an epoch: %d epochs instead of %d, for min_steps=%d", len(codes), steps,
+                 epochs, config.epochs, config.min_steps)
     loader = make_image_dataloader(
         cells, batch_size=batch_size, seed=config.seed, weights=weights, return_index=True
     )
     precision = resolve_precision(config.accelerator, config.precision)
     trainer = pl.Trainer(
-        max_epochs=config.epochs,
+        max_epochs=epochs,
         accelerator=config.accelerator,
         devices=1,
         precision=precision,
@@ -118,7 +157,7 @@ def fit_full(classifier: CellClassifier, cells: Any, codes: np.ndarray, config: 
         enable_model_summary=False,
         use_distributed_sampler=False,
     )
-    module = _FinetuneModule(classifier, codes, config, validation)
+    module = _FinetuneModule(classifier, codes, config, validation, class_weight)
     module.train()  # a loaded model comes in eval mode; dropout and batch norm must train here
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")  # exact here
@@ -129,6 +168,7 @@ def fit_full(classifier: CellClassifier, cells: Any, codes: np.ndarray, config: 
         device = torch.device("cuda") if on_gpu(config.accelerator) else torch.device("cpu")
         _recalibrate_batch_norm(classifier.to(device), cells, weights, batch_size, config.seed)
     classifier.cpu()
+    return {"epochs": epochs, "steps": int(trainer.global_step)}
 
 
 @torch.no_grad()

@@ -1,4 +1,7 @@
-"""Image encoders by name: ``build_image_encoder("vit_small", in_channels=5, image_size=64, patch_size=8)``."""
+"""Image encoders by name: ``build_image_encoder("vit_small", in_channels=5, image_size=64, patch_size=8)``.
+
+In a recipe: ``encoder: {name: plain_cnn, options: {widths: [32, 64, 128]}}`` (options are the keyword arguments).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ from typing import Any
 
 from torch import nn
 
+from sslcell.encoders.cnn import PlainCNN
 from sslcell.encoders.resnet import ResNetEncoder
 from sslcell.encoders.vit import ViTEncoder
 from sslcell.errors import ConfigError
@@ -19,6 +23,7 @@ IMAGE_ENCODERS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "resnet18": (ResNetEncoder, {"arch": "resnet18"}),
     "resnet34": (ResNetEncoder, {"arch": "resnet34"}),
     "resnet50": (ResNetEncoder, {"arch": "resnet50"}),
+    "plain_cnn": (PlainCNN, {}),  # option widths (default [32, 64, 128]): the crop benchmark's supervised CNN
 }
 
 
@@ -26,7 +31,8 @@ def build_image_encoder(name: str, in_channels: int, image_size: int, **kwargs: 
     """An encoder ``(N, in_channels, image_size, image_size) -> (N, encoder.embed_dim)``.
 
     ``kwargs`` override the named settings (e.g. ``patch_size``, ``drop_path``, ``pool`` for ViTs, ``base_width``
-    for ``resnet_tiny``). ResNets accept any image size; ``image_size`` only shapes the ViT's patch grid.
+    for ``resnet_tiny``, ``widths`` for ``plain_cnn``). ResNets and the plain CNN accept any image size (the plain
+    CNN from ``2 ** len(widths)`` px); ``image_size`` only shapes the ViT's patch grid.
     """
     if name not in IMAGE_ENCODERS:
         raise ConfigError(f"unknown image encoder {name!r}; valid names: {', '.join(IMAGE_ENCODERS)}")

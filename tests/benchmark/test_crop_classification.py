@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,7 +14,8 @@ import yaml
 
 from sslcell.benchmark import load_suite, run_suite
 from sslcell.benchmark.tasks import crop_classification as cc
-from sslcell.benchmark.tasks._supervised_cnn import CNNSettings, PlainCNN, balanced_class_weights, train_cnn
+from sslcell.benchmark.tasks._supervised_cnn import CNNSettings, train_cnn
+from sslcell.classify import load_classifier, save_classifier
 from sslcell.data.images import CellImages
 from sslcell.errors import ConfigError
 
@@ -81,14 +83,7 @@ def test_evaluate_chooses_on_validation_and_refits_on_all_labels():
     assert [g["chosen"] for g in grid] == ["", "yes", ""]
 
 
-def test_plain_cnn_shapes_and_class_weights():
-    net = PlainCNN(3, (8, 16, 32))
-    assert net(torch.zeros(2, 3, 40, 40)).shape == (2, 32) and net.embed_dim == 32
-    weights = balanced_class_weights(np.array([0, 0, 0, 1]), 3)
-    np.testing.assert_allclose(weights, [4 / 6, 2.0, 0.0])
-
-
-def test_supervised_cnn_learns_a_visible_class_and_never_predicts_an_absent_one():
+def test_supervised_cnn_learns_a_visible_class_and_never_predicts_an_absent_one(tmp_path):
     cells = _crops()
     cells.obs["label"] = cells.obs["label"].astype("category").cat.add_categories(["never"])
     codes = cells.obs["label"].cat.codes.to_numpy()
@@ -96,9 +91,32 @@ def test_supervised_cnn_learns_a_visible_class_and_never_predicts_an_absent_one(
     classifier = train_cnn(cells, codes, ["a", "b", "never"], CNNSettings(lr=3e-3, epochs=15, widths=[8, 16, 16],
                                                                           batch_size=16), torch.device("cpu"))
     assert torch.equal(state, torch.random.get_rng_state())  # the caller's random state is kept
-    proba = classifier.predict_proba(torch.from_numpy(cells.batch(np.arange(len(cells)))), tta=True)
+    batch = torch.from_numpy(cells.batch(np.arange(len(cells))))
+    proba = classifier.predict_proba(batch, tta=True)
     assert proba.shape == (80, 3) and float(proba[:, 2].max()) < 1e-3
     assert (proba.argmax(1).numpy() == codes).mean() > 0.9
+    # the fine-tuning loop with the baseline's recipe, on the registered plain_cnn encoder
+    recipe = classifier.info["finetune"]
+    assert (recipe["schedule"], recipe["balance"], recipe["init_head"], recipe["encoder_lr_factor"]) == (
+        "one_cycle", "loss", "random", 1.0)
+    assert (recipe["weight_decay"], recipe["dropout"], recipe["batch_size"]) == (0.01, 0.2, 16)
+    assert classifier.info["epochs"] == 15 and classifier.info["steps"] == 15 * 5  # 80 crops, batches of 16
+    assert classifier.base["encoder"] == {"name": "plain_cnn", "options": {"widths": [8, 16, 16]}}
+    assert classifier.info["settings"]["widths"] == [8, 16, 16]
+    # it saves and loads like any classifier, and predicts the same
+    loaded = load_classifier(save_classifier(classifier, tmp_path / "cnn"))
+    torch.testing.assert_close(loaded.predict_proba(batch), classifier.predict_proba(batch))
+
+
+def test_supervised_cnn_min_steps_raises_the_epochs_when_labels_are_few():
+    """20 crops at batch 16: one step an epoch (the partial batch is dropped), so 2 epochs give 2 steps; asking
+    for at least 7 steps runs 7 epochs."""
+    cells = _crops(10)
+    codes = cells.obs["label"].astype("category").cat.codes.to_numpy()
+    settings = CNNSettings(epochs=2, widths=[4, 8], batch_size=16, min_steps=7)
+    classifier = train_cnn(cells, codes, ["a", "b"], settings, torch.device("cpu"))
+    assert classifier.info["epochs"] == 7 and classifier.info["steps"] == 7
+    assert settings.label() == "lr 0.003, 2 epochs, >= 7 steps"
 
 
 def test_params_check_names_the_field(tmp_path):
@@ -106,6 +124,10 @@ def test_params_check_names_the_field(tmp_path):
         cc.CropClassificationParams(label_fractions=[0.0]).check()
     with pytest.raises(ConfigError, match="cnn_epochs"):
         cc.CropClassificationParams(cnn_epochs=[]).check()
+    with pytest.raises(ConfigError, match="cnn_min_steps"):
+        cc.CropClassificationParams(cnn_min_steps=-1).check()
+    with pytest.raises(ConfigError, match="finetune_min_steps"):
+        cc.CropClassificationParams(finetune_min_steps=-1).check()
     suite = {"name": "s", "tasks": [{"kind": "crop_classification", "data": str(tmp_path),
                                      "params": {"pca_class_weights": [2.0]}}]}
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(suite))
@@ -161,6 +183,35 @@ def test_synthetic_task_end_to_end_with_tta(tmp_path):
 def test_cnn_must_get_at_least_the_finetuning_budget(tmp_path):
     run = run_suite(load_suite(_synthetic_suite(tmp_path, cnn_epochs=[1])), progress=False)
     assert "at least the recipes' fine-tuning budget (2 epochs)" in run.errors["toy"]
+    run = run_suite(load_suite(_synthetic_suite(tmp_path, finetune_min_steps=40, cnn_min_steps=30)), progress=False)
+    assert "params.cnn_min_steps 30" in run.errors["toy"]
+    assert "at least the recipes' fine-tuning budget (40 steps)" in run.errors["toy"]
+
+
+def test_cnn_min_steps_default_to_the_recipes_and_reach_both_sides():
+    """Without cnn_min_steps the CNN gets the recipes' largest fine-tuning min_steps; finetune_min_steps overrides
+    every recipe's (the entries are built, not trained)."""
+
+    class Task:
+        name, baselines, recipes = "toy", ["supervised_cnn"], []
+        params = cc.CropClassificationParams(cnn_epochs=[3], finetune_min_steps=25)
+
+    class Recipe:
+        name, finetune = "tiny", {"epochs": 2, "min_steps": 5}
+
+    Task.recipes = [Recipe]
+    cells = _crops()
+    cells.obs["label"] = cells.obs["label"].astype("category")
+    ctx, cpu = SimpleNamespace(seed=0), torch.device("cpu")
+    [entry] = cc._baselines(Task, ctx, cells, cells.obs["label"].to_numpy(), np.arange(80), cpu)
+    assert [s.min_steps for _, s in entry.candidates] == [25, 25] and entry.extra == {"min_steps": 25}
+    assert cc._finetune_config(Recipe, Task.params, "full", cpu).min_steps == 25
+    Task.params = cc.CropClassificationParams(cnn_epochs=[3])
+    [entry] = cc._baselines(Task, ctx, cells, cells.obs["label"].to_numpy(), np.arange(80), cpu)
+    assert [s.min_steps for _, s in entry.candidates] == [5, 5]
+    Task.params = cc.CropClassificationParams(cnn_epochs=[3], cnn_min_steps=9)
+    [entry] = cc._baselines(Task, ctx, cells, cells.obs["label"].to_numpy(), np.arange(80), cpu)
+    assert [s.min_steps for _, s in entry.candidates] == [9, 9]
 
 
 @pytest.mark.skipif(not (DATA / "jurkat_cellcycle_ifc_mlcp.npz").is_file(), reason="shared data not present")

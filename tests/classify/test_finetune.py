@@ -11,7 +11,16 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from sslcell.checkpoint import load
-from sslcell.classify import FinetuneConfig, finetune
+from sslcell.classify import (
+    SCRATCH_RECIPE,
+    CellClassifier,
+    FinetuneConfig,
+    finetune,
+    load_classifier,
+    save_classifier,
+    train_from_scratch,
+)
+from sslcell.classify.objectives import SupervisedLoss
 from sslcell.config import RecipeConfig
 from sslcell.data.images import CellImages
 from sslcell.errors import ConfigError, InputError
@@ -231,6 +240,12 @@ def test_expression_model_is_refused(train):
     ({"encoder_lr_factor": -1.0}, "encoder_lr_factor"),
     ({"epoch": 3}, "epoch"),  # unknown field, through from_dict
     ({"epochs": "many"}, "epochs"),
+    ({"schedule": "linear"}, "schedule"),
+    ({"schedule": "one_cycle", "head": "mlp"}, "schedule"),  # the mlp head's loop has warm-up + cosine only
+    ({"balance": "weights"}, "balance"),
+    ({"balance": "loss", "head": "mlp"}, "balance"),
+    ({"min_steps": -1}, "min_steps"),
+    ({"min_steps": 2.5}, "min_steps"),
 ])
 def test_config_validation(values, field):
     with pytest.raises(ConfigError, match=field):
@@ -399,3 +414,178 @@ def test_batch_norm_statistics_are_those_of_the_final_encoder_on_the_crops(model
     assert torch.allclose(norm.running_mean, mean, atol=1e-4, rtol=1e-4)
     assert torch.allclose(norm.running_var, var, rtol=0.05)
     assert not classifier.encoder.training
+
+
+# ------------------------------------------------------------------------------- the supervised baseline's recipe
+def overlapping_crops(y: np.ndarray, seed: int) -> np.ndarray:
+    """(n, 2, 16, 16) uint8 crops whose "actin" brightness is 80 +- 30 (class 0) or 130 +- 30 (class 1): the classes
+    overlap, so where the decision falls depends on how the classes are weighted."""
+    rng = np.random.default_rng(seed)
+    n = len(y)
+    yy, xx = np.mgrid[:S, :S]
+    centre = rng.uniform(5, S - 5, size=(n, 2))
+    blob = np.exp(-((yy - centre[:, 0, None, None]) ** 2 + (xx - centre[:, 1, None, None]) ** 2) / (2 * 2.5**2))
+    level = np.where(y == 1, 130.0, 80.0) + rng.normal(0, 30, n)
+    x = np.stack([20 + 150 * blob, 20 + level[:, None, None] * blob], axis=1) + rng.normal(0, 8, (n, 2, S, S))
+    return np.clip(x, 0, 255).astype(np.uint8)
+
+
+def scratch(**kw) -> FinetuneConfig:
+    return FinetuneConfig(**{**SCRATCH_RECIPE, "epochs": 4, "batch_size": 32, "progress_bar": False,
+                             "accelerator": "cpu", **kw})
+
+
+def test_balanced_class_weights():
+    weights = training_module.balanced_class_weights(np.array([0, 0, 0, 1]), 3)
+    np.testing.assert_allclose(weights, [4 / 6, 2.0, 0.0])  # n / (K_present * count_k); 0 for an absent class
+    np.testing.assert_allclose(training_module.balanced_class_weights(np.array([0, 0, 0, 1]), 3, 0.5),
+                               [(4 / 6) ** 0.5, 2**0.5, 0.0])
+
+
+def test_training_epochs_drop_the_partial_batch_and_reach_min_steps():
+    config = FinetuneConfig(epochs=30, batch_size=128, min_steps=100)
+    assert training_module.training_epochs(219, config) == (100, 1)  # 219 crops: one full batch an epoch
+    assert training_module.training_epochs(512, config) == (30, 4)  # 120 steps already
+    assert training_module.training_epochs(300, FinetuneConfig(epochs=3, batch_size=128, min_steps=7)) == (4, 2)
+    assert training_module.training_epochs(50, config) == (100, 1)  # fewer cells than a batch: one batch of all
+
+
+def test_one_cycle_schedule_rises_to_each_groups_lr_then_falls_to_zero(model, train, monkeypatch):
+    """The learning rate of every step (read in the training step) is torch's OneCycleLR to lr (head) and
+    lr * encoder_lr_factor (encoder) over the run's 4 epochs x 6 batches."""
+    seen = []
+    original = training_module._FinetuneModule.training_step
+
+    def spy(self, batch, batch_idx):
+        seen.append([g["lr"] for g in self.trainer.optimizers[0].param_groups])
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(training_module._FinetuneModule, "training_step", spy)
+    config = full(epochs=4, lr=1e-2, encoder_lr_factor=0.5, schedule="one_cycle")
+    classifier = finetune(model, cells_of(train[0], CLASSES[train[1]]), "label", config)
+    head, encoder = np.array(seen).T
+    assert len(head) == 24 and classifier.info["steps"] == 24 and classifier.info["epochs"] == 4
+    np.testing.assert_allclose(encoder, 0.5 * head)
+    reference = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(reference, max_lr=1e-2, total_steps=24)
+    expected = []
+    for _ in range(24):
+        expected.append(reference.param_groups[0]["lr"])
+        reference.step()
+        schedule.step()
+    np.testing.assert_allclose(head, expected, rtol=1e-6)
+    peak = int(head.argmax())
+    assert 0 < peak < 23 and head[peak] == pytest.approx(1e-2, rel=0.05)
+    assert np.all(np.diff(head[: peak + 1]) > 0) and np.all(np.diff(head[peak:]) < 0)
+    assert head[0] == pytest.approx(1e-2 / 25) and head[-1] < 1e-2 * 1e-3  # from lr/25 to about 0
+
+
+def test_cosine_schedule_is_still_the_default(model, train, monkeypatch):
+    seen = []
+    original = training_module._FinetuneModule.training_step
+
+    def spy(self, batch, batch_idx):
+        seen.append(self.trainer.optimizers[0].param_groups[0]["lr"])
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(training_module._FinetuneModule, "training_step", spy)
+    finetune(model, cells_of(train[0], CLASSES[train[1]]), "label", full(epochs=2, lr=1e-2, warmup_fraction=0.25))
+    total, warmup = 12, 3
+    expected = [1e-2 * training_module.warmup_cosine(step, total, warmup, 0.01) for step in range(total)]
+    np.testing.assert_allclose(seen, expected, rtol=1e-6)
+
+
+def test_loss_balancing_weights_the_cross_entropy_and_predicts_the_minority(monkeypatch):
+    """95/5 classes that overlap: unweighted, the minority is almost never predicted; with balance="loss" the
+    cross-entropy carries the balanced class weights, the draws stay natural, and most of the minority is found."""
+    y = np.zeros(400, dtype=int)
+    y[np.random.default_rng(0).choice(400, 20, replace=False)] = 1
+    cells = cells_of(overlapping_crops(y, 5), CLASSES[y])
+    heldout_y = np.arange(200) % 2
+    heldout = overlapping_crops(heldout_y, 6)
+    loaders, losses = [], []
+    make_loader, fit = training_module.make_image_dataloader, training_module._FinetuneModule.on_train_start
+
+    def spy_loader(cells, **kwargs):
+        loaders.append(kwargs.get("weights"))
+        return make_loader(cells, **kwargs)
+
+    def spy_fit(self):
+        losses.append(self.loss)
+        return fit(self)
+
+    monkeypatch.setattr(training_module, "make_image_dataloader", spy_loader)
+    monkeypatch.setattr(training_module._FinetuneModule, "on_train_start", spy_fit, raising=False)
+    recall = {}
+    for name, kw in (("loss", {"balance": "loss"}), ("none", {"oversample": False})):
+        classifier = train_from_scratch(cells, "label", scratch(**kw), encoder_options={"widths": [8, 16]})
+        predicted = classifier.predict_proba(torch.from_numpy(heldout)).argmax(1).numpy()
+        recall[name] = float((predicted[heldout_y == 1] == 1).mean())
+    assert loaders == [None, None]  # natural draws both times
+    weighted, plain = losses
+    assert plain.class_weight is None
+    np.testing.assert_allclose(weighted.class_weight.numpy(), [400 / (2 * 380), 400 / (2 * 20)])
+    assert recall["loss"] > 0.5 and recall["none"] < 0.3, recall
+
+
+def test_class_weighted_loss_is_torchs_weighted_mean():
+    logits, labels = torch.randn(6, 3, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 0, 1, 2, 2, 2])
+    weight = torch.tensor([0.5, 2.0, 1.0])
+    loss = SupervisedLoss(class_weight=weight)(logits, logits, labels)
+    per_cell = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    torch.testing.assert_close(loss, (weight[labels] * per_cell).sum() / weight[labels].sum())
+
+
+def test_min_steps_raises_the_epochs_with_few_labels(model, train):
+    """192 crops at batch 128: one step an epoch (the last 64 crops are dropped); 2 epochs but at least 5 steps."""
+    cells = cells_of(train[0], CLASSES[train[1]])
+    classifier = finetune(model, cells, "label", full(epochs=2, batch_size=128, min_steps=5))
+    assert classifier.info["epochs"] == 5 and classifier.info["steps"] == 5
+    assert classifier.info["finetune"]["epochs"] == 2  # the settings as given
+    classifier = finetune(model, cells, "label", full(epochs=2, batch_size=128))
+    assert classifier.info["epochs"] == 2 and classifier.info["steps"] == 2
+    mlp = finetune(model, cells, "label", FinetuneConfig(head="mlp", epochs=2, batch_size=128, min_steps=5,
+                                                         progress_bar=False))
+    assert mlp.info["epochs"] == 5
+
+
+# ------------------------------------------------------------------------------------------ from scratch
+def test_from_scratch_standardises_with_the_crops_and_round_trips(train, tmp_path):
+    x, y = train
+    cells = cells_of(x, CLASSES[y])
+    classifier = CellClassifier.from_scratch(cells, ["neg", "pos"], "plain_cnn", {"widths": [4, 8]}, dropout=0.2)
+    contract = classifier.inputs.contract
+    np.testing.assert_allclose(contract.channel_mean, x.mean(axis=(0, 2, 3)), rtol=1e-5)
+    np.testing.assert_allclose(contract.channel_std, x.std(axis=(0, 2, 3)), rtol=1e-5)
+    assert contract.channel_names == tuple(NAMES) and classifier.encoder.embed_dim == 8
+    assert classifier.dropout.p == 0.2 and classifier.base["encoder"] == {"name": "plain_cnn",
+                                                                            "options": {"widths": [4, 8]}}
+    loaded = load_classifier(save_classifier(classifier, tmp_path / "c"))
+    batch = torch.from_numpy(x[:8])
+    torch.testing.assert_close(loaded.predict_proba(batch), classifier.predict_proba(batch))
+    resnet = CellClassifier.from_scratch(cells, ["neg", "pos"], "resnet_tiny", {"base_width": 4})
+    assert resnet.encoder.embed_dim == 32
+    with pytest.raises(ConfigError, match="unknown image encoder 'cnn'"):
+        CellClassifier.from_scratch(cells, ["neg", "pos"], "cnn")
+
+
+def test_train_from_scratch_learns_and_keeps_the_callers_random_state(train, heldout):
+    state = torch.random.get_rng_state()
+    labels = pd.Categorical(CLASSES[train[1]], categories=["neg", "none", "pos"])
+    classifier = train_from_scratch(cells_of(train[0], None), labels, scratch(epochs=6, lr=1e-2),
+                                    encoder_options={"widths": [8, 16]})
+    assert torch.equal(state, torch.random.get_rng_state())
+    assert classifier.classes == ["neg", "none", "pos"] and not classifier.training
+    proba = classifier.predict_proba(torch.from_numpy(heldout[0])).numpy()
+    assert proba[:, 1].max() < 1e-3  # no training crops: never predicted
+    assert (np.array([0, 2])[heldout[1]] == proba.argmax(1)).mean() > 0.9
+
+
+@pytest.mark.parametrize("values,field", [
+    ({"head": "linear"}, "head"),
+    ({"init_head": "linear_probe"}, "init_head"),
+    ({"encoder_lr_factor": 0.0}, "encoder_lr_factor"),
+])
+def test_train_from_scratch_refuses_settings_that_need_a_pretrained_encoder(train, values, field):
+    with pytest.raises(ConfigError, match=field):
+        train_from_scratch(cells_of(train[0], CLASSES[train[1]]), "label", scratch(**values))

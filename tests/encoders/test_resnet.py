@@ -81,7 +81,8 @@ def test_zero_init_residual_makes_blocks_identity_plus_shortcut():
 
 
 def test_factory():
-    assert set(IMAGE_ENCODERS) == {"vit_tiny", "vit_small", "resnet_tiny", "resnet18", "resnet34", "resnet50"}
+    assert set(IMAGE_ENCODERS) == {"vit_tiny", "vit_small", "resnet_tiny", "resnet18", "resnet34", "resnet50",
+                                "plain_cnn"}
     vit = build_image_encoder("vit_small", 5, 64, patch_size=8, depth=1)
     assert isinstance(vit, ViTEncoder)
     assert (vit.embed_dim, vit.patch_size, vit.in_channels, len(vit.blocks)) == (384, 8, 5, 1)
