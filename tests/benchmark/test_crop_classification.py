@@ -180,6 +180,21 @@ def test_synthetic_task_end_to_end_with_tta(tmp_path):
     assert "by smear (GroupShuffleSplit" in run.markdown_path.read_text()
 
 
+def test_reuse_pretrained_only_for_the_same_recipe_data_and_crops(tmp_path):
+    def pretrain_seconds(**params):
+        suite = load_suite(_synthetic_suite(tmp_path, reuse_pretrained=True, label_fractions=[1.0], **params))
+        suite.tasks[0].baselines = []
+        run = run_suite(suite, workdir=tmp_path / "work", device="cpu", progress=False)
+        assert run.errors == {}
+        return {r["pretrain_s"] for r in run.results["toy"].raw["rows"]}
+
+    assert pretrain_seconds() != {"reused"}
+    assert pretrain_seconds() == {"reused"}
+    assert pretrain_seconds(pretrain_epochs=2) != {"reused"}  # another recipe
+    assert pretrain_seconds(pretrain_epochs=2, test_size=0.3) != {"reused"}  # other crops
+    assert pretrain_seconds(pretrain_epochs=2, test_size=0.3) == {"reused"}
+
+
 def test_cnn_must_get_at_least_the_finetuning_budget(tmp_path):
     run = run_suite(load_suite(_synthetic_suite(tmp_path, cnn_epochs=[1])), progress=False)
     assert "at least the recipes' fine-tuning budget (2 epochs)" in run.errors["toy"]
@@ -222,7 +237,7 @@ def test_shipped_suite_runs_quick(tmp_path):
     run = run_suite(suite, workdir=tmp_path / "work", device="cpu", progress=False)
     assert run.errors == {}
     record = json.loads(run.json_path.read_text())
-    for name, n_recipes, n_finetuned in (("jurkat", 2, 1), ("chula", 1, 1)):
+    for name, n_recipes, n_finetuned in (("jurkat", 3, 2), ("chula", 2, 2)):
         result = run.results[name]
         rows = result.raw["rows"]
         # per fraction (--quick: no TTA rows): PCA, a random encoder per architecture, the CNN, a probe per recipe,

@@ -32,6 +32,8 @@ labels; with 10% the issue asks to beat it).
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 import time
 from collections.abc import Callable
@@ -59,7 +61,7 @@ class CropClassificationParams:
     max_cells: int | None = None  # subsample first (stratified); None: all crops
     pretrain_crops: Literal["train", "all"] = "train"  # "all": also the test crops, unlabelled (transductive)
     pretrain_epochs: int | None = None  # overrides every recipe's train.max_epochs
-    reuse_pretrained: bool = False  # use a model pretrained in --workdir by an earlier run of the same recipe
+    reuse_pretrained: bool = False  # reuse a model pretrained in --workdir by an earlier run: same recipe, data, crops
     finetune_epochs: int | None = None  # overrides every recipe's fine-tuning epochs
     finetune_min_steps: int | None = None  # overrides every recipe's fine-tuning min_steps
     encoder_lr_factors: list[float] = field(default_factory=list)  # fine-tuning grid; empty: the recipe's own
@@ -354,12 +356,14 @@ def _recipes(task: Any, ctx: Context, cells: Any, train: np.ndarray, test: np.nd
         if p.pretrain_epochs is not None:
             config.train.max_epochs = p.pretrain_epochs
         t0 = time.perf_counter()
-        if p.reuse_pretrained and (out / "model" / "config.json").is_file():
+        what = _pretraining(config, task.path, cells.channel_names, unlabelled)
+        if p.reuse_pretrained and _pretrained_as(out) == what and (out / "model" / "config.json").is_file():
             model, seconds = load(out / "model"), "reused"
             ctx.log(f"{task.name}: reusing {out / 'model'}")
         else:
             ctx.log(f"{task.name}: pretraining {recipe.name} on {len(unlabelled)} crops")
             model = pretrain(config, cells[unlabelled], out, overwrite=True)
+            (out / PRETRAINED_AS).write_text(json.dumps(what))
             seconds = round(time.perf_counter() - t0)
         extra = {"pretrain_s": seconds, "pretrain_epochs": config.train.max_epochs}
         linear = _finetune_config(recipe, p, "linear", device)
@@ -378,6 +382,25 @@ def _recipes(task: Any, ctx: Context, cells: Any, train: np.ndarray, test: np.nd
             fit=lambda cfg, rows, model=model: finetune(cells[rows], model, p.label_key, cfg, device=device),
             score=score, extra={**extra, "min_steps": full.min_steps}))
     return entries
+
+
+PRETRAINED_AS = "pretrained_as.json"  # beside a recipe's model in --workdir: what it was pretrained on, and how
+
+
+def _pretraining(config: Any, data: Any, channels: list[str], rows: np.ndarray) -> dict[str, Any]:
+    """What decides a pretrained model: the recipe (overrides applied), the data file, its channels and the crops'
+    rows (``(n,)`` indices into the labelled crops)."""
+    digest = hashlib.sha256(np.ascontiguousarray(rows, dtype=np.int64).tobytes()).hexdigest()
+    return {"recipe": config.to_dict(), "data": str(data), "channels": list(channels), "rows": len(rows),
+            "rows_sha256": digest}
+
+
+def _pretrained_as(out: Any) -> dict[str, Any] | None:
+    """What the model in ``out`` was pretrained on (:func:`_pretraining`), None if unknown: it is not reused."""
+    try:
+        return json.loads((out / PRETRAINED_AS).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _finetune_config(recipe: Any, p: CropClassificationParams, head: str, device: torch.device) -> Any:
@@ -543,6 +566,6 @@ register(TaskKind(
     baselines=BASELINES,
     needs_data=True,
     takes_recipes=True,
-    quick={"max_cells": 240, "pretrain_epochs": 1, "finetune_epochs": 1, "encoder_lr_factors": [],
-           "pca_class_weights": [0.0], "cnn_lrs": [3e-3], "cnn_epochs": [1], "tta": False},
+    quick={"max_cells": 240, "pretrain_epochs": 1, "finetune_epochs": 1, "finetune_min_steps": 0,
+           "encoder_lr_factors": [], "pca_class_weights": [0.0], "cnn_lrs": [3e-3], "cnn_epochs": [1], "tta": False},
 ))
