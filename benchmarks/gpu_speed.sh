@@ -7,11 +7,11 @@
 #   2. on the GPU machine, from the repository root (the device tool: carry [".whl"]; about 4 to 6 minutes):
 #        bash benchmarks/gpu_speed.sh [--quick]
 #
-# Results: $OUT/train_step/train_speed.{md,json} and $OUT/embed/train_speed.{md,json} (train_speed_quick.* with
-# --quick), one folder per task so that a task stopped by its time limit does not lose the other's; the whole log in
-# $OUT/gpu_speed.log; the Markdown is printed at the end. OUT defaults to /tmp/gpu_speed (the device tool sets it).
-# Exit code: 0 when both tasks wrote their results, 1 when a task failed or ran out of time, 2 when something needed
-# is missing.
+# Other suites: RUNS and DATA_DIR (step 3 below). Results: $OUT/<suite>/<task>/<suite>_<task>.{md,json} (with
+# --quick: <suite>_quick.*), one folder per suite and task so that a task stopped by its time limit does not lose
+# another's; the whole log in $OUT/gpu_speed.log; the Markdown is printed at the end. OUT defaults to /tmp/gpu_speed
+# (the device tool sets it). Exit code: 0 when every task wrote its results, 1 when a task failed or ran out of time,
+# 2 when something needed is missing.
 # A dry run of this script without a GPU: DEVICE=cpu PYTHON=.venv/bin/python bash benchmarks/gpu_speed.sh --quick
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
@@ -89,21 +89,26 @@ if ! "$PY" -c "import importlib.metadata as m; m.version('sslcell')" 2>/dev/null
 fi
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 
-# 3. the suite on the GPU, one task at a time, each with a time limit
+# 3. the suites on the GPU, one task at a time, each with a time limit. RUNS: "suite:task:limit_s" entries (default:
+# train_speed's two tasks); e.g. RUNS="crops_few_labels:jurkat:300 crops:jurkat:420" DATA_DIR=bench_runs/gpu/data for
+# the crop suites, whose data (../shared/data, outside the repository) must be carried inside it: carry .whl and the
+# data folder (64 MiB in all: .whl is ~31 MB, jurkat_cellcycle_ifc_mlcp.npz 17 MB, chula_rbc12_crops48.npz 37 MB).
+RUNS=${RUNS:-"train_speed:train_step:$LIMIT_TRAIN_STEP_S train_speed:embed:$LIMIT_EMBED_S"}
+DATA_ARGS=()
+[[ -n "${DATA_DIR:-}" ]] && DATA_ARGS=(--data "$DATA_DIR")
 status=0
-for task in train_step embed; do
-    limit=$LIMIT_TRAIN_STEP_S
-    [[ $task == embed ]] && limit=$LIMIT_EMBED_S
-    echo "== task $task (limit $limit s)"
+for run in $RUNS; do
+    IFS=: read -r suite task limit <<< "$run"
+    echo "== $suite / $task (limit $limit s)"
     start=$(date +%s)
     timeout --signal=INT --kill-after=20 "$limit" "$PY" -m sslcell benchmark \
-        benchmarks/suites/train_speed.yaml --device "$DEVICE" --only "$task" --out "$OUT/$task" \
-        --workdir "/tmp/sslcell_bench_$task" "${QUICK[@]}"
+        "benchmarks/suites/$suite.yaml" --device "$DEVICE" --only "$task" --out "$OUT/$suite/$task" \
+        --workdir "/tmp/sslcell_bench_${suite}_$task" "${DATA_ARGS[@]}" "${QUICK[@]}"
     rc=$?
-    echo "== task $task: exit code $rc after $(( $(date +%s) - start )) s"
+    echo "== $suite / $task: exit code $rc after $(( $(date +%s) - start )) s"
     [[ $rc -eq 0 ]] || status=1
 done
-for md in "$OUT"/train_step/*.md "$OUT"/embed/*.md; do
+for md in "$OUT"/*/*/*.md; do
     [[ -f "$md" ]] && { echo; echo "==== $md"; cat "$md"; }
 done
 exit $status
