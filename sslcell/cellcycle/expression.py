@@ -52,19 +52,9 @@ def cycle_genes(var_names: Sequence[str], s_genes: Sequence[str] | None = None,
 
 
 def _log_normalised(adata: ad.AnnData, layer: str | None) -> ad.AnnData:
-    import scanpy as sc
+    from sslcell.evaluate.baselines import log_normalised  # here: it imports scanpy
 
-    if layer is not None and layer not in adata.layers:
-        raise InputError(f"layer {layer!r} not in adata.layers (available: {list(adata.layers)})")
-    x = adata.X if layer is None else adata.layers[layer]
-    x = sparse.csr_matrix(x, dtype=np.float32) if sparse.issparse(x) else np.asarray(x, dtype=np.float32)
-    values = x.data if sparse.issparse(x) else x
-    if not np.isfinite(values).all() or (values < 0).any():
-        raise InputError("counts must be finite and non-negative to score the cell cycle")
-    work = ad.AnnData(x, obs=pd.DataFrame(index=adata.obs_names), var=pd.DataFrame(index=adata.var_names))
-    sc.pp.normalize_total(work, target_sum=1e4)
-    sc.pp.log1p(work)
-    return work
+    return log_normalised(adata, layer, "cell-cycle scoring")
 
 
 def score_phases(adata: ad.AnnData, *, layer: str | None = None, s_genes: Sequence[str] | None = None,
@@ -123,12 +113,8 @@ def cycle_gene_pca(adata: ad.AnnData, *, layer: str | None = None, s_genes: Sequ
                    g2m_genes: Sequence[str] | None = None, n_comps: int = 2, seed: int = 0) -> np.ndarray:
     """PCA ``(N, n_comps)`` float32 of the S and G2/M genes of log-normalised counts, each gene scaled to unit
     variance (clipped at 10) first."""
-    from sklearn.decomposition import PCA
+    from sslcell.evaluate.baselines import scaled_pca
 
     s, g2m = cycle_genes(adata.var_names, s_genes, g2m_genes)
     work = _log_normalised(adata, layer)[:, s + g2m]
-    x = work.X.toarray() if sparse.issparse(work.X) else np.asarray(work.X)
-    std = x.std(axis=0, ddof=1)
-    std[std == 0] = 1.0
-    z = np.clip((x - x.mean(axis=0)) / std, -10, 10)
-    return PCA(n_comps, random_state=seed).fit_transform(z).astype(np.float32)
+    return scaled_pca(work.X.toarray() if sparse.issparse(work.X) else np.asarray(work.X), None, n_comps, seed)

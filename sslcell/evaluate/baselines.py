@@ -12,8 +12,9 @@ from scipy import sparse
 from sslcell.errors import InputError
 
 
-def _counts_matrix(counts, layer: str | None):
-    """AnnData (``.X`` or ``.layers[layer]``) or matrix ``(N, G)`` -> float32 copy, dense or CSR."""
+def _counts_matrix(counts, layer: str | None, what: str = "pca_baseline"):
+    """AnnData (``.X`` or ``.layers[layer]``) or matrix ``(N, G)`` -> float32 copy, dense or CSR; NaN, inf or
+    negative counts raise, non-integer ones warn (``what``: the caller, named in the messages)."""
     if isinstance(counts, ad.AnnData):
         if layer is not None and layer not in counts.layers:
             raise InputError(f"layer {layer!r} not in adata.layers (available: {list(counts.layers)})")
@@ -27,16 +28,29 @@ def _counts_matrix(counts, layer: str | None):
         raise InputError(f"counts must be a 2-D matrix (N cells, G genes); got shape {x.shape}")
     values = x.data if sparse.issparse(x) else x
     if not np.isfinite(values).all():
-        raise InputError("counts contain NaN or inf")
+        raise InputError(f"counts contain NaN or inf; {what} expects raw counts, finite and non-negative")
     if (values < 0).any():
-        raise InputError("counts contain negative values; pca_baseline expects raw counts")
+        raise InputError(f"counts contain negative values; {what} expects raw counts, finite and non-negative")
     if (values != np.round(values)).any():
         warnings.warn(
-            "counts contain non-integer values; pca_baseline expects raw counts (it normalises and log-transforms)",
+            f"counts contain non-integer values; {what} expects raw counts (it normalises and log-transforms)",
             UserWarning,
             stacklevel=3,
         )
     return x
+
+
+def log_normalised(counts, layer: str | None = None, what: str = "pca_baseline") -> ad.AnnData:
+    """Raw counts ``(N, G)`` (an AnnData's ``.X`` or ``.layers[layer]``, or a matrix) -> a new AnnData of
+    ``log1p(normalize_total(counts, target_sum=1e4))``, float32, with the AnnData's obs and var names; checked as
+    :func:`_counts_matrix` checks them. The input is not modified."""
+    x = _counts_matrix(counts, layer, what)
+    adata = ad.AnnData(x)
+    if isinstance(counts, ad.AnnData):
+        adata.obs_names, adata.var_names = counts.obs_names, counts.var_names
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    return adata
 
 
 def pca_baseline(counts, n_comps: int = 50, n_top_genes: int = 2000, seed: int = 0, *, layer: str | None = None,
@@ -51,10 +65,7 @@ def pca_baseline(counts, n_comps: int = 50, n_top_genes: int = 2000, seed: int =
     ``fit_rows`` (positions or a boolean mask): choose the genes and fit the scaling and the PCA on these cells
     only (a transfer reference), then project every cell; the same steps, with scikit-learn's ARPACK PCA.
     """
-    x = _counts_matrix(counts, layer)
-    adata = ad.AnnData(x)
-    sc.pp.normalize_total(adata, target_sum=1e4)
-    sc.pp.log1p(adata)
+    adata = log_normalised(counts, layer)
     if fit_rows is not None:
         return _pca_fitted_on(adata, _positions(fit_rows, adata.n_obs), n_comps, n_top_genes, seed)
     sc.pp.highly_variable_genes(adata, flavor="seurat", n_top_genes=min(n_top_genes, adata.n_vars))
@@ -81,8 +92,6 @@ def _positions(rows: np.ndarray, n: int) -> np.ndarray:
 def _pca_fitted_on(adata: ad.AnnData, rows: np.ndarray, n_comps: int, n_top_genes: int, seed: int) -> np.ndarray:
     """pca_baseline's gene choice, scaling and PCA fitted on ``rows`` of log-normalised ``adata``; all cells
     projected."""
-    from sklearn.decomposition import PCA
-
     reference = adata[rows].copy()
     sc.pp.highly_variable_genes(reference, flavor="seurat", n_top_genes=min(n_top_genes, adata.n_vars))
     genes = reference.var["highly_variable"].to_numpy()
@@ -91,10 +100,21 @@ def _pca_fitted_on(adata: ad.AnnData, rows: np.ndarray, n_comps: int, n_top_gene
     if not 1 <= n_comps < min(len(rows), int(genes.sum())):
         raise InputError(f"n_comps={n_comps} must be >= 1 and < min(fit cells, highly variable genes) = "
                          f"{min(len(rows), int(genes.sum()))}")
-    mean, std = x[rows].mean(0), x[rows].std(0, ddof=1)  # as sc.pp.scale
+    return scaled_pca(x, rows, n_comps, seed, svd_solver="arpack")
+
+
+def scaled_pca(x: np.ndarray, rows: np.ndarray | None, n_comps: int, seed: int = 0,
+               svd_solver: str = "auto") -> np.ndarray:
+    """Dense ``x (N, G)`` -> ``(N, n_comps)`` float32: each gene standardised with the mean and std (ddof 1) of
+    ``rows`` (None: every cell), clipped at ±10 as ``sc.pp.scale(max_value=10)`` does, then a PCA fitted on those
+    rows (scikit-learn, ``random_state=seed``) and every cell projected."""
+    from sklearn.decomposition import PCA
+
+    fit = x if rows is None else x[rows]
+    mean, std = fit.mean(0), fit.std(0, ddof=1)
     std[std == 0] = 1
     z = np.clip((x - mean) / std, -10, 10)
-    pca = PCA(n_comps, svd_solver="arpack", random_state=seed).fit(z[rows])
+    pca = PCA(n_comps, svd_solver=svd_solver, random_state=seed).fit(z if rows is None else z[rows])
     return pca.transform(z).astype(np.float32)
 
 

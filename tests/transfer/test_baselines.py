@@ -128,3 +128,22 @@ def test_pixel_pca_fitted_on_a_reference_projects_the_other_crops():
     centre = z[reference].mean(0)
     _, _, vt = np.linalg.svd(z[reference] - centre, full_matrices=False)
     _sign_free_close(ours, (z - centre) @ vt[:4].T, rtol=1e-3)
+
+
+def test_scaled_pca_standardises_on_the_fit_rows_then_projects_every_cell():
+    from sklearn.decomposition import PCA
+
+    from sslcell.evaluate.baselines import scaled_pca
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 8)) * np.arange(1, 9) + 5.0
+    x[:, 3] = 2.0  # a constant gene: std 1, not a division by zero
+    rows = np.arange(40)
+    got = scaled_pca(x, rows, 3, seed=0, svd_solver="full")
+    std = x[rows].std(0, ddof=1)
+    std[std == 0] = 1
+    z = np.clip((x - x[rows].mean(0)) / std, -10, 10)
+    want = PCA(3, svd_solver="full", random_state=0).fit(z[rows]).transform(z)
+    assert got.dtype == np.float32 and got.shape == (60, 3)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert np.abs(scaled_pca(x, None, 3)[:40]).sum() > 0 and np.isfinite(got).all()
