@@ -37,9 +37,11 @@ class SuiteRun:
 
 
 def output_paths(suite: Suite, only: list[str] | None = None) -> tuple[Path, Path, str]:
-    """``(markdown, json, prefix)``: ``<name>.*``; a run of some tasks (``only``) writes ``<name>_<task>-<task>.*`` and
-    a --quick run ``<name>[...]_quick.*``, so neither replaces the whole suite's results."""
-    stem = suite.name + (f"_{'-'.join(only)}" if only else "") + ("_quick" if suite.quick else "")
+    """``(markdown, json, prefix)``: ``<name>.*``; a run of some tasks (``only``) writes ``<name>_<task>-<task>.*``,
+    of some recipes (``suite.recipes``) ``<name>[_<tasks>]_<recipe>-<recipe>.*`` and a --quick run
+    ``<name>[...]_quick.*``, so none of them replaces the whole suite's results."""
+    stem = (suite.name + (f"_{'-'.join(only)}" if only else "")
+            + (f"_{'-'.join(suite.recipes)}" if suite.recipes else "") + ("_quick" if suite.quick else ""))
     return suite.out / f"{stem}.md", suite.out / f"{stem}.json", stem
 
 

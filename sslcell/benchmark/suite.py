@@ -75,6 +75,7 @@ class Suite:
     out: Path
     quick: bool
     only: list[str] | None = None  # the tasks selected at load time (--only); None: all
+    recipes: list[str] | None = None  # the recipes kept at load time (--recipes); None: all
 
     def describe(self) -> dict[str, Any]:
         """JSON-able summary of what runs (kinds, resolved parameters, data, recipes, baselines, peers)."""
@@ -90,17 +91,37 @@ class Suite:
 
 
 def load_suite(path: str | Path, *, quick: bool = False, data_dir: str | Path | None = None,
-               out: str | Path | None = None, only: list[str] | None = None) -> Suite:
+               out: str | Path | None = None, only: list[str] | None = None,
+               recipes: list[str] | None = None) -> Suite:
     """Read and validate a suite file; ``data_dir`` / ``out`` override the file's own (the CLI's --data / --out).
 
     ``only``: keep just these tasks (the others are not validated, so their data need not exist here).
+    ``recipes``: keep just these recipes (by name) in every kept task; baselines and peers still run. Every kept
+    task must have at least one of them.
     """
     path = Path(path)
     values = read_yaml(path, "suite")
     try:
-        return _suite(values, path, quick=quick, data_dir=data_dir, out=out, only=only)
+        suite = _suite(values, path, quick=quick, data_dir=data_dir, out=out, only=only)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
+    if recipes:
+        _keep_recipes(suite, list(dict.fromkeys(recipes)))
+    return suite
+
+
+def _keep_recipes(suite: Suite, names: list[str]) -> None:
+    for task in suite.tasks:
+        kept = [r for r in task.recipes if r.name in names]
+        if not kept:
+            raise ConfigError(f"--recipes: task {task.name} of suite {suite.name} has none of {names}; its recipes "
+                              f"are {[r.name for r in task.recipes]} (choose the task with --only)")
+        task.recipes = kept
+    every = {r.name for t in suite.tasks for r in t.recipes}
+    suite.recipes = [n for n in names if n in every]
+    missing = [n for n in names if n not in every]
+    if missing:
+        raise ConfigError(f"--recipes: no kept task of suite {suite.name} has a recipe named {missing[0]!r}")
 
 
 def _suite(values: Any, path: Path, *, quick: bool, data_dir, out, only) -> Suite:

@@ -256,3 +256,18 @@ def test_shipped_suite_runs_quick(tmp_path):
     assert jurkat["labelled"]["10%"]["n"] < jurkat["labelled"]["100%"]["n"] == jurkat["n_train"]
     text = run.markdown_path.read_text()
     assert "supervised CNN from scratch" in text and "every candidate setting" in text and "(--quick)" in text
+
+
+def test_pretrained_as_matches_the_same_file_reached_from_another_folder(tmp_path):
+    """A model pretrained from one checkout (data reached as ``suites/../data``) is reused from another."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "suites").mkdir()
+    (tmp_path / "data" / "x.npz").write_bytes(b"")
+    config, rows = SimpleNamespace(to_dict=lambda: {"lr": 1}), np.arange(5)
+    stored = cc._pretraining(config, tmp_path / "suites" / ".." / "data" / "x.npz", ["a"], rows)
+    stored["data"] = str(tmp_path / "suites" / ".." / "data" / "x.npz")  # as older runs wrote it, unresolved
+    (tmp_path / cc.PRETRAINED_AS).write_text(json.dumps(stored))
+    assert cc._pretrained_as(tmp_path) == cc._pretraining(config, tmp_path / "data" / "x.npz", ["a"], rows)
+    assert cc._pretrained_as(tmp_path) != cc._pretraining(config, tmp_path / "data" / "x.npz", ["a"], rows[:4])
+    (tmp_path / cc.PRETRAINED_AS).write_text("[1, 2]")  # not ours: never reused
+    assert cc._pretrained_as(tmp_path) is None

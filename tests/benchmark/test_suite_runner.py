@@ -178,3 +178,25 @@ def test_only_at_load_time_skips_the_other_tasks_data(tmp_path):
     assert run_suite(loaded, progress=False).markdown_path.name == "toy_a.md"
     with pytest.raises(ConfigError, match="--only: no task named 'c'"):
         load_suite(path, only=["c"])
+
+
+def test_recipes_keeps_some_recipes_into_their_own_files(tmp_path, capsys):
+    (tmp_path / "r1.yaml").write_text("modality: expression\nmethod: {name: mae}\n")
+    (tmp_path / "r2.yaml").write_text("modality: expression\nmethod: {name: simclr}\n")
+    suite = _suite(recipes=["r1.yaml", "r2.yaml"], baselines=["zero"])
+    suite["tasks"].append({"name": "b", "kind": "toy_sum", "recipes": ["r1.yaml"]})
+    path = _write(tmp_path, suite)
+    loaded = load_suite(path, only=["a"], recipes=["r2"])
+    assert [r.name for r in loaded.tasks[0].recipes] == ["r2"] and loaded.recipes == ["r2"]
+    run = run_suite(loaded, progress=False)
+    assert run.results["a"].raw == {"baselines": ["zero"], "recipes": ["r2"]}  # baselines still run
+    assert run.markdown_path.name == "toy_a_r2.md"
+    assert not (tmp_path / "results" / "toy_a.md").exists()  # the task's full results are not replaced
+    assert load_suite(path, recipes=["r1"]).recipes == ["r1"]  # every task has r1
+    with pytest.raises(ConfigError, match=r"--recipes: task b of suite toy has none of \['r2'\]; its recipes "
+                                          r"are \['r1'\]"):
+        load_suite(path, recipes=["r2"])
+    with pytest.raises(ConfigError, match="--recipes: no kept task of suite toy has a recipe named 'zz'"):
+        load_suite(path, only=["a"], recipes=["r1", "zz"])
+    assert main(["benchmark", str(path), "--only", "a", "--recipes", "r1", "--out", str(tmp_path / "o")]) == 0
+    assert "toy_a_r1.md" in capsys.readouterr().out

@@ -38,6 +38,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -391,15 +392,17 @@ def _pretraining(config: Any, data: Any, channels: list[str], rows: np.ndarray) 
     """What decides a pretrained model: the recipe (overrides applied), the data file, its channels and the crops'
     rows (``(n,)`` indices into the labelled crops)."""
     digest = hashlib.sha256(np.ascontiguousarray(rows, dtype=np.int64).tobytes()).hexdigest()
-    return {"recipe": config.to_dict(), "data": str(data), "channels": list(channels), "rows": len(rows),
-            "rows_sha256": digest}
+    return {"recipe": config.to_dict(), "data": str(Path(data).resolve()), "channels": list(channels),
+            "rows": len(rows), "rows_sha256": digest}
 
 
 def _pretrained_as(out: Any) -> dict[str, Any] | None:
     """What the model in ``out`` was pretrained on (:func:`_pretraining`), None if unknown: it is not reused."""
     try:
-        return json.loads((out / PRETRAINED_AS).read_text())
-    except (OSError, ValueError):
+        what = json.loads((out / PRETRAINED_AS).read_text())
+        what["data"] = str(Path(what["data"]).resolve())  # the same file reached from another folder is the same
+        return what
+    except (OSError, ValueError, TypeError, KeyError):
         return None
 
 
