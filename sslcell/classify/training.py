@@ -24,21 +24,12 @@ from sslcell.augment.image import ImageAugment
 from sslcell.classify.classifier import CellClassifier
 from sslcell.classify.objectives import EarlyStopping, SupervisedLoss, predict_codes
 from sslcell.data.image_loader import make_image_dataloader
+from sslcell.evaluate.probes import balanced_class_weights
 from sslcell.methods.base import step_seed, warmup_cosine
 from sslcell.methods.inputs import image_augment_config
 from sslcell.train import on_gpu, resolve_precision
 
 log = logging.getLogger(__name__)
-
-
-def balanced_class_weights(codes: np.ndarray, n_classes: int, power: float = 1.0) -> np.ndarray:
-    """``(K,)`` float32: ``(n / (K_present * count_k)) ** power`` for the classes present in ``codes (N,)`` (power 1:
-    scikit-learn's "balanced"), 0 for the others."""
-    counts = np.bincount(codes, minlength=n_classes)
-    present = counts > 0
-    weights = np.zeros(n_classes, dtype=np.float32)
-    weights[present] = (len(codes) / (present.sum() * counts[present])) ** float(power)
-    return weights
 
 
 def training_epochs(n_cells: int, config: Any) -> tuple[int, int]:
@@ -136,7 +127,7 @@ def fit_full(classifier: CellClassifier, cells: Any, codes: np.ndarray, config: 
     if power > 0 and config.balance == "sampling":
         weights = np.bincount(codes)[codes] ** -power
     elif power > 0:
-        class_weight = balanced_class_weights(codes, len(classifier.classes), power)
+        class_weight = balanced_class_weights(codes, len(classifier.classes), power).astype(np.float32)
     batch_size = min(config.batch_size, len(codes))
     epochs, steps = training_epochs(len(codes), config)
     if epochs > config.epochs:

@@ -49,15 +49,25 @@ def make_probe(probe: Probe, n_neighbors: int = 15, standardize: bool = True, **
     raise ConfigError(f"probe must be 'knn' or 'logistic'; got {probe!r}")
 
 
+def balanced_class_weights(codes: np.ndarray, n_classes: int, power: float = 1.0) -> np.ndarray:
+    """``(K,)`` float64: ``(n / (K_present * count_k)) ** power`` for the classes present in ``codes (N,)`` (power 1:
+    scikit-learn's "balanced"), 0 for the others."""
+    counts = np.bincount(codes, minlength=n_classes)
+    present = counts > 0
+    weights = np.zeros(n_classes)
+    weights[present] = (len(codes) / (present.sum() * counts[present])) ** float(power)
+    return weights
+
+
 def class_weight(y: np.ndarray, oversample: bool | float) -> dict | str | None:
-    """scikit-learn ``class_weight`` for a class-balancing power: the "balanced" weights ``n / (K * count_k)``
-    (``K``: the classes present in ``y`` ``(N,)``) raised to the power ``oversample``.
+    """scikit-learn ``class_weight`` for a class-balancing power: :func:`balanced_class_weights` of the labels ``y``
+    ``(N,)``, keyed by label.
 
     ``True`` (power 1) gives "balanced", ``False`` (0) gives None, any other power a dict keyed by label.
     """
     power = float(oversample)
     if power in (0.0, 1.0):
         return "balanced" if power else None
-    classes, counts = np.unique(y, return_counts=True)
-    weights = (len(y) / (len(classes) * n) for n in counts.tolist())
-    return {k: w**power for k, w in zip(classes.tolist(), weights, strict=True)}
+    classes, codes = np.unique(y, return_inverse=True)
+    weights = balanced_class_weights(codes.ravel(), len(classes), power)
+    return dict(zip(classes.tolist(), weights.tolist(), strict=True))

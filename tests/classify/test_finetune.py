@@ -435,13 +435,6 @@ def scratch(**kw) -> FinetuneConfig:
                              "accelerator": "cpu", **kw})
 
 
-def test_balanced_class_weights():
-    weights = training_module.balanced_class_weights(np.array([0, 0, 0, 1]), 3)
-    np.testing.assert_allclose(weights, [4 / 6, 2.0, 0.0])  # n / (K_present * count_k); 0 for an absent class
-    np.testing.assert_allclose(training_module.balanced_class_weights(np.array([0, 0, 0, 1]), 3, 0.5),
-                               [(4 / 6) ** 0.5, 2**0.5, 0.0])
-
-
 def test_training_epochs_drop_the_partial_batch_and_reach_min_steps():
     config = FinetuneConfig(epochs=30, batch_size=128, min_steps=100)
     assert training_module.training_epochs(219, config) == (100, 1)  # 219 crops: one full batch an epoch
