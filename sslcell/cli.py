@@ -185,6 +185,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for <suite>.md / .json / plots (default: the suite's out)")
     p.add_argument("--data", help="folder where the suite's relative data paths resolve (default: its data_dir)")
     p.add_argument("--only", nargs="+", metavar="TASK", help="run only these tasks of the suite")
+    p.add_argument("--recipes", nargs="+", metavar="RECIPE",
+                   help="run only these recipes (by name) of the tasks; their baselines and peers still run")
     p.add_argument("--workdir", help="keep models and scratch files here (default: a temporary folder)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (tasks that train or embed)")
     p.add_argument("--list", action="store_true", help="list the task kinds, their parameters, baselines and peers")
@@ -207,7 +209,8 @@ def _benchmark(args: argparse.Namespace) -> int:
         return 0
     if not args.suite:
         raise SSLCellError("give a suite file (or --list to see the task kinds)")
-    suite = load_suite(args.suite, quick=args.quick, data_dir=args.data, out=args.out, only=args.only)
+    suite = load_suite(args.suite, quick=args.quick, data_dir=args.data, out=args.out, only=args.only,
+                       recipes=args.recipes)
     run = run_suite(suite, workdir=args.workdir, device=args.device)
     print(f"results: {run.markdown_path} (and {run.json_path.name})")
     for missed in run.targets_missed:
