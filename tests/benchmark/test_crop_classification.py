@@ -237,12 +237,12 @@ def test_shipped_suite_runs_quick(tmp_path):
     run = run_suite(suite, workdir=tmp_path / "work", device="cpu", progress=False)
     assert run.errors == {}
     record = json.loads(run.json_path.read_text())
-    for name, n_recipes, n_finetuned in (("jurkat", 3, 2), ("chula", 2, 2)):
+    for name, n_architectures, n_recipes, n_finetuned in (("jurkat", 3, 4, 3), ("chula", 2, 2, 2)):
         result = run.results[name]
         rows = result.raw["rows"]
         # per fraction (--quick: no TTA rows): PCA, a random encoder per architecture, the CNN, a probe per recipe,
         # fine-tuning for the recipes not in probe_only
-        assert len(rows) == 2 * (1 + n_recipes + 1 + n_recipes + n_finetuned)
+        assert len(rows) == 2 * (1 + n_architectures + 1 + n_recipes + n_finetuned)
         assert {r["labels"] for r in rows} == {"100%", "10%"}
         for r in rows:
             for key in ("accuracy", "macro_f1", "val_macro_f1"):
