@@ -128,6 +128,8 @@ def test_params_check_names_the_field(tmp_path):
         cc.CropClassificationParams(cnn_min_steps=-1).check()
     with pytest.raises(ConfigError, match="finetune_min_steps"):
         cc.CropClassificationParams(finetune_min_steps=-1).check()
+    with pytest.raises(ConfigError, match="finetune_init_heads"):
+        cc.CropClassificationParams(finetune_init_heads=["probe"]).check()
     suite = {"name": "s", "tasks": [{"kind": "crop_classification", "data": str(tmp_path),
                                      "params": {"pca_class_weights": [2.0]}}]}
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(suite))
@@ -271,3 +273,16 @@ def test_pretrained_as_matches_the_same_file_reached_from_another_folder(tmp_pat
     assert cc._pretrained_as(tmp_path) != cc._pretraining(config, tmp_path / "data" / "x.npz", ["a"], rows[:4])
     (tmp_path / cc.PRETRAINED_AS).write_text("[1, 2]")  # not ours: never reused
     assert cc._pretrained_as(tmp_path) is None
+
+
+def test_finetune_grid_crosses_encoder_rates_and_head_starts(tmp_path):
+    suite = load_suite(_synthetic_suite(tmp_path, label_fractions=[1.0], encoder_lr_factors=[0.5, 1.0],
+                                        finetune_init_heads=["linear_probe", "random"]))
+    suite.tasks[0].baselines = []
+    run = run_suite(suite, workdir=tmp_path / "work", device="cpu", progress=False)
+    assert run.errors == {}
+    grid = [g for g in run.results["toy"].raw["grid"] if g["entry"] == "sslcell tiny + fine-tune"]
+    assert [g["setting"] for g in grid] == [
+        "encoder lr x0.5, 2 epochs, linear_probe head", "encoder lr x1, 2 epochs, linear_probe head",
+        "encoder lr x0.5, 2 epochs, random head", "encoder lr x1, 2 epochs, random head"]
+    assert sum(g["chosen"] == "yes" for g in grid) == 1

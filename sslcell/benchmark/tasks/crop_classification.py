@@ -16,7 +16,8 @@ Protocol (seed: the suite's):
   crops, still without labels: transductive, and the notes say so), then a linear probe and fine-tuning
   (``classify.finetune`` with the recipe's ``finetune`` settings, any :class:`~sslcell.classify.FinetuneConfig`
   field: e.g. ``schedule: one_cycle``, ``balance: loss``, ``min_steps``; ``finetune_epochs`` and
-  ``finetune_min_steps`` override every recipe's; grid: ``encoder_lr_factors``);
+  ``finetune_min_steps`` override every recipe's; grid: ``encoder_lr_factors`` x ``finetune_init_heads``, the
+  head's start: the linear probe, LP-FT, or random weights as the CNN from scratch);
 * baselines: ``pixel_pca`` (raw pixels z-scored, PCA-50, logistic regression; grid: class-weight power),
   ``random_encoder`` (each recipe's encoder with random weights, the same linear probe), ``supervised_cnn`` (the
   plain CNN of :mod:`._supervised_cnn` from scratch, trained by the fine-tuning loop; grid: ``cnn_lrs`` x
@@ -66,6 +67,8 @@ class CropClassificationParams:
     finetune_epochs: int | None = None  # overrides every recipe's fine-tuning epochs
     finetune_min_steps: int | None = None  # overrides every recipe's fine-tuning min_steps
     encoder_lr_factors: list[float] = field(default_factory=list)  # fine-tuning grid; empty: the recipe's own
+    finetune_init_heads: list[str] = field(default_factory=list)  # fine-tuning grid ("linear_probe", "random"); empty:
+    # the recipe's own
     probe_only: list[str] = field(default_factory=list)  # recipes scored with the linear probe only
     pca_components: int = 50  # at most one fewer than the crops it is fitted on
     pca_class_weights: list[float] = field(default_factory=lambda: [0.0, 1.0])  # powers of the balanced weights
@@ -92,6 +95,9 @@ class CropClassificationParams:
                 raise ConfigError(f"{name}: must be >= 0 or null, got {getattr(self, name)}")
         if any(f < 0 for f in self.encoder_lr_factors):
             raise ConfigError(f"encoder_lr_factors: must be >= 0, got {self.encoder_lr_factors}")
+        if not set(self.finetune_init_heads) <= {"linear_probe", "random"}:
+            raise ConfigError(f"finetune_init_heads: give 'linear_probe' and/or 'random', "
+                              f"got {self.finetune_init_heads}")
         if self.pca_components < 1:
             raise ConfigError(f"pca_components: must be >= 1, got {self.pca_components}")
         if not self.pca_class_weights or not all(0.0 <= w <= 1.0 for w in self.pca_class_weights):
@@ -376,8 +382,10 @@ def _recipes(task: Any, ctx: Context, cells: Any, train: np.ndarray, test: np.nd
             continue
         full = _finetune_config(recipe, p, "full", device)
         factors = p.encoder_lr_factors or [full.encoder_lr_factor]
-        candidates = [(f"encoder lr x{f:g}, {full.epochs} epochs",
-                       FinetuneConfig.from_dict({**_asdict(full), "encoder_lr_factor": f})) for f in factors]
+        heads = p.finetune_init_heads or [full.init_head]
+        candidates = [(f"encoder lr x{f:g}, {full.epochs} epochs" + (f", {h} head" if p.finetune_init_heads else ""),
+                       FinetuneConfig.from_dict({**_asdict(full), "encoder_lr_factor": f, "init_head": h}))
+                      for h in heads for f in factors]
         entries.append(Entry(
             name=f"sslcell {recipe.name} + fine-tune", sslcell=True, candidates=candidates,
             fit=lambda cfg, rows, model=model: finetune(cells[rows], model, p.label_key, cfg, device=device),
