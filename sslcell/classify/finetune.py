@@ -74,6 +74,7 @@ LABEL_PRESERVING_AUGMENT: dict[str, Any] = {
 
 
 HEADS = ("linear", "mlp", "full")
+INIT_HEADS = ("linear_probe", "random")  # full: the head starts from the linear probe (LP-FT) or random weights
 SCHEDULES = ("cosine", "one_cycle")
 BALANCES = ("sampling", "loss")
 
@@ -123,7 +124,7 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.head not in HEADS:
             raise ConfigError(f"head: must be one of {HEADS}, got {self.head!r}")
-        if self.init_head not in ("linear_probe", "random"):
+        if self.init_head not in INIT_HEADS:
             raise ConfigError(f"init_head: must be 'linear_probe' or 'random', got {self.init_head!r}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule: must be one of {SCHEDULES}, got {self.schedule!r}")

@@ -47,6 +47,7 @@ import torch
 
 from sslcell.benchmark.registry import Context, Table, Target, TaskKind, TaskResult, register
 from sslcell.benchmark.tasks._supervised_cnn import CNNSettings, train_cnn
+from sslcell.classify.finetune import INIT_HEADS
 from sslcell.errors import ConfigError, InputError
 
 BASELINES = ("pixel_pca", "random_encoder", "supervised_cnn")
@@ -95,9 +96,8 @@ class CropClassificationParams:
                 raise ConfigError(f"{name}: must be >= 0 or null, got {getattr(self, name)}")
         if any(f < 0 for f in self.encoder_lr_factors):
             raise ConfigError(f"encoder_lr_factors: must be >= 0, got {self.encoder_lr_factors}")
-        if not set(self.finetune_init_heads) <= {"linear_probe", "random"}:
-            raise ConfigError(f"finetune_init_heads: give 'linear_probe' and/or 'random', "
-                              f"got {self.finetune_init_heads}")
+        if not set(self.finetune_init_heads) <= set(INIT_HEADS):
+            raise ConfigError(f"finetune_init_heads: give some of {INIT_HEADS}, got {self.finetune_init_heads}")
         if self.pca_components < 1:
             raise ConfigError(f"pca_components: must be >= 1, got {self.pca_components}")
         if not self.pca_class_weights or not all(0.0 <= w <= 1.0 for w in self.pca_class_weights):
