@@ -130,6 +130,8 @@ def test_params_check_names_the_field(tmp_path):
         cc.CropClassificationParams(finetune_min_steps=-1).check()
     with pytest.raises(ConfigError, match="finetune_init_heads"):
         cc.CropClassificationParams(finetune_init_heads=["probe"]).check()
+    with pytest.raises(ConfigError, match="finetune_epoch_grid"):
+        cc.CropClassificationParams(finetune_epoch_grid=[30, 0]).check()
     suite = {"name": "s", "tasks": [{"kind": "crop_classification", "data": str(tmp_path),
                                      "params": {"pca_class_weights": [2.0]}}]}
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(suite))
@@ -200,6 +202,9 @@ def test_reuse_pretrained_only_for_the_same_recipe_data_and_crops(tmp_path):
 def test_cnn_must_get_at_least_the_finetuning_budget(tmp_path):
     run = run_suite(load_suite(_synthetic_suite(tmp_path, cnn_epochs=[1])), progress=False)
     assert "at least the recipes' fine-tuning budget (2 epochs)" in run.errors["toy"]
+    run = run_suite(load_suite(_synthetic_suite(tmp_path, cnn_epochs=[15], finetune_epoch_grid=[2, 20])),
+                    progress=False)
+    assert "at least the recipes' fine-tuning budget (20 epochs)" in run.errors["toy"]  # the grid's largest
     run = run_suite(load_suite(_synthetic_suite(tmp_path, finetune_min_steps=40, cnn_min_steps=30)), progress=False)
     assert "params.cnn_min_steps 30" in run.errors["toy"]
     assert "at least the recipes' fine-tuning budget (40 steps)" in run.errors["toy"]
@@ -286,3 +291,18 @@ def test_finetune_grid_crosses_encoder_rates_and_head_starts(tmp_path):
         "encoder lr x0.5, 2 epochs, linear_probe head", "encoder lr x1, 2 epochs, linear_probe head",
         "encoder lr x0.5, 2 epochs, random head", "encoder lr x1, 2 epochs, random head"]
     assert sum(g["chosen"] == "yes" for g in grid) == 1
+
+
+def test_finetune_grid_crosses_epochs(tmp_path):
+    """finetune_epoch_grid: each count a candidate (the recipe's own 2 epochs replaced); the chosen one is the
+    count the final model trains for."""
+    suite = load_suite(_synthetic_suite(tmp_path, label_fractions=[1.0], encoder_lr_factors=[1.0],
+                                        finetune_epoch_grid=[1, 3]))
+    suite.tasks[0].baselines = []
+    run = run_suite(suite, workdir=tmp_path / "work", device="cpu", progress=False)
+    assert run.errors == {}
+    grid = [g for g in run.results["toy"].raw["grid"] if g["entry"] == "sslcell tiny + fine-tune"]
+    assert [g["setting"] for g in grid] == ["encoder lr x1, 1 epochs", "encoder lr x1, 3 epochs"]
+    chosen = next(g["setting"] for g in grid if g["chosen"] == "yes")
+    row = next(r for r in run.results["toy"].raw["rows"] if r["entry"] == "sslcell tiny + fine-tune")
+    assert row["setting"] == chosen and f"{row['epochs']} epochs" in chosen

@@ -16,13 +16,13 @@ Protocol (seed: the suite's):
   crops, still without labels: transductive, and the notes say so), then a linear probe and fine-tuning
   (``classify.finetune`` with the recipe's ``finetune`` settings, any :class:`~sslcell.classify.FinetuneConfig`
   field: e.g. ``schedule: one_cycle``, ``balance: loss``, ``min_steps``; ``finetune_epochs`` and
-  ``finetune_min_steps`` override every recipe's; grid: ``encoder_lr_factors`` x ``finetune_init_heads``, the
-  head's start: the linear probe, LP-FT, or random weights as the CNN from scratch);
+  ``finetune_min_steps`` override every recipe's; grid: ``encoder_lr_factors`` x ``finetune_init_heads`` (the
+  head's start: the linear probe, LP-FT, or random weights as the CNN from scratch) x ``finetune_epoch_grid``);
 * baselines: ``pixel_pca`` (raw pixels z-scored, PCA-50, logistic regression; grid: class-weight power),
   ``random_encoder`` (each recipe's encoder with random weights, the same linear probe), ``supervised_cnn`` (the
   plain CNN of :mod:`._supervised_cnn` from scratch, trained by the fine-tuning loop; grid: ``cnn_lrs`` x
   ``cnn_epochs``). Its budget is at least the recipes' fine-tuning budget: the largest of ``cnn_epochs`` must be
-  at least their epochs, and ``cnn_min_steps`` (default: the largest of their ``min_steps``) at least their
+  at least their largest epochs, and ``cnn_min_steps`` (default: the largest of their ``min_steps``) at least their
   minimum number of optimiser steps, which decides the budget when labels are few.
 
 Targets (issue 14, item 7), ratios within the run: the sslcell entry with the best validation macro-F1 against the
@@ -70,6 +70,8 @@ class CropClassificationParams:
     encoder_lr_factors: list[float] = field(default_factory=list)  # fine-tuning grid; empty: the recipe's own
     finetune_init_heads: list[str] = field(default_factory=list)  # fine-tuning grid ("linear_probe", "random"); empty:
     # the recipe's own
+    finetune_epoch_grid: list[int] = field(default_factory=list)  # fine-tuning grid; empty: the recipe's own epochs
+    # (or finetune_epochs)
     probe_only: list[str] = field(default_factory=list)  # recipes scored with the linear probe only
     pca_components: int = 50  # at most one fewer than the crops it is fitted on
     pca_class_weights: list[float] = field(default_factory=lambda: [0.0, 1.0])  # powers of the balanced weights
@@ -96,6 +98,8 @@ class CropClassificationParams:
                 raise ConfigError(f"{name}: must be >= 0 or null, got {getattr(self, name)}")
         if any(f < 0 for f in self.encoder_lr_factors):
             raise ConfigError(f"encoder_lr_factors: must be >= 0, got {self.encoder_lr_factors}")
+        if not all(isinstance(e, int) and e >= 1 for e in self.finetune_epoch_grid):
+            raise ConfigError(f"finetune_epoch_grid: give epoch counts >= 1, got {self.finetune_epoch_grid}")
         if not set(self.finetune_init_heads) <= set(INIT_HEADS):
             raise ConfigError(f"finetune_init_heads: give some of {INIT_HEADS}, got {self.finetune_init_heads}")
         if self.pca_components < 1:
@@ -280,7 +284,7 @@ def _baselines(task: Any, ctx: Context, cells: Any, y: np.ndarray, train: np.nda
             entries.append(_random_encoder_entry(recipe, contract, cells, p, ctx.seed, device, score))
     if "supervised_cnn" in task.baselines:
         finetuned = [_finetune_config(r, p, "full", device) for r in task.recipes if r.name not in p.probe_only]
-        budget = max((c.epochs for c in finetuned), default=0)
+        budget = max((max(p.finetune_epoch_grid or [c.epochs]) for c in finetuned), default=0)
         if max(p.cnn_epochs) < budget:
             raise ConfigError(f"task {task.name}: params.cnn_epochs {p.cnn_epochs}: the supervised CNN must be offered "
                               f"at least the recipes' fine-tuning budget ({budget} epochs)")
@@ -383,9 +387,10 @@ def _recipes(task: Any, ctx: Context, cells: Any, train: np.ndarray, test: np.nd
         full = _finetune_config(recipe, p, "full", device)
         factors = p.encoder_lr_factors or [full.encoder_lr_factor]
         heads = p.finetune_init_heads or [full.init_head]
-        candidates = [(f"encoder lr x{f:g}, {full.epochs} epochs" + (f", {h} head" if p.finetune_init_heads else ""),
-                       FinetuneConfig.from_dict({**_asdict(full), "encoder_lr_factor": f, "init_head": h}))
-                      for h in heads for f in factors]
+        epochs = p.finetune_epoch_grid or [full.epochs]
+        candidates = [(f"encoder lr x{f:g}, {e} epochs" + (f", {h} head" if p.finetune_init_heads else ""),
+                       FinetuneConfig.from_dict({**_asdict(full), "encoder_lr_factor": f, "init_head": h, "epochs": e}))
+                      for e in epochs for h in heads for f in factors]
         entries.append(Entry(
             name=f"sslcell {recipe.name} + fine-tune", sslcell=True, candidates=candidates,
             fit=lambda cfg, rows, model=model: finetune(cells[rows], model, p.label_key, cfg, device=device),
@@ -578,5 +583,6 @@ register(TaskKind(
     needs_data=True,
     takes_recipes=True,
     quick={"max_cells": 240, "pretrain_epochs": 1, "finetune_epochs": 1, "finetune_min_steps": 0,
-           "encoder_lr_factors": [], "pca_class_weights": [0.0], "cnn_lrs": [3e-3], "cnn_epochs": [1], "tta": False},
+           "encoder_lr_factors": [], "finetune_epoch_grid": [], "pca_class_weights": [0.0], "cnn_lrs": [3e-3],
+           "cnn_epochs": [1], "tta": False},
 ))
