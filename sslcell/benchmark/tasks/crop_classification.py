@@ -283,8 +283,8 @@ def _baselines(task: Any, ctx: Context, cells: Any, y: np.ndarray, train: np.nda
             seen.add(key)
             entries.append(_random_encoder_entry(recipe, contract, cells, p, ctx.seed, device, score))
     if "supervised_cnn" in task.baselines:
-        finetuned = [_finetune_config(r, p, "full", device) for r in task.recipes if r.name not in p.probe_only]
-        budget = max((max(p.finetune_epoch_grid or [c.epochs]) for c in finetuned), default=0)
+        finetuned = [c for r in task.recipes if r.name not in p.probe_only for _, c in _finetune_grid(r, p, device)]
+        budget = max((c.epochs for c in finetuned), default=0)
         if max(p.cnn_epochs) < budget:
             raise ConfigError(f"task {task.name}: params.cnn_epochs {p.cnn_epochs}: the supervised CNN must be offered "
                               f"at least the recipes' fine-tuning budget ({budget} epochs)")
@@ -352,7 +352,7 @@ def _recipes(task: Any, ctx: Context, cells: Any, train: np.ndarray, test: np.nd
              device: torch.device) -> list[Entry]:
     """Pretrain every recipe (on the training crops, or all crops), then its probe and fine-tuning entries."""
     from sslcell.checkpoint import load
-    from sslcell.classify import FinetuneConfig, finetune
+    from sslcell.classify import finetune
     from sslcell.train import pretrain
 
     p: CropClassificationParams = task.params
@@ -384,17 +384,11 @@ def _recipes(task: Any, ctx: Context, cells: Any, train: np.ndarray, test: np.nd
             score=score, extra=extra))
         if recipe.name in p.probe_only:
             continue
-        full = _finetune_config(recipe, p, "full", device)
-        factors = p.encoder_lr_factors or [full.encoder_lr_factor]
-        heads = p.finetune_init_heads or [full.init_head]
-        epochs = p.finetune_epoch_grid or [full.epochs]
-        candidates = [(f"encoder lr x{f:g}, {e} epochs" + (f", {h} head" if p.finetune_init_heads else ""),
-                       FinetuneConfig.from_dict({**_asdict(full), "encoder_lr_factor": f, "init_head": h, "epochs": e}))
-                      for e in epochs for h in heads for f in factors]
+        candidates = _finetune_grid(recipe, p, device)
         entries.append(Entry(
             name=f"sslcell {recipe.name} + fine-tune", sslcell=True, candidates=candidates,
             fit=lambda cfg, rows, model=model: finetune(cells[rows], model, p.label_key, cfg, device=device),
-            score=score, extra={**extra, "min_steps": full.min_steps}))
+            score=score, extra={**extra, "min_steps": candidates[0][1].min_steps}))
     return entries
 
 
@@ -429,6 +423,20 @@ def _finetune_config(recipe: Any, p: CropClassificationParams, head: str, device
     if p.finetune_min_steps is not None:
         values["min_steps"] = p.finetune_min_steps
     return FinetuneConfig.from_dict(values)
+
+
+def _finetune_grid(recipe: Any, p: CropClassificationParams, device: torch.device) -> list[tuple[str, Any]]:
+    """The recipe's fine-tuning candidates, ``(label, FinetuneConfig)``: ``finetune_epoch_grid`` x
+    ``finetune_init_heads`` x ``encoder_lr_factors``, each the recipe's own where empty."""
+    from sslcell.classify import FinetuneConfig
+
+    full = _finetune_config(recipe, p, "full", device)
+    factors = p.encoder_lr_factors or [full.encoder_lr_factor]
+    heads = p.finetune_init_heads or [full.init_head]
+    epochs = p.finetune_epoch_grid or [full.epochs]
+    return [(f"encoder lr x{f:g}, {e} epochs" + (f", {h} head" if p.finetune_init_heads else ""),
+             FinetuneConfig.from_dict({**_asdict(full), "encoder_lr_factor": f, "init_head": h, "epochs": e}))
+            for e in epochs for h in heads for f in factors]
 
 
 def _asdict(config: Any) -> dict[str, Any]:
