@@ -131,3 +131,5 @@ def test_input_and_config_errors_name_the_problem():
         ImageAugmentConfig(hflip=1.5)
     with pytest.raises(ConfigError, match="scale"):
         ImageAugmentConfig(scale=(0.0, 1.0))
+    with pytest.raises(ConfigError, match="blur_sigma.*pair"):  # not an IndexError
+        ImageAugmentConfig(blur_sigma=(0.5,))

@@ -88,6 +88,9 @@ class ImageAugmentConfig:
         for name in ("rotation_degrees", "brightness", "contrast", "gamma", "noise_std"):
             check(getattr(self, name) >= 0.0, name, "must be >= 0")
         check(self.contrast <= 1.0, "contrast", "must be <= 1 (factor 1 - contrast must stay >= 0)")
+        for name in ("scale", "ratio", "blur_sigma"):
+            check(isinstance(getattr(self, name), (tuple, list)) and len(getattr(self, name)) == 2, name,
+                  "must be a pair (low, high)")
         check(0.0 < self.scale[0] <= self.scale[1] <= 1.0, "scale", "need 0 < low <= high <= 1")
         check(0.0 < self.ratio[0] <= self.ratio[1], "ratio", "need 0 < low <= high")
         check(0.0 < self.blur_sigma[0] <= self.blur_sigma[1], "blur_sigma", "need 0 < low <= high")
