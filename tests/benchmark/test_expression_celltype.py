@@ -101,7 +101,16 @@ def test_generated_counts_end_to_end(tmp_path, small_counts_file):
     runs = {r["entry"]: r for r in result.tables[0].rows}
     assert runs["tiny"]["epochs"] == 3 and runs["tiny"]["seconds"] > 0
     assert runs["broken"]["status"].startswith("not run")
-    scores = result.tables[1].rows
+    validation, scores = result.tables[1].rows, result.tables[2].rows
+    # the validation cells: 30% of each generated type, held out of every test score
+    val_cells = result.raw["validation_cells"]
+    report = result.raw["report"]
+    assert len(val_cells) == 120 and report["n_cells"] == 400 - 120 and report["seeds"] == [0, 1]
+    assert {(r["entry"], r["protocol"]) for r in validation} == {
+        (e, p) for e in ("tiny", "random_encoder", "pca_hvg")
+        for p in ("logistic, 5 labels/class", "logistic (unscaled), 5 labels/class")}
+    assert sum(r["chosen"] == "probe, recipe" for r in validation) == 1  # one recipe: tiny (broken did not train)
+    assert result.raw["chosen_recipe"] == "tiny"
     assert {r["entry"] for r in scores} == {"tiny", "random_encoder", "pca_hvg"}
     assert len(scores) == 3 * 4  # four protocols each
     by = {(r["entry"], r["protocol"]): r for r in scores}
@@ -112,14 +121,39 @@ def test_generated_counts_end_to_end(tmp_path, small_counts_file):
     ratio = targets["tiny / pca_hvg, logistic CV macro-F1"].value
     assert ratio == pytest.approx(by["tiny", "logistic, 5-fold CV"]["macro-F1"]
                                   / by["pca_hvg", "logistic, 5-fold CV"]["macro-F1"])
-    few = [max(by[e, "logistic, 5 labels/class"]["macro-F1"], by[e, "logistic (unscaled), 5 labels/class"]["macro-F1"])
-           for e in ("tiny", "pca_hvg")]
-    assert targets["tiny / pca_hvg, few-label logistic macro-F1 (better of scaled, unscaled)"].value == \
+    chosen = {r["entry"]: r["protocol"] for r in validation if r["chosen"]}
+    few = [by[e, chosen[e]]["accuracy"] for e in ("tiny", "pca_hvg")]
+    assert targets["tiny / pca_hvg, few-label logistic accuracy (probes chosen on validation)"].value == \
         pytest.approx(few[0] / few[1])
     assert "tiny / random_encoder, logistic CV macro-F1" in targets
     assert (tmp_path / "out" / result.plots[0]).stat().st_size > 0
-    report = result.raw["report"]
-    assert report["n_cells"] == 400 and report["seeds"] == [0, 1]
+
+
+def _row(macro_f1: float, accuracy: float = 0.5) -> dict[str, float]:
+    return {"macro-F1": macro_f1, "macro-F1 std": 0.0, "accuracy": accuracy, "accuracy std": 0.0}
+
+
+def test_best_probe_and_targets_use_validation_choices_not_test_scores():
+    validation = {("enc", kind.FEW): _row(0.70), ("enc", kind.FEW_RAW): _row(0.72),
+                  ("pca_hvg", kind.FEW): _row(0.60), ("pca_hvg", kind.FEW_RAW): _row(0.60)}
+    assert kind._best(validation, "enc") == (kind.FEW_RAW, 0.72)
+    assert kind._best(validation, "pca_hvg")[0] == kind.FEW  # a tie keeps the scaled probe
+    test = [{"entry": e, "_protocol": proto, "macro-F1": f1, "accuracy": acc}
+            for e, proto, f1, acc in [("enc", "logistic_cv", 0.9, 0.9), ("pca_hvg", "logistic_cv", 0.8, 0.9),
+                                      ("enc", kind.FEW, 0.9, 0.9), ("enc", kind.FEW_RAW, 0.6, 0.6),
+                                      ("pca_hvg", kind.FEW, 0.5, 0.5), ("pca_hvg", kind.FEW_RAW, 0.8, 0.8)]]
+    targets = {t.name: t.value for t in kind._targets(test, "enc", {"enc": kind.FEW_RAW, "pca_hvg": kind.FEW})}
+    # the unscaled probe was chosen for enc on validation: its worse test score counts, not the better scaled one
+    assert targets["enc / pca_hvg, few-label logistic macro-F1 (probes chosen on validation)"] == pytest.approx(1.2)
+    assert targets["enc / pca_hvg, logistic CV macro-F1"] == pytest.approx(0.9 / 0.8)
+    assert kind._targets(test, None, {}) == []
+
+
+def test_validation_params_are_checked():
+    with pytest.raises(ConfigError, match="validation_fraction"):
+        kind.ExpressionCelltypeParams(validation_fraction=0.0).check()
+    with pytest.raises(ConfigError, match="validation_draws"):
+        kind.ExpressionCelltypeParams(validation_draws=0).check()
 
 
 @pytest.mark.skipif(not BLADDER.is_file(), reason=f"shared data not available: {BLADDER}")
@@ -130,13 +164,14 @@ def test_expression_suite_quick(tmp_path):
     task = record["tasks"]["bladder"]
     runs = {r["entry"]: r for r in task["tables"][0]["rows"]}
     assert runs["mae_programme"]["status"].startswith("not run")  # no gene symbols in this file
-    expected = {"mae", "simclr", "byol", "barlow_twins", "vicreg", "random_encoder", "pca_hvg"}
+    expected = {"mae", "mae_mask75", "simclr", "byol", "barlow_twins", "vicreg", "random_encoder", "pca_hvg"}
     if importlib.util.find_spec("scvi") is not None:
         expected.add("scvi")
     else:
         assert "not installed" in runs["scvi"]["status"]
-    scores = task["tables"][1]["rows"]
+    scores = task["tables"][2]["rows"]
     assert {r["entry"] for r in scores} == expected
+    assert {r["entry"] for r in task["tables"][1]["rows"]} == expected  # every entry scored on validation too
     assert {(r["entry"], r["protocol"]) for r in scores} >= {("pca_hvg", "logistic, 5-fold CV")}
     for r in scores:
         assert 0.0 <= r["macro-F1"] <= 1.0 and 0.0 <= r["accuracy"] <= 1.0
