@@ -374,7 +374,8 @@ register(TaskKind(
     params=ExpressionCelltypeParams,
     run=run,
     summary="cell types from expression embeddings (recipes pretrained without labels) vs PCA-50, scVI and a "
-            "random encoder, one tl.evaluate call (kNN / logistic CV, few labels)",
+            "random encoder: recipe and probes chosen on validation cells, one tl.evaluate call on the others "
+            "(kNN / logistic CV, few labels)",
     baselines=("pca_hvg", "scvi", "random_encoder"),
     needs_data=True,
     takes_recipes=True,
