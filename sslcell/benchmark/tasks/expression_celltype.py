@@ -34,11 +34,12 @@ from sslcell.benchmark.registry import Context, Table, Target, TaskKind, TaskRes
 from sslcell.errors import ConfigError, SSLCellError
 
 # the protocols of tl.evaluate, as the tables name them ({k}: neighbours, {s}: folds, {n}: labels per class)
+FEW, FEW_RAW = "logistic_few_label", "logistic_few_label_raw"  # the few-label probes, scaled and unscaled
 PROTOCOLS = {
     "knn_cv": "kNN-{k}, {s}-fold CV",
     "logistic_cv": "logistic, {s}-fold CV",
-    "logistic_few_label": "logistic, {n} labels/class",
-    "logistic_few_label_raw": "logistic (unscaled), {n} labels/class",
+    FEW: "logistic, {n} labels/class",
+    FEW_RAW: "logistic (unscaled), {n} labels/class",
 }
 
 TARGETS_NOTE = ("Targets compare the recipe chosen on the validation cells (the best few-label logistic macro-F1 "
@@ -46,7 +47,6 @@ TARGETS_NOTE = ("Targets compare the recipe chosen on the validation cells (the 
                 "regression in 5-fold CV for PCA-50 and scVI (the issue's 'against scVI and PCA-50 with logistic "
                 "regression'), and, with {n} labels per class, each side's logistic probe (scaled or unscaled "
                 "features) chosen on the validation cells.")
-FEW, FEW_RAW = "logistic_few_label", "logistic_few_label_raw"
 
 
 @dataclass
@@ -257,12 +257,12 @@ def run(task: Any, ctx: Context) -> TaskResult:
         for proto in PROTOCOLS}, "macro-F1")
     columns = ["entry", "dims", "protocol", "macro-F1", "macro-F1 std", "accuracy", "accuracy std"]
     dropped = ", ".join(f"{k} ({v})" for k, v in report.dropped_classes.items()) or "none"
-    targets = _targets(scores, primary, {name: _best(validation, name)[0] for name in names.values()})
+    probes = {name: _best(validation, name)[0] for name in names.values()}  # each entry's, chosen on validation
+    targets = _targets(scores, primary, probes)
     val_seeds = _validation_seeds(p)
     val_columns = ["entry", "protocol", "macro-F1", "macro-F1 std", "accuracy", "accuracy std", "chosen"]
     val_rows = [{"entry": name, "protocol": PROTOCOLS[proto].format(n=p.n_per_class), **row,
-                 "chosen": ("probe, recipe" if name == primary else "probe")
-                 if proto == _best(validation, name)[0] else ""}
+                 "chosen": ("probe, recipe" if name == primary else "probe") if proto == probes[name] else ""}
                 for (name, proto), row in validation.items()]
     return TaskResult(
         tables=[
