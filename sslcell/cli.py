@@ -188,6 +188,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--recipes", nargs="+", metavar="RECIPE",
                    help="run only these recipes (by name) of the tasks; their baselines and peers still run")
     p.add_argument("--workdir", help="keep models and scratch files here (default: a temporary folder)")
+    p.add_argument("--resume", action="store_true",
+                   help="with --workdir: read back the trainings an earlier (killed) run of the same settings "
+                        "finished there instead of training them again")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (tasks that train or embed)")
     p.add_argument("--list", action="store_true", help="list the task kinds, their parameters, baselines and peers")
     p.set_defaults(run=_benchmark)
@@ -211,7 +214,7 @@ def _benchmark(args: argparse.Namespace) -> int:
         raise SSLCellError("give a suite file (or --list to see the task kinds)")
     suite = load_suite(args.suite, quick=args.quick, data_dir=args.data, out=args.out, only=args.only,
                        recipes=args.recipes)
-    run = run_suite(suite, workdir=args.workdir, device=args.device)
+    run = run_suite(suite, workdir=args.workdir, device=args.device, resume=args.resume)
     print(f"results: {run.markdown_path} (and {run.json_path.name})")
     for missed in run.targets_missed:
         print(f"target not met: {missed}")

@@ -100,6 +100,11 @@ def test_absent_class_has_nan_auc_and_none_in_dict(tmp_path):
     assert "NaN" not in (tmp_path / "report.json").read_text()
     assert loaded == json.loads(json.dumps(d))
 
+    back = ClassificationReport.from_dict(loaded)  # the round trip: nan again where the JSON has null
+    assert math.isnan(back.roc_auc["d"]) and back.macro_roc_auc == r.macro_roc_auc and back.to_dict() == d
+    pd.testing.assert_frame_equal(back.per_class, r.per_class)
+    np.testing.assert_array_equal(back.confusion, r.confusion)
+
 
 def test_single_class_in_y_true_has_nan_auc():
     with warnings.catch_warnings():

@@ -62,6 +62,7 @@ class Context:
 
     ``workdir`` is the task's own scratch folder, ``out_dir`` where its plots go (name them after ``prefix``),
     ``quick`` whether the tiny settings are in force. ``steps`` wraps an iterable in the run's progress bar.
+    ``resume``: read back what an earlier run left in ``workdir`` (:class:`~sslcell.benchmark.fit_store.FitStore`).
     """
 
     seed: int
@@ -70,6 +71,7 @@ class Context:
     out_dir: Path
     prefix: str
     device: str = "auto"
+    resume: bool = False
     steps: Callable[..., Iterator[Any]] = field(default=lambda items, desc="": iter(items))
 
     def log(self, message: str) -> None:

@@ -46,14 +46,19 @@ def output_paths(suite: Suite, only: list[str] | None = None) -> tuple[Path, Pat
 
 
 def run_suite(suite: Suite, *, workdir: str | Path | None = None, device: str = "auto",
-              progress: bool | None = None, only: list[str] | None = None) -> SuiteRun:
+              progress: bool | None = None, only: list[str] | None = None, resume: bool = False) -> SuiteRun:
     """Run ``suite`` (or only the tasks named in ``only``), write its results and return them.
+
+    ``resume``: tasks read back the trainings an earlier run of the same settings finished in ``workdir`` (a killed
+    run goes on where it stopped; see :mod:`sslcell.benchmark.fit_store`).
 
     A task that raises is recorded as failed (message and traceback in the JSON) and the others still run.
     Results files are replaced only if this runner wrote them (their first line is ``# Benchmark suite:``).
     """
     from tqdm.auto import tqdm
 
+    if resume and workdir is None:
+        raise ConfigError("--resume: give the --workdir of the run to resume (without one a run keeps nothing)")
     only = only if only is not None else suite.only
     unknown = sorted(set(only or []) - {t.name for t in suite.tasks})
     if unknown:
@@ -82,7 +87,7 @@ def run_suite(suite: Suite, *, workdir: str | Path | None = None, device: str = 
         for task in bar:
             bar.set_postfix_str(task.name)
             ctx = Context(seed=suite.seed, quick=suite.quick, workdir=root / task.name, out_dir=suite.out,
-                          prefix=f"{stem}_{task.name}", device=device,
+                          prefix=f"{stem}_{task.name}", device=device, resume=resume,
                           steps=lambda items, desc="": tqdm(items, desc=desc, leave=False, position=1,
                                                              disable=bar.disable))
             ctx.workdir.mkdir(parents=True, exist_ok=True)

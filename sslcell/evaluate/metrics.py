@@ -76,6 +76,25 @@ class ClassificationReport:
             "per_class": per_class,
         }
 
+    @classmethod
+    def from_dict(cls, data: dict) -> ClassificationReport:
+        """The report :meth:`to_dict` wrote (``None`` back to ``nan``)."""
+
+        def number(value) -> float:
+            return math.nan if value is None else float(value)
+
+        classes = [str(c) for c in data["classes"]]
+        rows = [data["per_class"][c] for c in classes]
+        per_class = pd.DataFrame(
+            {**{k: np.array([number(r[k]) for r in rows]) for k in ("precision", "recall", "f1")},
+             "support": np.array([int(r["support"]) for r in rows], dtype=np.int64)},
+            index=pd.Index(classes, name="class"))
+        return cls(classes=classes, accuracy=number(data["accuracy"]), macro_f1=number(data["macro_f1"]),
+                   balanced_accuracy=number(data["balanced_accuracy"]),
+                   roc_auc={str(c): number(v) for c, v in data["roc_auc"].items()},
+                   macro_roc_auc=number(data["macro_roc_auc"]),
+                   confusion=np.asarray(data["confusion"], dtype=np.int64), per_class=per_class, n=int(data["n"]))
+
     def to_json(self, path: str | Path) -> None:
         """Write :meth:`to_dict` as JSON (strict: no ``NaN`` tokens); an existing file is replaced."""
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")

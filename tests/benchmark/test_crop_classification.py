@@ -8,16 +8,19 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
 
 from sslcell.benchmark import load_suite, run_suite
+from sslcell.benchmark.fit_store import FitStore
 from sslcell.benchmark.tasks import crop_classification as cc
 from sslcell.benchmark.tasks._supervised_cnn import CNNSettings, train_cnn
 from sslcell.classify import load_classifier, save_classifier
 from sslcell.data.images import CellImages
-from sslcell.errors import ConfigError
+from sslcell.errors import ConfigError, FileFormatError
+from sslcell.evaluate.metrics import ClassificationReport
 
 ROOT = Path(__file__).resolve().parents[2]
 SUITE = ROOT / "benchmarks" / "suites" / "crops.yaml"
@@ -30,8 +33,6 @@ def _crops(n_per_class: int = 40, seed: int = 0) -> CellImages:
     images = rng.integers(0, 60, size=(2 * n_per_class, 2, 16, 16), dtype=np.uint8)
     images[n_per_class:, 0, 4:12, 4:12] += 150
     labels = np.array(["a"] * n_per_class + ["b"] * n_per_class)
-    import pandas as pd
-
     obs = pd.DataFrame({"label": labels, "smear": np.arange(2 * n_per_class) % 8})
     return CellImages.from_array(images, channel_names=["bf", "df"], obs=obs)
 
@@ -57,30 +58,78 @@ def test_subsample_is_stratified_with_two_per_class():
     assert (y[rows] == "a").sum() == 100 and (y[rows] == "b").sum() == 2 and np.all(np.diff(rows) > 0)
 
 
-def test_evaluate_chooses_on_validation_and_refits_on_all_labels():
-    """A fake entry whose validation score is its setting: the best one is chosen, refitted on all labelled rows."""
-    fits = []
+def _fake_entry(fits: list) -> cc.Entry:
+    """An entry whose validation score is its setting (+0.5 with TTA) and whose test score is a tenth of it."""
 
-    class Report:
-        def __init__(self, value):
-            self.accuracy = self.macro_f1 = self.balanced_accuracy = self.macro_roc_auc = value
+    def report(value: float) -> ClassificationReport:
+        return ClassificationReport(classes=["x"], accuracy=value, macro_f1=value, balanced_accuracy=value,
+                                    roc_auc={"x": math.nan}, macro_roc_auc=math.nan, confusion=np.ones((1, 1)),
+                                    per_class=pd.DataFrame({"precision": [1.0], "recall": [1.0], "f1": [1.0],
+                                                            "support": [1]}, index=["x"]), n=1)
 
     def fit(setting, rows):
         fits.append((setting, len(rows)))
         return setting
 
     def score(model, rows, tta):
-        return Report(model + (0.5 if tta else 0.0) if len(rows) == 3 else 0.1 * model)
+        return report(model + (0.5 if tta else 0.0) if len(rows) == 3 else 0.1 * model)
 
-    entry = cc.Entry("fake", sslcell=True, candidates=[("low", 0.2), ("high", 0.4), ("mid", 0.3)], fit=fit,
-                     score=score)
-    labelled = cc.Labelled(1.0, rows=np.arange(10), fit=np.arange(7), val=np.arange(7, 10))
-    rows, grid, reports = cc._evaluate(entry, labelled, np.arange(20, 25), tta=True)
+    return cc.Entry("fake", sslcell=True, candidates=[("low", 0.2), ("high", 0.4), ("mid", 0.3)], fit=fit,
+                    score=score)
+
+
+LABELLED = cc.Labelled(1.0, rows=np.arange(10), fit=np.arange(7), val=np.arange(7, 10))
+
+
+def test_evaluate_chooses_on_validation_and_refits_on_all_labels(tmp_path):
+    """The best validation setting is chosen and refitted on all labelled rows."""
+    fits = []
+    store = FitStore(tmp_path, resume=False)
+    rows, grid, reports = cc._evaluate(_fake_entry(fits), LABELLED, np.arange(20, 25), True, store, {})
     assert fits == [(0.2, 7), (0.4, 7), (0.3, 7), (0.4, 10)]
     assert [r["entry"] for r in rows] == ["fake", "fake + TTA"] and rows[0]["setting"] == "high"
     assert rows[0]["val_macro_f1"] == 0.4 and rows[1]["val_macro_f1"] == 0.9
     assert rows[0]["accuracy"] == pytest.approx(0.04) and ("fake + TTA", "100%") in reports
     assert [g["chosen"] for g in grid] == ["", "yes", ""]
+    assert len(list(tmp_path.glob("*.json"))) == 4 and store.resumed == []  # written, never read without resume
+
+
+def test_evaluate_resumes_only_the_trainings_an_earlier_run_finished(tmp_path):
+    fits = []
+    first = cc._evaluate(_fake_entry(fits), LABELLED, np.arange(20, 25), True, FitStore(tmp_path / "a", resume=False),
+                         {})
+    killed = _fake_entry(fits)
+    fit = killed.fit
+
+    def killed_fit(setting, rows):
+        if len(fits) == 6:  # 4 fits of the first run, 2 of this one: killed while training the third candidate
+            raise KeyboardInterrupt
+        return fit(setting, rows)
+
+    killed.fit = killed_fit
+    with pytest.raises(KeyboardInterrupt):
+        cc._evaluate(killed, LABELLED, np.arange(20, 25), True, FitStore(tmp_path, resume=False), {})
+    assert len(list(tmp_path.glob("*.json"))) == 2
+    fits.clear()
+    store = FitStore(tmp_path, resume=True)
+    again = cc._evaluate(_fake_entry(fits), LABELLED, np.arange(20, 25), True, store, {})
+    assert fits == [(0.3, 7), (0.4, 10)] and len(store.resumed) == 2 and "Resumed" in store.note()
+    assert again[0] == first[0] and again[1] == first[1]
+    # other data (or another setting, rows, seed...) is another key: trained again, never a stale result
+    fits.clear()
+    cc._evaluate(_fake_entry(fits), LABELLED, np.arange(20, 25), True, FitStore(tmp_path, resume=True), {"seed": 1})
+    assert len(fits) == 4
+
+
+def test_fit_store_refuses_a_corrupt_file_and_names_it(tmp_path):
+    store = FitStore(tmp_path, resume=True)
+    key = store.key(a=1)
+    assert key != store.key(a=2) and store.get(key, "x") is None
+    store.put(key, {"v": 1.5})
+    assert store.get(key, "x") == {"v": 1.5} and not list(tmp_path.glob(".*tmp"))
+    (tmp_path / f"{key}.json").write_text('{"value": ')
+    with pytest.raises(FileFormatError, match=key):
+        store.get(key, "x")
 
 
 def test_supervised_cnn_learns_a_visible_class_and_never_predicts_an_absent_one(tmp_path):
@@ -182,6 +231,25 @@ def test_synthetic_task_end_to_end_with_tta(tmp_path):
     assert sum(g["chosen"] == "yes" for g in grid) == 1
     assert (tmp_path / "out" / result.plots[0]).is_file()
     assert "by smear (GroupShuffleSplit" in run.markdown_path.read_text()
+
+
+def test_a_resumed_run_gives_the_same_table_as_the_run_it_resumes(tmp_path):
+    """Half the stored trainings deleted (a killed run): --resume trains only those and every number is the same."""
+    path = _synthetic_suite(tmp_path, label_fractions=[1.0], tta=False)
+    first = run_suite(load_suite(path), workdir=tmp_path / "work", device="cpu", progress=False)
+    stored = sorted((tmp_path / "work" / "toy" / "fits").glob("*.json"))
+    assert first.errors == {} and len(stored) == 12  # candidates + the chosen: PCA 2+1, CNN 2+1, 3 x 1+1
+    for f in stored[::2]:
+        f.unlink()
+    again = run_suite(load_suite(path), workdir=tmp_path / "work", device="cpu", progress=False, resume=True)
+    assert again.errors == {} and len(again.results["toy"].raw["resumed"]) == 6
+    def scores(run):  # every row but its seconds (those trained again took their own time)
+        return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in run.results["toy"].raw["rows"]]
+
+    assert scores(again) == scores(first)
+    assert "Resumed from --workdir" in again.markdown_path.read_text()
+    with pytest.raises(ConfigError, match="--resume"):
+        run_suite(load_suite(path), device="cpu", progress=False, resume=True)
 
 
 def test_reuse_pretrained_only_for_the_same_recipe_data_and_crops(tmp_path):

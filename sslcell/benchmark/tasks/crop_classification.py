@@ -25,6 +25,10 @@ Protocol (seed: the suite's):
   at least their largest epochs, and ``cnn_min_steps`` (default: the largest of their ``min_steps``) at least their
   minimum number of optimiser steps, which decides the budget when labels are few.
 
+Every training's scores (each candidate on validation, the chosen one on test) are kept in ``<workdir>/fits``;
+``--resume`` reads back those an earlier run of the same data, rows, setting, pretrained weights, seed and device
+finished (:mod:`sslcell.benchmark.fit_store`).
+
 Targets (issue 14, item 7), ratios within the run: the sslcell entry with the best validation macro-F1 against the
 supervised CNN's best on validation, test accuracy and test macro-F1, per label fraction (goal 1: match with all
 labels; with 10% the issue asks to beat it).
@@ -45,10 +49,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from sslcell.benchmark.fit_store import FitStore
 from sslcell.benchmark.registry import Context, Table, Target, TaskKind, TaskResult, register
 from sslcell.benchmark.tasks._supervised_cnn import CNNSettings, train_cnn
 from sslcell.classify.finetune import INIT_HEADS
 from sslcell.errors import ConfigError, InputError
+from sslcell.evaluate.metrics import ClassificationReport
 
 BASELINES = ("pixel_pca", "random_encoder", "supervised_cnn")
 
@@ -139,6 +145,7 @@ class Entry:
     score: Callable[[Any, np.ndarray, bool], Any]  # (model, rows, tta) -> ClassificationReport
     tta: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    identity: dict[str, Any] = field(default_factory=dict)  # what else decides a training (pretrained weights)
 
 
 def run(task: Any, ctx: Context) -> TaskResult:
@@ -157,14 +164,21 @@ def run(task: Any, ctx: Context) -> TaskResult:
     ctx.log(f"{task.name}: {len(cells)} crops, train {len(train)}, test {len(test)}")
 
     entries = _baselines(task, ctx, cells, y, train, device) + _recipes(task, ctx, cells, train, test, device)
+    store = FitStore(ctx.workdir / "fits", resume=ctx.resume)
+    run_of = {"data": _data_identity(task.path), "channels": cells.channel_names, "labels": _digest(y),
+              "seed": ctx.seed, "device": device.type}
     rows, grid, reports = [], [], {}
     for labelled, entry in ctx.steps([(f, e) for f in fractions for e in entries], desc=f"{task.name} entries"):
         ctx.log(f"{task.name}: {entry.name}, {labelled.name} labels")
-        entry_rows, entry_grid, entry_reports = _evaluate(entry, labelled, test, p.tta)
+        entry_rows, entry_grid, entry_reports = _evaluate(entry, labelled, test, p.tta, store, run_of)
         rows += entry_rows
         grid += entry_grid
         reports |= entry_reports
-    return _result(task, ctx, cells, y, groups, train, test, fractions, rows, grid, reports)
+    result = _result(task, ctx, cells, y, groups, train, test, fractions, rows, grid, reports)
+    if store.note() is not None:
+        result.notes.append(store.note())
+    result.raw["resumed"] = store.resumed
+    return result
 
 
 # ------------------------------------------------------------------------------------------------------- data
@@ -233,6 +247,21 @@ def _labelled_split(y: np.ndarray, groups: np.ndarray | None, train: np.ndarray,
         raise InputError(f"{fraction:g} of the training labels ({len(rows)} crops) leaves no validation split with "
                          "2 classes to train on; use more crops or a larger label fraction")
     return Labelled(fraction, rows, np.sort(rows[fit]), np.sort(rows[val]))
+
+
+def _digest(values: np.ndarray) -> str:
+    """SHA-256 of ``values (N,)``: labels as text, positions as int64."""
+    if values.dtype.kind in "OUS":
+        return hashlib.sha256("\n".join(values.astype(str)).encode()).hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(values, dtype=np.int64).tobytes()).hexdigest()
+
+
+def _data_identity(path: Path) -> list[Any]:
+    """The data as a fit depends on it: its path and, per file (a folder: every file under it), size and mtime."""
+    path = Path(path).resolve()
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+    return [str(path)] + [(str(f.relative_to(path)) if f != path else "", f.stat().st_size, f.stat().st_mtime_ns)
+                          for f in files]
 
 
 def _torch_device(device: str) -> torch.device:
@@ -345,7 +374,8 @@ def _random_encoder_entry(recipe: Any, contract: Any, cells: Any, p: CropClassif
     config = _finetune_config(recipe, p, "linear", device)
     return Entry(name=f"random-weight {recipe.config.encoder.name} ({recipe.name}'s encoder) + linear probe",
                  sslcell=False, candidates=[("linear probe", config)],
-                 fit=lambda cfg, rows: finetune(cells[rows], model, p.label_key, cfg, device=device), score=score)
+                 fit=lambda cfg, rows: finetune(cells[rows], model, p.label_key, cfg, device=device), score=score,
+                 identity={"recipe": recipe.config.to_dict()})
 
 
 def _recipes(task: Any, ctx: Context, cells: Any, train: np.ndarray, test: np.ndarray,
@@ -377,19 +407,28 @@ def _recipes(task: Any, ctx: Context, cells: Any, train: np.ndarray, test: np.nd
             (out / PRETRAINED_AS).write_text(json.dumps(what))
             seconds = round(time.perf_counter() - t0)
         extra = {"pretrain_s": seconds, "pretrain_epochs": config.train.max_epochs}
+        identity = {"pretrained": what, "weights": _weights_digest(out / "model")}
         linear = _finetune_config(recipe, p, "linear", device)
         entries.append(Entry(
             name=f"sslcell {recipe.name} + linear probe", sslcell=True, candidates=[("linear probe", linear)],
             fit=lambda cfg, rows, model=model: finetune(cells[rows], model, p.label_key, cfg, device=device),
-            score=score, extra=extra))
+            score=score, extra=extra, identity=identity))
         if recipe.name in p.probe_only:
             continue
         candidates = _finetune_grid(recipe, p, device)
         entries.append(Entry(
             name=f"sslcell {recipe.name} + fine-tune", sslcell=True, candidates=candidates,
             fit=lambda cfg, rows, model=model: finetune(cells[rows], model, p.label_key, cfg, device=device),
-            score=score, extra={**extra, "min_steps": candidates[0][1].min_steps}))
+            score=score, extra={**extra, "min_steps": candidates[0][1].min_steps}, identity=identity))
     return entries
+
+
+def _weights_digest(model_dir: Path) -> str:
+    """SHA-256 of a saved model's weights files: the pretrained weights every fit of a recipe starts from."""
+    h = hashlib.sha256()
+    for f in sorted(model_dir.glob("*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()
 
 
 PRETRAINED_AS = "pretrained_as.json"  # beside a recipe's model in --workdir: what it was pretrained on, and how
@@ -439,32 +478,48 @@ def _finetune_grid(recipe: Any, p: CropClassificationParams, device: torch.devic
             for e in epochs for h in heads for f in factors]
 
 
-def _asdict(config: Any) -> dict[str, Any]:
-    from dataclasses import asdict
+def _asdict(setting: Any) -> Any:
+    """A dataclass's fields as a dict (a candidate setting as data); anything else as it is."""
+    import dataclasses
 
-    return asdict(config)
+    return dataclasses.asdict(setting) if dataclasses.is_dataclass(setting) else setting
 
 
 # ---------------------------------------------------------------------------------------------- protocol
-def _evaluate(entry: Entry, labelled: Labelled, test: np.ndarray, tta: bool) -> tuple[list, list, dict]:
+def _evaluate(entry: Entry, labelled: Labelled, test: np.ndarray, tta: bool, store: FitStore,
+              run_of: dict[str, Any]) -> tuple[list, list, dict]:
     """Every candidate trained on ``labelled.fit`` and scored on ``labelled.val``; the best (validation macro-F1,
-    plain or with TTA) trained on all labelled crops and scored on ``test``. Returns the table rows, the grid rows
-    and the test reports keyed by ``(row entry, labels)``."""
+    plain or with TTA) trained on all labelled crops and scored on ``test``. Each training's scores go to ``store``
+    (read back instead of training when resuming; ``run_of``: what else decides them). Returns the table rows, the
+    grid rows and the test reports keyed by ``(row entry, labels)``."""
     variants = (False, True) if tta and entry.tta else (False,)
+
+    def trained(label: str, setting: Any, fit: np.ndarray, scored: np.ndarray, what: str) -> dict[str, Any]:
+        """``{"seconds", "epochs", "reports": {variant: report dict}}`` of ``setting`` trained on ``fit``."""
+        key = store.key(**run_of, entry=entry.name, identity=entry.identity, setting=_asdict(setting),
+                        fit=_digest(fit), scored=_digest(scored), variants=variants)
+        done = store.get(key, f"{entry.name}, {label}, {labelled.name} labels, {what}")
+        if done is None:
+            t0 = time.perf_counter()
+            model = entry.fit(setting, fit)
+            seconds = time.perf_counter() - t0
+            done = {"seconds": seconds, "epochs": getattr(model, "info", {}).get("epochs"),  # raised to min_steps
+                    "reports": {str(v): entry.score(model, scored, v).to_dict() for v in variants}}
+            store.put(key, done)
+        return done
+
     val: dict[tuple[str, bool], Any] = {}
     for label, setting in entry.candidates:
-        model = entry.fit(setting, labelled.fit)
+        done = trained(label, setting, labelled.fit, labelled.val, "validation")
         for v in variants:
-            val[label, v] = entry.score(model, labelled.val, v)
+            val[label, v] = ClassificationReport.from_dict(done["reports"][str(v)])
     best = {label: max(val[label, v].macro_f1 for v in variants) for label, _ in entry.candidates}
     chosen, setting = max(entry.candidates, key=lambda c: best[c[0]])  # the first of equals
-    t0 = time.perf_counter()
-    model = entry.fit(setting, labelled.rows)
-    seconds = time.perf_counter() - t0
-    epochs = getattr(model, "info", {}).get("epochs")  # a trained classifier's epochs, raised to reach min_steps
+    done = trained(chosen, setting, labelled.rows, test, "test")
+    seconds, epochs = done["seconds"], done["epochs"]
     rows, reports = [], {}
     for v in variants:
-        report = entry.score(model, test, v)
+        report = ClassificationReport.from_dict(done["reports"][str(v)])
         name = entry.name + (" + TTA" if v else "")
         reports[name, labelled.name] = report
         rows.append({"entry": name, "family": "sslcell" if entry.sslcell else "baseline", "labels": labelled.name,
