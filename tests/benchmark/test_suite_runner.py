@@ -154,6 +154,10 @@ def test_cli_runs_lists_and_reports_errors(tmp_path, capsys):
     assert "no such suite file" in capsys.readouterr().err
     failing = _write(tmp_path, _suite(params={"fail": True}), "f.yaml")
     assert main(["benchmark", str(failing), "--out", str(tmp_path / "f")]) == 1
+    assert main(["benchmark", str(path), "--out", str(tmp_path / "o"), "--resume"]) == 2  # nothing to resume from
+    assert "--resume: give the --workdir" in capsys.readouterr().err
+    assert main(["benchmark", str(path), "--out", str(tmp_path / "o"), "--workdir", str(tmp_path / "w"),
+                 "--resume"]) == 0
 
 
 def test_only_runs_some_tasks_into_their_own_files(tmp_path):
