@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ class FitStore:
                                   "setting again") from None
         self.resumed.append(what)
         self.commits.add(str(commit))
+        logging.getLogger("sslcell.benchmark").info("resumed: %s", what)
         return value
 
     def put(self, key: str, value: dict[str, Any]) -> None:
