@@ -14,11 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 from sslcell.benchmark.record import git_commit
+from sslcell.checkpoint import atomic_write
 from sslcell.errors import FileFormatError
 from sslcell.provenance import versions
 
@@ -58,10 +58,8 @@ class FitStore:
     def put(self, key: str, value: dict[str, Any]) -> None:
         """Store ``value`` (JSON-able, strict: no NaN) under ``key``, replacing any earlier value atomically."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / f"{key}.json"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"commit": self._commit, "value": value}, allow_nan=False))
-        os.replace(tmp, path)
+        text = json.dumps({"commit": self._commit, "value": value}, allow_nan=False)
+        atomic_write(self.directory / f"{key}.json", lambda tmp: tmp.write_text(text))
 
     def note(self) -> str | None:
         """A sentence for the results when values were resumed, else None."""

@@ -126,7 +126,7 @@ def test_fit_store_refuses_a_corrupt_file_and_names_it(tmp_path):
     key = store.key(a=1)
     assert key != store.key(a=2) and store.get(key, "x") is None
     store.put(key, {"v": 1.5})
-    assert store.get(key, "x") == {"v": 1.5} and not list(tmp_path.glob(".*tmp"))
+    assert store.get(key, "x") == {"v": 1.5} and not list(tmp_path.glob(".*"))  # no temporary file left
     (tmp_path / f"{key}.json").write_text('{"value": ')
     with pytest.raises(FileFormatError, match=key):
         store.get(key, "x")

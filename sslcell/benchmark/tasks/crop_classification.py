@@ -175,8 +175,9 @@ def run(task: Any, ctx: Context) -> TaskResult:
         grid += entry_grid
         reports |= entry_reports
     result = _result(task, ctx, cells, y, groups, train, test, fractions, rows, grid, reports)
-    if store.note() is not None:
-        result.notes.append(store.note())
+    note = store.note()
+    if note is not None:
+        result.notes.append(note)
     result.raw["resumed"] = store.resumed
     return result
 
@@ -437,9 +438,8 @@ PRETRAINED_AS = "pretrained_as.json"  # beside a recipe's model in --workdir: wh
 def _pretraining(config: Any, data: Any, channels: list[str], rows: np.ndarray) -> dict[str, Any]:
     """What decides a pretrained model: the recipe (overrides applied), the data file, its channels and the crops'
     rows (``(n,)`` indices into the labelled crops)."""
-    digest = hashlib.sha256(np.ascontiguousarray(rows, dtype=np.int64).tobytes()).hexdigest()
     return {"recipe": config.to_dict(), "data": str(Path(data).resolve()), "channels": list(channels),
-            "rows": len(rows), "rows_sha256": digest}
+            "rows": len(rows), "rows_sha256": _digest(rows)}
 
 
 def _pretrained_as(out: Any) -> dict[str, Any] | None:
