@@ -33,11 +33,14 @@ class FitStore:
         self.commits: set[str] = set()  # the commits that made them
         self._versions = versions(("sslcell", "torch"))
         self._commit = git_commit()["commit"]
+        self._parts: dict[str, str] = {}  # key -> the JSON text it hashes, written beside the value
 
     def key(self, **parts: Any) -> str:
         """A SHA-256 of ``parts`` (JSON-able, with ``default=str`` for the rest) and the package versions."""
         text = json.dumps({**parts, "versions": self._versions}, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()
+        key = hashlib.sha256(text.encode()).hexdigest()
+        self._parts[key] = text
+        return key
 
     def get(self, key: str, what: str) -> dict[str, Any] | None:
         """The value stored under ``key`` if resuming and there is one (``what`` describes it in ``resumed``)."""
@@ -56,9 +59,11 @@ class FitStore:
         return value
 
     def put(self, key: str, value: dict[str, Any]) -> None:
-        """Store ``value`` (JSON-able, strict: no NaN) under ``key``, replacing any earlier value atomically."""
+        """Store ``value`` (JSON-able, strict: no NaN) under ``key``, replacing any earlier value atomically; beside it
+        what the key hashes (``parts``: to see why a later run's key differs)."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        text = json.dumps({"commit": self._commit, "value": value}, allow_nan=False)
+        parts = json.loads(self._parts[key]) if key in self._parts else None
+        text = json.dumps({"commit": self._commit, "parts": parts, "value": value}, allow_nan=False)
         atomic_write(self.directory / f"{key}.json", lambda tmp: tmp.write_text(text))
 
     def note(self) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -132,6 +133,36 @@ def test_fit_store_refuses_a_corrupt_file_and_names_it(tmp_path):
         store.get(key, "x")
 
 
+def test_fit_store_writes_what_its_key_hashes_beside_the_value(tmp_path):
+    store = FitStore(tmp_path, resume=False)
+    key = store.key(data=[["", 3, "abc"]], seed=0)
+    store.put(key, {"v": 1})
+    stored = json.loads((tmp_path / f"{key}.json").read_text())
+    assert stored["parts"]["data"] == [["", 3, "abc"]] and stored["parts"]["seed"] == 0
+    assert stored["parts"]["versions"]["sslcell"] and stored["value"] == {"v": 1}
+
+
+def test_data_identity_is_the_content_not_the_path_or_mtime(tmp_path):
+    """Shared data copied again at each session start (new mtime) or reached elsewhere still resumes; new bytes
+    never do."""
+    first = tmp_path / "a" / "crops.npz"
+    first.parent.mkdir()
+    first.write_bytes(b"crops" * 1000)
+    identity = cc._data_identity(first)
+    os.utime(first, (1, 1))
+    again = tmp_path / "b" / "crops.npz"
+    again.parent.mkdir()
+    again.write_bytes(first.read_bytes())
+    assert cc._data_identity(first) == identity == cc._data_identity(again)
+    again.write_bytes(b"crops" * 999 + b"CROPS")
+    assert cc._data_identity(again) != identity
+    folder = tmp_path / "zarr"
+    (folder / "x").mkdir(parents=True)
+    (folder / "x" / "0").write_bytes(b"1")
+    (folder / "y").write_bytes(b"2")
+    assert [name for name, _, _ in cc._data_identity(folder)] == ["x/0", "y"]
+
+
 def test_supervised_cnn_learns_a_visible_class_and_never_predicts_an_absent_one(tmp_path):
     cells = _crops()
     cells.obs["label"] = cells.obs["label"].astype("category").cat.add_categories(["never"])
@@ -250,6 +281,41 @@ def test_a_resumed_run_gives_the_same_table_as_the_run_it_resumes(tmp_path):
     assert "Resumed from --workdir" in again.markdown_path.read_text()
     with pytest.raises(ConfigError, match="--resume"):
         run_suite(load_suite(path), device="cpu", progress=False, resume=True)
+
+
+def test_a_killed_pretraining_goes_on_from_its_checkpoint_with_resume(tmp_path, monkeypatch):
+    from pytorch_lightning import Callback
+
+    from sslcell import train
+
+    class Killed(Callback):
+        def on_train_epoch_end(self, trainer, module):  # after the run's own end-of-epoch checkpoint
+            raise RuntimeError("killed after epoch 1")
+
+    resumed, real = [], train.pretrain
+
+    def pretrain(*args, **kwargs):
+        resumed.append(kwargs.get("resume", False))
+        return real(*args, **kwargs, callbacks=[Killed()] if len(resumed) == 1 else None)
+
+    monkeypatch.setattr(train, "pretrain", pretrain)
+    path = _synthetic_suite(tmp_path, reuse_pretrained=True, label_fractions=[1.0], pretrain_epochs=2)
+
+    def run(**kwargs):
+        suite = load_suite(path)
+        suite.tasks[0].baselines = []
+        return run_suite(suite, workdir=tmp_path / "work", device="cpu", progress=False, **kwargs)
+
+    assert "killed after epoch 1" in run().errors["toy"]
+    out = tmp_path / "work" / "toy" / "tiny"
+    steps = train.read_checkpoint(out / "checkpoints" / train.LAST)["global_step"]
+    assert steps > 0 and (out / cc.PRETRAINING_AS).is_file() and not (out / cc.PRETRAINED_AS).exists()
+    again = run(resume=True)
+    assert again.errors == {} and resumed == [False, True]
+    assert train.read_checkpoint(out / "checkpoints" / train.LAST)["global_step"] == 2 * steps  # the second epoch
+    assert {r["pretrain_s"].endswith("s after resuming") for r in again.results["toy"].raw["rows"]} == {True}
+    assert (out / cc.PRETRAINED_AS).is_file() and not (out / cc.PRETRAINING_AS).exists()
+    assert {r["pretrain_s"] for r in run(resume=True).results["toy"].raw["rows"]} == {"reused"}
 
 
 def test_reuse_pretrained_only_for_the_same_recipe_data_and_crops(tmp_path):

@@ -27,7 +27,8 @@ Protocol (seed: the suite's):
 
 Every training's scores (each candidate on validation, the chosen one on test) are kept in ``<workdir>/fits``;
 ``--resume`` reads back those an earlier run of the same data, rows, setting, pretrained weights, seed and device
-finished (:mod:`sslcell.benchmark.fit_store`).
+finished (:mod:`sslcell.benchmark.fit_store`), and a pretraining killed before its end goes on from its last
+checkpoint.
 
 Targets (issue 14, item 7), ratios within the run: the sslcell entry with the best validation macro-F1 against the
 supervised CNN's best on validation, test accuracy and test macro-F1, per label fraction (goal 1: match with all
@@ -258,11 +259,21 @@ def _digest(values: np.ndarray) -> str:
 
 
 def _data_identity(path: Path) -> list[Any]:
-    """The data as a fit depends on it: its path and, per file (a folder: every file under it), size and mtime."""
+    """The data as a fit depends on it: per file (a folder: every file under it, by relative name), its size and the
+    SHA-256 of its bytes. Content, not path or mtime: the same file copied elsewhere, or copied again, is the same."""
     path = Path(path).resolve()
     files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
-    return [str(path)] + [(str(f.relative_to(path)) if f != path else "", f.stat().st_size, f.stat().st_mtime_ns)
-                          for f in files]
+    return [(str(f.relative_to(path)) if f != path else "", f.stat().st_size, _file_sha256(f)) for f in files]
+
+
+def _file_sha256(*files: Path) -> str:
+    """SHA-256 of the files' bytes, in order, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as stream:
+            while block := stream.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()
 
 
 def _torch_device(device: str) -> torch.device:
@@ -384,7 +395,6 @@ def _recipes(task: Any, ctx: Context, cells: Any, train: np.ndarray, test: np.nd
     """Pretrain every recipe (on the training crops, or all crops), then its probe and fine-tuning entries."""
     from sslcell.checkpoint import load
     from sslcell.classify import finetune
-    from sslcell.train import pretrain
 
     p: CropClassificationParams = task.params
     score = _classifier_score(cells, p.label_key, device)
@@ -397,16 +407,12 @@ def _recipes(task: Any, ctx: Context, cells: Any, train: np.ndarray, test: np.nd
         config.train.accelerator = _accelerator(device)
         if p.pretrain_epochs is not None:
             config.train.max_epochs = p.pretrain_epochs
-        t0 = time.perf_counter()
         what = _pretraining(config, task.path, cells.channel_names, unlabelled)
         if p.reuse_pretrained and _pretrained_as(out) == what and (out / "model" / "config.json").is_file():
             model, seconds = load(out / "model"), "reused"
             ctx.log(f"{task.name}: reusing {out / 'model'}")
         else:
-            ctx.log(f"{task.name}: pretraining {recipe.name} on {len(unlabelled)} crops")
-            model = pretrain(config, cells[unlabelled], out, overwrite=True)
-            (out / PRETRAINED_AS).write_text(json.dumps(what))
-            seconds = round(time.perf_counter() - t0)
+            model, seconds = _pretrain(ctx, task.name, config, cells[unlabelled], out, what)
         extra = {"pretrain_s": seconds, "pretrain_epochs": config.train.max_epochs}
         identity = {"pretrained": what, "weights": _weights_digest(out / "model")}
         linear = _finetune_config(recipe, p, "linear", device)
@@ -424,15 +430,37 @@ def _recipes(task: Any, ctx: Context, cells: Any, train: np.ndarray, test: np.nd
     return entries
 
 
+def _pretrain(ctx: Context, task: str, config: Any, crops: Any, out: Path, what: dict) -> tuple[Any, int | str]:
+    """Pretrain ``config`` on ``crops`` into ``out``, marked unfinished (``what`` in PRETRAINING_AS) until its model
+    is saved: with ``--resume`` an unfinished pretraining of the same recipe and crops goes on from its last
+    checkpoint. Returns the model and its seconds (in this run: "N s after resuming" when resumed)."""
+    from sslcell.train import LAST, pretrain
+
+    t0 = time.perf_counter()
+    unfinished = out / PRETRAINING_AS
+    if ctx.resume and _pretrained_as(out, unfinished.name) == what and (out / "checkpoints" / LAST).is_file():
+        ctx.log(f"{task}: resuming the unfinished pretraining in {out}")
+        model = pretrain(config, crops, out, resume=True)
+        seconds: int | str = f"{round(time.perf_counter() - t0)} s after resuming"
+    else:
+        ctx.log(f"{task}: pretraining {out.name} on {len(crops)} crops")
+        (out / PRETRAINED_AS).unlink(missing_ok=True)  # the model there is about to be replaced: never reuse it
+        out.mkdir(parents=True, exist_ok=True)
+        unfinished.write_text(json.dumps(what))
+        model = pretrain(config, crops, out, overwrite=True)
+        seconds = round(time.perf_counter() - t0)
+    (out / PRETRAINED_AS).write_text(json.dumps(what))
+    unfinished.unlink()
+    return model, seconds
+
+
 def _weights_digest(model_dir: Path) -> str:
     """SHA-256 of a saved model's weights files: the pretrained weights every fit of a recipe starts from."""
-    h = hashlib.sha256()
-    for f in sorted(model_dir.glob("*.safetensors")):
-        h.update(f.read_bytes())
-    return h.hexdigest()
+    return _file_sha256(*sorted(model_dir.glob("*.safetensors")))
 
 
 PRETRAINED_AS = "pretrained_as.json"  # beside a recipe's model in --workdir: what it was pretrained on, and how
+PRETRAINING_AS = "pretraining_as.json"  # the same, while the pretraining has not finished
 
 
 def _pretraining(config: Any, data: Any, channels: list[str], rows: np.ndarray) -> dict[str, Any]:
@@ -442,10 +470,11 @@ def _pretraining(config: Any, data: Any, channels: list[str], rows: np.ndarray) 
             "rows": len(rows), "rows_sha256": _digest(rows)}
 
 
-def _pretrained_as(out: Any) -> dict[str, Any] | None:
-    """What the model in ``out`` was pretrained on (:func:`_pretraining`), None if unknown: it is not reused."""
+def _pretrained_as(out: Any, name: str = PRETRAINED_AS) -> dict[str, Any] | None:
+    """What the model in ``out`` was pretrained on (:func:`_pretraining`; ``name``: PRETRAINING_AS for an
+    unfinished one), None if unknown: it is not reused."""
     try:
-        what = json.loads((out / PRETRAINED_AS).read_text())
+        what = json.loads((out / name).read_text())
         what["data"] = str(Path(what["data"]).resolve())  # the same file reached from another folder is the same
         return what
     except (OSError, ValueError, TypeError, KeyError):
@@ -621,7 +650,7 @@ def _protocol_note(task: Any, cells: Any, y: np.ndarray, groups: np.ndarray | No
     if pretrained:
         crops = "the training crops" if p.pretrain_crops == "train" else "all crops, test crops included (transductive)"
         lines.append("Pretraining on " + crops + ", without labels: " + ", ".join(
-            f"{name} {epochs} epochs ({seconds if seconds == 'reused' else f'{seconds} s'})"
+            f"{name} {epochs} epochs ({seconds if isinstance(seconds, str) else f'{seconds} s'})"
             for name, (seconds, epochs) in pretrained.items()) + ".")
     if "supervised_cnn" in task.baselines:
         steps = max((r["min_steps"] for r in rows if r["entry"].startswith("supervised CNN")), default=0)
