@@ -190,7 +190,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", help="keep models and scratch files here (default: a temporary folder)")
     p.add_argument("--resume", action="store_true",
                    help="with --workdir: crop tasks read back the trainings an earlier (killed) run of the same "
-                        "settings finished there instead of training them again")
+                        "settings finished there instead of training them again, and go on with an unfinished "
+                        "pretraining from its last checkpoint")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (tasks that train or embed)")
     p.add_argument("--list", action="store_true", help="list the task kinds, their parameters, baselines and peers")
     p.set_defaults(run=_benchmark)
