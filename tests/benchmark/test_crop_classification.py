@@ -318,6 +318,34 @@ def test_a_killed_pretraining_goes_on_from_its_checkpoint_with_resume(tmp_path, 
     assert {r["pretrain_s"] for r in run(resume=True).results["toy"].raw["rows"]} == {"reused"}
 
 
+def test_a_pretraining_killed_before_its_first_checkpoint_never_resumes_another_recipes(tmp_path, monkeypatch):
+    """Recipe A finished in the folder; B is killed before it writes anything: --resume trains B from the start,
+    never from A's checkpoint under B's marker."""
+    from sslcell import train
+
+    resumed, real = [], train.pretrain
+
+    def pretrain(*args, **kwargs):
+        resumed.append(kwargs.get("resume", False))
+        if len(resumed) == 2:
+            raise RuntimeError("killed at once")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "pretrain", pretrain)
+
+    def run(epochs, **kwargs):
+        suite = load_suite(_synthetic_suite(tmp_path, reuse_pretrained=True, label_fractions=[1.0],
+                                            pretrain_epochs=epochs))
+        suite.tasks[0].baselines = []
+        return run_suite(suite, workdir=tmp_path / "work", device="cpu", progress=False, **kwargs)
+
+    assert run(1).errors == {}
+    assert "killed at once" in run(2).errors["toy"]
+    out = tmp_path / "work" / "toy" / "tiny"
+    assert (out / cc.PRETRAINING_AS).is_file() and not (out / "checkpoints" / train.LAST).exists()
+    assert run(2, resume=True).errors == {} and resumed == [False, False, False]
+
+
 def test_reuse_pretrained_only_for_the_same_recipe_data_and_crops(tmp_path):
     def pretrain_seconds(**params):
         suite = load_suite(_synthetic_suite(tmp_path, reuse_pretrained=True, label_fractions=[1.0], **params))

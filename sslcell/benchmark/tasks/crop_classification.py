@@ -434,17 +434,18 @@ def _pretrain(ctx: Context, task: str, config: Any, crops: Any, out: Path, what:
     """Pretrain ``config`` on ``crops`` into ``out``, marked unfinished (``what`` in PRETRAINING_AS) until its model
     is saved: with ``--resume`` an unfinished pretraining of the same recipe and crops goes on from its last
     checkpoint. Returns the model and its seconds (in this run: "N s after resuming" when resumed)."""
-    from sslcell.train import LAST, pretrain
+    from sslcell.train import LAST, _clear_run, pretrain
 
     t0 = time.perf_counter()
     unfinished = out / PRETRAINING_AS
-    if ctx.resume and _pretrained_as(out, unfinished.name) == what and (out / "checkpoints" / LAST).is_file():
+    if ctx.resume and _pretrained_as(out, PRETRAINING_AS) == what and (out / "checkpoints" / LAST).is_file():
         ctx.log(f"{task}: resuming the unfinished pretraining in {out}")
         model = pretrain(config, crops, out, resume=True)
         seconds: int | str = f"{round(time.perf_counter() - t0)} s after resuming"
     else:
         ctx.log(f"{task}: pretraining {out.name} on {len(crops)} crops")
         (out / PRETRAINED_AS).unlink(missing_ok=True)  # the model there is about to be replaced: never reuse it
+        _clear_run(out)  # nor resume another run's checkpoint under this run's marker
         out.mkdir(parents=True, exist_ok=True)
         unfinished.write_text(json.dumps(what))
         model = pretrain(config, crops, out, overwrite=True)
