@@ -102,6 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int)
     p.add_argument("--lr", type=float, help="head learning rate (encoder: lr x encoder_lr_factor)")
     p.add_argument("--encoder-lr-factor", type=float, help="encoder learning rate = lr x this (0: frozen encoder)")
+    p.add_argument("--layer-decay", type=float,
+                   help="full, ViT: layer-wise rate decay, each layer below the top at this factor (e.g. 0.75)")
+    p.add_argument("--drop-path", type=float, help="full, ViT: stochastic depth while fine-tuning (e.g. 0.1)")
     p.add_argument("--oversample", type=_oversample,
                    help="class balancing: true (equal classes), false (natural mix) or a power in [0, 1], e.g. 0.5")
     p.add_argument("--batch-size", type=int)
@@ -340,8 +343,8 @@ def _finetune(args: argparse.Namespace) -> int:
     values = {}
     if args.config:
         values = read_yaml(args.config)
-    for name in ("head", "epochs", "lr", "encoder_lr_factor", "oversample", "batch_size", "dropout", "hidden_dim",
-                 "val_fraction", "patience", "supcon_weight", "seed"):
+    for name in ("head", "epochs", "lr", "encoder_lr_factor", "layer_decay", "drop_path", "oversample", "batch_size",
+                 "dropout", "hidden_dim", "val_fraction", "patience", "supcon_weight", "seed"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     values.setdefault("progress_bar", sys.stderr.isatty())  # a bar in a terminal; one line an epoch in a log

@@ -13,7 +13,9 @@
   (``init_head="linear_probe"``) the head starts from the linear probe's solution on standardised features
   ("LP-FT", Kumar et al. 2022): a random head would first push large, noisy gradients through the pretrained
   encoder. After training, the encoder's batch-norm statistics are re-estimated on un-augmented training cells
-  drawn as training drew them ("precise BN"), so eval mode matches the final weights.
+  drawn as training drew them ("precise BN"), so eval mode matches the final weights. A ViT encoder can be
+  fine-tuned as MAE is (He et al. 2022): ``layer_decay < 1`` lowers each layer's rate by that factor per layer
+  below the top, and ``drop_path`` sets its stochastic depth while training.
 
 :func:`train_from_scratch` runs the same full loop on a randomly initialised encoder (any image encoder, by
 default the plain CNN), with :data:`SCRATCH_RECIPE` by default: issue 14's supervised baseline (one-cycle to 3e-3,
@@ -95,6 +97,10 @@ class FinetuneConfig:
     batch_size: int = 128
     lr: float = 2e-3  # head learning rate
     encoder_lr_factor: float = 0.25  # encoder learning rate = lr * this (0: frozen encoder)
+    # full, ViT encoders: layer-wise learning-rate decay (MAE's fine-tuning), layer l of L (0: the patch embedding,
+    # L: the final norm) at lr * encoder_lr_factor * layer_decay ** (L - l); 1: every layer alike
+    layer_decay: float = 1.0
+    drop_path: float | None = None  # full, ViT encoders: stochastic depth while fine-tuning; None: the encoder's own
     weight_decay: float = 1e-4
     warmup_fraction: float = 0.05  # schedule "cosine": share of the steps in linear warm-up
     schedule: str = "cosine"  # full: "cosine" (warm-up + cosine decay) or "one_cycle" (torch's OneCycleLR)
@@ -153,6 +159,12 @@ class FinetuneConfig:
             raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.warmup_fraction < 1.0 or not 0.0 <= self.label_smoothing < 1.0 or self.weight_decay < 0:
             raise ConfigError("warmup_fraction and label_smoothing must be in [0, 1), weight_decay >= 0")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ConfigError(f"layer_decay: must be in (0, 1], got {self.layer_decay}")
+        if self.drop_path is not None and not 0.0 <= self.drop_path < 1.0:
+            raise ConfigError(f"drop_path: must be in [0, 1) or null, got {self.drop_path}")
+        if self.head != "full" and (self.layer_decay != 1.0 or self.drop_path is not None):
+            raise ConfigError("layer_decay and drop_path: they shape the encoder's training; use head 'full'")
         if not isinstance(self.oversample, (bool, int, float)) or not 0.0 <= float(self.oversample) <= 1.0:
             raise ConfigError(f"oversample: must be true, false or a power in [0, 1], got {self.oversample!r}")
         self.augment = {**LABEL_PRESERVING_AUGMENT, **self.augment}

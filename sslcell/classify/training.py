@@ -24,6 +24,7 @@ from sslcell.augment.image import ImageAugment
 from sslcell.classify.classifier import CellClassifier
 from sslcell.classify.objectives import EarlyStopping, SupervisedLoss, predict_codes
 from sslcell.data.image_loader import make_image_dataloader
+from sslcell.errors import ConfigError
 from sslcell.evaluate.probes import balanced_class_weights
 from sslcell.methods.base import step_seed, warmup_cosine
 from sslcell.methods.inputs import image_augment_config
@@ -92,12 +93,11 @@ class _FinetuneModule(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         c = self.config
         head = [p for name, p in self.classifier.named_parameters() if not name.startswith("encoder.")]
-        encoder = [p for p in self.classifier.encoder.parameters() if p.requires_grad]
         groups = [{"params": head, "lr": c.lr}]
         if c.encoder_lr_factor > 0:
-            groups.append({"params": encoder, "lr": c.lr * c.encoder_lr_factor})
+            groups += encoder_groups(self.classifier.encoder, c.lr * c.encoder_lr_factor, c.layer_decay)
         else:
-            for p in encoder:
+            for p in self.classifier.encoder.parameters():
                 p.requires_grad_(False)
         optimizer = torch.optim.AdamW(groups, weight_decay=c.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
@@ -112,6 +112,20 @@ class _FinetuneModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+def encoder_groups(encoder: torch.nn.Module, lr: float, layer_decay: float = 1.0) -> list[dict[str, Any]]:
+    """The encoder's trainable parameters as optimiser groups: one at ``lr``, or with ``layer_decay < 1`` one per
+    layer ``l`` of ``L`` at ``lr * layer_decay ** (L - l)`` (an encoder with ``layer_id`` and ``num_layers``, the
+    ViT; layer-wise decay as MAE's fine-tuning)."""
+    named = [(name, p) for name, p in encoder.named_parameters() if p.requires_grad]
+    if layer_decay == 1.0:
+        return [{"params": [p for _, p in named], "lr": lr}]
+    layers: dict[int, list[Tensor]] = {}
+    for name, p in named:
+        layers.setdefault(encoder.layer_id(name), []).append(p)
+    return [{"params": params, "lr": lr * layer_decay ** (encoder.num_layers - layer)}
+            for layer, params in sorted(layers.items())]
+
+
 def fit_full(classifier: CellClassifier, cells: Any, codes: np.ndarray, config: Any,
              validation: tuple[Any, EarlyStopping] | None = None) -> dict[str, int]:
     """Train encoder and head together on ``cells`` (crops or :class:`CountRows`; ``codes`` ``(N,)``: the class of
@@ -121,7 +135,13 @@ def fit_full(classifier: CellClassifier, cells: Any, codes: np.ndarray, config: 
     Classes are balanced with the power ``config.oversample``: ``balance="sampling"`` draws a cell of class ``k``
     with weight ``count_k ** -power``; ``balance="loss"`` keeps the natural draws and weights the cross-entropy
     (:func:`balanced_class_weights`). Returns ``{"epochs": planned epochs (raised to reach config.min_steps),
-    "steps": optimiser steps made}``."""
+    "steps": optimiser steps made}``. ``config.layer_decay`` and ``config.drop_path`` need a ViT encoder (they are
+    refused for others before anything trains); the encoder's own stochastic depth is restored afterwards."""
+    kind = type(classifier.encoder).__name__
+    if config.layer_decay != 1.0 and not hasattr(classifier.encoder, "layer_id"):
+        raise ConfigError(f"layer_decay: needs an encoder with ordered layers (a ViT); {kind} has none, use 1")
+    if config.drop_path is not None and not hasattr(classifier.encoder, "set_drop_path"):
+        raise ConfigError(f"drop_path: stochastic depth needs a ViT encoder; {kind} has none, leave it unset")
     power = float(config.oversample)
     weights, class_weight = None, None
     if power > 0 and config.balance == "sampling":
@@ -150,9 +170,17 @@ def fit_full(classifier: CellClassifier, cells: Any, codes: np.ndarray, config: 
     )
     module = _FinetuneModule(classifier, codes, config, validation, class_weight)
     module.train()  # a loaded model comes in eval mode; dropout and batch norm must train here
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")  # exact here
-        trainer.fit(module, loader)
+    drop_path = None
+    if config.drop_path is not None:
+        drop_path = classifier.encoder.drop_path
+        classifier.encoder.set_drop_path(config.drop_path)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")  # exact here
+            trainer.fit(module, loader)
+    finally:
+        if drop_path is not None:  # the encoder as its description says (inactive in eval mode either way)
+            classifier.encoder.set_drop_path(drop_path)
     if validation is not None:
         validation[1].restore(classifier)
     if config.encoder_lr_factor > 0:

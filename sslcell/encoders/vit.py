@@ -49,14 +49,22 @@ def _transformer_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float, 
     checkpoints) are the same whatever ``drop_path`` is.
     """
     blocks = nn.Sequential()
-    for i in range(depth):
+    for _ in range(depth):
         block = EncoderBlock(num_heads, dim, int(dim * mlp_ratio), dropout=0.0, attention_dropout=0.0,
                              norm_layer=partial(nn.LayerNorm, eps=1e-6))
-        rate = drop_path * i / max(depth - 1, 1)
-        block.dropout = StochasticDepth(rate, mode="row")  # after attention, before the residual sum
-        block.mlp[-1] = StochasticDepth(rate, mode="row")  # last module of the MLP is its output dropout
+        block.dropout = StochasticDepth(0.0, mode="row")  # after attention, before the residual sum
+        block.mlp[-1] = StochasticDepth(0.0, mode="row")  # last module of the MLP is its output dropout
         blocks.append(block)
+    _set_drop_path(blocks, drop_path)
     return blocks
+
+
+def _set_drop_path(blocks: nn.Sequential, drop_path: float) -> None:
+    """Stochastic depth of block ``i`` of ``blocks`` (built by :func:`_transformer_blocks`): ``drop_path * i /
+    (depth - 1)``, rising linearly from 0 for the first block to ``drop_path`` for the last."""
+    for i, block in enumerate(blocks):
+        for module in (block.dropout, block.mlp[-1]):
+            module.p = drop_path * i / max(len(blocks) - 1, 1)
 
 
 def _init_mae_weights(module: nn.Module) -> None:
@@ -113,6 +121,32 @@ class ViTEncoder(nn.Module):
         _init_mae_weights(self)
         nn.init.xavier_uniform_(self.patch_embed.weight.view(embed_dim, -1))  # as a linear layer, like MAE
         nn.init.normal_(self.cls_token, std=0.02)
+
+    @property
+    def drop_path(self) -> float:
+        """Stochastic depth rate of the last block (0 when there are no blocks)."""
+        return float(self.blocks[-1].dropout.p) if len(self.blocks) else 0.0
+
+    def set_drop_path(self, drop_path: float) -> None:
+        """Set the stochastic depth, rising linearly over the blocks to ``drop_path`` (e.g. for fine-tuning a
+        model pretrained without it); parameters are unchanged and in eval mode it does nothing."""
+        if not 0.0 <= drop_path < 1.0:
+            raise ConfigError(f"ViTEncoder: drop_path must be in [0, 1), got {drop_path}")
+        _set_drop_path(self.blocks, drop_path)
+
+    @property
+    def num_layers(self) -> int:
+        """Layers for layer-wise learning-rate decay: the embeddings (0), then each block (1 ... depth)."""
+        return len(self.blocks) + 1
+
+    def layer_id(self, name: str) -> int:
+        """Layer of parameter ``name`` (as ``named_parameters`` gives it): 0 for the patch embedding and the CLS
+        token, ``i + 1`` for block ``i``, :attr:`num_layers` for the final norm (as MAE's ``lr_decay.py``)."""
+        if name.startswith(("patch_embed.", "cls_token")):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return self.num_layers
 
     def _check_images(self, images: Tensor) -> None:
         """Raise if ``images`` is not a floating ``(N, in_channels, image_size, image_size)`` batch."""

@@ -212,6 +212,8 @@ def test_params_check_names_the_field(tmp_path):
         cc.CropClassificationParams(finetune_init_heads=["probe"]).check()
     with pytest.raises(ConfigError, match="finetune_epoch_grid"):
         cc.CropClassificationParams(finetune_epoch_grid=[30, 0]).check()
+    with pytest.raises(ConfigError, match="layer_decays"):
+        cc.CropClassificationParams(layer_decays=[0.75, 0.0]).check()
     suite = {"name": "s", "tasks": [{"kind": "crop_classification", "data": str(tmp_path),
                                      "params": {"pca_class_weights": [2.0]}}]}
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(suite))
@@ -453,6 +455,21 @@ def test_finetune_grid_crosses_encoder_rates_and_head_starts(tmp_path):
         "encoder lr x0.5, 2 epochs, linear_probe head", "encoder lr x1, 2 epochs, linear_probe head",
         "encoder lr x0.5, 2 epochs, random head", "encoder lr x1, 2 epochs, random head"]
     assert sum(g["chosen"] == "yes" for g in grid) == 1
+
+
+def test_finetune_grid_crosses_layer_decays():
+    """layer_decays: a grid axis like the encoder rate; each candidate carries its decay, the label names it."""
+    recipe = SimpleNamespace(finetune={"epochs": 2, "encoder_lr_factor": 0.5})
+    params = cc.CropClassificationParams(layer_decays=[0.65, 0.75], finetune_epoch_grid=[30, 60])
+    grid = cc._finetune_grid(recipe, params, torch.device("cpu"))
+    assert [label for label, _ in grid] == [
+        "encoder lr x0.5, layer decay 0.65, 30 epochs", "encoder lr x0.5, layer decay 0.75, 30 epochs",
+        "encoder lr x0.5, layer decay 0.65, 60 epochs", "encoder lr x0.5, layer decay 0.75, 60 epochs"]
+    assert [(c.layer_decay, c.epochs, c.encoder_lr_factor) for _, c in grid] == [
+        (0.65, 30, 0.5), (0.75, 30, 0.5), (0.65, 60, 0.5), (0.75, 60, 0.5)]
+    no_axis = cc._finetune_grid(SimpleNamespace(finetune={"layer_decay": 0.8}), cc.CropClassificationParams(),
+                                torch.device("cpu"))
+    assert [(label, c.layer_decay) for label, c in no_axis] == [("encoder lr x0.25, 30 epochs", 0.8)]
 
 
 def test_finetune_grid_crosses_epochs(tmp_path):

@@ -26,7 +26,7 @@ from sslcell.data.images import CellImages
 from sslcell.errors import ConfigError, InputError
 from sslcell.methods import build_method
 from sslcell.train import pretrain
-from tests.conftest import tiny_recipe
+from tests.conftest import tiny_image_recipe, tiny_recipe
 
 # the module, not the function: ``sslcell.classify`` re-exports ``finetune``, shadowing the submodule's name
 training_module = importlib.import_module("sslcell.classify.training")  # full fine-tuning's run
@@ -246,6 +246,11 @@ def test_expression_model_is_refused(train):
     ({"balance": "loss", "head": "mlp"}, "balance"),
     ({"min_steps": -1}, "min_steps"),
     ({"min_steps": 2.5}, "min_steps"),
+    ({"layer_decay": 0.0}, "layer_decay"),
+    ({"layer_decay": 1.5}, "layer_decay"),
+    ({"drop_path": 1.0}, "drop_path"),
+    ({"head": "linear", "layer_decay": 0.75}, "layer_decay"),
+    ({"head": "mlp", "drop_path": 0.1}, "drop_path"),
 ])
 def test_config_validation(values, field):
     with pytest.raises(ConfigError, match=field):
@@ -335,6 +340,68 @@ def test_encoder_learning_rate_is_lr_times_factor(model, train, monkeypatch):
     assert head_lr == pytest.approx(2e-3) and encoder_lr == pytest.approx(2e-3 * 0.05)
     assert head_ids == {id(p) for p in classifier.head.parameters()}
     assert encoder_ids == {id(p) for p in classifier.encoder.parameters()}
+
+
+@pytest.fixture(scope="module")
+def vit_model(train, tmp_path_factory):
+    """A 2-block ViT pretrained with MAE for 2 steps on the training crops."""
+    out = tmp_path_factory.mktemp("pretrain_vit") / "run"
+    config = tiny_image_recipe("mae", "vit", encoder={"options": {"patch_size": 4, "depth": 2, "embed_dim": 32,
+                                                                   "num_heads": 2}})
+    pretrain(config, cells_of(train[0], None), out, max_steps=2)
+    return load(out)
+
+
+def test_layer_decay_gives_each_vit_layer_its_rate(vit_model, train, monkeypatch):
+    """MAE's layer-wise decay: layer l of L = depth + 1 at lr * factor * decay ** (L - l); the head at lr."""
+    seen = {}
+    original = training_module._FinetuneModule.configure_optimizers
+
+    def spy(self):
+        out = original(self)
+        seen["groups"] = [(g["initial_lr"], {id(p) for p in g["params"]}) for g in out["optimizer"].param_groups]
+        seen["classifier"] = self.classifier
+        return out
+
+    monkeypatch.setattr(training_module._FinetuneModule, "configure_optimizers", spy)
+    finetune(cells_of(train[0], CLASSES[train[1]]), vit_model, "label",
+             full(epochs=1, lr=2e-3, encoder_lr_factor=0.1, layer_decay=0.5))
+    classifier = seen["classifier"]
+    encoder = dict(classifier.encoder.named_parameters())
+
+    def ids(*prefixes):
+        return {id(p) for name, p in encoder.items() if name.startswith(prefixes)}
+
+    expected = [(2e-3, {id(p) for p in classifier.head.parameters()}),
+                (2e-4 * 0.5**3, ids("patch_embed.", "cls_token")),
+                (2e-4 * 0.5**2, ids("blocks.0.")),
+                (2e-4 * 0.5, ids("blocks.1.")),
+                (2e-4, ids("norm."))]
+    assert len(seen["groups"]) == len(expected)
+    for (lr, group), (want_lr, want) in zip(seen["groups"], expected, strict=True):
+        assert lr == pytest.approx(want_lr) and group == want and group
+    assert set().union(*(g for _, g in seen["groups"][1:])) == {id(p) for p in encoder.values()}
+
+
+def test_drop_path_is_the_configs_while_training_then_the_encoders_own(vit_model, train, monkeypatch):
+    rates = []
+    original = training_module._FinetuneModule.training_step
+
+    def spy(self, batch, batch_idx):
+        rates.append(self.classifier.encoder.drop_path)
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(training_module._FinetuneModule, "training_step", spy)
+    classifier = finetune(cells_of(train[0], CLASSES[train[1]]), vit_model, "label", full(epochs=1, drop_path=0.3))
+    assert rates and rates == pytest.approx([0.3] * len(rates))
+    assert classifier.encoder.drop_path == vit_model.encoder.drop_path == 0.0
+
+
+@pytest.mark.parametrize("values", [{"layer_decay": 0.75}, {"drop_path": 0.1}], ids=["layer_decay", "drop_path"])
+def test_vit_only_settings_are_refused_for_a_cnn_before_training(model, train, values, monkeypatch):
+    monkeypatch.setattr(training_module.pl.Trainer, "fit", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(ConfigError, match=f"{next(iter(values))}.*ViT.*ResNet"):
+        finetune(cells_of(train[0], CLASSES[train[1]]), model, "label", full(epochs=1, **values))
 
 
 @pytest.mark.parametrize("factor", [0.0, 0.1])

@@ -145,6 +145,37 @@ def test_parameter_names_do_not_depend_on_drop_path():
     torch.testing.assert_close(a.eval()(x), b.eval()(x))  # drop path is the identity in eval mode
 
 
+def test_drop_path_rises_linearly_over_the_blocks_and_can_be_set_later():
+    enc = ViTEncoder(2, 32, embed_dim=32, depth=3, num_heads=2, drop_path=0.2)
+
+    def rates():
+        return [p for b in enc.blocks for p in (b.dropout.p, b.mlp[-1].p)]
+
+    assert rates() == pytest.approx([0.0, 0.0, 0.1, 0.1, 0.2, 0.2])
+    assert enc.drop_path == pytest.approx(0.2)
+    enc.set_drop_path(0.4)
+    assert rates() == pytest.approx([0.0, 0.0, 0.2, 0.2, 0.4, 0.4]) and enc.drop_path == pytest.approx(0.4)
+    with pytest.raises(ConfigError, match="drop_path"):
+        enc.set_drop_path(1.0)
+    enc.set_drop_path(0.5)
+    x = _images(64, 2, 32)
+    assert not torch.allclose(enc.train()(x), enc(x))  # active in training: each call drops other rows
+    enc.set_drop_path(0.0)
+    torch.testing.assert_close(enc(x), enc(x))
+
+
+def test_layer_ids_are_maes_embeddings_blocks_then_norm():
+    enc = ViTEncoder(2, 32, embed_dim=32, depth=3, num_heads=2)
+    assert enc.num_layers == 4
+    ids = {name: enc.layer_id(name) for name, _ in enc.named_parameters()}
+    assert ids["patch_embed.weight"] == ids["patch_embed.bias"] == ids["cls_token"] == 0
+    for name, layer in ids.items():
+        if name.startswith("blocks."):
+            assert layer == int(name.split(".")[1]) + 1
+    assert ids["norm.weight"] == ids["norm.bias"] == 4
+    assert set(ids.values()) == {0, 1, 2, 3, 4}
+
+
 def test_old_mae_import_path_still_works_and_warns():
     """``MAEDecoder`` and ``mae_loss`` moved to sslcell.methods.image_mae; the old path forwards for one release."""
     from sslcell.methods import image_mae

@@ -16,8 +16,9 @@ Protocol (seed: the suite's):
   crops, still without labels: transductive, and the notes say so), then a linear probe and fine-tuning
   (``classify.finetune`` with the recipe's ``finetune`` settings, any :class:`~sslcell.classify.FinetuneConfig`
   field: e.g. ``schedule: one_cycle``, ``balance: loss``, ``min_steps``; ``finetune_epochs`` and
-  ``finetune_min_steps`` override every recipe's; grid: ``encoder_lr_factors`` x ``finetune_init_heads`` (the
-  head's start: the linear probe, LP-FT, or random weights as the CNN from scratch) x ``finetune_epoch_grid``);
+  ``finetune_min_steps`` override every recipe's; grid: ``encoder_lr_factors`` x ``layer_decays`` (a ViT's
+  layer-wise rate decay) x ``finetune_init_heads`` (the head's start: the linear probe, LP-FT, or random weights
+  as the CNN from scratch) x ``finetune_epoch_grid``);
 * baselines: ``pixel_pca`` (raw pixels z-scored, PCA-50, logistic regression; grid: class-weight power),
   ``random_encoder`` (each recipe's encoder with random weights, the same linear probe), ``supervised_cnn`` (the
   plain CNN of :mod:`._supervised_cnn` from scratch, trained by the fine-tuning loop; grid: ``cnn_lrs`` x
@@ -79,6 +80,7 @@ class CropClassificationParams:
     # the recipe's own
     finetune_epoch_grid: list[int] = field(default_factory=list)  # fine-tuning grid; empty: the recipe's own epochs
     # (or finetune_epochs)
+    layer_decays: list[float] = field(default_factory=list)  # fine-tuning grid (ViT encoders); empty: the recipe's own
     probe_only: list[str] = field(default_factory=list)  # recipes scored with the linear probe only
     pca_components: int = 50  # at most one fewer than the crops it is fitted on
     pca_class_weights: list[float] = field(default_factory=lambda: [0.0, 1.0])  # powers of the balanced weights
@@ -105,6 +107,8 @@ class CropClassificationParams:
                 raise ConfigError(f"{name}: must be >= 0 or null, got {getattr(self, name)}")
         if any(f < 0 for f in self.encoder_lr_factors):
             raise ConfigError(f"encoder_lr_factors: must be >= 0, got {self.encoder_lr_factors}")
+        if not all(0.0 < d <= 1.0 for d in self.layer_decays):
+            raise ConfigError(f"layer_decays: give decays in (0, 1], got {self.layer_decays}")
         if not all(isinstance(e, int) and e >= 1 for e in self.finetune_epoch_grid):
             raise ConfigError(f"finetune_epoch_grid: give epoch counts >= 1, got {self.finetune_epoch_grid}")
         if not set(self.finetune_init_heads) <= set(INIT_HEADS):
@@ -496,16 +500,19 @@ def _finetune_config(recipe: Any, p: CropClassificationParams, head: str, device
 
 def _finetune_grid(recipe: Any, p: CropClassificationParams, device: torch.device) -> list[tuple[str, Any]]:
     """The recipe's fine-tuning candidates, ``(label, FinetuneConfig)``: ``finetune_epoch_grid`` x
-    ``finetune_init_heads`` x ``encoder_lr_factors``, each the recipe's own where empty."""
+    ``finetune_init_heads`` x ``encoder_lr_factors`` x ``layer_decays``, each the recipe's own where empty."""
     from sslcell.classify import FinetuneConfig
 
     full = _finetune_config(recipe, p, "full", device)
     factors = p.encoder_lr_factors or [full.encoder_lr_factor]
     heads = p.finetune_init_heads or [full.init_head]
     epochs = p.finetune_epoch_grid or [full.epochs]
-    return [(f"encoder lr x{f:g}, {e} epochs" + (f", {h} head" if p.finetune_init_heads else ""),
-             FinetuneConfig.from_dict({**_asdict(full), "encoder_lr_factor": f, "init_head": h, "epochs": e}))
-            for e in epochs for h in heads for f in factors]
+    decays = p.layer_decays or [full.layer_decay]
+    return [(f"encoder lr x{f:g}" + (f", layer decay {d:g}" if p.layer_decays else "") + f", {e} epochs"
+             + (f", {h} head" if p.finetune_init_heads else ""),
+             FinetuneConfig.from_dict({**_asdict(full), "encoder_lr_factor": f, "layer_decay": d, "init_head": h,
+                                       "epochs": e}))
+            for e in epochs for h in heads for f in factors for d in decays]
 
 
 def _asdict(setting: Any) -> Any:
