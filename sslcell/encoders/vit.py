@@ -136,7 +136,7 @@ class ViTEncoder(nn.Module):
 
     @property
     def num_layers(self) -> int:
-        """Layers for layer-wise learning-rate decay: the embeddings (0), then each block (1 ... depth)."""
+        """``L = depth + 1``, the top layer for layer-wise learning-rate decay (see :meth:`layer_id`)."""
         return len(self.blocks) + 1
 
     def layer_id(self, name: str) -> int:
