@@ -30,7 +30,8 @@ DATA = HERE.parent.parent / "shared" / "data" / "jurkat_cellcycle_ifc_mlcp.npz"
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("name")
-parser.add_argument("fields", type=json.loads, help="FinetuneConfig fields over the suite's, as JSON")
+parser.add_argument("fields", type=json.loads,
+                    help="FinetuneConfig fields (with --cnn: CNNSettings fields) over the suite's, as JSON")
 parser.add_argument("--cnn", action="store_true", help="train the supervised CNN from scratch instead")
 parser.add_argument("--workdir", type=Path, default=Path("bench_runs/crops"))
 parser.add_argument("--out", type=Path, default=Path("bench_runs/finetune_pilot_jurkat.jsonl"))
