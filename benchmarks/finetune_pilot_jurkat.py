@@ -4,6 +4,7 @@ split) before they enter ``benchmarks/suites/crops_all_labels.yaml``'s grid.
 The split is the suite's (``crop_classification``'s ``_test_split`` then ``_labelled_split``, seed 0, all labels):
 2,188 crops to train, 547 to score. The model is the suite's ``jurkat_mae_long`` (``--workdir``'s copy); the settings
 are ``configs/crops_finetune_onecycle.yaml`` with a random head, as the suite's candidates, plus the fields given.
+That config's encoder rate is x1: give ``encoder_lr_factor`` for another (the suite's Jurkat grid: 0.25, 1).
 With ``--cnn`` the fields are the supervised CNN's instead (``CNNSettings``, over the suite's: min_steps 300), the
 baseline the same way. Each run appends a JSON line (validation accuracy, macro-F1, balanced accuracy; plain and
 with TTA) to ``--out``. Results: ``benchmarks/results/finetune_pilot_jurkat.md``.
