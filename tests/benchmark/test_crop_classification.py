@@ -472,6 +472,23 @@ def test_finetune_grid_crosses_layer_decays():
     assert [(label, c.layer_decay) for label, c in no_axis] == [("encoder lr x0.25, 30 epochs", 0.8)]
 
 
+def test_finetune_grid_crosses_learning_rates():
+    """finetune_lrs: the peak rate as a grid axis (the CNN's cnn_lrs on the other side); the label names it."""
+    recipe = SimpleNamespace(finetune={"lr": 0.002, "encoder_lr_factor": 1.0})
+    params = cc.CropClassificationParams(finetune_lrs=[1e-3, 3e-3], finetune_init_heads=["random"],
+                                         finetune_epoch_grid=[30, 60])
+    grid = cc._finetune_grid(recipe, params, torch.device("cpu"))
+    assert [label for label, _ in grid] == [
+        "lr 0.001, encoder lr x1, 30 epochs, random head", "lr 0.003, encoder lr x1, 30 epochs, random head",
+        "lr 0.001, encoder lr x1, 60 epochs, random head", "lr 0.003, encoder lr x1, 60 epochs, random head"]
+    assert [(c.lr, c.epochs, c.init_head) for _, c in grid] == [
+        (1e-3, 30, "random"), (3e-3, 30, "random"), (1e-3, 60, "random"), (3e-3, 60, "random")]
+    own = cc._finetune_grid(recipe, cc.CropClassificationParams(), torch.device("cpu"))
+    assert [(label, c.lr) for label, c in own] == [("encoder lr x1, 30 epochs", 0.002)]
+    with pytest.raises(ConfigError, match="finetune_lrs"):
+        cc.CropClassificationParams(finetune_lrs=[0.001, 0.0]).check()
+
+
 def test_finetune_grid_crosses_epochs(tmp_path):
     """finetune_epoch_grid: each count a candidate (the recipe's own 2 epochs replaced); the chosen one is the
     count the final model trains for."""

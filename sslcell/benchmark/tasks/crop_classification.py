@@ -16,9 +16,10 @@ Protocol (seed: the suite's):
   crops, still without labels: transductive, and the notes say so), then a linear probe and fine-tuning
   (``classify.finetune`` with the recipe's ``finetune`` settings, any :class:`~sslcell.classify.FinetuneConfig`
   field: e.g. ``schedule: one_cycle``, ``balance: loss``, ``min_steps``; ``finetune_epochs`` and
-  ``finetune_min_steps`` override every recipe's; grid: ``encoder_lr_factors`` x ``layer_decays`` (a ViT's
-  layer-wise rate decay) x ``finetune_init_heads`` (the head's start: the linear probe, LP-FT, or random weights
-  as the CNN from scratch) x ``finetune_epoch_grid``);
+  ``finetune_min_steps`` override every recipe's; grid: ``finetune_lrs`` (the peak rate, as the CNN's
+  ``cnn_lrs``) x ``encoder_lr_factors`` x ``layer_decays`` (a ViT's layer-wise rate decay) x
+  ``finetune_init_heads`` (the head's start: the linear probe, LP-FT, or random weights as the CNN from scratch) x
+  ``finetune_epoch_grid``);
 * baselines: ``pixel_pca`` (raw pixels z-scored, PCA-50, logistic regression; grid: class-weight power),
   ``random_encoder`` (each recipe's encoder with random weights, the same linear probe), ``supervised_cnn`` (the
   plain CNN of :mod:`._supervised_cnn` from scratch, trained by the fine-tuning loop; grid: ``cnn_lrs`` x
@@ -75,6 +76,7 @@ class CropClassificationParams:
     reuse_pretrained: bool = False  # reuse a model pretrained in --workdir by an earlier run: same recipe, data, crops
     finetune_epochs: int | None = None  # overrides every recipe's fine-tuning epochs
     finetune_min_steps: int | None = None  # overrides every recipe's fine-tuning min_steps
+    finetune_lrs: list[float] = field(default_factory=list)  # fine-tuning grid (peak rate); empty: the recipe's own
     encoder_lr_factors: list[float] = field(default_factory=list)  # fine-tuning grid; empty: the recipe's own
     finetune_init_heads: list[str] = field(default_factory=list)  # fine-tuning grid ("linear_probe", "random"); empty:
     # the recipe's own
@@ -105,6 +107,8 @@ class CropClassificationParams:
         for name in ("finetune_min_steps", "cnn_min_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0 or null, got {getattr(self, name)}")
+        if not all(lr > 0 for lr in self.finetune_lrs):
+            raise ConfigError(f"finetune_lrs: give learning rates > 0, got {self.finetune_lrs}")
         if any(f < 0 for f in self.encoder_lr_factors):
             raise ConfigError(f"encoder_lr_factors: must be >= 0, got {self.encoder_lr_factors}")
         if not all(0.0 < d <= 1.0 for d in self.layer_decays):
@@ -500,19 +504,22 @@ def _finetune_config(recipe: Any, p: CropClassificationParams, head: str, device
 
 def _finetune_grid(recipe: Any, p: CropClassificationParams, device: torch.device) -> list[tuple[str, Any]]:
     """The recipe's fine-tuning candidates, ``(label, FinetuneConfig)``: ``finetune_epoch_grid`` x
-    ``finetune_init_heads`` x ``encoder_lr_factors`` x ``layer_decays``, each the recipe's own where empty."""
+    ``finetune_init_heads`` x ``finetune_lrs`` x ``encoder_lr_factors`` x ``layer_decays``, each the recipe's own
+    where empty; the label names the grid's axes (the encoder rate always)."""
     from sslcell.classify import FinetuneConfig
 
     full = _finetune_config(recipe, p, "full", device)
+    lrs = p.finetune_lrs or [full.lr]
     factors = p.encoder_lr_factors or [full.encoder_lr_factor]
     heads = p.finetune_init_heads or [full.init_head]
     epochs = p.finetune_epoch_grid or [full.epochs]
     decays = p.layer_decays or [full.layer_decay]
-    return [(f"encoder lr x{f:g}" + (f", layer decay {d:g}" if p.layer_decays else "") + f", {e} epochs"
+    return [((f"lr {lr:g}, " if p.finetune_lrs else "") + f"encoder lr x{f:g}"
+             + (f", layer decay {d:g}" if p.layer_decays else "") + f", {e} epochs"
              + (f", {h} head" if p.finetune_init_heads else ""),
-             FinetuneConfig.from_dict({**_asdict(full), "encoder_lr_factor": f, "layer_decay": d, "init_head": h,
-                                       "epochs": e}))
-            for e in epochs for h in heads for f in factors for d in decays]
+             FinetuneConfig.from_dict({**_asdict(full), "lr": lr, "encoder_lr_factor": f, "layer_decay": d,
+                                       "init_head": h, "epochs": e}))
+            for e in epochs for h in heads for lr in lrs for f in factors for d in decays]
 
 
 def _asdict(setting: Any) -> Any:
@@ -683,6 +690,6 @@ register(TaskKind(
     needs_data=True,
     takes_recipes=True,
     quick={"max_cells": 240, "pretrain_epochs": 1, "finetune_epochs": 1, "finetune_min_steps": 0,
-           "encoder_lr_factors": [], "finetune_epoch_grid": [], "pca_class_weights": [0.0], "cnn_lrs": [3e-3],
-           "cnn_epochs": [1], "tta": False},
+           "finetune_lrs": [], "encoder_lr_factors": [], "finetune_epoch_grid": [], "pca_class_weights": [0.0],
+           "cnn_lrs": [3e-3], "cnn_epochs": [1], "tta": False},
 ))
