@@ -183,7 +183,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_transfer)
 
     p = sub.add_parser("benchmark", help="run a benchmark suite (tasks x recipes x baselines x peers) and write tables")
-    p.add_argument("suite", nargs="?", help="suite YAML, e.g. benchmarks/suites/speed.yaml")
+    p.add_argument("suite", nargs="?", help="suite YAML, e.g. benchmarks/suites/crop_speed.yaml")
     p.add_argument("--quick", action="store_true", help="tiny settings (seconds to minutes): checks that it all runs")
     p.add_argument("--out", help="folder for <suite>.md / .json / plots (default: the suite's out)")
     p.add_argument("--data", help="folder where the suite's relative data paths resolve (default: its data_dir)")
