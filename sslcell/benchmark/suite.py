@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,7 +201,7 @@ def _data(values: Any, where: str, base: Path) -> dict[str, Path]:
     for role, value in roles.items():
         spot = where if isinstance(values, str) else f"{where}.{role}"
         p = Path(_string(value, spot)).expanduser()
-        p = p if p.is_absolute() else base / p
+        p = Path(os.path.normpath(p if p.is_absolute() else base / p))  # 'suites/../../data' reads as 'data'
         if not p.exists():
             raise ConfigError(f"{spot}: no such file or folder: {p} (relative paths resolve in the suite's data_dir "
                               f"or --data)")

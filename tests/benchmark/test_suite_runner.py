@@ -121,6 +121,14 @@ def test_bad_suite_files(tmp_path):
         load_suite(_write(tmp_path, {"tasks": [{"name": "a", "kind": "toy_sum"}] * 2}))
 
 
+def test_data_paths_are_normalised(tmp_path):
+    (tmp_path / "x.bin").write_bytes(b"1")
+    (tmp_path / "suites").mkdir()
+    path = _write(tmp_path / "suites", _suite(data="../x.bin") | {"data_dir": "../suites"})
+    task = load_suite(path).tasks[0]
+    assert task.path == tmp_path / "x.bin" and ".." not in task.path.parts  # records and model cards read clean
+
+
 def test_recipes_resolve_relative_to_the_suite(tmp_path):
     path = _write(tmp_path, _suite(recipes=["configs/expression_mae.yaml"]))
     with pytest.raises(ConfigError, match="no such config file"):
