@@ -48,6 +48,36 @@ CLOSURE_WARN = 0.75
 # chance (the sum of the phases' squared shares) and all of them
 N_ORIGINS = 360
 
+# phase names whose order around the cycle is known (case-insensitive), in that order: the default anchor order
+CYCLE_PHASES = ("g0", "g1", "s", "g2", "g2m", "g2/m", "m", "prophase", "prometaphase", "metaphase", "anaphase",
+                "telophase", "cytokinesis")
+
+
+def default_phase_order(labels: Any, categories: Any = None, ordered: bool = False) -> list[str]:
+    """The phases' cycle order when none is given. θ grows in this order, so it must not be a sort by name
+    (``["G1", "G2M", "S"]`` would run the cycle backwards). A categorical's categories are used when they were set
+    on purpose (``ordered``, or not in sorted order); otherwise known phase names (:data:`CYCLE_PHASES`: G1, S,
+    G2, G2M, M, prophase ... telophase) are put in cycle order. Other names raise: pass the order.
+
+    Args:
+        labels: the anchored cells' phase labels ``(N,)`` (unlabelled cells left out).
+        categories: a categorical column's categories, in its order; ``None`` for plain labels.
+        ordered: whether that categorical is ordered.
+    """
+    if categories is not None:
+        names = [str(c) for c in categories]
+        if ordered or names != sorted(names):
+            return names
+    else:
+        names = sorted({str(v) for v in labels})
+    if len(names) <= 2:  # two arcs follow each other both ways round: their order sets only the origin
+        return names
+    if all(n.lower() in CYCLE_PHASES for n in names):
+        return sorted(names, key=lambda n: CYCLE_PHASES.index(n.lower()))
+    raise InputError(f"the cycle order of the phases {names} is not known (only a sort by name, which would set "
+                     "θ's direction by the alphabet): give it, anchor_order=[...] (--anchor-order), or make the "
+                     "column an ordered categorical")
+
 
 @dataclass
 class CycleFit:
@@ -127,7 +157,7 @@ class CycleFit:
 def fit_cycle(x: np.ndarray, anchors: np.ndarray | None = None, order: list[str] | None = None,
               warn: bool = True) -> CycleFit:
     """Fit a cycle through ``x (N, D)`` (module doc). ``anchors (N,)``: each cell's phase label or NaN / None;
-    ``order``: the phases in cycle order (default: the labels' sorted categories). Returns the :class:`CycleFit`."""
+    ``order``: the phases in cycle order (default: :func:`default_phase_order`). Returns the :class:`CycleFit`."""
     x = _as_matrix(x)
     mean = x.mean(axis=0)
     centred = x - mean
@@ -225,7 +255,7 @@ def _anchor(fit: CycleFit, raw: np.ndarray, anchors: Any, order: list[str] | Non
         raise InputError(f"anchors must have one label per cell ({raw.shape[0]}); got shape {labels.shape}")
     known = np.array([v is not None and not (isinstance(v, float) and np.isnan(v)) for v in labels])
     labels = labels[known].astype(str)
-    order = [str(p) for p in (order if order is not None else sorted(set(labels)))]
+    order = [str(p) for p in order] if order is not None else default_phase_order(labels)
     if len(order) < 2 or len(set(order)) != len(order):
         raise InputError(f"the anchor order must name at least 2 distinct phases; got {order}")
     unknown = sorted(set(labels) - set(order))

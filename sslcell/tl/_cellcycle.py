@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from sslcell.cellcycle.fit import CycleFit, fit_cycle
+from sslcell.cellcycle.fit import CycleFit, default_phase_order, fit_cycle
 from sslcell.errors import InputError
 from sslcell.tl._keys import check_free, record
 
@@ -43,7 +43,9 @@ def cell_cycle(
             outputs, or a PCA of cell-cycle genes.
         anchor_key: an ``obs`` column of phase labels that fixes origin and direction; cells without a label (NaN)
             are placed but not used, so a few labelled cells suffice.
-        anchor_order: the phases in cycle order (e.g. ``["G1", "S", "G2M"]``); default: the column's categories.
+        anchor_order: the phases in cycle order (e.g. ``["G1", "S", "G2M"]``); default: an ordered categorical's
+            categories (or an unordered one's when not in sorted order), else known phase names in cycle order
+            (:func:`~sslcell.cellcycle.fit.default_phase_order`); other names need it.
     """
     if reference is not None:
         if anchor_key is not None or anchor_order is not None:
@@ -63,9 +65,17 @@ def cell_cycle(
             raise InputError(f"no obs column {anchor_key!r} to anchor the cycle; columns are {list(adata.obs.columns)}")
         check_free(adata, "obs", phase_key, overwrite)
         column = adata.obs[anchor_key]
-        order = list(anchor_order) if anchor_order is not None else (
-            [str(c) for c in column.cat.categories] if isinstance(column.dtype, pd.CategoricalDtype) else None)
         anchors = column.astype(object).where(column.notna(), None).to_numpy()
+        if anchor_order is not None:
+            order = list(anchor_order)
+        else:
+            categorical = isinstance(column.dtype, pd.CategoricalDtype)
+            try:
+                order = default_phase_order(column.dropna().astype(str),
+                                            column.cat.categories if categorical else None,
+                                            categorical and bool(column.cat.ordered))
+            except InputError as err:
+                raise InputError(f"obs[{anchor_key!r}]: {err}") from None
     elif anchor_order is not None:
         raise InputError("anchor_order needs anchor_key (the obs column of phase labels it orders)")
     x = np.asarray(adata.obsm[use_rep])

@@ -7,6 +7,7 @@ import pytest
 from scipy.stats import spearmanr
 
 from sslcell.cellcycle import CycleFit, closure, fit_cycle
+from sslcell.cellcycle.fit import default_phase_order
 from sslcell.errors import InputError
 from sslcell.evaluate import circular_correlation, cyclic_spearman, phase_arc_accuracy
 
@@ -177,3 +178,21 @@ def test_residual_of_other_cells_and_reanchoring_keep_the_circle():
     assert bare.residual_of(blob) > 0.4
     with pytest.warns(UserWarning, match="anchors contradict"):
         bare.reanchored(x, np.random.default_rng(1).permutation(phase), PHASES)
+
+
+def test_the_default_phase_order_follows_the_cycle_not_the_alphabet():
+    assert default_phase_order(["S", "G2M", "G1", "S"]) == ["G1", "S", "G2M"]
+    assert default_phase_order([], ["G1", "G2M", "S"]) == ["G1", "S", "G2M"]  # a sorted categorical: by name
+    assert default_phase_order([], ["S", "G2M", "G1"]) == ["S", "G2M", "G1"]  # set on purpose: kept
+    assert default_phase_order([], ["G1", "G2M", "S"], ordered=True) == ["G1", "G2M", "S"]
+    assert default_phase_order(["telophase", "G1", "Prophase", "S", "G2", "metaphase", "anaphase"]) == [
+        "G1", "S", "G2", "Prophase", "metaphase", "anaphase", "telophase"]
+    assert default_phase_order(["b", "a"]) == ["a", "b"]  # two arcs: the order sets only the origin
+    with pytest.raises(InputError, match=r"cycle order of the phases \['early', 'late', 'mid'\] is not known"):
+        default_phase_order(["early", "mid", "late"])
+
+
+def test_phase_labels_without_an_order_run_theta_forwards():
+    x, theta, phase = ring(seed=3)
+    estimate = fit_cycle(x, phase).theta(x)  # plain strings: sorted by name they would read G1, G2M, S
+    assert circular_correlation(estimate, theta) > 0.95

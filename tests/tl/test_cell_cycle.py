@@ -45,6 +45,20 @@ def test_order_can_be_given_and_unlabelled_cells_are_placed(cells):
     assert (cells.obs["cc_phase"] == cells.obs["phase"]).mean() > 0.8
 
 
+def test_a_string_phase_column_runs_theta_forwards_also_after_h5ad(cells, tmp_path):
+    cells.obs["phase"] = cells.obs["phase"].astype(str)  # as scanpy's score_genes_cell_cycle writes it
+    cells.write_h5ad(tmp_path / "cells.h5ad")  # .h5ad makes it a categorical sorted by name: G1, G2M, S
+    for adata in (cells, ad.read_h5ad(tmp_path / "cells.h5ad")):
+        tl.cell_cycle(adata, anchor_key="phase")
+        assert circular_correlation(adata.obs["cell_cycle_theta"], adata.obs["theta_true"]) > 0.95
+        assert list(adata.uns["sslcell"]["cell_cycle"]["phases"]) == PHASES
+    cells.obs["stage"] = np.where(cells.obs["phase"] == "G1", "early", np.where(cells.obs["phase"] == "S", "mid",
+                                                                                 "late"))
+    with pytest.raises(InputError, match=r"obs\['stage'\]: the cycle order .* anchor_order"):
+        tl.cell_cycle(cells, anchor_key="stage", key_added="stage")
+    tl.cell_cycle(cells, anchor_key="stage", anchor_order=["early", "mid", "late"], key_added="stage")
+
+
 def test_without_anchors_there_is_no_phase_and_the_result_writes_to_h5ad(cells, tmp_path):
     out = tl.cell_cycle(cells, copy=True)
     assert "cell_cycle_phase" not in out.obs and "cell_cycle_theta" not in cells.obs
