@@ -290,16 +290,20 @@ def _check_dtype(dtype: np.dtype, where: str) -> np.dtype:
 
 
 def _validate(data: np.ndarray, indptr: np.ndarray, shard: _Shard, lo: int, *, counts: bool) -> None:
-    """Raise :class:`InputError` naming the shard and rows on NaN/inf, negatives, or (``counts``) fractions.
+    """Raise :class:`InputError` naming the shard and rows on NaN/inf, negatives, (``counts``) fractions, or (not
+    ``counts``: read as log-normalised) whole numbers above 1 only, which are raw counts (log1p values are not).
 
     ``data`` are the stored values of rows ``lo:lo + len(indptr) - 1`` of ``shard``; ``indptr`` starts at 0.
     """
-    if data.size == 0 or data.dtype.kind in "ub":
+    if data.size == 0 or data.dtype.kind == "b" or (counts and data.dtype.kind == "u"):
         return
-    if data.dtype.kind == "i":
-        if data.min() >= 0:
+    if data.dtype.kind in "ui":
+        if data.dtype.kind == "i" and data.min() < 0:
+            bad, what = data < 0, "negative values"
+        elif counts or data.max() <= 1:
             return
-        bad, what = data < 0, "negative values"
+        else:
+            bad, what = data > 1, "whole numbers only"
     else:
         bad, what = ~np.isfinite(data), "NaN or inf values"
         if not bad.any() and data.dtype.itemsize > 4:  # float64 beyond float32's range would be inf in the model
@@ -308,12 +312,18 @@ def _validate(data: np.ndarray, indptr: np.ndarray, shard: _Shard, lo: int, *, c
             bad, what = data < 0, "negative values"
         if not bad.any() and counts:
             bad, what = np.rint(data) != data, "non-integer values"
+        if not bad.any() and not counts and data.max() > 1 and (np.rint(data) == data).all():
+            bad, what = data > 1, "whole numbers only"
         if not bad.any():
             return
     first = int(np.argmax(bad))
     row = lo + int(np.searchsorted(indptr, first, side="right")) - 1
     message = f"{what} in {shard.where}, rows {lo}:{lo + len(indptr) - 1} (first at row {row}, value {data[first]!r})"
-    if what.startswith("negative") or what.startswith("non-integer"):
+    if what == "whole numbers only":
+        message += ("; these look like raw counts, but they are read as log-normalised (counts_are_log_normalized="
+                    "True, or the model's inputs): pass counts_are_log_normalized=False "
+                    "(no --counts-are-log-normalized) to normalise them")
+    elif what.startswith("negative") or what.startswith("non-integer"):
         message += (
             "; raw counts are expected: if the data are already log-normalised, "
             "open with counts_are_log_normalized=True"

@@ -182,6 +182,13 @@ def test_log_normalized_data_allows_fractions_only_when_declared(tmp_path):
         ExpressionDataset.open(a).read_rows(0, 30)
     ds = ExpressionDataset.open(a, counts_are_log_normalized=True)
     np.testing.assert_allclose(dense(ds), logged)
+    raw = counts(30, 6, seed=4)  # raw counts declared log-normalised would pass as log1p values 0..log1p(max)
+    for x in (raw, raw.astype(np.float32)):
+        with pytest.raises(InputError, match=r"whole numbers only in <AnnData> \(X\), rows 0:30 .*look like raw "
+                                             r"counts.*counts_are_log_normalized=False"):
+            ExpressionDataset.open(adata(x), counts_are_log_normalized=True).read_rows(0, 30)
+    ones = ExpressionDataset.open(adata(sp.csr_matrix((raw > 0).astype(np.float32))), counts_are_log_normalized=True)
+    assert dense(ones).max() == 1.0  # 0/1 values stay readable (binarised data)
     a.X.data[5] = -0.1
     with pytest.raises(InputError, match="negative values"):
         ExpressionDataset.open(a, counts_are_log_normalized=True).read_rows(0, 30)
