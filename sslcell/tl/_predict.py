@@ -56,8 +56,8 @@ def predict(
         raise InputError(f"classifier must be a CellClassifier (sslcell.classify); got {type(classifier).__name__}")
     for slot, key in (("obs", key_added), ("obs", f"{key_added}_confidence"), ("obsm", f"{key_added}_proba")):
         check_free(adata, slot, key, overwrite)
-    if label_key is not None and label_key not in adata.obs.columns:
-        raise InputError(f"adata has no obs column {label_key!r}; columns are {list(adata.obs.columns)}")
+    if label_key is not None:
+        _labelled(adata, label_key, [str(c) for c in classifier.classes])  # before anything is written
     if classifier.inputs.modality == "image":
         if crops is None:
             raise InputError("the classifier reads image crops: pass crops=cells (one crop per row of adata)")
@@ -102,9 +102,21 @@ def score(adata: AnnData, label_key: str, key_added: str = "sslcell_pred") -> Cl
     info = adata.uns.get("sslcell", {}).get(key_added)
     if key_added not in adata.obs.columns or f"{key_added}_proba" not in adata.obsm or info is None:
         raise InputError(f"adata holds no predictions under {key_added!r}; run sslcell.tl.predict first")
+    classes = [str(c) for c in info["classes"]]
+    labelled = _labelled(adata, label_key, classes)
+    truth = adata.obs[label_key]
+    return classification_report(
+        truth[labelled].astype(str).to_numpy(),
+        adata.obs[key_added][labelled].astype(str).to_numpy(),
+        np.asarray(adata.obsm[f"{key_added}_proba"])[labelled],
+        classes=classes,
+    )
+
+
+def _labelled(adata: AnnData, label_key: str, classes: list[str]) -> np.ndarray:
+    """The mask ``(N,)`` of cells labelled in ``obs[label_key]``; raises unless some are, all among ``classes``."""
     if label_key not in adata.obs.columns:
         raise InputError(f"adata has no obs column {label_key!r}; columns are {list(adata.obs.columns)}")
-    classes = [str(c) for c in info["classes"]]
     truth = adata.obs[label_key]
     labelled = ~truth.isna().to_numpy()
     if not labelled.any():
@@ -112,9 +124,4 @@ def score(adata: AnnData, label_key: str, key_added: str = "sslcell_pred") -> Cl
     unknown = sorted(set(truth[labelled].astype(str)) - set(classes))
     if unknown:
         raise InputError(f"labels {unknown} in obs[{label_key!r}] are not classes of the classifier {classes}")
-    return classification_report(
-        truth[labelled].astype(str).to_numpy(),
-        adata.obs[key_added][labelled].astype(str).to_numpy(),
-        np.asarray(adata.obsm[f"{key_added}_proba"])[labelled],
-        classes=classes,
-    )
+    return labelled

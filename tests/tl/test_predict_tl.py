@@ -49,7 +49,10 @@ def test_image_refusals(cells, model):
         tl.predict(adata, clf, crops=cells, label_key="truth")
     with pytest.raises(InputError, match="holds no predictions under 'sslcell_pred'"):
         tl.score(adata, "label")
-    assert "sslcell_pred" not in adata.obs
+    adata.obs["alien"] = np.where(np.arange(adata.n_obs) == 3, "alien", adata.obs["label"].astype(str))
+    with pytest.raises(InputError, match=r"\['alien'\] in obs\['alien'\] are not classes of the classifier"):
+        tl.predict(adata, clf, crops=cells, label_key="alien")
+    assert "sslcell_pred" not in adata.obs and not adata.obsm and "sslcell" not in adata.uns  # nothing half-written
 
 
 def test_expression_linear_head_end_to_end(small_counts, tmp_path):
