@@ -141,6 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", help="counts layer for the baselines")
     p.add_argument("--n-per-class", type=int, default=5, help="labels per class in the few-label protocol")
     p.add_argument("--out", help="write <out>.json and <out>.md")
+    p.add_argument("--overwrite", action="store_true", help="replace existing <out>.json and <out>.md")
     p.set_defaults(run=_evaluate)
 
     p = sub.add_parser("cell-cycle", help="place cells on a closed trajectory fitted through an embedding (theta)")
@@ -179,7 +180,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--class-weight", choices=["balanced"],
                    help="balanced: divide each class's votes by its share of the reference (rare types not outvoted)")
     p.add_argument("--index", choices=["auto", "exact", "ivf", "hnsw"], default="auto")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out and the query's obs <label-key>_pred (with --model: both sides' "
+                        "obsm --use-rep)")
     p.set_defaults(run=_transfer)
 
     p = sub.add_parser("benchmark", help="run a benchmark suite (tasks x recipes x baselines x peers) and write tables")
@@ -497,10 +500,10 @@ def _transfer(args: argparse.Namespace) -> int:
     reference, query = _read_h5ad(args.reference), _read_h5ad(args.query)
     if args.model:
         for adata in (reference, query):
-            embed(adata, args.model, key_added=args.use_rep, overwrite=True)
+            embed(adata, args.model, key_added=args.use_rep, overwrite=args.overwrite)
     transfer_labels(query, reference, args.label_key, args.use_rep, n_neighbors=args.n_neighbors,
                     class_weight=args.class_weight, min_confidence=args.min_confidence, index=args.index,
-                    overwrite=True)
+                    overwrite=args.overwrite)
     _write_h5ad(query, out)
     info = query.uns["sslcell"][f"{args.label_key}_pred"]
     print(f"wrote {out}: obs['{args.label_key}_pred'] for {query.n_obs} cells from {info['n_reference']} reference "
@@ -509,11 +512,10 @@ def _transfer(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    import anndata as ad
-
     from sslcell.tl import evaluate
 
-    adata = ad.read_h5ad(args.data)
+    outs = [_new_file(Path(f"{args.out}{suffix}"), args.overwrite) for suffix in (".json", ".md")] if args.out else []
+    adata = _read_h5ad(args.data)
     report = evaluate(
         adata,
         args.label_key,
@@ -524,9 +526,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         n_per_class=args.n_per_class,
     )
     print(report.to_markdown())
-    if args.out:
-        report.to_json(f"{args.out}.json")
-        Path(f"{args.out}.md").write_text(report.to_markdown())
+    if outs:
+        _write_atomically(outs[0], report.to_json)
+        _write_atomically(outs[1], lambda path: Path(path).write_text(report.to_markdown()))
     return 0
 
 

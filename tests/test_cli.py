@@ -29,6 +29,13 @@ def test_pretrain_embed_evaluate(recipe_file, small_counts_file, tmp_path, capsy
     assert "X_sslcell" in printed and "pca" in printed.lower()
     report = json.loads((tmp_path / "rep.json").read_text())
     assert report  # machine-readable copy written
+    (tmp_path / "rep.md").write_text("my notes")  # a second report into the same --out is refused, files kept
+    assert main(["evaluate", "--data", str(out), "--label-key", "cell_type", "--out", str(tmp_path / "rep")]) == 2
+    assert "rep.json: exists; pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "rep.md").read_text() == "my notes"
+    assert main(["evaluate", "--data", str(out), "--label-key", "cell_type", "--out", str(tmp_path / "rep"),
+                 "--overwrite"]) == 0
+    assert "X_sslcell" in (tmp_path / "rep.md").read_text()
     # a second embed into the same file is refused, and the file is kept
     before = out.read_bytes()
     assert main(["embed", "--model", str(run), "--data", str(small_counts_file), "--out", str(out)]) == 2

@@ -161,3 +161,10 @@ def test_cli_transfer(tmp_path, capsys):
     out = ad.read_h5ad(tmp_path / "out.h5ad")
     assert (out.obs["cell_type_pred"].astype(str) == out.obs["cell_type"]).mean() > 0.8
     assert main(argv) == 2 and "exists" in capsys.readouterr().err
+    query.obs["cell_type_pred"] = "mine"  # the query's own column is not replaced without --overwrite
+    query.write_h5ad(tmp_path / "q.h5ad")
+    argv[-1] = str(tmp_path / "out2.h5ad")
+    assert main(argv) == 2 and "cell_type_pred" in capsys.readouterr().err
+    assert not (tmp_path / "out2.h5ad").exists()
+    assert main([*argv, "--overwrite"]) == 0
+    assert (ad.read_h5ad(tmp_path / "out2.h5ad").obs["cell_type_pred"] != "mine").all()
