@@ -86,9 +86,8 @@ def project_cycle(
         raise InputError(f"adata.obsm has no {use_rep!r}; it has {list(adata.obsm)}")
     theta_key, phase_key, plane_key = f"{key_added}_theta", f"{key_added}_phase", f"{key_added}_plane"
     check_free(adata, "obs", theta_key, overwrite)
+    check_free(adata, "obs", phase_key, overwrite)  # written with phases, removed without: an old fit's phases
     check_free(adata, "obsm", plane_key, overwrite)
-    if fit.phases:
-        check_free(adata, "obs", phase_key, overwrite)
     x = np.asarray(adata.obsm[use_rep])
     theta = fit.theta(x)
     plane = fit.plane(x)
@@ -104,6 +103,8 @@ def project_cycle(
     adata.obsm[plane_key] = plane.astype(np.float32)
     if fit.phases:
         adata.obs[phase_key] = pd.Categorical(fit.phase(theta), categories=fit.phases)
+    elif phase_key in adata.obs:  # an earlier anchored fit's phases would no longer match θ (overwrite=True)
+        del adata.obs[phase_key]
     info = {"use_rep": use_rep, **fit.to_dict(), "projected": True, "projected_residual": residual,
             "projected_closure": closure(fit.raw_angle(plane))}
     record(adata, key_added, info)

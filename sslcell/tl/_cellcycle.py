@@ -58,12 +58,12 @@ def cell_cycle(
         raise InputError(f"adata.obsm has no {use_rep!r} (embed it first with tl.embed); it has {list(adata.obsm)}")
     theta_key, phase_key, plane_key = f"{key_added}_theta", f"{key_added}_phase", f"{key_added}_plane"
     check_free(adata, "obs", theta_key, overwrite)
+    check_free(adata, "obs", phase_key, overwrite)  # written with anchors, removed without: an old fit's phases
     check_free(adata, "obsm", plane_key, overwrite)
     anchors, order = None, None
     if anchor_key is not None:
         if anchor_key not in adata.obs.columns:
             raise InputError(f"no obs column {anchor_key!r} to anchor the cycle; columns are {list(adata.obs.columns)}")
-        check_free(adata, "obs", phase_key, overwrite)
         column = adata.obs[anchor_key]
         anchors = column.astype(object).where(column.notna(), None).to_numpy()
         if anchor_order is not None:
@@ -88,6 +88,8 @@ def cell_cycle(
     adata.obsm[plane_key] = plane.astype(np.float32)
     if fit.phases:
         adata.obs[phase_key] = pd.Categorical(fit.phase(theta), categories=fit.phases)
+    elif phase_key in adata.obs:  # an earlier anchored fit's phases would no longer match θ (overwrite=True)
+        del adata.obs[phase_key]
     info = {"use_rep": use_rep, "anchor_key": anchor_key, **fit.to_dict()}
     record(adata, key_added, {k: v for k, v in info.items() if v is not None})  # .h5ad cannot hold None
     return adata if copy else None

@@ -78,6 +78,12 @@ def test_refusals(cells):
     with pytest.raises(OverwriteError, match="cell_cycle_theta"):
         tl.cell_cycle(cells)
     tl.cell_cycle(cells, anchor_key="phase", overwrite=True)
+    tl.cell_cycle(cells, overwrite=True)  # unanchored again: the anchored fit's phases go with it
+    assert "cell_cycle_phase" not in cells.obs and not cells.uns["sslcell"]["cell_cycle"]["anchored"]
+    cells.obs["cc_phase"] = "mine"  # a column the unanchored fit would remove is not removed without asking
+    with pytest.raises(OverwriteError, match="cc_phase"):
+        tl.cell_cycle(cells, key_added="cc")
+    assert (cells.obs["cc_phase"] == "mine").all() and "cc_theta" not in cells.obs
 
 
 def test_plot_shows_the_plane_and_theta_by_phase(cells, tmp_path):
