@@ -116,6 +116,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--supcon-weight", type=float, help="mlp / full: add a supervised contrastive loss, this weight")
     p.add_argument("--seed", type=int)
     p.add_argument("--channels", type=_channels, help="channels to use (default: the model's, by name)")
+    p.add_argument("--max-missing-genes", type=float,
+                   help="expression: largest share of the model's genes that may be missing (default 0.5)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing classifier in --out")
     p.set_defaults(run=_finetune)
 
@@ -354,10 +356,12 @@ def _finetune(args: argparse.Namespace) -> int:
     config = FinetuneConfig.from_dict(values)
     model = load(args.model)
     if model.inputs.modality == "expression":
-        classifier = finetune(_read_h5ad(args.data), model, args.label_key, config, channels=args.channels)
+        classifier = finetune(_read_h5ad(args.data), model, args.label_key, config, channels=args.channels,
+                              max_missing_genes=args.max_missing_genes)
     else:
         cells = CellImages.read(args.data, label_key=args.label_key if args.label_key != "label" else None)
-        classifier = finetune(cells, model, "label", config, channels=args.channels)
+        classifier = finetune(cells, model, "label", config, channels=args.channels,
+                              max_missing_genes=args.max_missing_genes)
     save_classifier(classifier, out)
     print(f"classifier ({config.head}, {len(classifier.classes)} classes) written to {out}")
     return 0

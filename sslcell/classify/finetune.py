@@ -183,6 +183,7 @@ def finetune(
     *,
     channels: Any = None,
     layer: str | None = None,
+    max_missing_genes: float | None = None,
     device: str | torch.device | None = None,
 ) -> CellClassifier:
     """Train a classifier on labelled cells; the pretrained ``model`` is left unchanged.
@@ -194,6 +195,8 @@ def finetune(
         model: a pretrained model (``sslcell.load``).
         label_key: an ``obs`` column name, or an array ``(N,)`` of labels. Cells with a missing label are skipped.
         config: :class:`FinetuneConfig` (default: full fine-tuning).
+        max_missing_genes: expression only: the largest share of the model's genes that may be missing from
+            ``data`` (default 0.5, as ``tl.embed`` and ``tl.predict``; 1 accepts any overlap).
 
     Returns:
         The trained :class:`CellClassifier` (save it with ``save_classifier``).
@@ -208,8 +211,9 @@ def finetune(
     if model.inputs.modality == "image":
         if not isinstance(data, CellImages):
             raise InputError(f"this model reads image crops (CellImages); got {type(data).__name__}")
-        if layer is not None:
-            raise InputError("layer: not applicable to image crops; remove the argument")
+        for name, value in (("layer", layer), ("max_missing_genes", max_missing_genes)):
+            if value is not None:
+                raise InputError(f"{name}: not applicable to image crops; remove the argument")
         data = model.inputs.align(data, channels)
     else:
         if not isinstance(data, AnnData):
@@ -217,7 +221,7 @@ def finetune(
         if channels is not None:
             raise InputError("channels: not applicable to expression data; remove the argument")
     classes, codes, rows = _label_codes(data, label_key)
-    cells = _labelled(data, rows, layer, model)  # crops, or counts in memory
+    cells = _labelled(data, rows, layer, model, max_missing_genes)  # crops, or counts in memory
     model = copy.deepcopy(model).cpu()
 
     def build(train_rows: np.ndarray) -> CellClassifier:
@@ -335,12 +339,13 @@ def _train(build: Callable[[np.ndarray], CellClassifier], cells: Any, codes: np.
     return classifier.eval()
 
 
-def _labelled(data: CellImages | AnnData, rows: np.ndarray, layer: str | None, model: SSLModule | None) -> Any:
+def _labelled(data: CellImages | AnnData, rows: np.ndarray, layer: str | None, model: SSLModule | None,
+              max_missing_genes: float | None = None) -> Any:
     """The labelled cells, in order: aligned crops, or the AnnData's counts over the model's genes read into memory
     (:class:`CountRows`; a backed file is read chunk-wise)."""
     if isinstance(data, CellImages):
         return data if len(rows) == len(data) else data[rows]
-    dataset = open_counts(data, model.inputs.genes, layer=layer, max_missing_genes=1.0,
+    dataset = open_counts(data, model.inputs.genes, layer=layer, max_missing_genes=max_missing_genes,
                           counts_are_log_normalized=model.inputs.counts_are_log_normalized)
     try:
         return CountRows.read(dataset, rows)

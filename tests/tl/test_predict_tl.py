@@ -96,3 +96,7 @@ def test_expression_predict_records_missing_genes_and_refuses_too_many(small_cou
         tl.predict(most_missing, clf)
     tl.predict(most_missing, clf, max_missing_genes=0.9)
     assert most_missing.uns["sslcell"]["sslcell_pred"]["n_missing_genes"] == 80
+    # fine-tuning has the same limit: a classifier is not trained on data it could not then be applied to
+    with pytest.raises(InputError, match=r"max_missing_genes=0\.5"):
+        finetune(most_missing, model, "cell_type", LINEAR)
+    assert finetune(most_missing, model, "cell_type", LINEAR, max_missing_genes=0.9).classes == clf.classes
