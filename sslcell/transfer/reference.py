@@ -176,17 +176,30 @@ class ReferenceIndex:
             raise FileFormatError(f"{directory}: not an sslcell reference ({err.filename} is missing)") from None
         except (ValueError, OSError) as err:
             raise FileFormatError(f"{directory}: cannot read the reference ({err})") from None
+        where = directory / "reference.json"
         if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-            raise FileFormatError(f"{directory / 'reference.json'}: not a reference this sslcell reads")
+            raise FileFormatError(f"{where}: not a reference this sslcell reads")
+        missing = [k for k in ("kind", "metric", "model", "use_rep", "n", "dim") if k not in meta]
+        if missing:
+            raise FileFormatError(f"{where}: missing {missing}")
+        if meta["kind"] not in _INDEXES:
+            raise FileFormatError(f"{where}: unknown index kind {meta['kind']!r}")
+        if vectors.ndim != 2 or vectors.shape != (meta["n"], meta["dim"]):
+            raise FileFormatError(f"{directory}: vectors.npy {vectors.shape} does not match reference.json "
+                                  f"(n {meta['n']}, dim {meta['dim']})")
+        if labels.shape != (meta["n"],):
+            raise FileFormatError(f"{directory}: labels.npy {labels.shape} does not match the {meta['n']} vectors")
         out = cls.__new__(cls)
         out.kind, out.metric, out.model, out.use_rep = meta["kind"], meta["metric"], meta["model"], meta["use_rep"]
         out.classes, out.codes = np.unique(labels.astype(str), return_inverse=True)
-        if out.kind not in _INDEXES:
-            raise FileFormatError(f"{directory / 'reference.json'}: unknown index kind {out.kind!r}")
-        index = None if out.kind == "exact" else faiss.read_index(str(directory / "index.faiss"))
-        out._index = _INDEXES[out.kind](_as_float32(vectors, "reference vectors"), out.metric, 8192, index=index)
+        try:
+            index = None if out.kind == "exact" else faiss.read_index(str(directory / "index.faiss"))
+            out._index = _INDEXES[out.kind](_as_float32(vectors, "reference vectors"), out.metric, 8192, index=index)
+        except (ConfigError, InputError, RuntimeError) as err:  # a bad metric; faiss: a missing or corrupt index
+            raise FileFormatError(f"{directory}: cannot read the reference ({err})") from None
         if out.n != meta["n"] or out.dim != meta["dim"]:
-            raise FileFormatError(f"{directory}: vectors {vectors.shape} do not match reference.json")
+            raise FileFormatError(f"{directory}: index.faiss holds {out.n} x {out.dim}, reference.json says "
+                                  f"{meta['n']} x {meta['dim']}")
         return out
 
 

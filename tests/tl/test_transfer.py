@@ -3,6 +3,8 @@ search (IVF also on overlapping clusters), saved references, the CLI, and each b
 
 from __future__ import annotations
 
+import json
+
 import anndata as ad
 import faiss
 import numpy as np
@@ -12,7 +14,7 @@ from sklearn.neighbors import KNeighborsClassifier
 
 from sslcell import tl
 from sslcell.cli import main
-from sslcell.errors import ConfigError, InputError, OverwriteError
+from sslcell.errors import ConfigError, FileFormatError, InputError, OverwriteError
 from sslcell.transfer.knn import vote
 from sslcell.transfer.reference import ReferenceIndex
 
@@ -85,6 +87,34 @@ def test_hnsw_agrees_with_exact_search_and_a_saved_reference_reloads(tmp_path):
     again = tl.transfer_labels(query, loaded, "cell_type", copy=True)
     np.testing.assert_array_equal(again.obs["cell_type_pred"].astype(str), approx.obs["cell_type_pred"].astype(str))
     np.testing.assert_allclose(again.obs["cell_type_confidence"], approx.obs["cell_type_confidence"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("short_labels", r"labels.npy \(10,\) does not match the 300 vectors"),
+    ("long_labels", r"labels.npy \(600,\) does not match the 300 vectors"),
+    ("no_kind", r"reference.json: missing \['kind'\]"),
+    ("bad_metric", r"ref: cannot read the reference \(metric must be one of"),
+    ("vectors", r"vectors.npy \(300, 3\) does not match reference.json"),
+    ("no_index", r"ref: cannot read the reference"),
+])
+def test_a_damaged_saved_reference_is_refused_naming_the_file(tmp_path, damage, message):
+    ref = _cells(300, 0)
+    path = tl.build_reference(ref, "cell_type", index="hnsw").save(tmp_path / "ref")
+    meta = json.loads((path / "reference.json").read_text())
+    labels = np.load(path / "labels.npy")
+    if damage == "short_labels":
+        np.save(path / "labels.npy", labels[:10])
+    elif damage == "long_labels":
+        np.save(path / "labels.npy", np.concatenate([labels, labels]))
+    elif damage in ("no_kind", "bad_metric"):
+        meta.pop("kind") if damage == "no_kind" else meta.update(metric="manhattan")
+        (path / "reference.json").write_text(json.dumps(meta))
+    elif damage == "vectors":
+        np.save(path / "vectors.npy", np.zeros((300, 3), np.float32))
+    else:
+        (path / "index.faiss").unlink()
+    with pytest.raises(FileFormatError, match=message):
+        ReferenceIndex.load(path)
 
 
 def _overlapping(n: int, seed: int, dim: int = 16) -> tuple[np.ndarray, np.ndarray]:
