@@ -182,6 +182,13 @@ class ImageInputs(Inputs):
                 f"in {self.dtype} units: pass the crops as {self.dtype} at the stored scale (float crops rescaled, "
                 "e.g. to [0, 1], would collapse every embedding to one point)"
             )
+        if not batch.is_floating_point() and self.dtype not in _INTEGER_DTYPES:
+            means = ", ".join(f"{m:.3g}" for m in self.channel_mean.flatten().tolist())
+            raise InputError(
+                f"images are {dtype}; the model was trained on {self.dtype} crops and its per-channel statistics are "
+                f"on their scale (channel means {means}): pass {self.dtype} crops at that scale (integer crops "
+                "at another scale would be read silently wrong)"
+            )
         if dtype in _INTEGER_DTYPES and self.dtype in _INTEGER_DTYPES and dtype != self.dtype:
             raise InputError(
                 f"images are {dtype}; the model was trained on {self.dtype} crops and its per-channel statistics are "

@@ -93,6 +93,11 @@ def test_inputs_are_checked():
         inputs.normalize(bad)
     with pytest.raises(InputError, match=r"images are float32; the model was trained on uint8 crops"):
         inputs.normalize(torch.rand(2, C, S, S))  # crops rescaled to [0, 1]: refused, not collapsed silently
+    floats = ImageInputs(ImageContract(channel_names=tuple(NAMES), channel_mean=(0.4,) * C, channel_std=(0.1,) * C,
+                                       image_size=(S, S), dtype="float32"))
+    assert floats.normalize(torch.rand(2, C, S, S)).shape == (2, C, S, S)
+    with pytest.raises(InputError, match=r"images are uint8; the model was trained on float32 crops .*means 0\.4"):
+        floats.normalize(torch.full((2, C, S, S), 200, dtype=torch.uint8))  # 0..255 for a [0, 1] model: refused
 
 
 def test_views_differ_and_are_reproducible(batch):
