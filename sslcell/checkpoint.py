@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sslcell.config import RecipeConfig
-from sslcell.errors import ConfigError, FileFormatError
+from sslcell.errors import ConfigError, FileFormatError, OverwriteError
 from sslcell.methods import SSLModule, build_method
 from sslcell.provenance import versions
 
@@ -34,8 +34,10 @@ CARD = "README.md"
 MODEL_FIELDS = frozenset({"format_version", "recipe", "contract", "embed_dim", "seed", "versions", "trained"})
 
 
-def save_model(model: SSLModule, directory: str | Path, *, trained: dict[str, Any] | None = None) -> Path:
-    """Write ``model`` to ``directory`` (created; its two files are replaced atomically)."""
+def save_model(model: SSLModule, directory: str | Path, *, trained: dict[str, Any] | None = None,
+               overwrite: bool = False) -> Path:
+    """Write ``model`` to ``directory`` (created; each file written atomically). A model already saved there is
+    replaced only with ``overwrite=True`` (scvi-tools' convention)."""
     meta = {
         "format_version": FORMAT_VERSION,
         "recipe": model.config.to_dict(),
@@ -45,7 +47,7 @@ def save_model(model: SSLModule, directory: str | Path, *, trained: dict[str, An
         "versions": versions(),
         "trained": trained or {},
     }
-    directory = write_weights(model, meta, directory, WEIGHTS, CONFIG)
+    directory = write_weights(model, meta, directory, WEIGHTS, CONFIG, overwrite=overwrite)
     atomic_write(directory / CARD, lambda p: Path(p).write_text(model_card(meta)))
     return directory
 
@@ -79,16 +81,26 @@ def model_card(meta: dict[str, Any]) -> str:
 
 
 def write_weights(
-    module: torch.nn.Module, meta: dict[str, Any], directory: str | Path, weights: str, config: str
+    module: torch.nn.Module, meta: dict[str, Any], directory: str | Path, weights: str, config: str, *,
+    overwrite: bool = False,
 ) -> Path:
     """``module``'s state dict as safetensors ``weights`` and ``meta`` as JSON ``config`` in ``directory``
-    (created), each written atomically."""
+    (created), each written atomically; files already there are replaced only with ``overwrite``."""
     directory = Path(directory)
+    check_free_files(directory, (weights, config), overwrite)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     atomic_write(directory / weights, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
     atomic_write(directory / config, lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
     return directory
+
+
+def check_free_files(directory: Path, names: tuple[str, ...], overwrite: bool) -> None:
+    """Raise :class:`OverwriteError` if ``directory`` already holds any of ``names`` and not ``overwrite``."""
+    taken = [n for n in names if (directory / n).exists()]
+    if taken and not overwrite:
+        raise OverwriteError(f"{directory}: already holds {', '.join(taken)}; pass overwrite=True to replace them, "
+                             "or save elsewhere")
 
 
 def read_model_config(directory: str | Path) -> dict[str, Any]:

@@ -362,7 +362,7 @@ def _finetune(args: argparse.Namespace) -> int:
         cells = CellImages.read(args.data, label_key=args.label_key if args.label_key != "label" else None)
         classifier = finetune(cells, model, "label", config, channels=args.channels,
                               max_missing_genes=args.max_missing_genes)
-    save_classifier(classifier, out)
+    save_classifier(classifier, out, overwrite=args.overwrite)
     print(f"classifier ({config.head}, {len(classifier.classes)} classes) written to {out}")
     return 0
 
@@ -483,7 +483,7 @@ def _cell_cycle_crops(args: argparse.Namespace) -> int:
         recipe, pseudo = fit_recipe(cells, load(args.model), args.marker_channels, args.channels,
                                     FinetuneConfig.from_dict(values),
                                     scheme="quantiles" if len(args.marker_channels) == 1 else "grid")
-        recipe.save(out / "recipe")
+        recipe.save(out / "recipe", overwrite=args.overwrite)
     else:
         recipe, pseudo = CycleRecipe.load(args.recipe), None
     adata = recipe.to_anndata(cells, args.channels)

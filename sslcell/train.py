@@ -137,7 +137,7 @@ def _fit(config: RecipeConfig, data: Any, dataset: Any, contract: Contract, out:
         warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")
         trainer.fit(model, loader, ckpt_path=ckpt if resume else None, weights_only=True)
     if trainer.is_global_zero:
-        save_model(model, out / "model", trained=_trained_info(trainer, dataset, data))
+        save_model(model, out / "model", trained=_trained_info(trainer, dataset, data), overwrite=True)  # its own run
     return model
 
 
@@ -312,6 +312,7 @@ class RunCheckpoint(Callback):
                 pl_module,
                 self.out / "model",
                 trained={"epoch": int(trainer.current_epoch), "global_step": int(trainer.global_step)},
+                overwrite=True,  # the run's own model, refreshed at each checkpoint
             )
         trainer.strategy.barrier()
 

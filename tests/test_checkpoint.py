@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sslcell.checkpoint import load, save_model
-from sslcell.errors import FileFormatError
+from sslcell.errors import FileFormatError, OverwriteError
 from sslcell.methods import build_method
 from tests.conftest import tiny_recipe
 
@@ -24,6 +24,9 @@ def test_round_trip(tmp_path, method):
     x = torch.poisson(torch.full((8, 30), 3.0))
     assert torch.equal(model.embed(x), restored.embed(x))
     assert restored.trained_info == {"epochs": 3}
+    with pytest.raises(OverwriteError, match=r"m: already holds model.safetensors, config.json; pass overwrite=True"):
+        save_model(build_method(tiny_recipe(method), CONTRACT), tmp_path / "m")
+    assert torch.equal(load(tmp_path / "m").embed(x), restored.embed(x))  # the saved model is kept
 
 
 def test_weights_are_safetensors_not_pickle(tmp_path):
@@ -105,7 +108,7 @@ def test_temporary_files_of_a_killed_write_are_removed_by_the_next(tmp_path):
     save_model(model, tmp_path / "m")
     (tmp_path / "m" / ".model.safetensors.abc123").write_bytes(b"half a file")  # as a SIGKILL mid-write leaves
     (tmp_path / "m" / ".config.json.xyz").write_text("{")
-    save_model(model, tmp_path / "m")
+    save_model(model, tmp_path / "m", overwrite=True)
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["README.md", "config.json", "model.safetensors"]
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from sslcell.cellcycle.fit import CycleFit, fit_cycle
+from sslcell.checkpoint import atomic_write, check_free_files
 from sslcell.classify.classifier import CellClassifier, load_classifier, save_classifier
 from sslcell.data.images import CellImages
 from sslcell.errors import ConfigError, FileFormatError, InputError
@@ -128,12 +129,14 @@ class CycleRecipe:
         """Descriptor ``(N, K)`` -> the scaled plane ``(N, 2)`` the cycle was fitted in (for ``pl.cell_cycle``)."""
         return self.fit.plane(wheel(descriptor, self.classifier.classes, self.info["order"]))
 
-    def save(self, directory: str | Path) -> Path:
-        """``classifier/`` (safetensors + JSON) and ``cycle.json`` (the fit and the recipe's settings)."""
+    def save(self, directory: str | Path, *, overwrite: bool = False) -> Path:
+        """``classifier/`` (safetensors + JSON) and ``cycle.json`` (the fit and the recipe's settings); a recipe
+        already saved there is replaced only with ``overwrite=True``."""
         directory = Path(directory)
-        save_classifier(self.classifier, directory / "classifier")
-        (directory / RECIPE_JSON).write_text(json.dumps({"kind": "cycle_recipe", "fit": self.fit.to_dict(),
-                                                         "info": self.info}, indent=1))
+        check_free_files(directory, (RECIPE_JSON,), overwrite)
+        save_classifier(self.classifier, directory / "classifier", overwrite=overwrite)
+        text = json.dumps({"kind": "cycle_recipe", "fit": self.fit.to_dict(), "info": self.info}, indent=1)
+        atomic_write(directory / RECIPE_JSON, lambda p: Path(p).write_text(text))
         return directory
 
     @classmethod

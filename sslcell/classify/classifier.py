@@ -123,8 +123,10 @@ class CellClassifier(nn.Module):
             self.train(was_training)
 
 
-def save_classifier(classifier: CellClassifier, directory: str | Path, *, info: dict[str, Any] | None = None) -> Path:
-    """Write ``classifier.safetensors`` and ``classifier.json`` into ``directory`` (atomically each)."""
+def save_classifier(classifier: CellClassifier, directory: str | Path, *, info: dict[str, Any] | None = None,
+                    overwrite: bool = False) -> Path:
+    """Write the classifier's safetensors weights and JSON settings into ``directory`` (atomically each); a
+    classifier already saved there is replaced only with ``overwrite=True``."""
     meta = {
         "format_version": FORMAT_VERSION,
         "kind": "classifier",
@@ -135,7 +137,7 @@ def save_classifier(classifier: CellClassifier, directory: str | Path, *, info: 
         "versions": versions(),
         "info": {**classifier.info, **(info or {})},
     }
-    return write_weights(classifier, meta, directory, WEIGHTS, CONFIG)
+    return write_weights(classifier, meta, directory, WEIGHTS, CONFIG, overwrite=overwrite)
 
 
 def load_classifier(directory: str | Path, *, map_location: str | torch.device = "cpu") -> CellClassifier:

@@ -41,6 +41,7 @@ from typing import Literal
 import faiss
 import numpy as np
 
+from sslcell.checkpoint import check_free_files
 from sslcell.errors import ConfigError, FileFormatError, InputError
 from sslcell.transfer.knn import Metric, _as_float32, _ExactIndex
 
@@ -150,9 +151,11 @@ class ReferenceIndex:
             raise InputError(f"n_neighbors={k} but the reference holds {self.n} cells")
         return self._index.search(q, k)
 
-    def save(self, directory: str | Path) -> Path:
-        """Write the reference into ``directory`` (created): reloadable with :meth:`load`."""
+    def save(self, directory: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the reference into ``directory`` (created): reloadable with :meth:`load`. A reference already saved
+        there is replaced only with ``overwrite=True``."""
         directory = Path(directory)
+        check_free_files(directory, ("reference.json", "vectors.npy", "labels.npy"), overwrite)
         directory.mkdir(parents=True, exist_ok=True)
         x, offset = self._index.x, self._index.offset  # euclidean vectors are stored centred: undo it
         np.save(directory / "vectors.npy", x if offset is None else x + offset)

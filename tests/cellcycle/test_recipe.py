@@ -9,7 +9,7 @@ import torch
 from sslcell.cellcycle.recipe import CycleRecipe, fit_recipe, marker_intensity, marker_phases
 from sslcell.classify import FinetuneConfig
 from sslcell.data.images import CellImages
-from sslcell.errors import ConfigError, FileFormatError, InputError
+from sslcell.errors import ConfigError, FileFormatError, InputError, OverwriteError
 from sslcell.evaluate import circular_correlation
 from sslcell.methods import build_method
 from tests.conftest import tiny_image_recipe
@@ -85,6 +85,9 @@ def test_recipe_places_new_crops_without_markers_on_the_cycle(recipe, tmp_path):
     assert descriptor.shape == (200, 4) and set(phase) <= {"lo/lo", "hi/lo", "hi/hi", "lo/hi"}
     assert circular_correlation(estimate, theta) > 0.55  # 0.69 with this seed; anchored, so the sign must be +
     fitted.save(tmp_path / "recipe")
+    with pytest.raises(OverwriteError, match="already holds cycle.json"):
+        fitted.save(tmp_path / "recipe")
+    fitted.save(tmp_path / "recipe", overwrite=True)
     again = CycleRecipe.load(tmp_path / "recipe")
     np.testing.assert_allclose(again.apply(label_free)[0], estimate, atol=1e-4)
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from sslcell.classify import CellClassifier, load_classifier, save_classifier
 from sslcell.config import RecipeConfig
 from sslcell.data.images import CellImages
-from sslcell.errors import ConfigError, FileFormatError
+from sslcell.errors import ConfigError, FileFormatError, OverwriteError
 from sslcell.methods import build_method
 
 S = 16
@@ -72,6 +72,9 @@ def test_save_load_round_trip_gives_identical_probabilities(crops, tmp_path, kin
     assert len(set(expected.argmax(1).tolist())) > 1  # a non-trivial classifier: the comparison means something
 
     out = save_classifier(classifier, tmp_path / "clf", info={"extra": 1})
+    with pytest.raises(OverwriteError, match="already holds classifier.safetensors, classifier.json"):
+        save_classifier(classifier, tmp_path / "clf")
+    save_classifier(classifier, tmp_path / "clf", info={"extra": 1}, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["classifier.json", "classifier.safetensors"]
     restored = load_classifier(out)
     assert not restored.training

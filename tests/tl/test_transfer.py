@@ -83,7 +83,9 @@ def test_hnsw_agrees_with_exact_search_and_a_saved_reference_reloads(tmp_path):
         assert agree >= 0.97 and approx.uns["sslcell"]["cell_type_pred"]["index"] == kind
     built = tl.build_reference(ref, "cell_type", index="hnsw")
     built.save(tmp_path / "ref")
-    loaded = ReferenceIndex.load(tmp_path / "ref")
+    with pytest.raises(OverwriteError, match="already holds reference.json, vectors.npy, labels.npy"):
+        built.save(tmp_path / "ref")
+    loaded = ReferenceIndex.load(built.save(tmp_path / "ref", overwrite=True))
     again = tl.transfer_labels(query, loaded, "cell_type", copy=True)
     np.testing.assert_array_equal(again.obs["cell_type_pred"].astype(str), approx.obs["cell_type_pred"].astype(str))
     np.testing.assert_allclose(again.obs["cell_type_confidence"], approx.obs["cell_type_confidence"], rtol=1e-5)

@@ -282,7 +282,7 @@ def _run_crops(task: Any, ctx: Context) -> TaskResult:
             "pseudo-phase arc accuracy": phase_arc_accuracy(theta, pseudo[test], bins, cycle.fit.phase_starts),
             "seconds": seconds})
         slug = entry.replace("+", "_")
-        saved = CycleRecipe.load(cycle.save(ctx.workdir / f"recipe_{slug}"))
+        saved = CycleRecipe.load(cycle.save(ctx.workdir / f"recipe_{slug}", overwrite=True))  # scratch
         single += single_phase(saved, entry, free, train, test, truth, theta, p.acquisitions)
         placed.obs["phase"] = pd.Categorical(truth[test], categories=p.order)
         plots.append(f"{ctx.prefix}_{slug}.png")
