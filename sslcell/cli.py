@@ -371,13 +371,14 @@ def _predict(args: argparse.Namespace) -> int:
     import numpy as np
 
     from sslcell.classify import load_classifier
-    from sslcell.classify.predict import write_metrics
+    from sslcell.classify.predict import METRIC_FILES, write_metrics
     from sslcell.data.images import CellImages
     from sslcell.tl import predict, score
 
     out = Path(args.out)
     target = out / "predictions.h5ad"
-    _new_file(target, args.overwrite)
+    for path in (target, *(out / name for name in (METRIC_FILES if args.label_key is not None else ()))):
+        _new_file(path, args.overwrite)  # every file it would write, before any work
     classifier = load_classifier(args.model)
     key = "sslcell_pred"
     if classifier.inputs.modality == "image":

@@ -184,6 +184,10 @@ def test_predict_writes_predictions_metrics_and_plots(files, linear_classifier, 
     assert main(argv) == 2  # predictions.h5ad exists now
     assert "--overwrite" in capsys.readouterr().err
     assert main([*argv, "--overwrite"]) == 0
+    (out / "predictions.h5ad").unlink()  # the metrics and plots it would write are checked too, before any work
+    (out / "metrics.md").write_text("my notes")
+    assert main(argv) == 2 and "metrics.json: exists" in capsys.readouterr().err
+    assert (out / "metrics.md").read_text() == "my notes" and not (out / "predictions.h5ad").exists()
 
 
 def test_predict_tta_flag(files, linear_classifier, tmp_path):

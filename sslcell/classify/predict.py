@@ -68,6 +68,9 @@ def write_report(report: ClassificationReport, adata: AnnData, label_key: str, o
     return write_metrics(report, truth, np.asarray(adata.obsm[f"{key_added}_scores"])[labelled], out)
 
 
+METRIC_FILES = ("metrics.json", "metrics.md", "confusion_matrix.png", "roc_curves.png")  # what write_metrics writes
+
+
 def write_metrics(report: ClassificationReport, truth: np.ndarray, scores: np.ndarray, out: str | Path) -> list[Path]:
     """``metrics.json``, ``metrics.md``, ``confusion_matrix.png`` and (with two or more true classes)
     ``roc_curves.png`` into ``out``; ``truth`` ``(n,)`` and ``scores`` ``(n, K)`` are the scored cells'."""
