@@ -309,6 +309,7 @@ def _train(build: Callable[[np.ndarray], CellClassifier], cells: Any, codes: np.
         torch.manual_seed(config.seed)
         classifier = build(train_rows)
         present = np.bincount(train_codes, minlength=len(classifier.classes))
+        _hide_absent(classifier, present)
         stopper = EarlyStopping(codes[val], config.patience) if val.any() else None
         run: dict[str, int] = {}
         x = None
@@ -316,6 +317,7 @@ def _train(build: Callable[[np.ndarray], CellClassifier], cells: Any, codes: np.
             x = embed(cells)
         if config.head == "linear" or (config.head == "full" and config.init_head == "linear_probe"):
             _fit_linear(classifier, x[~val], train_codes, config)
+            _hide_absent(classifier, present)  # the probe leaves them at logit 0: validation must not pick them
         if config.head == "mlp":
             run["epochs"] = training_epochs(len(train_codes), config)[0]
             fit_mlp_head(classifier, x[~val], train_codes, replace(config, epochs=run["epochs"]),
@@ -325,8 +327,7 @@ def _train(build: Callable[[np.ndarray], CellClassifier], cells: Any, codes: np.
                            (cells[val_rows], stopper) if stopper else None)
         elif config.head == "linear" and stopper is not None:
             stopper.update(0, _fit_linear_predict(classifier, x[val]), classifier)
-    with torch.no_grad():  # a class without training cells is never predicted
-        classifier.head.bias[torch.from_numpy(present == 0)] = -1e4
+    _hide_absent(classifier, present)
     classifier.info = {
         "finetune": asdict(config),
         **run,
@@ -386,6 +387,13 @@ def _labels(data: CellImages | AnnData, labels: Any) -> pd.Series:
     if not isinstance(values.dtype, pd.CategoricalDtype):
         values = values.astype("category")
     return values
+
+
+def _hide_absent(classifier: CellClassifier, present: np.ndarray) -> None:
+    """A class without training cells (``present (K,)`` counts) is never predicted: its logit bias is -1e4, set
+    before any validation scoring or training (its softmax gradient is then ~0, so training leaves it there)."""
+    with torch.no_grad():
+        classifier.head.bias[torch.from_numpy(present == 0)] = -1e4
 
 
 def _fit_linear(classifier: CellClassifier, x: np.ndarray, codes: np.ndarray, config: FinetuneConfig) -> None:

@@ -156,6 +156,27 @@ def test_linear_probe_matches_sklearn_on_standardised_embeddings(model):
     np.testing.assert_allclose(proba[:, 1:], reference.predict_proba(z), atol=2e-3)
 
 
+def test_validation_never_picks_a_class_without_training_cells():
+    """Two labelled classes after a declared empty one: the binary probe leaves the empty class's logit at 0, so
+    before it was hidden the validation score counted cells predicted as it (recorded macro-F1 0.5, not 1.0)."""
+    from sslcell.classify.classifier import CellClassifier
+    from sslcell.classify.finetune import _train
+
+    class Identity(torch.nn.Module):
+        embed_dim = 2
+
+        def forward(self, x):
+            return x
+
+    rng = np.random.default_rng(0)
+    codes = np.repeat([1, 2], 20)  # class 0 ("a") has no labelled cell
+    x = (rng.normal(size=(40, 2)) + np.c_[codes * 3 - 4.5, np.zeros(40)]).astype(np.float32)
+    classifier = _train(lambda rows: CellClassifier(None, Identity(), ["a", "b", "c"], {}, 0.0, 0), np.arange(40),
+                        codes, FinetuneConfig(head="linear", val_fraction=0.25, progress_bar=False), "toy",
+                        embed=lambda cells: x)
+    assert classifier.info["validation"]["best_macro_f1"] == 1.0  # well-separated classes: every cell right
+
+
 def test_binary_linear_probe_matches_sklearn(model, train):
     """Binary: sklearn keeps one coefficient row (class 1 vs 0); the two-column softmax must equal its sigmoid."""
     x, y = train
