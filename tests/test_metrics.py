@@ -87,7 +87,12 @@ def test_absent_class_has_nan_auc_and_none_in_dict(tmp_path):
     assert r.roc_auc["a"] == pytest.approx(AUC["a"])
     assert r.macro_roc_auc == pytest.approx(np.mean(list(AUC.values())))  # the nan is left out of the mean
     assert r.balanced_accuracy == pytest.approx(BALANCED)  # mean recall over classes present in y_true
-    assert r.macro_f1 == pytest.approx((0.8 + 2 / 3 + 0.8 + 0.0) / 4)  # a listed, never-seen class counts as 0
+    assert r.macro_f1 == pytest.approx((0.8 + 2 / 3 + 0.8) / 3)  # a listed class never true nor predicted: left out
+    from sklearn.metrics import f1_score
+
+    assert r.macro_f1 == pytest.approx(f1_score(Y_TRUE, Y_PRED, average="macro"))
+    predicted_only = classification_report(["a", "a", "b"], ["a", "d", "b"], classes=["a", "b", "d"])
+    assert predicted_only.macro_f1 == pytest.approx((2 / 3 + 1.0 + 0.0) / 3)  # predicted, never true: F1 0
     assert r.confusion.shape == (4, 4) and r.confusion[3].sum() == 0 and r.confusion[:, 3].sum() == 0
 
     d = r.to_dict()

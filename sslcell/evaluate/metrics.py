@@ -119,8 +119,8 @@ class ClassificationReport:
         ]
         absent = [str(name) for name, row in self.per_class.iterrows() if int(row["support"]) == 0]
         if absent:
-            lines += [f"Classes without true samples (F1 0 in the macro-F1 over all {len(self.classes)} classes; "
-                      f"no recall, no ROC-AUC): {', '.join(absent)}.", ""]
+            lines += [f"Classes without true samples (no recall, no ROC-AUC; in the macro-F1 with F1 0 only where "
+                      f"predicted): {', '.join(absent)}.", ""]
         lines += [
             "| class | precision | recall | F1 | ROC-AUC | support |",
             "|---|---:|---:|---:|---:|---:|",
@@ -147,9 +147,9 @@ def classification_report(
     ``K`` class names; required with ``scores``; by default the sorted union of ``y_true`` and ``y_pred``
     (numerically when every label reads as a number, else as strings).
 
-    Macro-F1 averages over all ``classes`` (``zero_division=0``: a listed class that never occurs in
-    ``y_true`` or ``y_pred`` counts as F1 0); balanced accuracy is the mean recall over the classes
-    present in ``y_true``.
+    Macro-F1 averages over the classes that occur in ``y_true`` or ``y_pred`` (scikit-learn's default: a class
+    predicted but never true counts as F1 0; a listed class that occurs in neither has no F1 and is left out);
+    balanced accuracy is the mean recall over the classes present in ``y_true``.
     """
     t = _labels(y_true, "y_true")
     p = _labels(y_pred, "y_pred")
@@ -166,6 +166,7 @@ def classification_report(
         _check_known(t, names, "y_true")
         _check_known(p, names, "y_pred")
     n = len(t)
+    seen = set(t) | set(p)
 
     precision, recall, f1, support = precision_recall_fscore_support(t, p, labels=names, zero_division=0)
     with warnings.catch_warnings():
@@ -182,7 +183,7 @@ def classification_report(
     return ClassificationReport(
         classes=names,
         accuracy=float(accuracy_score(t, p)),
-        macro_f1=float(f1_score(t, p, labels=names, average="macro", zero_division=0)),
+        macro_f1=float(f1_score(t, p, labels=[c for c in names if c in seen], average="macro", zero_division=0)),
         balanced_accuracy=float(balanced),
         roc_auc=auc,
         macro_roc_auc=float(np.mean(finite)) if finite else math.nan,
