@@ -44,9 +44,10 @@ def cycle_genes(var_names: Sequence[str], s_genes: Sequence[str] | None = None,
     for phase, genes in sets.items():
         index = sorted({position[g.casefold()] for g in genes if g.casefold() in position})
         if len(index) < min_genes:
+            examples = [str(n) for n in names[:3]]
             raise InputError(f"only {len(index)} of {len(genes)} {phase} genes (e.g. {genes[:3]}) are among the "
-                             f"data's genes (e.g. {list(names[:3])}); need {min_genes}: check species, symbols vs "
-                             "IDs, or pass s_genes / g2m_genes")
+                             f"data's genes (e.g. {examples}); need {min_genes}: check species, symbols vs IDs, or "
+                             "pass s_genes / g2m_genes")
         found[phase] = names[index].tolist()
     return found["S"], found["G2M"]
 

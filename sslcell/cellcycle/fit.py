@@ -258,7 +258,7 @@ def _anchor(fit: CycleFit, raw: np.ndarray, anchors: Any, order: list[str] | Non
     order = [str(p) for p in order] if order is not None else default_phase_order(labels)
     if len(order) < 2 or len(set(order)) != len(order):
         raise InputError(f"the anchor order must name at least 2 distinct phases; got {order}")
-    unknown = sorted(set(labels) - set(order))
+    unknown = sorted(str(v) for v in set(labels) - set(order))  # str: no np.str_ reprs in the message
     if unknown:
         raise InputError(f"anchor labels {unknown[:10]} are not in the phase order {order}")
     if labels.size < len(order):

@@ -318,7 +318,8 @@ def _validate(data: np.ndarray, indptr: np.ndarray, shard: _Shard, lo: int, *, c
             return
     first = int(np.argmax(bad))
     row = lo + int(np.searchsorted(indptr, first, side="right")) - 1
-    message = f"{what} in {shard.where}, rows {lo}:{lo + len(indptr) - 1} (first at row {row}, value {data[first]!r})"
+    message = (f"{what} in {shard.where}, rows {lo}:{lo + len(indptr) - 1} (first at row {row}, value "
+               f"{data[first].item()!r})")
     if what == "whole numbers only":
         message += ("; these look like raw counts, but they are read as log-normalised (counts_are_log_normalized="
                     "True, or the model's inputs): pass counts_are_log_normalized=False "
