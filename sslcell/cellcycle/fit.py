@@ -187,11 +187,13 @@ def fit_cycle(x: np.ndarray, anchors: np.ndarray | None = None, order: list[str]
         _anchor(fit, raw, anchors, order)
         if warn:
             _warn_contradiction(fit, stacklevel=3)
-    if warn and (fit.residual > RESIDUAL_WARN or fit.closure < CLOSURE_WARN or fit.closure_unscaled < CLOSURE_WARN):
+    failed = ([f"residual {fit.residual:.2f} > {RESIDUAL_WARN} (a blob, not a ring)"] * (fit.residual > RESIDUAL_WARN)
+              + [f"closure {value:.2f}{how} < {CLOSURE_WARN} (an arc, not a ring, e.g. cells of one phase only)"
+                 for value, how in ((fit.closure, ""), (fit.closure_unscaled, " without axis scaling"))
+                 if value < CLOSURE_WARN])
+    if warn and failed:
         warnings.warn(
-            f"the cells may not lie on a closed trajectory: residual {fit.residual:.2f} (> {RESIDUAL_WARN} suggests "
-            f"a blob, not a ring), closure {fit.closure:.2f} and without axis scaling {fit.closure_unscaled:.2f} "
-            f"(< {CLOSURE_WARN}: an arc, not a ring, e.g. cells of one phase only); θ may mean little. Check "
+            f"the cells may not lie on a closed trajectory: {'; '.join(failed)}; θ may mean little. Check "
             "pl.cell_cycle, or fit on a representation that holds the cycle (e.g. a fine-tuned phase classifier's "
             "outputs, or cell-cycle genes); to place cells of one phase, project them onto a fit made on cells of "
             "all phases (CycleFit.theta, sslcell.cellcycle.project.project_cycle, CycleRecipe.apply).",

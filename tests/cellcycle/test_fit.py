@@ -71,6 +71,10 @@ def test_a_blob_warns_and_an_arc_has_low_closure():
     assert fit.residual > 0.25
     t = rng.uniform(0, np.pi, 400)
     assert closure(t) < 0.55
+    arc = np.column_stack([np.cos(t), np.sin(t)]) + 0.01 * rng.normal(size=(400, 2))
+    with pytest.warns(UserWarning, match=r"trajectory: closure 0\.\d+ without axis scaling < 0\.75 \(an arc") as got:
+        fit_cycle(arc)  # says which check failed: not the residual, which is fine on an arc
+    assert "residual" not in str(got[0].message).split(";")[0]
     assert closure(rng.uniform(0, 2 * np.pi, 2000)) > 0.98
 
 
