@@ -27,7 +27,8 @@ def _as_cli(message: str) -> str:
     """Library messages name Python arguments; on the command line, name the flags."""
     for python, flag in (("overwrite=True", "--overwrite"), ("key_added", "--key-added"),
                          ("counts_are_log_normalized=True", "--counts-are-log-normalized"),
-                         ("max_missing_genes", "--max-missing-genes")):
+                         ("max_missing_genes", "--max-missing-genes"), ("crops=cells", "--crops"),
+                         ("baselines=()", "--baselines alone")):
         message = message.replace(python, flag)
     return " ".join(message.split())  # one line, whatever the wrapped error (YAML, HDF5) printed
 
@@ -86,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-missing-genes", type=float,
                    help="largest share of the model's genes that may be missing (default 0.5; 1: any overlap)")
     p.add_argument("--channels", type=_channels, help="crops: channels to use (default: the model's, by name)")
-    p.add_argument("--label-key", help="crops: npz/zarr array or obs.csv column with labels, kept in obs")
+    p.add_argument("--label-key", help="crops: npz/zarr array or obs.csv column with labels, kept as obs['label']")
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--overwrite", action="store_true", help="replace --out and an existing obsm key")
     p.set_defaults(run=_embed)
@@ -138,7 +139,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--label-key", required=True)
     p.add_argument("--use-rep", nargs="+", default=["X_sslcell"], help="obsm keys to score")
     p.add_argument("--baselines", nargs="*",
-                   help="baselines computed from the counts: pca (the default); the flag alone: none")
+                   help="pca (expression: PCA-50 of the counts; the default) or pixel_pca (crops: PCA-50 of the "
+                        "pixels, needs --crops; the default with it); the flag alone: none")
+    p.add_argument("--crops", help="crops (.npz, zarr or folder) of --data's rows, as `sslcell embed` read them: "
+                   "for the pixel_pca baseline")
     p.add_argument("--n-neighbors", type=int, default=15, help="neighbours of the kNN probe")
     p.add_argument("--layer", help="counts layer for the baselines")
     p.add_argument("--n-per-class", type=int, default=5, help="labels per class in the few-label protocol")
@@ -321,7 +325,8 @@ def _embed_images(args: argparse.Namespace) -> int:
     adata = embed_crops(cells, args.model, key_added=args.key, channels=args.channels,
                         batch_size=min(args.batch_size, 1024))
     _write_h5ad(adata, out)
-    print(f"wrote {out}: {adata.n_obs} cells, obsm[{args.key!r}] {adata.obsm[args.key].shape}")
+    labels = f", labels in obs['label'] (from {args.label_key!r})" if args.label_key and "label" in adata.obs else ""
+    print(f"wrote {out}: {adata.n_obs} cells, obsm[{args.key!r}] {adata.obsm[args.key].shape}{labels}")
     return 0
 
 
@@ -517,14 +522,17 @@ def _transfer(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from sslcell.data.images import CellImages
     from sslcell.tl import evaluate
 
     outs = [_new_file(Path(f"{args.out}{suffix}"), args.overwrite) for suffix in (".json", ".md")] if args.out else []
     adata = _read_h5ad(args.data)
+    crops = CellImages.read(args.crops) if args.crops else None
     report = evaluate(
         adata,
         args.label_key,
         use_rep=args.use_rep,
+        crops=crops,
         baselines=None if args.baselines is None else tuple(args.baselines),
         layer=args.layer,
         n_neighbors=args.n_neighbors,
@@ -534,6 +542,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if outs:
         _write_atomically(outs[0], report.to_json)
         _write_atomically(outs[1], lambda path: Path(path).write_text(report.to_markdown()))
+        print(f"wrote {outs[0]}, {outs[1]}")
     return 0
 
 

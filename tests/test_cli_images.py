@@ -94,6 +94,11 @@ def test_embed_writes_obs_and_the_embedding(files, tmp_path, capsys):
     with torch.no_grad():
         reference = model.embed(torch.from_numpy(images)).numpy()
     np.testing.assert_allclose(adata.obsm["X_sslcell"], reference, rtol=1e-5, atol=1e-6)
+    # scoring crop embeddings from the CLI: the raw-pixel baseline reads the crops
+    evaluate = ["evaluate", "--data", str(out), "--label-key", "label"]
+    assert main(evaluate) == 2 and "pass --crops for the raw-pixel" in capsys.readouterr().err
+    assert main([*evaluate, "--crops", str(files["npz"]), "--n-per-class", "2"]) == 0
+    assert "pixel" in capsys.readouterr().out.lower()
 
     other = tmp_path / "fate.h5ad"
     assert main(["embed", "--model", str(files["run"]), "--data", str(files["fates"]), "--out", str(other),

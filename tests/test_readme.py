@@ -122,4 +122,5 @@ def test_cli_tour_runs_as_written(workdir, capsys):
         assert main(argv) == 0, (line, capsys.readouterr().err)
     assert (workdir / "runs" / "pred" / "predictions.h5ad").is_file()
     assert (workdir / "report.md").is_file() and (workdir / "runs" / "clf").is_dir()
+    assert "pixel" in (workdir / "crop_report.md").read_text().lower()
     assert (workdir / "more_cycled.h5ad").is_file() and (workdir / "bench_quick" / "crop_speed_quick.md").is_file()
