@@ -9,7 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from sslcell.errors import OverwriteError, SSLCellError
+from sslcell.errors import ConfigError, OverwriteError, SSLCellError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -359,9 +359,15 @@ def _finetune(args: argparse.Namespace) -> int:
             values[name] = getattr(args, name)
     values.setdefault("progress_bar", sys.stderr.isatty())  # a bar in a terminal; one line an epoch in a log
     config = FinetuneConfig.from_dict(values)
+    encoder_flags = [f"--{name.replace('_', '-')}" for name in ("encoder_lr_factor", "layer_decay", "drop_path")
+                     if getattr(args, name) is not None]
+    if encoder_flags and config.head != "full":
+        raise ConfigError(f"{', '.join(encoder_flags)}: the {config.head} head trains on the frozen encoder's "
+                          "embeddings; these shape the encoder's training (--head full)")
     model = load(args.model)
     if model.inputs.modality == "expression":
-        classifier = finetune(_read_h5ad(args.data), model, args.label_key, config, channels=args.channels,
+        # backed: the labelled cells' counts are read chunk-wise, and errors name the file
+        classifier = finetune(_read_h5ad(args.data, backed="r"), model, args.label_key, config, channels=args.channels,
                               max_missing_genes=args.max_missing_genes)
     else:
         cells = CellImages.read(args.data, label_key=args.label_key if args.label_key != "label" else None)
@@ -408,12 +414,12 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_h5ad(path: str):
+def _read_h5ad(path: str, backed: str | None = None):
     import anndata as ad
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such .h5ad file")
-    return ad.read_h5ad(path)
+    return ad.read_h5ad(path, backed=backed)
 
 
 def _new_file(path: Path, overwrite: bool) -> Path:

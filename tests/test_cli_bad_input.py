@@ -170,6 +170,9 @@ IMAGE_CASES = {
                             "{root}/p"], "classifier.json"),
     "finetune on float crops": (["finetune", "--model", "{root}/run", "--data", "{root}/float.npz", "--out",
                                  "{root}/c2", "--head", "linear"], "images are float32"),
+    "encoder flags for a frozen encoder": (["finetune", "--model", "{root}/run", "--data", "{root}/good.npz", "--out",
+                                            "{root}/c3", "--head", "mlp", "--encoder-lr-factor", "0.25"],
+                                           "--encoder-lr-factor: the mlp head trains on the frozen encoder's"),
 }
 
 

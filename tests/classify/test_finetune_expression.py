@@ -192,6 +192,9 @@ def test_cli_finetunes_an_mlp_head_on_an_h5ad_and_predicts(model, split, tmp_pat
     test.write_h5ad(tmp_path / "test.h5ad")
     sslcell.save_model(model, tmp_path / "model")
     assert main(["finetune", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "train.h5ad"),
+                 "--label-key", "fate", "--out", str(tmp_path / "clf")]) == 2
+    assert "train.h5ad: no obs column 'fate'" in capsys.readouterr().err  # the error names the file
+    assert main(["finetune", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "train.h5ad"),
                  "--label-key", "cell_type", "--out", str(tmp_path / "clf"), "--head", "mlp", "--epochs", "5",
                  "--hidden-dim", "16", "--val-fraction", "0.2", "--patience", "2", "--supcon-weight", "0.5"]) == 0
     loaded = load_classifier(tmp_path / "clf")
