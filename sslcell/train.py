@@ -131,11 +131,8 @@ def _fit(config: RecipeConfig, data: Any, dataset: Any, contract: Contract, out:
         raise FileNotFoundError(f"{ckpt}: nothing to resume from (the run stopped before its first checkpoint)")
     if resume:
         _position_loader(loader.dataset, ckpt)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
-        # our loaders shard by rank and worker themselves, so their __len__ is exact
-        warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")
-        trainer.fit(model, loader, ckpt_path=ckpt if resume else None, weights_only=True)
+    fit_quietly(trainer, model, loader, ckpt_path=ckpt if resume else None, weights_only=True,
+                also=(".*resuming from a checkpoint that ended before the epoch ended.*",))
     if trainer.is_global_zero:
         save_model(model, out / "model", trained=_trained_info(trainer, dataset, data), overwrite=True)  # its own run
     return model
@@ -240,6 +237,35 @@ def _prepare_expression(
 def on_gpu(accelerator: str) -> bool:
     """Whether Lightning's ``accelerator`` setting puts training on a CUDA device."""
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+# Lightning warnings that ask nothing of the user (regular expressions matched against the message)
+HARMLESS_WARNINGS = (
+    ".*`IterableDataset` has `__len__` defined.*",  # our loaders shard by rank and worker themselves: exact
+    ".*LeafSpec.* is deprecated.*",  # Lightning's own call of a torch API
+    ".*is smaller than the logging interval.*",  # few batches an epoch (small data): nothing to change
+)
+
+
+class _NoAdverts(logging.Filter):
+    """Drops Lightning's advertisement lines (the litlogger tip, logged when a Trainer is made) from its rank-zero
+    INFO log; installed when this module is imported."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("💡")
+
+
+_RANK_ZERO = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+if not any(isinstance(f, _NoAdverts) for f in _RANK_ZERO.filters):
+    _RANK_ZERO.addFilter(_NoAdverts())
+
+
+def fit_quietly(trainer: pl.Trainer, *args: Any, also: tuple[str, ...] = (), **kwargs: Any) -> None:
+    """``trainer.fit(*args, **kwargs)`` without :data:`HARMLESS_WARNINGS` (and ``also``)."""
+    with warnings.catch_warnings():
+        for message in (*HARMLESS_WARNINGS, *also):
+            warnings.filterwarnings("ignore", message=message)
+        trainer.fit(*args, **kwargs)
 
 
 def resolve_precision(accelerator: str, precision: str) -> str:

@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -201,3 +202,12 @@ def test_a_damaged_run_is_a_one_line_error_on_resume(small_counts_file, tmp_path
     with pytest.raises(FileFormatError, match=message) as caught:
         pretrain(tiny_recipe("mae", train={"max_epochs": 2}), small_counts_file, out, resume=True)
     assert "weights_only=False" not in str(caught.value)
+
+
+def test_lightnings_advertisement_is_not_logged(caplog):
+    import sslcell.train  # noqa: F401  (installs the filter)
+
+    with caplog.at_level(logging.INFO, logger="pytorch_lightning.utilities.rank_zero"):
+        pl.Trainer(logger=False, enable_progress_bar=False, accelerator="cpu")
+    assert "GPU available" in caplog.text  # the logger is heard: the check has teeth
+    assert "litlogger" not in caplog.text

@@ -12,7 +12,6 @@ class-weighted cross-entropy) and a minimum number of optimiser steps; the loss 
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Any
 
 import numpy as np
@@ -28,7 +27,7 @@ from sslcell.errors import ConfigError
 from sslcell.evaluate.probes import balanced_class_weights
 from sslcell.methods.base import step_seed, warmup_cosine
 from sslcell.methods.inputs import image_augment_config
-from sslcell.train import on_gpu, resolve_precision
+from sslcell.train import fit_quietly, on_gpu, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -175,9 +174,7 @@ def fit_full(classifier: CellClassifier, cells: Any, codes: np.ndarray, config: 
         drop_path = classifier.encoder.drop_path
         classifier.encoder.set_drop_path(config.drop_path)
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")  # exact here
-            trainer.fit(module, loader)
+        fit_quietly(trainer, module, loader)
     finally:
         if drop_path is not None:  # the encoder as its description says (inactive in eval mode either way)
             classifier.encoder.set_drop_path(drop_path)
