@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # anndata and pandas load on use: importing sslcell.cellcycle
     from anndata import AnnData
 
 _FIELDS = {f.name for f in dataclasses.fields(CycleFit)}
+FARTHER = 1.5  # new cells warn when their residual is above RESIDUAL_WARN and this many times the reference's own
 
 
 def as_fit(reference: CycleFit | dict[str, Any] | AnnData, key: str = "cell_cycle") -> CycleFit:
@@ -92,11 +93,12 @@ def project_cycle(
     theta = fit.theta(x)
     plane = fit.plane(x)
     residual = fit.residual_of(x)
-    if warn and residual > RESIDUAL_WARN:
+    if warn and residual > max(RESIDUAL_WARN, FARTHER * fit.residual):  # not when as near as the reference's own
         warnings.warn(
             f"these cells lie far from the reference cycle (residual {residual:.2f} around its circle, > "
-            f"{RESIDUAL_WARN}; the reference's own {fit.residual:.2f}): is obsm[{use_rep!r}] the representation the "
-            "reference was fitted on (same model, same genes)? θ may mean little.", UserWarning, stacklevel=2)
+            f"{RESIDUAL_WARN} and {FARTHER:g}x the reference's own {fit.residual:.2f}): is obsm[{use_rep!r}] the "
+            "representation the reference was fitted on (same model, same genes)? θ may mean little.",
+            UserWarning, stacklevel=2)
     if copy:
         adata = adata.copy()
     adata.obs[theta_key] = theta.astype(np.float32)

@@ -113,16 +113,19 @@ class CycleRecipe:
     def to_anndata(self, cells: CellImages, channels: Sequence[int | str] | None = None, device: Any = None):
         """:meth:`apply` written into the crops' AnnData (``cells.to_anndata()``): ``obs["cell_cycle_theta"]``,
         ``obs["cell_cycle_phase"]``, ``obsm["cell_cycle_descriptor"]``, ``obsm["cell_cycle_plane"]`` and the fit in
-        ``uns["sslcell"]["cell_cycle"]``, as ``tl.cell_cycle`` writes them, so ``pl.cell_cycle`` shows it."""
+        ``uns["sslcell"]["cell_cycle"]``, as ``tl.cell_cycle`` writes them, so ``pl.cell_cycle`` shows it; with
+        ``projected_residual``, how far these crops lie from the fitted circle (:meth:`CycleFit.residual_of`)."""
         import pandas as pd
 
         theta, phase, descriptor = self.apply(cells, channels, device)
+        representation = wheel(descriptor, self.classifier.classes, self.info["order"])
         adata = cells.to_anndata()
         adata.obs["cell_cycle_theta"] = theta.astype(np.float32)
         adata.obs["cell_cycle_phase"] = pd.Categorical(phase, categories=self.fit.phases)
         adata.obsm["cell_cycle_descriptor"] = descriptor
-        adata.obsm["cell_cycle_plane"] = self.plane(descriptor).astype(np.float32)
-        adata.uns.setdefault("sslcell", {})["cell_cycle"] = self.fit.to_dict()
+        adata.obsm["cell_cycle_plane"] = self.fit.plane(representation).astype(np.float32)
+        adata.uns.setdefault("sslcell", {})["cell_cycle"] = {
+            **self.fit.to_dict(), "projected_residual": self.fit.residual_of(representation)}
         return adata
 
     def plane(self, descriptor: np.ndarray) -> np.ndarray:

@@ -134,7 +134,11 @@ def test_cli_fits_a_recipe_on_crops_and_applies_it_to_crops_without_markers(mode
     assert (tmp_path / "fit" / "cell_cycle.png").is_file() and (tmp_path / "fit" / "recipe" / "cycle.json").is_file()
     assert main(["cell-cycle", "--recipe", str(tmp_path / "fit" / "recipe"), "--data", str(tmp_path / "new.npz"),
                  "--out", str(tmp_path / "placed")]) == 0
-    assert ad.read_h5ad(tmp_path / "placed" / "cells.h5ad").obs["cell_cycle_theta"].notna().all()
+    placed = ad.read_h5ad(tmp_path / "placed" / "cells.h5ad")
+    assert placed.obs["cell_cycle_theta"].notna().all()
+    residual = placed.uns["sslcell"]["cell_cycle"]["projected_residual"]  # the new crops' own, not the fit's
+    assert residual != fitted.uns["sslcell"]["cell_cycle"]["projected_residual"]
+    assert f"these crops lie at residual {residual:.2f}" in capsys.readouterr().out
     assert main(["cell-cycle", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "crops.npz"),
                  "--out", str(tmp_path / "again")]) == 2
 

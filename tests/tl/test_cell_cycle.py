@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -164,6 +166,17 @@ def test_project_cycle_refusals_and_a_foreign_representation_warns():
     new.obsm["other"] = np.random.default_rng(0).normal(size=new.obsm["X_sslcell"].shape) * 3 + 5
     with pytest.warns(UserWarning, match="far from the reference cycle"):
         project_cycle(new, reference, use_rep="other")
+    # cells as near the circle as the reference's own do not warn, even when a noisy reference's residual is > 0.25
+    x, _, labels = ring(n=1200, seed=9, noise=0.8, skew=False)
+    noisy = ad.AnnData(obs=pd.DataFrame({"phase": pd.Categorical(labels[:600], categories=PHASES)}),
+                       obsm={"X_sslcell": x[:600]})
+    with pytest.warns(UserWarning, match="closed trajectory: residual 0.29"):
+        tl.cell_cycle(noisy, anchor_key="phase")
+    more = ad.AnnData(obsm={"X_sslcell": x[600:]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        project_cycle(more, noisy)
+    assert 0.25 < more.uns["sslcell"]["cell_cycle"]["projected_residual"] < 0.35
     with pytest.raises(OverwriteError):
         project_cycle(new, reference)
 
