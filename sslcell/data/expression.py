@@ -9,6 +9,7 @@ layer (in-memory and ``.h5ad`` shards, fast HDF5 range reads, value checks) is :
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 
 import anndata as ad
@@ -230,9 +231,17 @@ def open_counts(
     more than ``max_missing_genes`` of them missing is refused (:func:`~sslcell.data.genes.check_missing`). Close
     the dataset after use."""
     source = adata.filename if adata.isbacked else adata
-    dataset = ExpressionDataset.open(source, layer=layer, genes=list(genes),
-                                     counts_are_log_normalized=counts_are_log_normalized)
-    check_missing(dataset.alignment, max_missing_genes)
+    with warnings.catch_warnings(record=True) as caught:  # the alignment warning, only if not refused below
+        warnings.simplefilter("always")
+        dataset = ExpressionDataset.open(source, layer=layer, genes=list(genes),
+                                         counts_are_log_normalized=counts_are_log_normalized)
+    try:
+        check_missing(dataset.alignment, max_missing_genes)
+    except GeneMismatchError:
+        dataset.close()  # refused: no open file left behind, and the error says it all (not a warning first)
+        raise
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
     return dataset
 
 
