@@ -388,7 +388,8 @@ def _predict(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     target = out / "predictions.h5ad"
-    for path in (target, *(out / name for name in (METRIC_FILES if args.label_key is not None else ()))):
+    owned = [target, *(out / name for name in (METRIC_FILES if args.label_key is not None else ()))]
+    for path in owned:
         _new_file(path, args.overwrite)  # every file it would write, before any work
     classifier = load_classifier(args.model)
     key = "sslcell_pred"
@@ -402,6 +403,8 @@ def _predict(args: argparse.Namespace) -> int:
         adata, label_key = _read_h5ad(args.data), args.label_key
         predict(adata, classifier, label_key=label_key, key_added=key, channels=args.channels, tta=args.tta or None)
     out.mkdir(parents=True, exist_ok=True)
+    for path in owned[1:]:
+        path.unlink(missing_ok=True)  # --overwrite: no earlier run's plot left beside these metrics
     _write_h5ad(adata, target)
     print(f"wrote {target}: obs[{key!r}], obs['{key}_confidence'] and obsm['{key}_proba'] for {adata.n_obs} cells")
     if label_key is not None:

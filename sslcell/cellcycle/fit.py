@@ -68,8 +68,7 @@ def default_phase_order(labels: Any, categories: Any = None, ordered: bool = Fal
         names = [str(c) for c in categories]
         if ordered or names != sorted(names):
             return names
-    else:
-        names = sorted({str(v) for v in labels})
+    names = sorted({str(v) for v in labels})  # sorted by name: only the phases that have cells
     if len(names) <= 2:  # two arcs follow each other both ways round: their order sets only the origin
         return names
     if all(n.lower() in CYCLE_PHASES for n in names):

@@ -75,8 +75,10 @@ def project_cycle(
     Writes, as ``tl.cell_cycle`` does: ``obs[f"{key_added}_theta"]``, ``obsm[f"{key_added}_plane"]``,
     ``obs[f"{key_added}_phase"]`` (when the reference is anchored) and ``uns["sslcell"][key_added]``: the reference
     fit's fields plus ``projected: True``, ``projected_residual`` (these cells around the reference circle) and
-    ``projected_closure`` (how far round it they go: low for one phase, as expected). Warns when the cells lie far
-    from the reference circle (``projected_residual > RESIDUAL_WARN``): another representation, or no cycle.
+    ``projected_closure`` (how far round it they go: low for one phase, as expected); without phases, an earlier
+    fit's ``obs[f"{key_added}_phase"]`` is removed (with ``overwrite=True``). Warns when the cells lie far from the
+    reference circle (``projected_residual`` above ``RESIDUAL_WARN`` and ``FARTHER`` times the reference's own
+    residual): another representation, or no cycle.
     """
     import pandas as pd
 

@@ -391,7 +391,8 @@ def _labels(data: CellImages | AnnData, labels: Any) -> pd.Series:
 
 def _hide_absent(classifier: CellClassifier, present: np.ndarray) -> None:
     """A class without training cells (``present (K,)`` counts) is never predicted: its logit bias is -1e4, set
-    before any validation scoring or training (its softmax gradient is then ~0, so training leaves it there)."""
+    before any validation scoring or training (its softmax gradient is then ~0, so training leaves it there; with
+    label smoothing the logged loss carries a constant for its smoothed share) and again at the end."""
     with torch.no_grad():
         classifier.head.bias[torch.from_numpy(present == 0)] = -1e4
 

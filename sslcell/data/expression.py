@@ -231,17 +231,17 @@ def open_counts(
     more than ``max_missing_genes`` of them missing is refused (:func:`~sslcell.data.genes.check_missing`). Close
     the dataset after use."""
     source = adata.filename if adata.isbacked else adata
-    with warnings.catch_warnings(record=True) as caught:  # the alignment warning, only if not refused below
-        warnings.simplefilter("always")
+    with warnings.catch_warnings():  # the alignment warning comes below, only if the data are not refused
+        warnings.filterwarnings("ignore", message="gene alignment: ", category=UserWarning)
         dataset = ExpressionDataset.open(source, layer=layer, genes=list(genes),
                                          counts_are_log_normalized=counts_are_log_normalized)
     try:
         check_missing(dataset.alignment, max_missing_genes)
-    except GeneMismatchError:
-        dataset.close()  # refused: no open file left behind, and the error says it all (not a warning first)
+        if dataset.alignment is not None:
+            warn_missing(dataset.alignment)
+    except BaseException:
+        dataset.close()  # refused (or the warning made an error): no open file left behind
         raise
-    for w in caught:
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
     return dataset
 
 

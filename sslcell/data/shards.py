@@ -322,8 +322,8 @@ def _validate(data: np.ndarray, indptr: np.ndarray, shard: _Shard, lo: int, *, c
                f"{data[first].item()!r})")
     if what == "whole numbers only":
         message += ("; these look like raw counts, but they are read as log-normalised (counts_are_log_normalized="
-                    "True, or the model's inputs): pass counts_are_log_normalized=False "
-                    "(no --counts-are-log-normalized) to normalise them")
+                    "True, or a model trained on log-normalised inputs): log-normalise them as its inputs were, or "
+                    "read them as raw counts (counts_are_log_normalized=False; no --counts-are-log-normalized)")
     elif what.startswith("negative") or what.startswith("non-integer"):
         message += (
             "; raw counts are expected: if the data are already log-normalised, "

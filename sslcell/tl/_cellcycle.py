@@ -35,8 +35,9 @@ def cell_cycle(
 
     Writes ``obs[f"{key_added}_theta"]`` (θ in ``[0, 2π)``), ``obsm[f"{key_added}_plane"]`` (the scaled 2-D plane the
     circle was fitted in, ``(N, 2)``) and, with anchors, ``obs[f"{key_added}_phase"]`` (the phase arc each cell
-    falls in); the fit (method, direction, origin, closure, residual, explained variance, phase arcs) goes to
-    ``uns["sslcell"][key_added]``. Warns when the cells do not seem to lie on a closed path.
+    falls in; without anchors an earlier fit's phase column is removed, with ``overwrite=True``); the fit (method,
+    direction, origin, closure, residual, explained variance, phase arcs) goes to ``uns["sslcell"][key_added]``.
+    Warns when the cells do not seem to lie on a closed path.
 
     Args:
         use_rep: the ``obsm`` key of the representation ``(N, D)``: an embedding, a fine-tuned phase classifier's

@@ -186,12 +186,14 @@ def test_residual_of_other_cells_and_reanchoring_keep_the_circle():
 
 def test_the_default_phase_order_follows_the_cycle_not_the_alphabet():
     assert default_phase_order(["S", "G2M", "G1", "S"]) == ["G1", "S", "G2M"]
-    assert default_phase_order([], ["G1", "G2M", "S"]) == ["G1", "S", "G2M"]  # a sorted categorical: by name
+    assert default_phase_order(["S", "G1", "G2M"], ["G1", "G2M", "S"]) == ["G1", "S", "G2M"]  # sorted: by name
     assert default_phase_order([], ["S", "G2M", "G1"]) == ["S", "G2M", "G1"]  # set on purpose: kept
     assert default_phase_order([], ["G1", "G2M", "S"], ordered=True) == ["G1", "G2M", "S"]
     assert default_phase_order(["telophase", "G1", "Prophase", "S", "G2", "metaphase", "anaphase"]) == [
         "G1", "S", "G2", "Prophase", "metaphase", "anaphase", "telophase"]
     assert default_phase_order(["b", "a"]) == ["a", "b"]  # two arcs: the order sets only the origin
+    # a sorted categorical's categories without cells (set to NaN, e.g. 'unassigned') are not phases
+    assert default_phase_order(["G1", "S", "G2M"], ["G1", "G2M", "S", "unassigned"]) == ["G1", "S", "G2M"]
     with pytest.raises(InputError, match=r"cycle order of the phases \['early', 'late', 'mid'\] is not known"):
         default_phase_order(["early", "mid", "late"])
 

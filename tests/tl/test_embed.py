@@ -89,6 +89,10 @@ def test_too_many_missing_genes_are_refused_unless_allowed(trained, small_counts
             sslcell.tl.embed(adata, model)
     assert "X_sslcell" not in adata.obsm
     with pytest.warns(UserWarning, match="40/100 model genes present"):  # allowed: the warning stays
-        sslcell.tl.embed(adata, model, max_missing_genes=0.7)
+        sslcell.tl.embed(adata, model, max_missing_genes=0.7, key_added="X_allowed")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", module="sslcell")  # a filter by module silences it, as any warning
+        sslcell.tl.embed(adata, model, max_missing_genes=0.7, overwrite=True)
     info = adata.uns["sslcell"]["X_sslcell"]
     assert info["n_missing_genes"] == 60 and len(info["missing_genes_examples"]) > 0
