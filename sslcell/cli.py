@@ -9,7 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from sslcell.errors import ConfigError, OverwriteError, SSLCellError
+from sslcell.errors import ConfigError, InputError, OverwriteError, SSLCellError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -313,7 +313,6 @@ def _embed(args: argparse.Namespace) -> int:
 
 def _embed_images(args: argparse.Namespace) -> int:
     from sslcell.data.images import CellImages
-    from sslcell.errors import InputError
     from sslcell.tl import embed_crops
 
     for flag, value in (("--layer", args.layer), ("--counts-are-log-normalized", args.counts_are_log_normalized),
@@ -400,8 +399,11 @@ def _predict(args: argparse.Namespace) -> int:
         adata = cells.to_anndata()
         predict(adata, classifier, crops=cells, label_key=label_key, key_added=key, tta=args.tta)
     else:
+        flags = [flag for flag, value in (("--channels", args.channels), ("--tta", args.tta)) if value]
+        if flags:
+            raise InputError(f"{', '.join(flags)}: for image classifiers; this one reads expression, remove them")
         adata, label_key = _read_h5ad(args.data), args.label_key
-        predict(adata, classifier, label_key=label_key, key_added=key, channels=args.channels, tta=args.tta or None)
+        predict(adata, classifier, label_key=label_key, key_added=key)
     out.mkdir(parents=True, exist_ok=True)
     for path in owned[1:]:
         path.unlink(missing_ok=True)  # --overwrite: no earlier run's plot left beside these metrics
@@ -484,7 +486,6 @@ def _cell_cycle_crops(args: argparse.Namespace) -> int:
     from sslcell.checkpoint import load
     from sslcell.classify import FinetuneConfig
     from sslcell.data.images import CellImages
-    from sslcell.errors import InputError
     from sslcell.pl import cell_cycle as plot_cell_cycle
 
     out = Path(args.out)

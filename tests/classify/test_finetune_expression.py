@@ -201,5 +201,8 @@ def test_cli_finetunes_an_mlp_head_on_an_h5ad_and_predicts(model, split, tmp_pat
     assert loaded.hidden_dim == 16 and loaded.info["finetune"]["supcon_weight"] == 0.5
     assert "validation" in loaded.info
     assert main(["predict", "--model", str(tmp_path / "clf"), "--data", str(tmp_path / "test.h5ad"),
+                 "--out", str(tmp_path / "pred"), "--tta"]) == 2
+    assert "--tta: for image classifiers" in capsys.readouterr().err
+    assert main(["predict", "--model", str(tmp_path / "clf"), "--data", str(tmp_path / "test.h5ad"),
                  "--out", str(tmp_path / "pred"), "--label-key", "cell_type"]) == 0
     assert (tmp_path / "pred" / "predictions.h5ad").is_file()
