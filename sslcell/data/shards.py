@@ -297,13 +297,10 @@ def _validate(data: np.ndarray, indptr: np.ndarray, shard: _Shard, lo: int, *, c
     """
     if data.size == 0 or data.dtype.kind == "b" or (counts and data.dtype.kind == "u"):
         return
-    if data.dtype.kind in "ui":
-        if data.dtype.kind == "i" and data.min() < 0:
-            bad, what = data < 0, "negative values"
-        elif counts or data.max() <= 1:
-            return
-        else:
-            bad, what = data > 1, "whole numbers only"
+    integer = data.dtype.kind in "ui"
+    if integer:
+        negative = data.dtype.kind == "i" and data.min() < 0
+        bad, what = (data < 0 if negative else np.zeros(0, dtype=bool)), "negative values"
     else:
         bad, what = ~np.isfinite(data), "NaN or inf values"
         if not bad.any() and data.dtype.itemsize > 4:  # float64 beyond float32's range would be inf in the model
@@ -312,10 +309,10 @@ def _validate(data: np.ndarray, indptr: np.ndarray, shard: _Shard, lo: int, *, c
             bad, what = data < 0, "negative values"
         if not bad.any() and counts:
             bad, what = np.rint(data) != data, "non-integer values"
-        if not bad.any() and not counts and data.max() > 1 and (np.rint(data) == data).all():
-            bad, what = data > 1, "whole numbers only"
-        if not bad.any():
-            return
+    if not bad.any() and not counts and data.max() > 1 and (integer or (np.rint(data) == data).all()):
+        bad, what = data > 1, "whole numbers only"
+    if not bad.any():
+        return
     first = int(np.argmax(bad))
     row = lo + int(np.searchsorted(indptr, first, side="right")) - 1
     message = (f"{what} in {shard.where}, rows {lo}:{lo + len(indptr) - 1} (first at row {row}, value "
