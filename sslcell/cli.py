@@ -9,7 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from sslcell.errors import ConfigError, InputError, OverwriteError, SSLCellError
+from sslcell.errors import InputError, OverwriteError, SSLCellError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -315,10 +315,8 @@ def _embed_images(args: argparse.Namespace) -> int:
     from sslcell.data.images import CellImages
     from sslcell.tl import embed_crops
 
-    for flag, value in (("--layer", args.layer), ("--counts-are-log-normalized", args.counts_are_log_normalized),
-                        ("--max-missing-genes", args.max_missing_genes)):
-        if value:
-            raise InputError(f"{flag}: not applicable to an image model; remove it")
+    _refuse_flags(args, ("layer", "counts_are_log_normalized", "max_missing_genes"),
+                  "not applicable to an image model; remove it")
     out = _new_file(Path(args.out), args.overwrite)
     cells = CellImages.read(args.data, label_key=args.label_key)
     adata = embed_crops(cells, args.model, key_added=args.key, channels=args.channels,
@@ -358,11 +356,9 @@ def _finetune(args: argparse.Namespace) -> int:
             values[name] = getattr(args, name)
     values.setdefault("progress_bar", sys.stderr.isatty())  # a bar in a terminal; one line an epoch in a log
     config = FinetuneConfig.from_dict(values)
-    encoder_flags = [f"--{name.replace('_', '-')}" for name in ("encoder_lr_factor", "layer_decay", "drop_path")
-                     if getattr(args, name) is not None]
-    if encoder_flags and config.head != "full":
-        raise ConfigError(f"{', '.join(encoder_flags)}: the {config.head} head trains on the frozen encoder's "
-                          "embeddings; these shape the encoder's training (--head full)")
+    if config.head != "full":
+        _refuse_flags(args, ("encoder_lr_factor", "layer_decay", "drop_path"), f"the {config.head} head trains on the "
+                      "frozen encoder's embeddings; these shape the encoder's training (--head full)")
     model = load(args.model)
     if model.inputs.modality == "expression":
         # backed: the labelled cells' counts are read chunk-wise, and errors name the file
@@ -399,9 +395,7 @@ def _predict(args: argparse.Namespace) -> int:
         adata = cells.to_anndata()
         predict(adata, classifier, crops=cells, label_key=label_key, key_added=key, tta=args.tta)
     else:
-        flags = [flag for flag, value in (("--channels", args.channels), ("--tta", args.tta)) if value]
-        if flags:
-            raise InputError(f"{', '.join(flags)}: for image classifiers; this one reads expression, remove them")
+        _refuse_flags(args, ("channels", "tta"), "for image classifiers; this one reads expression, remove them")
         adata, label_key = _read_h5ad(args.data), args.label_key
         predict(adata, classifier, label_key=label_key, key_added=key)
     out.mkdir(parents=True, exist_ok=True)
@@ -417,6 +411,13 @@ def _predict(args: argparse.Namespace) -> int:
         print(report.to_markdown(title="Prediction metrics"))
         print("wrote " + ", ".join(str(f) for f in files))
     return 0
+
+
+def _refuse_flags(args: argparse.Namespace, names: tuple[str, ...], why: str) -> None:
+    """Raise naming the flags among ``names`` (argparse destinations) that were given but do not apply: ``why``."""
+    given = [f"--{name.replace('_', '-')}" for name in names if getattr(args, name) not in (None, False)]
+    if given:
+        raise InputError(f"{', '.join(given)}: {why}")
 
 
 def _read_h5ad(path: str, backed: str | None = None):
