@@ -15,7 +15,9 @@
   encoder. After training, the encoder's batch-norm statistics are re-estimated on un-augmented training cells
   drawn as training drew them ("precise BN"), so eval mode matches the final weights. A ViT encoder can be
   fine-tuned as MAE is (He et al. 2022): ``layer_decay < 1`` lowers each layer's rate by that factor per layer
-  below the top, and ``drop_path`` sets its stochastic depth while training.
+  below the top, and ``drop_path`` sets its stochastic depth while training. ``mixup`` / ``cutmix`` blend each
+  batch of crops with a shuffled copy of itself, labels alike (torchvision's MixUp / CutMix, MAE's fine-tuning
+  regularisers).
 
 :func:`train_from_scratch` runs the same full loop on a randomly initialised encoder (any image encoder, by
 default the plain CNN), with :data:`SCRATCH_RECIPE` by default: issue 14's supervised baseline (one-cycle to 3e-3,
@@ -119,6 +121,11 @@ class FinetuneConfig:
     balance: str = "sampling"  # full: balance by weighted draws ("sampling") or class-weighted cross-entropy ("loss")
     init_head: str = "linear_probe"  # full: start from the linear probe ("linear_probe") or a random head ("random")
     label_smoothing: float = 0.0
+    # full, crops: MixUp (Zhang et al. 2018) and CutMix (Yun et al. 2019), torchvision's, as in MAE's fine-tuning:
+    # each batch is blended with a shuffled copy of itself, pixels and labels alike, at a Beta(alpha, alpha) share;
+    # the numbers are the alphas (0: off; with both on, each batch gets one of the two at random)
+    mixup: float = 0.0
+    cutmix: float = 0.0
     C: float = 1.0  # linear: inverse L2 strength of the logistic regression
     max_iter: int = 2000  # linear: lbfgs iterations
     seed: int = 0
@@ -159,6 +166,11 @@ class FinetuneConfig:
             raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.warmup_fraction < 1.0 or not 0.0 <= self.label_smoothing < 1.0 or self.weight_decay < 0:
             raise ConfigError("warmup_fraction and label_smoothing must be in [0, 1), weight_decay >= 0")
+        if self.mixup < 0 or self.cutmix < 0:
+            raise ConfigError(f"mixup and cutmix: Beta alphas >= 0 (0: off), got {self.mixup} and {self.cutmix}")
+        if (self.mixup or self.cutmix) and (self.head != "full" or self.supcon_weight > 0):
+            raise ConfigError("mixup and cutmix: they blend crops while fine-tuning (head 'full') and give soft "
+                              "labels, which the supervised contrastive loss cannot use; set supcon_weight to 0")
         if not 0.0 < self.layer_decay <= 1.0:
             raise ConfigError(f"layer_decay: must be in (0, 1], got {self.layer_decay}")
         if self.drop_path is not None and not 0.0 <= self.drop_path < 1.0:

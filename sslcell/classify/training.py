@@ -50,6 +50,7 @@ class _FinetuneModule(pl.LightningModule):
         self.augment = ImageAugment(image_augment_config(config.augment)) if self.image else None
         self.loss = SupervisedLoss(config.label_smoothing, config.supcon_weight, config.supcon_temperature,
                                    class_weight=None if class_weight is None else torch.from_numpy(class_weight))
+        self.blend = blending(config, len(classifier.classes)) if self.image else None
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         cells, rows = batch
@@ -60,9 +61,13 @@ class _FinetuneModule(pl.LightningModule):
             x = self.classifier.inputs.views(cells, generator, n=1, augment=self.augment)[0]
         else:
             x = self.classifier.inputs.normalize(cells)
+        target = self.codes[rows]
+        if self.blend is not None:  # crops and labels blended: soft targets (B, K); seeded by the step's seed
+            x, target = self.blend(x, target)
         head_input, logits = self.classifier.head_output(self.classifier.features(x))
-        loss = self.loss(logits, head_input, self.codes[rows])
-        accuracy = (logits.argmax(1) == self.codes[rows]).float().mean()
+        loss = self.loss(logits, head_input, target)
+        # with blending, agreement with the larger share of each crop's blended label
+        accuracy = (logits.argmax(1) == (target if target.ndim == 1 else target.argmax(1))).float().mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=len(rows))
         self.log("train/accuracy", accuracy, prog_bar=True, batch_size=len(rows))
         n = torch.tensor(float(len(rows)), device=loss.device)
@@ -111,6 +116,19 @@ class _FinetuneModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+def blending(config: Any, n_classes: int) -> Any:
+    """torchvision's MixUp / CutMix for ``config.mixup`` / ``config.cutmix`` (their Beta alphas; one of the two
+    at random per batch when both are on), or None when both are 0. Called as ``blend(x (B, C, H, W), codes (B,))
+    -> (blended x, class probabilities (B, K))``; it draws from torch's global generator."""
+    from torchvision.transforms import v2
+
+    blends = [kind(alpha=alpha, num_classes=n_classes)
+              for kind, alpha in ((v2.MixUp, config.mixup), (v2.CutMix, config.cutmix)) if alpha > 0]
+    if not blends:
+        return None
+    return blends[0] if len(blends) == 1 else v2.RandomChoice(blends)
+
+
 def encoder_groups(encoder: torch.nn.Module, lr: float, layer_decay: float = 1.0) -> list[dict[str, Any]]:
     """The encoder's trainable parameters as optimiser groups: one at ``lr``, or with ``layer_decay < 1`` one per
     layer ``l`` of ``L`` at ``lr * layer_decay ** (L - l)`` (an encoder with ``layer_id`` and ``num_layers``, the
@@ -141,6 +159,8 @@ def fit_full(classifier: CellClassifier, cells: Any, codes: np.ndarray, config: 
         raise ConfigError(f"layer_decay: needs an encoder with ordered layers (a ViT); {kind} has none, use 1")
     if config.drop_path is not None and not hasattr(classifier.encoder, "set_drop_path"):
         raise ConfigError(f"drop_path: stochastic depth needs a ViT encoder; {kind} has none, leave it unset")
+    if (config.mixup or config.cutmix) and classifier.inputs.modality != "image":
+        raise ConfigError("mixup and cutmix: they blend crops; expression cells are not augmented, set them to 0")
     power = float(config.oversample)
     weights, class_weight = None, None
     if power > 0 and config.balance == "sampling":

@@ -272,6 +272,10 @@ def test_expression_model_is_refused(train):
     ({"drop_path": 1.0}, "drop_path"),
     ({"head": "linear", "layer_decay": 0.75}, "layer_decay"),
     ({"head": "mlp", "drop_path": 0.1}, "drop_path"),
+    ({"mixup": -0.2}, "mixup"),
+    ({"cutmix": -1.0}, "cutmix"),
+    ({"head": "mlp", "mixup": 0.8}, "mixup"),  # soft labels blend crops while fine-tuning only
+    ({"cutmix": 1.0, "supcon_weight": 0.5}, "supcon_weight"),
 ])
 def test_config_validation(values, field):
     with pytest.raises(ConfigError, match=field):
@@ -615,6 +619,37 @@ def test_class_weighted_loss_is_torchs_weighted_mean():
     loss = SupervisedLoss(class_weight=weight)(logits, logits, labels)
     per_cell = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
     torch.testing.assert_close(loss, (weight[labels] * per_cell).sum() / weight[labels].sum())
+
+
+def test_soft_one_hot_targets_give_the_hard_label_loss():
+    logits, labels = torch.randn(6, 3, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 0, 1, 2, 2, 2])
+    soft = torch.nn.functional.one_hot(labels, 3).float()
+    for loss in (SupervisedLoss(), SupervisedLoss(label_smoothing=0.1)):
+        torch.testing.assert_close(loss(logits, logits, soft), loss(logits, logits, labels))
+
+
+@pytest.mark.parametrize("values", [{"mixup": 0.8}, {"cutmix": 1.0}, {"mixup": 0.8, "cutmix": 1.0}])
+def test_mixup_and_cutmix_blend_crops_and_labels_reproducibly(model, train, monkeypatch, values):
+    """Each step's crops are blended (no longer one of the 8 orientations of a training crop) and its targets are
+    class probabilities (B, K) mixing two classes; the same seed blends the same way."""
+    seen = []
+    original = training_module.SupervisedLoss.forward
+
+    def spy(self, logits, head_input, labels):
+        seen.append(labels.detach().clone())
+        return original(self, logits, head_input, labels)
+
+    monkeypatch.setattr(training_module.SupervisedLoss, "forward", spy)
+    cells = cells_of(train[0], CLASSES[train[1]])
+    runs = [finetune(model, cells, "label", full(epochs=1, **values)) for _ in range(2)]
+    targets = seen[: len(seen) // 2]
+    assert targets and all(t.shape == (32, 2) for t in targets)
+    for t in targets:
+        torch.testing.assert_close(t.sum(1), torch.ones(32))
+    assert any(((t > 0.01) & (t < 0.99)).any() for t in targets)  # some cells carry two classes
+    probe = torch.from_numpy(train[0][:16])
+    torch.testing.assert_close(runs[0].predict_proba(probe), runs[1].predict_proba(probe))
+    assert runs[0].info["finetune"] | values == runs[0].info["finetune"]
 
 
 def test_min_steps_raises_the_epochs_with_few_labels(model, train):

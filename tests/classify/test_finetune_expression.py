@@ -169,6 +169,12 @@ def test_new_settings_are_validated(values, field):
         FinetuneConfig(**values)
 
 
+def test_mixup_is_refused_for_expression_before_training(model, split, monkeypatch):
+    monkeypatch.setattr("sslcell.classify.training.pl.Trainer.fit", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(ConfigError, match="mixup and cutmix: they blend crops"):
+        finetune(split[0], model, "cell_type", config("full", mixup=0.8))
+
+
 def test_count_rows_read_selects_rows_in_order(small_counts):
     dataset = ExpressionDataset.open(small_counts)
     rows = np.array([0, 5, 130, 399])
