@@ -122,6 +122,20 @@ def test_evaluate_resumes_only_the_trainings_an_earlier_run_finished(tmp_path):
     assert len(fits) == 4
 
 
+def test_stored_fine_tuning_settings_keep_their_keys_when_fields_are_added():
+    """Every fine-tuning setting in the committed store is what ``_asdict`` makes of it today: a FinetuneConfig field
+    added since (at its default) does not change the key, so ``--resume`` still reads those trainings back."""
+    from sslcell.classify import FinetuneConfig
+
+    settings = [json.loads(path.read_text())["parts"]["setting"]
+                for path in sorted((ROOT / "benchmarks" / "store").glob("*/*/fits/*.json"))]
+    settings = [s for s in settings if isinstance(s, dict) and "encoder_lr_factor" in s]
+    assert len(settings) >= 10
+    for setting in settings:
+        assert cc._asdict(FinetuneConfig.from_dict(setting)) == setting
+    assert "mixup" in cc._asdict(FinetuneConfig(head="full", mixup=0.8))  # a setting away from the default counts
+
+
 def test_fit_store_refuses_a_corrupt_file_and_names_it(tmp_path):
     store = FitStore(tmp_path, resume=True)
     key = store.key(a=1)

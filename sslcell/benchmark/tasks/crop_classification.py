@@ -522,11 +522,20 @@ def _finetune_grid(recipe: Any, p: CropClassificationParams, device: torch.devic
             for e in epochs for h in heads for lr in lrs for f in factors for d in decays]
 
 
+# FinetuneConfig fields added after trainings were stored in benchmarks/store: left out of a setting at their
+# default (the value every stored training had), so adding a field keeps the stored trainings' keys
+_LATER_FIELDS = {"mixup": 0.0, "cutmix": 0.0}
+
+
 def _asdict(setting: Any) -> Any:
-    """A dataclass's fields as a dict (a candidate setting as data); anything else as it is."""
+    """A dataclass's fields as a dict (a candidate setting as data, the fields of :data:`_LATER_FIELDS` left out at
+    their default); anything else as it is."""
     import dataclasses
 
-    return dataclasses.asdict(setting) if dataclasses.is_dataclass(setting) else setting
+    if not dataclasses.is_dataclass(setting):
+        return setting
+    return {name: value for name, value in dataclasses.asdict(setting).items()
+            if name not in _LATER_FIELDS or value != _LATER_FIELDS[name]}
 
 
 # ---------------------------------------------------------------------------------------------- protocol
