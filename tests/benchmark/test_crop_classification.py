@@ -388,6 +388,17 @@ def test_cnn_must_get_at_least_the_finetuning_budget(tmp_path):
     assert "at least the recipes' fine-tuning budget (40 steps)" in run.errors["toy"]
 
 
+def test_a_recipe_that_fine_tunes_with_mixup_is_probed_without_it():
+    class Recipe:
+        name, finetune = "tiny", {"mixup": 0.8, "cutmix": 1.0, "label_smoothing": 0.1}
+
+    cpu, params = torch.device("cpu"), cc.CropClassificationParams()
+    probe = cc._finetune_config(Recipe, params, "linear", cpu)
+    assert (probe.head, probe.mixup, probe.cutmix) == ("linear", 0.0, 0.0)
+    [(_, full)] = cc._finetune_grid(Recipe, params, cpu)
+    assert (full.mixup, full.cutmix, full.label_smoothing) == (0.8, 1.0, 0.1)
+
+
 def test_cnn_min_steps_default_to_the_recipes_and_reach_both_sides():
     """Without cnn_min_steps the CNN gets the recipes' largest fine-tuning min_steps; finetune_min_steps overrides
     every recipe's (the entries are built, not trained)."""

@@ -491,10 +491,13 @@ def _pretrained_as(out: Any, name: str = PRETRAINED_AS) -> dict[str, Any] | None
 
 
 def _finetune_config(recipe: Any, p: CropClassificationParams, head: str, device: torch.device) -> Any:
-    """The recipe's ``finetune`` settings (FinetuneConfig's defaults where it has none) for ``head``."""
+    """The recipe's ``finetune`` settings (FinetuneConfig's defaults where it has none) for ``head``; MixUp / CutMix
+    only for ``head="full"``."""
     from sslcell.classify import FinetuneConfig
 
     values = {**(recipe.finetune or {}), "head": head, "progress_bar": False, "accelerator": _accelerator(device)}
+    if head != "full":  # the probe of a recipe that fine-tunes with blended crops: blending is for fine-tuning only
+        values.update(mixup=0.0, cutmix=0.0)
     if p.finetune_epochs is not None:
         values["epochs"] = p.finetune_epochs
     if p.finetune_min_steps is not None:
