@@ -114,6 +114,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float,
                    help="hold out this share of labelled cells (stratified): best epoch kept, early stopping")
     p.add_argument("--patience", type=int, help="with --val-fraction: epochs without improvement before stopping")
+    p.add_argument("--val-group-key",
+                   help="with --val-fraction: obs column of groups (image, plate, donor); hold out whole groups")
     p.add_argument("--supcon-weight", type=float, help="mlp / full: add a supervised contrastive loss, this weight")
     p.add_argument("--seed", type=int)
     p.add_argument("--channels", type=_channels, help="channels to use (default: the model's, by name)")
@@ -363,11 +365,11 @@ def _finetune(args: argparse.Namespace) -> int:
     if model.inputs.modality == "expression":
         # backed: the labelled cells' counts are read chunk-wise, and errors name the file
         classifier = finetune(_read_h5ad(args.data, backed="r"), model, args.label_key, config, channels=args.channels,
-                              max_missing_genes=args.max_missing_genes)
+                              max_missing_genes=args.max_missing_genes, val_group_key=args.val_group_key)
     else:
         cells = CellImages.read(args.data, label_key=args.label_key if args.label_key != "label" else None)
         classifier = finetune(cells, model, "label", config, channels=args.channels,
-                              max_missing_genes=args.max_missing_genes)
+                              max_missing_genes=args.max_missing_genes, val_group_key=args.val_group_key)
     save_classifier(classifier, out, overwrite=args.overwrite)
     print(f"classifier ({config.head}, {len(classifier.classes)} classes) written to {out}")
     return 0

@@ -137,6 +137,17 @@ def test_finetune_full_with_another_label_key(files, tmp_path):
     assert classifier.info["train_class_counts"] == {"differentiated": N // 2, "stem": N // 2}
 
 
+def test_finetune_holds_out_whole_groups_with_val_group_key(files, tmp_path):
+    grouped = tmp_path / "grouped.npz"
+    with np.load(files["npz"]) as f:
+        np.savez(grouped, **f, plate=np.arange(N) % 4)  # four plates
+    out = tmp_path / "grouped"
+    assert main(["finetune", "--model", str(files["run"]), "--data", str(grouped), "--out", str(out), "--head",
+                 "full", "--epochs", "1", "--val-fraction", "0.25", "--val-group-key", "plate"]) == 0
+    validation = load_classifier(out).info["validation"]
+    assert validation["n_groups"] == 1 and validation["n_cells"] == N // 4
+
+
 def test_label_key_picks_a_string_column_beside_named_integer_labels(files, tmp_path):
     out = tmp_path / "emb.h5ad"
     assert main(["embed", "--model", str(files["run"]), "--data", str(files["both"]), "--out", str(out),

@@ -196,6 +196,7 @@ def finetune(
     channels: Any = None,
     layer: str | None = None,
     max_missing_genes: float | None = None,
+    val_group_key: str | np.ndarray | None = None,
     device: str | torch.device | None = None,
 ) -> CellClassifier:
     """Train a classifier on labelled cells; the pretrained ``model`` is left unchanged.
@@ -209,6 +210,9 @@ def finetune(
         config: :class:`FinetuneConfig` (default: full fine-tuning).
         max_missing_genes: expression only: the largest share of the model's genes that may be missing from
             ``data`` (default 0.5, as ``tl.embed`` and ``tl.predict``; 1 accepts any overlap).
+        val_group_key: with ``config.val_fraction``: an ``obs`` column (or an array ``(N,)``) of groups, e.g. the
+            image, plate or donor; the validation cells are then whole groups, so cells of one image are never on
+            both sides (see :func:`_validation_mask`).
 
     Returns:
         The trained :class:`CellClassifier` (save it with ``save_classifier``).
@@ -233,6 +237,7 @@ def finetune(
         if channels is not None:
             raise InputError("channels: not applicable to expression data; remove the argument")
     classes, codes, rows = _label_codes(data, label_key)
+    groups = _val_groups(data, val_group_key, rows, config)
     cells = _labelled(data, rows, layer, model, max_missing_genes)  # crops, or counts in memory
     model = copy.deepcopy(model).cpu()
 
@@ -240,7 +245,7 @@ def finetune(
         dropout = 0.0 if config.head == "linear" else config.dropout
         return CellClassifier.from_pretrained(model, classes, dropout, config.hidden_dim if config.head == "mlp" else 0)
 
-    return _train(build, cells, codes, config, _describe(data),
+    return _train(build, cells, codes, config, _describe(data), groups,
                   embed=lambda part: embed_rows(model, part, device=device))  # (N, D): frozen encoder, as is
 
 
@@ -252,6 +257,7 @@ def train_from_scratch(
     encoder: str = "plain_cnn",
     encoder_options: dict[str, Any] | None = None,
     channels: Any = None,
+    val_group_key: str | np.ndarray | None = None,
 ) -> CellClassifier:
     """Train a randomly initialised crop classifier (:meth:`CellClassifier.from_scratch`) with the full fine-tuning
     loop: the supervised baseline of a pretrained encoder, trained the same way.
@@ -264,6 +270,7 @@ def train_from_scratch(
         config: :class:`FinetuneConfig` with ``head="full"``, ``init_head="random"`` and ``encoder_lr_factor > 0``;
             default ``FinetuneConfig(**SCRATCH_RECIPE)``, issue 14's supervised baseline.
         encoder, encoder_options: an image encoder by name and its options, as in a recipe's ``encoder``.
+        val_group_key: with ``config.val_fraction``, validation by whole groups, as in :func:`finetune`.
 
     Returns:
         The trained :class:`CellClassifier`, on the CPU, in eval mode (save it with ``save_classifier``).
@@ -281,13 +288,14 @@ def train_from_scratch(
     if channels is not None:
         data = data.select_channels(channels)
     classes, codes, rows = _label_codes(data, label_key)
+    groups = _val_groups(data, val_group_key, rows, config)
     cells = _labelled(data, rows, None, None)
 
     def build(train_rows: np.ndarray) -> CellClassifier:
         return CellClassifier.from_scratch(cells[train_rows], classes, encoder, encoder_options,
                                            dropout=config.dropout, seed=config.seed)
 
-    return _train(build, cells, codes, config, _describe(data))
+    return _train(build, cells, codes, config, _describe(data), groups)
 
 
 def _label_codes(data: CellImages | AnnData, label_key: str | np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -310,11 +318,12 @@ def _label_codes(data: CellImages | AnnData, label_key: str | np.ndarray) -> tup
 
 
 def _train(build: Callable[[np.ndarray], CellClassifier], cells: Any, codes: np.ndarray, config: FinetuneConfig,
-           described: str, embed: Callable[[Any], np.ndarray] | None = None) -> CellClassifier:
-    """Hold out the validation cells, build the classifier (``build(training rows)``, under ``config.seed``) and
-    train its head (on embeddings ``embed(cells) (N, D)``) or the whole network; a class without training cells
-    is never predicted. Returns it in eval mode with ``info`` filled in."""
-    val = _validation_mask(codes, config.val_fraction, config.seed)
+           described: str, groups: np.ndarray | None = None,
+           embed: Callable[[Any], np.ndarray] | None = None) -> CellClassifier:
+    """Hold out the validation cells (whole ``groups (N,)`` when given), build the classifier (``build(training
+    rows)``, under ``config.seed``) and train its head (on embeddings ``embed(cells) (N, D)``) or the whole
+    network; a class without training cells is never predicted. Returns it in eval mode with ``info`` filled in."""
+    val = _validation_mask(codes, config.val_fraction, config.seed, groups)
     train_codes = codes[~val]
     train_rows, val_rows = np.flatnonzero(~val), np.flatnonzero(val)
     with torch.random.fork_rng(devices=[]):  # seeded by config.seed; the caller's global random state is kept
@@ -349,6 +358,8 @@ def _train(build: Callable[[np.ndarray], CellClassifier], cells: Any, codes: np.
     }
     if stopper is not None:
         classifier.info["validation"] = {"n_cells": int(val.sum()), **stopper.summary()}
+        if groups is not None:
+            classifier.info["validation"]["n_groups"] = int(len(np.unique(groups[val])))
     return classifier.eval()
 
 
@@ -366,13 +377,63 @@ def _labelled(data: CellImages | AnnData, rows: np.ndarray, layer: str | None, m
         dataset.close()
 
 
-def _validation_mask(codes: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+def _validation_mask(codes: np.ndarray, fraction: float, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
     """Boolean mask ``(N,)`` of held-out cells: a stratified ``fraction`` of every class, at least one and at most
-    ``c - 1`` of its ``c`` cells (:func:`~sslcell.evaluate.protocols.label_fraction_split` with ``keep_one``)."""
+    ``c - 1`` of its ``c`` cells (:func:`~sslcell.evaluate.protocols.label_fraction_split` with ``keep_one``).
+
+    With ``groups (N,)``: whole groups, one fold of scikit-learn's ``StratifiedGroupKFold`` with
+    ``round(1 / fraction)`` folds (at most one per group), the folds balanced by class as far as the groups allow:
+    about ``fraction`` of the cells. A class whose cells all fall in the held-out groups has no training cells
+    (logged; it is never predicted)."""
     val = np.zeros(len(codes), dtype=bool)
-    if fraction > 0:
+    if fraction <= 0:
+        return val
+    if groups is None:
         val[label_fraction_split(codes, fraction, seed, keep_one=True)] = True
+        return val
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    n_groups = len(np.unique(groups))
+    if n_groups < 2:
+        raise InputError(f"val_group_key: the labelled cells come from {n_groups} group; whole-group validation "
+                         "needs at least 2")
+    folds = StratifiedGroupKFold(n_splits=min(max(2, round(1 / fraction)), n_groups), shuffle=True,
+                                 random_state=seed)
+    with warnings.catch_warnings():  # "the least populated class has only k members": expected with few labels
+        warnings.simplefilter("ignore", UserWarning)
+        _, held_out = next(folds.split(np.zeros(len(codes)), codes, groups))
+    val[held_out] = True
+    lost = sorted(set(np.unique(codes[val]).tolist()) - set(np.unique(codes[~val]).tolist()))
+    if lost:
+        log.warning("val_group_key: every labelled cell of class index(es) %s is in the held-out groups; those "
+                    "classes get no training cells", lost)
     return val
+
+
+def _val_groups(data: CellImages | AnnData, key: str | np.ndarray | None, rows: np.ndarray,
+                config: FinetuneConfig) -> np.ndarray | None:
+    """The groups ``(n,)`` of the labelled ``rows`` for whole-group validation, or None without ``key``."""
+    if key is None:
+        return None
+    if config.val_fraction <= 0:
+        raise ConfigError("val_group_key: sets how validation cells are held out; give val_fraction > 0 too")
+    where = _describe(data)
+    if isinstance(key, str):
+        if key not in data.obs.columns:
+            raise InputError(f"{where}: val_group_key {key!r} is not an obs column; columns are "
+                             f"{list(data.obs.columns)}")
+        values = pd.Series(data.obs[key]).to_numpy()
+    else:
+        values = np.asarray(key)
+        if values.shape != (len(data.obs),):
+            raise InputError(f"val_group_key has shape {values.shape} for {len(data.obs)} cells; expected "
+                             f"({len(data.obs)},)")
+    values = values[rows]
+    missing = pd.isna(values)
+    if missing.any():
+        raise InputError(f"{where}: val_group_key has no group for {int(missing.sum())} labelled cell(s), e.g. "
+                         f"row {int(rows[np.flatnonzero(missing)[0]])}; give every labelled cell a group")
+    return pd.factorize(values)[0]
 
 
 def _describe(data: CellImages | AnnData) -> str:

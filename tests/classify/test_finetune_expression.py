@@ -14,7 +14,7 @@ from sslcell.classify.finetune import _validation_mask
 from sslcell.classify.objectives import EarlyStopping, SupervisedLoss
 from sslcell.cli import main
 from sslcell.data.expression import CountRows, ExpressionDataset, open_counts
-from sslcell.errors import ConfigError
+from sslcell.errors import ConfigError, InputError
 from sslcell.inference import embed_rows
 from tests.conftest import tiny_recipe
 
@@ -100,6 +100,35 @@ def test_validation_mask_is_stratified_and_keeps_a_training_cell_per_class():
     assert [int(val[codes == c].sum()) for c in range(4)] == [2, 1, 1, 0]
     assert not _validation_mask(codes, 0.0, seed=0).any()
     np.testing.assert_array_equal(val, _validation_mask(codes, 0.2, seed=0))
+
+
+def test_validation_by_group_holds_out_whole_groups_balanced_by_class():
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(20), 10)  # 20 images of 10 cells
+    codes = rng.integers(0, 3, len(groups))
+    val = _validation_mask(codes, 0.2, seed=1, groups=groups)
+    assert set(groups[val]).isdisjoint(groups[~val])  # no image on both sides
+    assert len(set(groups[val])) == 4 and val.sum() == 40  # one fold of five: a fifth of the images
+    assert set(codes[val]) == {0, 1, 2}
+    np.testing.assert_array_equal(val, _validation_mask(codes, 0.2, seed=1, groups=groups))
+    assert not np.array_equal(val, _validation_mask(codes, 0.2, seed=2, groups=groups))
+    with pytest.raises(InputError, match="1 group"):
+        _validation_mask(codes, 0.2, seed=1, groups=np.zeros(len(codes), dtype=int))
+
+
+def test_finetune_validates_on_the_groups_it_is_given(model, split):
+    train = split[0].copy()
+    train.obs["donor"] = np.where(np.arange(train.n_obs) < 100, "a", np.where(np.arange(train.n_obs) < 200, "b", "c"))
+    classifier = finetune(train, model, "cell_type", config("mlp", epochs=2, val_fraction=0.3),
+                          val_group_key="donor")
+    assert classifier.info["validation"]["n_groups"] == 1 and classifier.info["validation"]["n_cells"] == 100
+    train.obs.loc[train.obs_names[7], "donor"] = None
+    with pytest.raises(InputError, match="no group for 1 labelled cell"):
+        finetune(train, model, "cell_type", config("mlp", epochs=2, val_fraction=0.3), val_group_key="donor")
+    with pytest.raises(InputError, match="'plate' is not an obs column"):
+        finetune(train, model, "cell_type", config("mlp", epochs=2, val_fraction=0.3), val_group_key="plate")
+    with pytest.raises(ConfigError, match="val_fraction > 0"):
+        finetune(train, model, "cell_type", config("mlp", epochs=2), val_group_key="donor")
 
 
 def test_early_stopping_keeps_the_best_epoch_and_stops_after_patience():
