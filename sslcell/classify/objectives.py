@@ -27,9 +27,9 @@ log = logging.getLogger(__name__)
 class SupervisedLoss(nn.Module):
     """``loss(logits (B, K), head_input (B, F), labels (B,)) -> scalar``; see the module doc. ``class_weight (K,)``
     weights the cross-entropy per class (torch's weighted mean, ``sum_i w_(y_i) l_i / sum_i w_(y_i)``); the
-    supervised contrastive term is unweighted. ``labels`` may instead be class probabilities ``(B, K)`` (MixUp,
-    CutMix): cross-entropy only, each class's term weighted, averaged over the batch (torch's rule for soft
-    targets)."""
+    supervised contrastive term is unweighted. ``labels`` may instead be class probabilities ``t (B, K)`` (MixUp,
+    CutMix; cross-entropy only): cell ``i`` is weighted by ``sum_k w_k t_ik`` in the same weighted mean, so
+    one-hot targets give the hard labels' loss."""
 
     def __init__(self, label_smoothing: float = 0.0, supcon_weight: float = 0.0, supcon_temperature: float = 0.1,
                  miner_epsilon: float = 0.1, class_weight: Tensor | None = None) -> None:
@@ -43,7 +43,14 @@ class SupervisedLoss(nn.Module):
             self.miner = miners.MultiSimilarityMiner(epsilon=miner_epsilon)
 
     def forward(self, logits: Tensor, head_input: Tensor, labels: Tensor) -> Tensor:
-        loss = F.cross_entropy(logits.float(), labels, weight=self.class_weight, label_smoothing=self.label_smoothing)
+        if labels.ndim == 2:  # class probabilities: each cell weighted by its target's class weights
+            per_cell = F.cross_entropy(logits.float(), labels.float(), reduction="none",
+                                       label_smoothing=self.label_smoothing)
+            cell_weight = torch.ones_like(per_cell) if self.class_weight is None else labels.float() @ self.class_weight
+            loss = (cell_weight * per_cell).sum() / cell_weight.sum()
+        else:
+            loss = F.cross_entropy(logits.float(), labels, weight=self.class_weight,
+                                   label_smoothing=self.label_smoothing)
         if self.supcon_weight > 0:
             if labels.ndim != 1:
                 raise ValueError("the supervised contrastive loss needs one class per cell, not soft labels")

@@ -624,8 +624,16 @@ def test_class_weighted_loss_is_torchs_weighted_mean():
 def test_soft_one_hot_targets_give_the_hard_label_loss():
     logits, labels = torch.randn(6, 3, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 0, 1, 2, 2, 2])
     soft = torch.nn.functional.one_hot(labels, 3).float()
-    for loss in (SupervisedLoss(), SupervisedLoss(label_smoothing=0.1)):
+    weight = torch.tensor([0.5, 2.0, 1.0])
+    for loss in (SupervisedLoss(), SupervisedLoss(label_smoothing=0.1), SupervisedLoss(class_weight=weight)):
         torch.testing.assert_close(loss(logits, logits, soft), loss(logits, logits, labels))
+    # a blended cell counts with its blend of class weights: half class 0 (0.5), half class 1 (2.0)
+    half = torch.tensor([[0.5, 0.5, 0.0]])
+    per_cell = torch.nn.functional.cross_entropy(logits[:1], half, reduction="none")
+    mixed = SupervisedLoss(class_weight=weight)(torch.cat([logits[:1], logits[1:2]]), None,
+                                                torch.cat([half, soft[1:2]]))
+    plain = torch.nn.functional.cross_entropy(logits[1:2], labels[1:2])
+    torch.testing.assert_close(mixed, (1.25 * per_cell[0] + 0.5 * plain) / 1.75)
 
 
 @pytest.mark.parametrize("values", [{"mixup": 0.8}, {"cutmix": 1.0}, {"mixup": 0.8, "cutmix": 1.0}])
