@@ -123,7 +123,8 @@ class FinetuneConfig:
     label_smoothing: float = 0.0
     # full, crops: MixUp (Zhang et al. 2018) and CutMix (Yun et al. 2019), torchvision's, as in MAE's fine-tuning:
     # each batch is blended with a shuffled copy of itself, pixels and labels alike, at a Beta(alpha, alpha) share;
-    # the numbers are the alphas (0: off; with both on, each batch gets one of the two at random)
+    # the numbers are the alphas (0: off; with both on, each batch gets one of the two at random). Where a label is
+    # read from a cell's size or brightness they can hurt: on Jurkat's cell-cycle phases they did (README)
     mixup: float = 0.0
     cutmix: float = 0.0
     C: float = 1.0  # linear: inverse L2 strength of the logistic regression
