@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from sslcell.cellcycle.fit import CLOSURE_WARN
 from sslcell.cellcycle.recipe import CycleRecipe, fit_recipe, marker_intensity, marker_phases
 from sslcell.classify import FinetuneConfig
 from sslcell.data.images import CellImages
@@ -78,7 +79,11 @@ def test_quantile_pseudo_phases_are_equal_bins_of_the_marker():
 
 def test_recipe_places_new_crops_without_markers_on_the_cycle(recipe, tmp_path):
     fitted, phases = recipe
-    assert fitted.fit.anchored and fitted.fit.closure > 0.8 and fitted.info["channels"] == ["brightfield"]
+    # a ring, not an arc: both closures above the library's warning level (an arc's unscaled closure is ~0.3;
+    # the scaled one was 0.79-0.81 across machines, float differences between CPUs included)
+    assert fitted.fit.anchored and fitted.info["channels"] == ["brightfield"]
+    assert min(fitted.fit.closure, fitted.fit.closure_unscaled) > CLOSURE_WARN, (fitted.fit.closure,
+                                                                                fitted.fit.closure_unscaled)
     new, theta = cycling_crops(200, 4)
     label_free = new.select_channels(["brightfield"])  # no markers at inference
     estimate, phase, descriptor = fitted.apply(label_free)
