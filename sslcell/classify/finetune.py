@@ -237,6 +237,8 @@ def finetune(
             raise InputError(f"this model reads expression counts (an AnnData); got {type(data).__name__}")
         if channels is not None:
             raise InputError("channels: not applicable to expression data; remove the argument")
+        if config.mixup or config.cutmix:
+            raise ConfigError("mixup and cutmix: they blend crops; expression cells are not augmented, set them to 0")
     classes, codes, rows = _label_codes(data, label_key)
     groups = _val_groups(data, val_group_key, rows, config)
     cells = _labelled(data, rows, layer, model, max_missing_genes)  # crops, or counts in memory

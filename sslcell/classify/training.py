@@ -159,8 +159,6 @@ def fit_full(classifier: CellClassifier, cells: Any, codes: np.ndarray, config: 
         raise ConfigError(f"layer_decay: needs an encoder with ordered layers (a ViT); {kind} has none, use 1")
     if config.drop_path is not None and not hasattr(classifier.encoder, "set_drop_path"):
         raise ConfigError(f"drop_path: stochastic depth needs a ViT encoder; {kind} has none, leave it unset")
-    if (config.mixup or config.cutmix) and classifier.inputs.modality != "image":
-        raise ConfigError("mixup and cutmix: they blend crops; expression cells are not augmented, set them to 0")
     power = float(config.oversample)
     weights, class_weight = None, None
     if power > 0 and config.balance == "sampling":

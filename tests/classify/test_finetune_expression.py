@@ -3,6 +3,8 @@ loss, class balancing, save / load, backed files and the CLI."""
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -200,6 +202,8 @@ def test_new_settings_are_validated(values, field):
 
 def test_mixup_is_refused_for_expression_before_training(model, split, monkeypatch):
     monkeypatch.setattr("sslcell.classify.training.pl.Trainer.fit", lambda *a, **k: pytest.fail("trained"))
+    module = importlib.import_module("sslcell.classify.finetune")  # the module: the package re-exports finetune()
+    monkeypatch.setattr(module, "embed_rows", lambda *a, **k: pytest.fail("embedded"))
     with pytest.raises(ConfigError, match="mixup and cutmix: they blend crops"):
         finetune(split[0], model, "cell_type", config("full", mixup=0.8))
 
