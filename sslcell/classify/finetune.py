@@ -98,7 +98,8 @@ class FinetuneConfig:
     epochs: int = 30
     batch_size: int = 128
     lr: float = 2e-3  # head learning rate
-    encoder_lr_factor: float = 0.25  # encoder learning rate = lr * this (0: frozen encoder)
+    # full: encoder learning rate = lr * this (0: frozen encoder); linear / mlp heads leave the encoder frozen
+    encoder_lr_factor: float = 0.25
     # full, ViT encoders: layer-wise learning-rate decay (MAE's fine-tuning), layer l of L (0: the patch embedding,
     # L: the final norm) at lr * encoder_lr_factor * layer_decay ** (L - l); 1: every layer alike
     layer_decay: float = 1.0
@@ -420,22 +421,11 @@ def _val_groups(data: CellImages | AnnData, key: str | np.ndarray | None, rows: 
         return None
     if config.val_fraction <= 0:
         raise ConfigError("val_group_key: sets how validation cells are held out; give val_fraction > 0 too")
-    where = _describe(data)
-    if isinstance(key, str):
-        if key not in data.obs.columns:
-            raise InputError(f"{where}: val_group_key {key!r} is not an obs column; columns are "
-                             f"{list(data.obs.columns)}")
-        values = pd.Series(data.obs[key]).to_numpy()
-    else:
-        values = np.asarray(key)
-        if values.shape != (len(data.obs),):
-            raise InputError(f"val_group_key has shape {values.shape} for {len(data.obs)} cells; expected "
-                             f"({len(data.obs)},)")
-    values = values[rows]
+    values = _per_cell(data, key, "val_group_key").to_numpy()[rows]
     missing = pd.isna(values)
     if missing.any():
-        raise InputError(f"{where}: val_group_key has no group for {int(missing.sum())} labelled cell(s), e.g. "
-                         f"row {int(rows[np.flatnonzero(missing)[0]])}; give every labelled cell a group")
+        raise InputError(f"{_describe(data)}: val_group_key has no group for {int(missing.sum())} labelled "
+                         f"cell(s), e.g. row {int(rows[np.flatnonzero(missing)[0]])}; give every labelled cell a group")
     return pd.factorize(values)[0]
 
 
@@ -445,21 +435,26 @@ def _describe(data: CellImages | AnnData) -> str:
     return str(data.filename) if data.isbacked else f"<AnnData {data.n_obs} x {data.n_vars}>"
 
 
+def _per_cell(data: CellImages | AnnData, values: Any, what: str) -> pd.Series:
+    """``values``, an obs column's name or one value per cell ``(N,)``, as a Series on ``data.obs``'s index; ``what``
+    names the argument in errors."""
+    if isinstance(values, str):
+        if values not in data.obs.columns:
+            raise InputError(f"{_describe(data)}: no obs column {values!r} for {what}; columns are "
+                             f"{list(data.obs.columns)}")
+        return data.obs[values]
+    if isinstance(values, pd.Series):
+        values = values.array  # by position; a categorical keeps its categories
+    if not isinstance(values, pd.Categorical):
+        values = np.asarray(values)
+    n = len(data.obs)
+    if values.shape != (n,):
+        raise InputError(f"{what} has shape {values.shape} for {n} cells; expected ({n},)")
+    return pd.Series(values, index=data.obs.index)
+
+
 def _labels(data: CellImages | AnnData, labels: Any) -> pd.Series:
-    where = _describe(data)
-    if isinstance(labels, str):
-        if labels not in data.obs.columns:
-            raise InputError(f"{where}: no obs column {labels!r}; columns are {list(data.obs.columns)}")
-        values = data.obs[labels]
-    else:
-        if isinstance(labels, pd.Series):
-            labels = labels.array  # by position; a categorical keeps its categories
-        if not isinstance(labels, pd.Categorical):
-            labels = np.asarray(labels)
-        n = len(data.obs)
-        if labels.shape != (n,):
-            raise InputError(f"labels has shape {labels.shape} for {n} cells; expected ({n},)")
-        values = pd.Series(labels, index=data.obs.index)
+    values = _per_cell(data, labels, "labels")
     if not isinstance(values.dtype, pd.CategoricalDtype):
         values = values.astype("category")
     return values

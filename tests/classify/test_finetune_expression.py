@@ -127,8 +127,10 @@ def test_finetune_validates_on_the_groups_it_is_given(model, split):
     train.obs.loc[train.obs_names[7], "donor"] = None
     with pytest.raises(InputError, match="no group for 1 labelled cell"):
         finetune(train, model, "cell_type", config("mlp", epochs=2, val_fraction=0.3), val_group_key="donor")
-    with pytest.raises(InputError, match="'plate' is not an obs column"):
+    with pytest.raises(InputError, match="no obs column 'plate' for val_group_key"):
         finetune(train, model, "cell_type", config("mlp", epochs=2, val_fraction=0.3), val_group_key="plate")
+    with pytest.raises(InputError, match=rf"val_group_key has shape \(3,\) for {train.n_obs} cells"):
+        finetune(train, model, "cell_type", config("mlp", epochs=2, val_fraction=0.3), val_group_key=["a", "b", "c"])
     with pytest.raises(ConfigError, match="val_fraction > 0"):
         finetune(train, model, "cell_type", config("mlp", epochs=2), val_group_key="donor")
 
