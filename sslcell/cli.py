@@ -438,6 +438,14 @@ def _new_file(path: Path, overwrite: bool) -> Path:
     return path
 
 
+def _check_plot_path(path: Path, overwrite: bool) -> None:
+    """``--plot``: a new ``.png`` (an existing one only with ``--overwrite``), checked before any work is done."""
+    if path.suffix.lower() != ".png":
+        raise InputError(f"--plot {path}: figures are written as PNG; give a path ending in .png")
+    if path.exists() and not overwrite:
+        raise OverwriteError(f"--plot {path}: exists; pass --overwrite to replace it")
+
+
 def _write_h5ad(adata, path: Path) -> None:
     _write_atomically(path, adata.write_h5ad)
 
@@ -461,6 +469,8 @@ def _cell_cycle(args: argparse.Namespace) -> int:
     if args.model or args.recipe:
         return _cell_cycle_crops(args)
     out = _new_file(Path(args.out), args.overwrite)
+    if args.plot:
+        _check_plot_path(Path(args.plot), args.overwrite)
     adata = _read_h5ad(args.data)
     reference = _read_h5ad(args.reference) if args.reference else None
     cell_cycle(adata, args.use_rep, anchor_key=args.anchor_key, anchor_order=args.anchor_order, reference=reference,

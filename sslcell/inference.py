@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sslcell.errors import InputError
+
 
 def default_device(device: str | torch.device | None = None) -> torch.device:
     """``device``, or CUDA when available, else CPU."""
@@ -24,6 +26,8 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
 
 def iter_batches(data: Any, batch_size: int) -> Iterator[tuple[int, int, Tensor]]:
     """``(start, stop, batch)`` over the rows of ``data``: crops ``(B, C, H, W)`` or dense counts ``(B, G)``."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise InputError(f"batch_size: must be a whole number >= 1, got {batch_size!r}")
     if hasattr(data, "iter_chunks"):  # ExpressionDataset: sparse chunks read in order
         for start, stop, chunk in data.iter_chunks(batch_size):
             yield start, stop, torch.from_numpy(chunk.toarray())

@@ -84,13 +84,15 @@ def embed(
         refuse(layer=layer, counts_are_log_normalized=counts_are_log_normalized, max_missing_genes=max_missing_genes)
     else:
         refuse(crops=crops, channels=channels)
+    if batch_size is None:
+        batch_size = CROPS_BATCH if model.inputs.modality == "image" else EXPRESSION_BATCH
     if copy:
         adata = adata.to_memory() if adata.isbacked else adata.copy()
     if model.inputs.modality == "image":
-        embedding, info = _embed_crops(adata, crops, model, channels, batch_size or CROPS_BATCH, device)
+        embedding, info = _embed_crops(adata, crops, model, channels, batch_size, device)
     else:
-        embedding, info = _embed_expression(adata, model, layer, counts_are_log_normalized,
-                                            batch_size or EXPRESSION_BATCH, device, max_missing_genes)
+        embedding, info = _embed_expression(adata, model, layer, counts_are_log_normalized, batch_size, device,
+                                            max_missing_genes)
     drop_derived(adata, key_added)
     adata.obsm[key_added] = embedding
     record(adata, key_added, {"model": str(getattr(model, "source", "<in memory>")),

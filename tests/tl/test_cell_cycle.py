@@ -94,6 +94,10 @@ def test_plot_shows_the_plane_and_theta_by_phase(cells, tmp_path):
     assert len(fig.axes) >= 3 and (tmp_path / "cycle.png").stat().st_size > 10_000
     with pytest.raises(InputError, match="no cell-cycle fit under 'other'"):
         pl.cell_cycle(cells, key="other")
+    (tmp_path / "cells.h5ad").write_bytes(b"data")
+    with pytest.raises(InputError, match="ending in .png"):  # a figure never replaces a data file
+        pl.cell_cycle(cells, path=tmp_path / "cells.h5ad")
+    assert (tmp_path / "cells.h5ad").read_bytes() == b"data"
 
 
 def test_cli_cell_cycle(cells, tmp_path, capsys):
@@ -105,6 +109,22 @@ def test_cli_cell_cycle(cells, tmp_path, capsys):
     assert "cell_cycle_theta" in out.obs and (tmp_path / "cycle.png").is_file()
     assert "closure" in capsys.readouterr().out
     assert main(["cell-cycle", "--data", str(tmp_path / "emb.h5ad"), "--out", str(tmp_path / "out.h5ad")]) == 2
+
+
+def test_cli_cell_cycle_plot_never_replaces_a_file_without_asking(cells, tmp_path, capsys):
+    cells.write_h5ad(tmp_path / "emb.h5ad")
+    before = (tmp_path / "emb.h5ad").read_bytes()
+    (tmp_path / "mine.png").write_bytes(b"my figure")
+    args = ["cell-cycle", "--data", str(tmp_path / "emb.h5ad"), "--anchor-key", "phase", "--out",
+            str(tmp_path / "out.h5ad")]
+    assert main([*args, "--plot", str(tmp_path / "emb.h5ad")]) == 2  # the input itself: not a .png
+    assert "ending in .png" in capsys.readouterr().err
+    assert main([*args, "--plot", str(tmp_path / "mine.png")]) == 2
+    assert "mine.png: exists; pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "emb.h5ad").read_bytes() == before and (tmp_path / "mine.png").read_bytes() == b"my figure"
+    assert not (tmp_path / "out.h5ad").exists()  # refused before any work
+    assert main([*args, "--plot", str(tmp_path / "mine.png"), "--overwrite"]) == 0
+    assert (tmp_path / "mine.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def _one_phase(phase: str, n: int = 800, seed: int = 9) -> tuple[ad.AnnData, ad.AnnData]:

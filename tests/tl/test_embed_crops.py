@@ -57,6 +57,15 @@ def test_arguments_that_do_not_apply_are_refused(cells, model, small_counts):
     assert "X_sslcell" not in adata.obsm  # nothing was written by a refused call
 
 
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, True])
+def test_a_batch_size_below_one_is_refused_not_left_unfilled(cells, model, batch_size):
+    """range(0, n, -1) is empty: without the check the preallocated output came back uninitialised."""
+    adata = cells.to_anndata()
+    with pytest.raises(InputError, match="batch_size: must be a whole number >= 1"):
+        tl.embed(adata, model, crops=cells, batch_size=batch_size)
+    assert "X_sslcell" not in adata.obsm
+
+
 def test_deprecated_crops_first_call_still_works(cells, model):
     with pytest.warns(DeprecationWarning, match="embed_crops"):
         adata = tl.embed(cells, model)
