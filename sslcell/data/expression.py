@@ -22,7 +22,16 @@ from sslcell.data.genes import GeneAligner, GeneAlignment, as_gene_array, check_
 # IN_MEMORY, _ArrayReader, vstack_csr (and Workspace, used here): compatibility re-exports, kept for one
 # release; the reading layer moved to sslcell.data.shards
 from sslcell.data.shards import IN_MEMORY as IN_MEMORY
-from sslcell.data.shards import Workspace, _empty, _FileShard, _MemoryShard, _Shard, _shard_paths, _validate
+from sslcell.data.shards import (
+    Workspace,
+    _check_csr,
+    _empty,
+    _FileShard,
+    _MemoryShard,
+    _Shard,
+    _shard_paths,
+    _validate,
+)
 from sslcell.data.shards import _ArrayReader as _ArrayReader
 from sslcell.data.shards import vstack_csr as vstack_csr
 from sslcell.errors import GeneMismatchError, InputError
@@ -73,7 +82,8 @@ class ExpressionDataset:
         if isinstance(data, ad.AnnData):
             if data.isbacked:
                 if data.is_view:
-                    raise InputError("a view of a backed AnnData is not supported; pass the file path or .to_memory()")
+                    raise InputError(f"{data.filename}: a view of a backed AnnData (some of its cells) is not "
+                                     "supported; pass the whole file, or the view's .to_memory()")
                 shards: list[_Shard] = [_FileShard(data.filename, layer)]
             else:
                 shards = [_MemoryShard(data, layer)]
@@ -177,6 +187,7 @@ class ExpressionDataset:
             offsets = self._shards[i].nnz_offsets(lo, hi)
             block = None if offsets is not None else self._shards[i].read(lo, hi)
             offsets = (block.indptr if block is not None else offsets).astype(np.int64)
+            _check_csr(self._shards[i], lo, offsets)
             plans.append((i, lo, hi, offsets, block))
             total += int(offsets[-1] - offsets[0])
         n_rows = sum(hi - lo for _, lo, hi, _, _ in plans)
@@ -201,6 +212,8 @@ class ExpressionDataset:
                     indices[nnz : nnz + n] if indices_in_place else _empty(workspace, "raw_idx", n, index_dtype)
                 )
                 shard.read_values(int(offsets[0]), int(offsets[-1]), raw, raw_indices)
+            if block is None:  # a block scipy built from the file was checked by scipy
+                _check_csr(shard, lo, local, raw_indices)
             _validate(raw, local, shard, lo, counts=not self.counts_are_log_normalized)
             if aligner is not None:
                 raw, raw_indices, local = aligner.apply_arrays(raw, raw_indices, local)
@@ -230,10 +243,9 @@ def open_counts(
     """The counts of ``adata`` (``X`` or ``layer``; a backed file is read chunk-wise) aligned to a model's ``genes``;
     more than ``max_missing_genes`` of them missing is refused (:func:`~sslcell.data.genes.check_missing`). Close
     the dataset after use."""
-    source = adata.filename if adata.isbacked else adata
     with warnings.catch_warnings():  # the alignment warning comes below, only if the data are not refused
         warnings.filterwarnings("ignore", message="gene alignment: ", category=UserWarning)
-        dataset = ExpressionDataset.open(source, layer=layer, genes=list(genes),
+        dataset = ExpressionDataset.open(adata, layer=layer, genes=list(genes),
                                          counts_are_log_normalized=counts_are_log_normalized)
     try:
         check_missing(dataset.alignment, max_missing_genes)

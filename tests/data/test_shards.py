@@ -42,3 +42,30 @@ def test_workspace_reuses_scratch_arrays():
     again = ws.get("data", 80, np.dtype(np.float32))
     assert first.shape == (100,) and again.shape == (80,) and np.shares_memory(first, again)
     assert ws.get("data", 80, np.dtype(np.int64)).dtype == np.int64  # another dtype: a new array
+
+
+@pytest.mark.parametrize("damage", ["indptr", "indices"])
+def test_a_damaged_csr_file_is_refused_naming_file_and_rows(tmp_path, damage):
+    """Decreasing row pointers or out-of-range column indices: a clear error, never another cell's counts."""
+    import anndata as ad
+
+    from sslcell.data.expression import ExpressionDataset
+    from sslcell.errors import FileFormatError
+
+    counts = sp.random(40, 12, density=0.5, format="csr", random_state=0, dtype=np.float32)
+    counts.data = np.ceil(counts.data * 10)
+    ad.AnnData(counts).write_h5ad(tmp_path / "d.h5ad")
+    with h5py.File(tmp_path / "d.h5ad", "r+") as f:
+        if damage == "indptr":
+            pointers = f["X/indptr"][:]
+            pointers[5] = pointers[6] + 3
+            f["X/indptr"][...] = pointers
+        else:
+            indices = f["X/indices"][:]
+            indices[7] = 12  # one past the last gene
+            f["X/indices"][...] = indices
+    dataset = ExpressionDataset.open(tmp_path / "d.h5ad")
+    expected = r"its row pointers decrease at row 5" if damage == "indptr" else r"column indices outside 0\.\.11"
+    with pytest.raises(FileFormatError, match=rf"d\.h5ad.*damaged sparse matrix, {expected}"):
+        dataset.read_rows(0, 40)
+    dataset.close()

@@ -6,7 +6,7 @@ import pytest
 import scanpy as sc
 
 import sslcell
-from sslcell.errors import GeneMismatchError, OverwriteError
+from sslcell.errors import GeneMismatchError, InputError, OverwriteError
 from tests.conftest import tiny_recipe
 
 
@@ -52,6 +52,20 @@ def test_backed_and_reordered_genes_give_the_same_embedding(trained, small_count
     shuffled = small_counts[:, np.random.default_rng(0).permutation(small_counts.n_vars)].copy()
     sslcell.tl.embed(shuffled, model)
     np.testing.assert_allclose(shuffled.obsm["X_sslcell"], reference.obsm["X_sslcell"], atol=1e-5)
+
+
+def test_a_view_of_a_backed_file_is_refused_or_copied_never_read_as_the_whole_file(trained, small_counts,
+                                                                                    small_counts_file):
+    """Reading the view's file would embed every cell in file order onto the view's (permuted) rows."""
+    model, _ = trained
+    reference = small_counts.copy()
+    sslcell.tl.embed(reference, model)
+    rows = np.random.default_rng(1).permutation(small_counts.n_obs)[:50]
+    view = ad.read_h5ad(small_counts_file, backed="r")[rows]
+    with pytest.raises(InputError, match="a view of a backed AnnData"):
+        sslcell.tl.embed(view, model)
+    copied = sslcell.tl.embed(view, model, copy=True)  # the view's cells, loaded
+    np.testing.assert_allclose(copied.obsm["X_sslcell"], reference.obsm["X_sslcell"][rows], atol=1e-5)
 
 
 def test_missing_genes_are_zero_filled_and_reported(trained, small_counts):
