@@ -151,6 +151,12 @@ class ImageInputs(Inputs):
                 # crops stored without channel names, selected explicitly by position: take them as the model's
                 cells = cells.rename_channels(self.channel_names)
         elif cells.channel_names != self.channel_names and set(self.channel_names) <= set(cells.channel_names):
+            unnamed_model = list(self.channel_names) == [f"channel_{i}" for i in range(self.n_channels)]
+            if unnamed_model and cells.unnamed_channels:  # channel_0 names a position, not a stain: no match by name
+                raise ChannelMismatchError(
+                    f"{cells.source}: {cells.n_channels} unnamed channels, the model {self.n_channels} unnamed ones; "
+                    f"say which of the crops' channels it reads, in its order (channels=[...] / --channels)"
+                )
             cells = cells.select_channels(self.channel_names)
         if cells.channel_names != self.channel_names:
             raise ChannelMismatchError(

@@ -252,3 +252,14 @@ def test_mae_loss_scores_masked_patches_only(crops, batch):
     per_patch = ((pred - target) ** 2).mean(-1)
     assert mask.sum().item() == 32 * 12
     torch.testing.assert_close(loss, per_patch[mask.bool()].mean(), rtol=1e-4, atol=1e-5)
+
+
+def test_unnamed_channels_are_positions_not_names():
+    """A model of 2 unnamed channels on 3 unnamed ones: refused unless told which (channel_0 names no stain)."""
+    inputs = ImageInputs({"modality": "image", "channel_names": ["channel_0", "channel_1"], "channel_mean": [0, 0],
+                          "channel_std": [1, 1], "image_size": [8, 8], "dtype": "uint8"})
+    three = CellImages.from_array(np.zeros((4, 3, 8, 8), dtype=np.uint8))
+    with pytest.raises(ChannelMismatchError, match="3 unnamed channels, the model 2 unnamed ones"):
+        inputs.align(three)
+    assert inputs.align(three, channels=[2, 0]).channel_names == ["channel_0", "channel_1"]
+    assert inputs.align(three.select_channels([0, 1])).n_channels == 2
