@@ -61,7 +61,9 @@ def pretrain(
         data: expression: an AnnData, an ``.h5ad`` path, a folder or list of ``.h5ad`` shards.
             images: :class:`CellImages`, or an ``.npz`` / zarr / crop-folder path.
         out: the run directory. An existing run is refused unless ``resume`` or ``overwrite``.
-        resume: continue the run in ``out`` from its last checkpoint, with its recipe and genes or channels.
+        resume: continue the run in ``out`` from its last checkpoint, with its recipe and genes or channels;
+            ``config`` must be that recipe (its ``train`` settings but the seed, and ``data.num_workers``, may
+            differ).
         max_epochs, max_steps, devices, accelerator: override the recipe's ``train`` settings.
         channels: images: the channels to train on (indices or names); overrides ``data.channels``.
         callbacks: extra Lightning callbacks (early stopping, monitors).
@@ -72,7 +74,9 @@ def pretrain(
     out = Path(out)
     spawned = _is_spawned_rank()
     if resume:
-        config, contract = _read_run(out)
+        stored, contract = _read_run(out)
+        _check_same_recipe(config, stored, out)
+        config = stored
     else:
         if not spawned:
             _check_new_run(out, overwrite)
@@ -396,6 +400,21 @@ def _write_run(out: Path, config: RecipeConfig, contract: Contract, data: Any) -
         "versions": versions(),
     }
     (out / RUN_FILE).write_text(json.dumps(payload, indent=1))
+
+
+def _check_same_recipe(given: RecipeConfig, stored: RecipeConfig, out: Path) -> None:
+    """Refuse to resume the run in ``out`` with another recipe (method, encoder, optimiser, data or seed): it
+    would go on with the stored one. How long and where it trains, and how it logs, may differ."""
+    a, b = given.to_dict(), stored.to_dict()
+    changed = [] if a["modality"] == b["modality"] else ["modality"]
+    for section in ("method", "encoder", "optim", "data", "train"):
+        for name, value in b[section].items():
+            free = section == "train" and name != "seed" or section == "data" and name in ("num_workers", "channels")
+            if not free and a[section].get(name) != value:
+                changed.append(f"{section}.{name} (the run's {value!r}, given {a[section].get(name)!r})")
+    if changed:
+        raise ConfigError(f"{out}: resuming with another recipe than the run's: {'; '.join(changed)}; resume with "
+                          f"the recipe it started with (recorded in {out / RUN_FILE}), or start a new run")
 
 
 def _read_run(out: Path) -> tuple[RecipeConfig, Contract]:

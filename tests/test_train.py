@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from sslcell.checkpoint import load
-from sslcell.errors import OverwriteError
+from sslcell.errors import ConfigError, OverwriteError
 from sslcell.train import pretrain
 from tests.conftest import REPO, tiny_recipe
 
@@ -211,3 +211,14 @@ def test_lightnings_advertisement_is_not_logged(caplog):
         pl.Trainer(logger=False, enable_progress_bar=False, accelerator="cpu")
     assert "GPU available" in caplog.text  # the logger is heard: the check has teeth
     assert "litlogger" not in caplog.text
+
+
+def test_resume_with_another_recipe_is_refused(small_counts_file, tmp_path):
+    """--resume --config other.yaml went on with the run's recipe without a word."""
+    out = tmp_path / "run"
+    pretrain(tiny_recipe("mae", train={"checkpoint_every_n_steps": 2}), small_counts_file, out, callbacks=[StopAt(2)])
+    other = tiny_recipe("mae", encoder={"latent": 12})
+    with pytest.raises(ConfigError, match=r"another recipe than the run.s: encoder\.latent \(the run.s 8, given 12\)"):
+        pretrain(other, small_counts_file, out, resume=True)
+    resumed = pretrain(tiny_recipe("mae", data={"num_workers": 0}), small_counts_file, out, resume=True)
+    assert resumed.trainer.global_step > 2
