@@ -180,6 +180,20 @@ def read_weights(module: torch.nn.Module, path: Path, config: str, map_location:
     module.load_state_dict(state)
 
 
+def weights_id(module: torch.nn.Module) -> str:
+    """A fingerprint of ``module``'s weights (every tensor of its state dict, by name): equal for the same weights
+    however they were loaded, different once any value differs. Recorded with every embedding, so embeddings of
+    two different models are never compared as if they shared a space."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=8)
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def model_directory(directory: str | Path) -> Path:
     """Accept a model directory or a run directory containing ``model/``."""
     directory = Path(directory)

@@ -68,6 +68,7 @@ def transfer_labels(
     ref = reference if isinstance(reference, ReferenceIndex) else _reference(reference, label_key, use_rep, index)
     if ref.use_rep != use_rep:
         raise InputError(f"the reference index was built from {ref.use_rep!r}, not {use_rep!r}")
+    _check_same_model(query, ref, use_rep)
     k = int(n_neighbors) + int(leave_one_out)
     dist, rows = ref.search(query.obsm[use_rep], k)
     if leave_one_out:
@@ -110,10 +111,29 @@ def _reference(adata: AnnData, label_key: str, use_rep: str, index: Kind, metric
     labelled = _reference_rows(adata, label_key)
     if labelled.size == 0:
         raise InputError(f"the reference has no labelled cell in obs[{label_key!r}]")
-    model = adata.uns.get("sslcell", {}).get(use_rep, {}).get("model")
+    made = _embedded_by(adata, use_rep)
     embedding = np.asarray(adata.obsm[use_rep])[labelled]
     labels = adata.obs[label_key].to_numpy()[labelled]
-    return ReferenceIndex(embedding, labels, kind=index, metric=metric, model=model, use_rep=use_rep)
+    return ReferenceIndex(embedding, labels, kind=index, metric=metric, model=made.get("model"), use_rep=use_rep,
+                          model_id=made.get("model_id"))
+
+
+def _embedded_by(adata: AnnData, use_rep: str) -> dict[str, Any]:
+    """``tl.embed``'s record of the model behind ``obsm[use_rep]`` (empty where it was not made by tl.embed)."""
+    made = adata.uns.get("sslcell", {}).get(use_rep, {})
+    return made if isinstance(made, dict) else {}
+
+
+def _check_same_model(query: AnnData, ref: ReferenceIndex, use_rep: str) -> None:
+    """Refuse query and reference embeddings recorded as made by different weights: their spaces differ, so
+    their neighbours would be meaningless (where either side has no record, nothing can be checked)."""
+    made = _embedded_by(query, use_rep)
+    if made.get("model_id") and ref.model_id and made["model_id"] != ref.model_id:
+        raise InputError(
+            f"query.obsm[{use_rep!r}] was embedded by another model ({made.get('model')}, weights "
+            f"{made['model_id']}) than the reference ({ref.model}, weights {ref.model_id}): embed both with the "
+            "same model"
+        )
 
 
 def _reference_rows(adata: AnnData, label_key: str) -> np.ndarray:

@@ -119,7 +119,8 @@ class ReferenceIndex:
     """Labelled reference embeddings ``(N, D)`` behind a faiss index; see the module doc for the kinds."""
 
     def __init__(self, embedding, labels, *, kind: Kind = "auto", metric: Metric = "euclidean",
-                 model: str | None = None, use_rep: str = "X_sslcell", batch_size: int = 8192) -> None:
+                 model: str | None = None, use_rep: str = "X_sslcell", batch_size: int = 8192,
+                 model_id: str | None = None) -> None:
         x = _as_float32(embedding, "reference embedding")
         labels = np.asarray(labels).astype(str)
         if labels.shape != (x.shape[0],):
@@ -131,6 +132,7 @@ class ReferenceIndex:
         if len(self.classes) < 2:
             raise InputError(f"the reference holds a single class ({self.classes[0]!r}): nothing to transfer")
         self.metric, self.model, self.use_rep = metric, model, use_rep
+        self.model_id = model_id  # checkpoint.weights_id of the model that embedded it, where recorded
         self._index = _INDEXES[self.kind](x, metric, batch_size)
 
     @property
@@ -163,7 +165,7 @@ class ReferenceIndex:
         if self.kind != "exact":
             faiss.write_index(self._index.index, str(directory / "index.faiss"))
         meta = {"format_version": FORMAT_VERSION, "kind": self.kind, "metric": self.metric, "model": self.model,
-                "use_rep": self.use_rep, "n": self.n, "dim": self.dim}
+                "model_id": self.model_id, "use_rep": self.use_rep, "n": self.n, "dim": self.dim}
         (directory / "reference.json").write_text(json.dumps(meta, indent=1))
         return directory
 
@@ -194,6 +196,7 @@ class ReferenceIndex:
             raise FileFormatError(f"{directory}: labels.npy {labels.shape} does not match the {meta['n']} vectors")
         out = cls.__new__(cls)
         out.kind, out.metric, out.model, out.use_rep = meta["kind"], meta["metric"], meta["model"], meta["use_rep"]
+        out.model_id = meta.get("model_id")  # absent in references saved before sslcell recorded it
         out.classes, out.codes = np.unique(labels.astype(str), return_inverse=True)
         try:
             index = None if out.kind == "exact" else faiss.read_index(str(directory / "index.faiss"))

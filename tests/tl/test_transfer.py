@@ -200,3 +200,27 @@ def test_cli_transfer(tmp_path, capsys):
     assert not (tmp_path / "out2.h5ad").exists()
     assert main([*argv, "--overwrite"]) == 0
     assert (ad.read_h5ad(tmp_path / "out2.h5ad").obs["cell_type_pred"] != "mine").all()
+
+
+def test_query_and_reference_embedded_by_different_models_are_refused(cells, model, tmp_path):
+    """Same dimension, different weights: their neighbours would be meaningless, so the transfer is refused."""
+    import copy
+
+    import torch
+
+    from sslcell.checkpoint import load, save_model, weights_id
+
+    save_model(model, tmp_path / "m")
+    assert weights_id(load(tmp_path / "m")) == weights_id(model)  # however the same weights were loaded
+    reference = tl.embed_crops(cells, model)
+    tl.transfer_labels(tl.embed_crops(cells, load(tmp_path / "m")), reference, "label")
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        next(other.parameters()).add_(0.01)
+    query = tl.embed_crops(cells, other)
+    with pytest.raises(InputError, match=r"embedded by another model .* than the reference"):
+        tl.transfer_labels(query, reference, "label")
+    saved = tl.build_reference(reference, "label").save(tmp_path / "ref")
+    with pytest.raises(InputError, match="embedded by another model"):
+        tl.transfer_labels(query, ReferenceIndex.load(saved), "label")
+    assert "label_pred" not in query.obs
