@@ -307,6 +307,11 @@ def _embed(args: argparse.Namespace) -> int:
                 if key in f[group]:
                     del f[group][key]
                 ad.io.write_elem(f[group], key, value)
+            neighbors = f"{args.key}_neighbors"  # what pl.umap computed from an earlier embedding under this key
+            for group, key in (("obsm", f"{args.key}_umap"), ("uns", neighbors),
+                               ("obsp", f"{neighbors}_connectivities"), ("obsp", f"{neighbors}_distances")):
+                if group in f and key in f[group]:
+                    del f[group][key]
 
     _write_atomically(out, copy_with_embedding)
     print(f"wrote {out}: obsm[{args.key!r}] {embedding.shape}")

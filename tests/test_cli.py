@@ -41,6 +41,20 @@ def test_pretrain_embed_evaluate(recipe_file, small_counts_file, tmp_path, capsy
     assert main(["embed", "--model", str(run), "--data", str(small_counts_file), "--out", str(out)]) == 2
     assert "exists" in capsys.readouterr().err
     assert out.read_bytes() == before
+    # re-embedding a file with a UMAP of its earlier embedding: that UMAP and its neighbours are not carried over
+    import scanpy as sc
+
+    umapped = ad.read_h5ad(out)
+    sc.pp.neighbors(umapped, use_rep="X_sslcell", key_added="X_sslcell_neighbors", n_neighbors=5)
+    umapped.obsm["X_sslcell_umap"] = np.zeros((umapped.n_obs, 2))
+    umapped.write_h5ad(tmp_path / "umapped.h5ad")
+    again = tmp_path / "again.h5ad"
+    assert main(["embed", "--model", str(run), "--data", str(tmp_path / "umapped.h5ad"), "--out", str(again)]) == 2
+    assert main(["embed", "--model", str(run), "--data", str(tmp_path / "umapped.h5ad"), "--out", str(again),
+                 "--overwrite"]) == 0
+    redone = ad.read_h5ad(again)
+    assert "X_sslcell" in redone.obsm and "X_sslcell_umap" not in redone.obsm
+    assert "X_sslcell_neighbors" not in redone.uns and not list(redone.obsp)
 
 
 def test_bad_inputs_exit_2_with_a_message(recipe_file, tmp_path, capsys):
