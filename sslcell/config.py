@@ -25,6 +25,8 @@ from sslcell.errors import ConfigError
 
 # The method registry, the single place that names the methods of each modality: name -> "module:Class" under
 # ``sslcell.methods`` (resolved by ``sslcell.methods.build_method``, so reading a config imports no torch).
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")  # Lightning's names for what sslcell runs on
+
 METHODS: dict[str, dict[str, str]] = {
     "expression": {
         "mae": "mae:ExpressionMAE",
@@ -164,6 +166,16 @@ class RecipeConfig:
             raise ConfigError(f"data.n_top_genes: must be >= 1 or null, got {self.data.n_top_genes}")
         if self.train.max_epochs < 1 and self.train.max_steps < 1:
             raise ConfigError("train.max_epochs / train.max_steps: at least one must be positive")
+        for name in ("devices", "num_nodes"):
+            if getattr(self.train, name) < 1:
+                raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self.train, name)}")
+        if self.train.accelerator not in ACCELERATORS:
+            raise ConfigError(f"train.accelerator: must be one of {list(ACCELERATORS)}, got {self.train.accelerator!r}")
+        if any(width < 1 for width in self.encoder.hidden) or self.encoder.latent < 1:
+            raise ConfigError(f"encoder.hidden and encoder.latent: layer widths must be >= 1, got "
+                              f"{self.encoder.hidden} and {self.encoder.latent}")
+        if not 0.0 <= self.encoder.dropout < 1.0:
+            raise ConfigError(f"encoder.dropout: must lie in [0, 1), got {self.encoder.dropout}")
         if self.optim.lr <= 0:
             raise ConfigError(f"optim.lr: must be positive, got {self.optim.lr}")
 

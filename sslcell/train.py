@@ -78,9 +78,6 @@ def pretrain(
         _check_same_recipe(config, stored, out)
         config = stored
     else:
-        if not spawned:
-            _check_new_run(out, overwrite)
-            _clear_run(out)
         contract = None
     if max_epochs is not None:
         config.train.max_epochs = max_epochs
@@ -94,6 +91,10 @@ def pretrain(
         if resume:
             raise ConfigError("channels: a resumed run keeps its channels; drop --channels")
         config.data.channels = [channels] if isinstance(channels, (str, int)) else list(channels)
+    config.check()  # the overrides too, before anything in out is touched
+    if not resume and not spawned:
+        _check_new_run(out, overwrite)
+        _clear_run(out)
 
     prepare = _prepare_images if config.modality == "image" else _prepare_expression
     dataset, contract = prepare(config, data, contract)

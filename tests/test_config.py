@@ -36,6 +36,11 @@ def test_round_trip():
         ({"method": {"name": "dino"}}, "method.name"),
         ({"data": {"batch_size": 0}}, "data.batch_size"),
         ({"train": {"progress_bar": "yes"}}, "train.progress_bar"),
+        ({"encoder": {"hidden": [32, -4]}}, "encoder.hidden"),
+        ({"encoder": {"latent": 0}}, "encoder.latent"),
+        ({"encoder": {"dropout": 1.0}}, "encoder.dropout"),
+        ({"train": {"devices": 0}}, "train.devices"),
+        ({"train": {"accelerator": "tpu"}}, "train.accelerator"),
     ],
 )
 def test_errors_name_the_field(values, field):

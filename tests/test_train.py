@@ -222,3 +222,12 @@ def test_resume_with_another_recipe_is_refused(small_counts_file, tmp_path):
         pretrain(other, small_counts_file, out, resume=True)
     resumed = pretrain(tiny_recipe("mae", data={"num_workers": 0}), small_counts_file, out, resume=True)
     assert resumed.trainer.global_step > 2
+
+
+def test_a_bad_override_is_refused_before_the_run_folder_is_touched(small_counts_file, tmp_path):
+    """--max-epochs -1 raised an OverflowError mid-run and left a run.json that blocked the next try."""
+    with pytest.raises(ConfigError, match="at least one must be positive"):
+        pretrain(tiny_recipe(), small_counts_file, tmp_path / "run", max_epochs=-1)
+    with pytest.raises(ConfigError, match="train.devices"):
+        pretrain(tiny_recipe(), small_counts_file, tmp_path / "run", devices=0)
+    assert not (tmp_path / "run").exists()
