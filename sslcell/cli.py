@@ -277,6 +277,7 @@ def _embed(args: argparse.Namespace) -> int:
 
     if read_model_config(args.model)["contract"]["modality"] == "image":
         return _embed_images(args)
+    _refuse_flags(args, ("channels", "label_key"), "crops only; this model reads expression (labels stay in obs)")
     src, out = Path(args.data), _new_file(Path(args.out), args.overwrite)
     if out.resolve() == src.resolve():
         raise OverwriteError(f"{out}: is the input file; write to another path")
@@ -366,6 +367,10 @@ def _finetune(args: argparse.Namespace) -> int:
     if config.head != "full":
         _refuse_flags(args, ("encoder_lr_factor", "layer_decay", "drop_path"), f"the {config.head} head trains on the "
                       "frozen encoder's embeddings; these shape the encoder's training (--head full)")
+    if config.head != "mlp":
+        _refuse_flags(args, ("hidden_dim",), f"the width of the mlp head's hidden layer, not the {config.head} head's")
+    if not config.val_fraction:
+        _refuse_flags(args, ("patience",), "stops training on a validation split; give --val-fraction too")
     model = load(args.model)
     if model.inputs.modality == "expression":
         # backed: the labelled cells' counts are read chunk-wise, and errors name the file
@@ -473,6 +478,8 @@ def _cell_cycle(args: argparse.Namespace) -> int:
 
     if args.model or args.recipe:
         return _cell_cycle_crops(args)
+    _refuse_flags(args, ("marker_channels", "channels", "epochs"), "these fit the DeepCycle recipe on crops; give "
+                  "--model (or place crops with --recipe)")
     out = _new_file(Path(args.out), args.overwrite)
     if args.plot:
         _check_plot_path(Path(args.plot), args.overwrite)
@@ -519,6 +526,8 @@ def _cell_cycle_crops(args: argparse.Namespace) -> int:
                                     scheme="quantiles" if len(args.marker_channels) == 1 else "grid")
         recipe.save(out / "recipe", overwrite=args.overwrite)
     else:
+        _refuse_flags(args, ("marker_channels", "epochs"), "these fit a new recipe (--model); --recipe places crops "
+                      "with a saved one")
         recipe, pseudo = CycleRecipe.load(args.recipe), None
     adata = recipe.to_anndata(cells, args.channels)
     if pseudo is not None:

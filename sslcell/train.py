@@ -88,6 +88,8 @@ def pretrain(
     if accelerator is not None:
         config.train.accelerator = accelerator
     if channels is not None:
+        if config.modality != "image":
+            raise ConfigError("channels: crops only; an expression recipe reads genes (drop --channels)")
         if resume:
             raise ConfigError("channels: a resumed run keeps its channels; drop --channels")
         config.data.channels = [channels] if isinstance(channels, (str, int)) else list(channels)

@@ -109,6 +109,18 @@ EXPRESSION_CASES = {
                               "{root}/good.h5ad", "--overwrite"], "is the input file"),
     "no model": (["embed", "--model", "{root}/folder", "--data", "{root}/good.h5ad", "--out", "{root}/e.h5ad"],
                  "not an sslcell model directory"),
+    "channels for expression": (PRETRAIN + ["{root}/good.h5ad", "--out", "{root}/new", "--channels", "0,1"],
+                                "channels: crops only"),
+    "channels for expression embed": (["embed", "--model", "{root}/run", "--data", "{root}/good.h5ad", "--out",
+                                       "{root}/e.h5ad", "--channels", "0"], "--channels: crops only"),
+    "negative epochs": (PRETRAIN + ["{root}/good.h5ad", "--out", "{root}/new", "--max-epochs", "-1"],
+                        "at least one must be positive"),
+    "patience without validation": (["finetune", "--model", "{root}/run", "--data", "{root}/good.h5ad", "--label-key",
+                                     "cell_type", "--out", "{root}/c", "--head", "mlp", "--patience", "2"],
+                                    "--patience: stops training on a validation split"),
+    "hidden dim of a linear head": (["finetune", "--model", "{root}/run", "--data", "{root}/good.h5ad",
+                                     "--label-key", "cell_type", "--out", "{root}/c", "--head", "linear",
+                                     "--hidden-dim", "8"], "--hidden-dim: the width of the mlp head's"),
 }
 
 

@@ -138,6 +138,8 @@ def test_cli_fits_a_recipe_on_crops_and_applies_it_to_crops_without_markers(mode
     assert {"cell_cycle_theta", "cell_cycle_phase", "pseudo_phase"} <= set(fitted.obs)
     assert (tmp_path / "fit" / "cell_cycle.png").is_file() and (tmp_path / "fit" / "recipe" / "cycle.json").is_file()
     assert main(["cell-cycle", "--recipe", str(tmp_path / "fit" / "recipe"), "--data", str(tmp_path / "new.npz"),
+                 "--out", str(tmp_path / "placed"), "--epochs", "3"]) == 2  # fits nothing: refused, not ignored
+    assert main(["cell-cycle", "--recipe", str(tmp_path / "fit" / "recipe"), "--data", str(tmp_path / "new.npz"),
                  "--out", str(tmp_path / "placed")]) == 0
     placed = ad.read_h5ad(tmp_path / "placed" / "cells.h5ad")
     assert placed.obs["cell_cycle_theta"].notna().all()

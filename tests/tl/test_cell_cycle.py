@@ -109,6 +109,9 @@ def test_cli_cell_cycle(cells, tmp_path, capsys):
     assert "cell_cycle_theta" in out.obs and (tmp_path / "cycle.png").is_file()
     assert "closure" in capsys.readouterr().out
     assert main(["cell-cycle", "--data", str(tmp_path / "emb.h5ad"), "--out", str(tmp_path / "out.h5ad")]) == 2
+    assert main(["cell-cycle", "--data", str(tmp_path / "emb.h5ad"), "--out", str(tmp_path / "new.h5ad"),
+                 "--marker-channels", "0"]) == 2  # a crops flag, without --model: refused, not ignored
+    assert "--marker-channels: these fit the DeepCycle recipe" in capsys.readouterr().err
 
 
 def test_cli_cell_cycle_plot_never_replaces_a_file_without_asking(cells, tmp_path, capsys):
