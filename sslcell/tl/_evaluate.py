@@ -64,6 +64,7 @@ def evaluate(
     if int(n_splits) < 2:
         raise ConfigError(f"n_splits must be >= 2; got {n_splits}")
     keep, y, n_missing, dropped = _labels(adata, label_key, n_splits)
+    _warn_small_classes(y, int(n_per_class))
 
     embeddings = {key: _embedding(adata, key, keep) for key in reps}
     for name in baselines:
@@ -163,3 +164,14 @@ def _embedding(adata: ad.AnnData, key: str, keep: np.ndarray) -> np.ndarray:
     return emb
 
 
+def _warn_small_classes(y: np.ndarray, n_per_class: int) -> None:
+    """The few-label protocol trains a class of ``c <= n_per_class`` cells on ``c - 1`` of them and tests one
+    (:func:`~sslcell.evaluate.protocols.few_label_split`): say so where that happens, since the report's label
+    "n labels/class" then overstates its labels and those classes rest on one test cell each."""
+    classes, counts = np.unique(y, return_counts=True)
+    small = classes[counts <= n_per_class]
+    if small.size:
+        names = ", ".join(map(str, small[:5])) + (", ..." if small.size > 5 else "")
+        warnings.warn(f"n_per_class={n_per_class}: {small.size} of {classes.size} classes have {n_per_class} cells or "
+                      f"fewer ({names}); the few-label protocol trains each of them on all its cells but one and tests "
+                      "that one", UserWarning, stacklevel=3)

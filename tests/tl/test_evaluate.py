@@ -120,3 +120,10 @@ def test_mouse_bladder_pca_knn_reference():
     res = cross_validated_scores(pca_baseline(adata), adata.obs["label"], probe="knn", k=15, n_splits=5, seed=0)
     assert res["n_classes"] == 16 and res["n_cells"] == 2100
     assert res["macro_f1"] == pytest.approx(0.793, abs=0.02)
+
+
+def test_a_class_smaller_than_n_per_class_is_warned_about():
+    """n_per_class=80 on classes of 60 cells: 59 train, 1 tests, though the report says "80 labels/class"."""
+    adata = _adata()
+    with pytest.warns(UserWarning, match="n_per_class=80: 3 of 3 classes have 80 cells or fewer"):
+        evaluate(adata, "cell_type", "X_sslcell", baselines=[], n_per_class=80)
