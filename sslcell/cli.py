@@ -352,9 +352,7 @@ def _finetune(args: argparse.Namespace) -> int:
     from sslcell.config import read_yaml
     from sslcell.data.images import CellImages
 
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise OverwriteError(f"{out}: is not empty; pass --overwrite to replace it or choose another --out")
+    out = _output_folder(Path(args.out), args.overwrite)
     values = {}
     if args.config:
         values = read_yaml(args.config)
@@ -394,6 +392,8 @@ def _predict(args: argparse.Namespace) -> int:
     from sslcell.tl import predict, score
 
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise OverwriteError(f"{out}: is a file; --out names a folder to write into")
     target = out / "predictions.h5ad"
     owned = [target, *(out / name for name in (METRIC_FILES if args.label_key is not None else ()))]
     for path in owned:
@@ -445,6 +445,16 @@ def _new_file(path: Path, overwrite: bool) -> Path:
         raise OverwriteError(f"{path}: is a folder; give the path of the .h5ad file to write")
     if path.exists() and not overwrite:
         raise OverwriteError(f"{path}: exists; pass --overwrite to replace it")
+    return path
+
+
+def _output_folder(path: Path, overwrite: bool) -> Path:
+    """``--out`` of a command that writes a folder: refused where it is a file, or holds files and ``overwrite``
+    is off (checked before any work)."""
+    if path.exists() and not path.is_dir():
+        raise OverwriteError(f"{path}: is a file; --out names a folder to write into")
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise OverwriteError(f"{path}: is not empty; pass --overwrite to replace it or choose another --out")
     return path
 
 
@@ -513,9 +523,7 @@ def _cell_cycle_crops(args: argparse.Namespace) -> int:
     from sslcell.data.images import CellImages
     from sslcell.pl import cell_cycle as plot_cell_cycle
 
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise OverwriteError(f"{out}: exists and is not an empty folder; pass --overwrite or choose another --out")
+    out = _output_folder(Path(args.out), args.overwrite)
     cells = CellImages.read(args.data)
     if args.model:
         if not args.marker_channels:
@@ -542,9 +550,14 @@ def _cell_cycle_crops(args: argparse.Namespace) -> int:
 
 
 def _transfer(args: argparse.Namespace) -> int:
+    from sslcell.checkpoint import read_model_config
     from sslcell.tl import embed, transfer_labels
 
     out = _new_file(Path(args.out), args.overwrite)
+    if args.model and read_model_config(args.model)["contract"]["modality"] == "image":
+        raise InputError(f"--model {args.model}: an image model reads crops, not these .h5ad files; embed the crops "
+                         "first (sslcell embed --model ... --data crops.npz --out cells.h5ad) and pass the embedded "
+                         "files as --reference / --query, without --model")
     reference, query = _read_h5ad(args.reference), _read_h5ad(args.query)
     if args.model:
         for adata in (reference, query):

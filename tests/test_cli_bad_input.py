@@ -185,6 +185,13 @@ IMAGE_CASES = {
     "encoder flags for a frozen encoder": (["finetune", "--model", "{root}/run", "--data", "{root}/good.npz", "--out",
                                             "{root}/c3", "--head", "mlp", "--encoder-lr-factor", "0.25"],
                                            "--encoder-lr-factor: the mlp head trains on the frozen encoder's"),
+    "transfer with an image model": (["transfer", "--model", "{root}/run", "--reference", "{root}/a.h5ad", "--query",
+                                      "{root}/b.h5ad", "--label-key", "label", "--out", "{root}/t.h5ad"],
+                                     "an image model reads crops, not these .h5ad files"),
+    "finetune into a file": (["finetune", "--model", "{root}/run", "--data", "{root}/good.npz", "--out",
+                              "{root}/good.npz", "--head", "linear", "--overwrite"], "good.npz: is a file"),
+    "predict into a file": (["predict", "--model", "{root}/clf", "--data", "{root}/good.npz", "--out",
+                             "{root}/good.npz"], "good.npz: is a file"),
 }
 
 
