@@ -93,6 +93,7 @@ class TaskKind:
     needs_data: bool = False
     takes_recipes: bool = False
     quick: dict[str, Any] = field(default_factory=dict)  # params overrides under --quick
+    modality: str | None = None  # "expression" / "image": the only recipes it takes; None: either, or its own check
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self.params):

@@ -184,6 +184,10 @@ def _task(values: Any, where: str, here: Path, base: Path, quick: bool) -> TaskS
     if not isinstance(recipes_raw, list):
         raise ConfigError(f"{where}.recipes: expected a list, got {recipes_raw!r}")
     recipes = [_recipe(r, f"{where}.recipes[{i}]", here) for i, r in enumerate(recipes_raw)]
+    for i, recipe in enumerate(recipes):
+        if kind.modality and recipe.config.modality != kind.modality:
+            raise ConfigError(f"{where}.recipes[{i}]: {recipe.name!r} is a recipe for {recipe.config.modality} data; "
+                              f"task kind {kind.name} reads {kind.modality} data")
     return TaskSpec(
         name=name, kind=kind, params=parsed, data=data, recipes=recipes,
         baselines=check_names(_strings(values.get("baselines"), f"{where}.baselines"), kind.baselines,

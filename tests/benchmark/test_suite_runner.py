@@ -100,6 +100,9 @@ def test_failed_task_is_recorded_and_others_still_run(tmp_path):
     ({"kind": "toy_sum", "recipes": ["nowhere.yaml"]}, "tasks[0].recipes[0].config: "),
     ({"kind": "toy_sum", "recipes": [{"config": {"modality": "sound"}}]}, "tasks[0].recipes[0].config.modality"),
     ({"kind": "toy_sum", "colour": "red"}, "tasks[0].colour: unknown field"),
+    ({"kind": "expression_memory", "recipes": [{"config": {"modality": "image", "method": {"name": "simclr"},
+                                                           "encoder": {"name": "resnet_tiny"}}}]},
+     "tasks[0].recipes[0]: 'recipe0' is a recipe for image data; task kind expression_memory reads expression"),
     ({"name": "a b", "kind": "toy_sum"}, "tasks[0].name"),
 ])
 def test_bad_suite_names_the_field(tmp_path, task, field):

@@ -701,6 +701,7 @@ register(TaskKind(
     baselines=BASELINES,
     needs_data=True,
     takes_recipes=True,
+    modality="image",
     quick={"max_cells": 240, "pretrain_epochs": 1, "finetune_epochs": 1, "finetune_min_steps": 0,
            "finetune_lrs": [], "encoder_lr_factors": [], "finetune_epoch_grid": [], "pca_class_weights": [0.0],
            "cnn_lrs": [3e-3], "cnn_epochs": [1], "tta": False},

@@ -379,5 +379,6 @@ register(TaskKind(
     baselines=("pca_hvg", "scvi", "random_encoder"),
     needs_data=True,
     takes_recipes=True,
+    modality="expression",
     quick={"max_cells": 400, "max_epochs": 1, "seeds": [0], "scvi_max_epochs": 1, "validation_draws": 2},
 ))

@@ -476,6 +476,7 @@ register(TaskKind(
     name="expression_pretrain_backed", params=PretrainBackedParams, run=run_pretrain_backed,
     summary="pretraining steps/s streamed from a backed .h5ad against the same batches in memory (target 0.9x)",
     takes_recipes=True,
+    modality="expression",
     quick={"n_obs": 3000, "n_genes": 200, "warmup": 3, "steps": 15, "rounds": 1},
 ))
 
@@ -562,6 +563,7 @@ register(TaskKind(
     name="expression_memory", params=MemoryParams, run=run_memory,
     summary="peak RSS pretraining on (and embedding) a 2,000,000 x 2,000 .h5ad streamed from disk (target < 3 GB)",
     takes_recipes=True,
+    modality="expression",
     quick={"n_obs": 20_000, "n_genes": 200, "warmup": 3, "steps": 20},
 ))
 
@@ -681,6 +683,7 @@ register(TaskKind(
     name="expression_scaling", params=ScalingParams, run=run_scaling,
     summary="loader and pretraining throughput and peak RSS against dataset size and batch size, with plots",
     takes_recipes=True,
+    modality="expression",
     quick={"sizes": [2000, 4000], "batch_sizes": [32, 64], "batch_axis_size": 2000, "n_genes": 200, "warmup": 2,
            "steps": 5},
 ))
