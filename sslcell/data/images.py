@@ -180,7 +180,12 @@ class CellImages:
         it becomes the categorical ``label``.
         """
         raw = read_raw_cells(Path(path), label_key)
-        cells = CellImages.from_array(raw.images, channel_names=raw.channel_names, obs=raw.obs, source=raw.source)
+        try:
+            cells = CellImages.from_array(raw.images, channel_names=raw.channel_names, obs=raw.obs, source=raw.source)
+        except InputError as err:  # name the file the bad array came from
+            if str(err).startswith(raw.source):
+                raise
+            raise type(err)(f"{raw.source}: {err}") from None
         return cells if channels is None else cells.select_channels(channels)
 
     # ------------------------------------------------------------------------------------------- selections
