@@ -53,7 +53,8 @@ def run_suite(suite: Suite, *, workdir: str | Path | None = None, device: str = 
     run goes on where it stopped; see :mod:`sslcell.benchmark.fit_store`).
 
     A task that raises is recorded as failed (message and traceback in the JSON) and the others still run.
-    Results files are replaced only if this runner wrote them (their first line is ``# Benchmark suite:``).
+    Results files are replaced only if this runner wrote them (their first line is ``# Benchmark suite:``), and
+    not by a run in which a task failed: that one writes ``<name>_failed.md`` / ``.json`` beside them.
     """
     from tqdm.auto import tqdm
 
@@ -104,6 +105,13 @@ def run_suite(suite: Suite, *, workdir: str | Path | None = None, device: str = 
     record["seconds"] = time.perf_counter() - start
     record["tasks"] = {name: {"seconds": durations[name], **_result_json(r)} for name, r in results.items()}
     record["failed"] = {name: {"error": errors[name], "traceback": tracebacks[name]} for name in errors}
+    if errors and (md_path.exists() or json_path.exists()):  # a failing run never replaces earlier results
+        earlier = md_path
+        md_path, json_path = (p.with_name(f"{p.stem}_failed{p.suffix}") for p in (md_path, json_path))
+        for path in (md_path, json_path):
+            _check_ours(path)
+        log.warning("%d task(s) failed: the earlier results in %s are kept, this run's are in %s", len(errors),
+                    earlier, md_path)
     json_path.write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
     md_path.write_text(markdown(suite.name, suite.description, record, results, errors, durations, hardware_line))
     log.info("wrote %s and %s", md_path, json_path)

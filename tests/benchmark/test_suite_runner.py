@@ -89,6 +89,17 @@ def test_failed_task_is_recorded_and_others_still_run(tmp_path):
     assert "**Failed**: RuntimeError: toy failure" in run.markdown_path.read_text()
 
 
+def test_a_failing_run_keeps_the_earlier_results(tmp_path):
+    good = run_suite(load_suite(_write(tmp_path, _suite(params={"n": 4}))), progress=False)
+    before = good.markdown_path.read_text(), good.json_path.read_text()
+    failed = run_suite(load_suite(_write(tmp_path, _suite(params={"fail": True}))), progress=False)
+    assert (good.markdown_path.read_text(), good.json_path.read_text()) == before
+    assert failed.markdown_path.name == "toy_failed.md" and failed.json_path.name == "toy_failed.json"
+    assert "toy failure" in failed.markdown_path.read_text()
+    again = run_suite(load_suite(_write(tmp_path, _suite(params={"n": 5}))), progress=False)
+    assert again.markdown_path == good.markdown_path and again.markdown_path.read_text() != before[0]
+
+
 @pytest.mark.parametrize(("task", "field"), [
     ({"kind": "nope"}, "tasks[0].kind: unknown task kind 'nope'"),
     ({"kind": "toy_sum", "baselines": ["zero", "pca"]}, "tasks[0].baselines[1]: unknown baseline 'pca'"),
