@@ -38,6 +38,8 @@ class CellClassifier(nn.Module):
         super().__init__()
         if len(classes) < 2:
             raise ConfigError(f"a classifier needs at least 2 classes, got {classes}")
+        if len({str(c) for c in classes}) != len(classes):
+            raise ConfigError(f"a classifier's classes must be distinct, got {[str(c) for c in classes]}")
         if int(hidden) != hidden or hidden < 0:
             raise ConfigError(f"hidden: must be an integer >= 0, got {hidden!r}")
         self.inputs, self.encoder, self.classes, self.base = inputs, encoder, [str(c) for c in classes], base

@@ -193,11 +193,17 @@ def _read_zarr(path: Path, label_key: str | None) -> RawCells:
     attrs = dict(node.attrs)
     if isinstance(node, zarr.Array):
         return _cells_from_arrays(node, {}, attrs, label_key, str(path))
-    if "images" not in node.array_keys():
-        raise FileFormatError(f"{path}: zarr group has no 'images' array; arrays: {sorted(node.array_keys())}")
-    images = node["images"]
-    attrs = {**dict(images.attrs), **attrs}
-    arrays = {k: node[k][...] for k in node.array_keys() if k != "images" and node[k].ndim <= 2}
+    try:
+        keys = sorted(node.array_keys())
+        if "images" not in keys:
+            raise FileFormatError(f"{path}: zarr group has no 'images' array; arrays: {keys}")
+        images = node["images"]
+        attrs = {**dict(images.attrs), **attrs}
+        arrays = {k: node[k][...] for k in keys if k != "images" and node[k].ndim <= 2}
+    except FileFormatError:
+        raise
+    except Exception as err:  # e.g. an object array whose codec would unpickle: zarr refuses it, we name the store
+        raise FileFormatError(f"{path}: cannot read the zarr group's arrays ({type(err).__name__}: {err})") from err
     return _cells_from_arrays(images, arrays, attrs, label_key, str(path))
 
 

@@ -219,3 +219,12 @@ def test_inconsistent_contract_is_a_file_format_error(saved):
     (saved / "classifier.json").write_text(json.dumps(meta))
     with pytest.raises(FileFormatError, match="classifier.json"):
         load_classifier(saved)
+
+
+def test_description_with_a_class_twice_is_refused(saved):
+    meta = json.loads((saved / "classifier.json").read_text())
+    meta["classes"] = [meta["classes"][0]] * len(meta["classes"])
+    (saved / "classifier.json").write_text(json.dumps(meta))
+    with pytest.raises(FileFormatError, match="classes must be distinct"):
+        load_classifier(saved)
+

@@ -130,6 +130,22 @@ def test_zarr_array_and_group_are_lazy(tmp_path, x16):
     np.testing.assert_array_equal(cells.obs["plate"], np.arange(12) * 2)
 
 
+def test_zarr_object_array_is_refused_naming_the_store_and_runs_nothing(tmp_path):
+    """An object array whose codec would unpickle (run code): zarr refuses its dtype, the error names the store."""
+    import json
+
+    zarr = pytest.importorskip("zarr")
+    group = zarr.open_group(tmp_path / "evil.zarr", mode="w", zarr_format=2)
+    group.create_array("images", data=np.zeros((4, 1, 8, 8), np.uint8))
+    (tmp_path / "evil.zarr" / "labels").mkdir()
+    (tmp_path / "evil.zarr" / "labels" / ".zarray").write_text(json.dumps({
+        "zarr_format": 2, "shape": [4], "chunks": [4], "dtype": "|O", "compressor": None, "fill_value": None,
+        "order": "C", "filters": [{"id": "pickle", "protocol": 5}], "dimension_separator": "."}))
+    (tmp_path / "evil.zarr" / "labels" / "0").write_bytes(pickle.dumps(np.array([print, 1, 2, 3], dtype=object)))
+    with pytest.raises(FileFormatError, match=r"evil\.zarr: cannot read the zarr group's arrays"):
+        CellImages.read(tmp_path / "evil.zarr")
+
+
 def test_lazy_float_nan_found_at_batch(tmp_path):
     zarr = pytest.importorskip("zarr")
     x = make_images(dtype=np.float32)
