@@ -61,7 +61,16 @@ def marker_phases(cells: CellImages, markers: Sequence[int | str], scheme: str =
         value = marker_intensity(cells, markers[0])
         edges = np.quantile(value, np.linspace(0, 1, n_bins + 1)[1:-1])
         order = [f"bin{i + 1}" for i in range(n_bins)]
-        return np.asarray(order, dtype=object)[np.searchsorted(edges, value, side="right")], order
+        bins = np.searchsorted(edges, value, side="right")
+        empty = [order[i] for i in range(n_bins) if not (bins == i).any()]
+        if empty or len(np.unique(edges)) < len(edges):  # tied edges: crops of one intensity land in a higher bin
+            values, counts = np.unique(value, return_counts=True)
+            raise InputError(
+                f"marker {markers[0]!r}: {counts.max() / len(value):.0%} of the crops share one intensity "
+                f"({values[counts.argmax()]:.4g}), so {n_bins} quantile bins cannot be cut (tied edges; empty: "
+                f"{empty}); use fewer bins (n_bins), or the grid scheme with a G1 and an S/G2/M marker"
+            )
+        return np.asarray(order, dtype=object)[bins], order
     if scheme == "grid":
         if len(markers) != 2:
             raise ConfigError(f"scheme='grid' takes two marker channels (G1 marker, S/G2/M marker); got {markers}")

@@ -77,6 +77,17 @@ def test_quantile_pseudo_phases_are_equal_bins_of_the_marker():
         marker_phases(cells, ["g1_marker"], "kmeans")
 
 
+def test_a_marker_with_tied_intensities_is_refused_before_any_training():
+    """60% of crops without marker signal: the quantile edges tie, bins come out empty (and the dark crops would
+    have landed in a high bin), so the recipe is refused before it fine-tunes anything."""
+    cells, _ = cycling_crops(200, 3)
+    images = np.asarray(cells.images).copy()
+    images[:120, cells.channel_index(["sg2m_marker"])[0]] = 0
+    dark = CellImages.from_array(images, channel_names=cells.channel_names)
+    with pytest.raises(InputError, match=r"'sg2m_marker': 60% of the crops share one intensity .*fewer bins"):
+        marker_phases(dark, ["sg2m_marker"], "quantiles", n_bins=4)
+
+
 def test_recipe_places_new_crops_without_markers_on_the_cycle(recipe, tmp_path):
     fitted, phases = recipe
     # a ring, not an arc: both closures above the library's warning level (an arc's unscaled closure is ~0.3;
