@@ -387,8 +387,8 @@ def _validation_mask(codes: np.ndarray, fraction: float, seed: int, groups: np.n
 
     With ``groups (N,)``: whole groups, one fold of scikit-learn's ``StratifiedGroupKFold`` with
     ``round(1 / fraction)`` folds (at most one per group), the folds balanced by class as far as the groups allow:
-    about ``fraction`` of the cells. A class whose cells all fall in the held-out groups has no training cells
-    (logged; it is never predicted)."""
+    about ``fraction`` of the cells (a warning where it is more than twice that). A class whose cells all fall in
+    the held-out groups would get no training cells: refused."""
     val = np.zeros(len(codes), dtype=bool)
     if fraction <= 0:
         return val
@@ -409,8 +409,13 @@ def _validation_mask(codes: np.ndarray, fraction: float, seed: int, groups: np.n
     val[held_out] = True
     lost = sorted(set(np.unique(codes[val]).tolist()) - set(np.unique(codes[~val]).tolist()))
     if lost:
-        log.warning("val_group_key: every labelled cell of class index(es) %s is in the held-out groups; those "
-                    "classes get no training cells", lost)
+        raise InputError(f"val_group_key: every labelled cell of class index(es) {lost} falls in the held-out "
+                         "groups, so those classes would get no training cells; give more groups (or that class "
+                         "in more of them), or drop val_group_key")
+    if val.mean() > 2 * fraction:
+        warnings.warn(f"val_group_key: the held-out groups hold {val.mean():.0%} of the labelled cells "
+                      f"(val_fraction {fraction}): {n_groups} groups of uneven size cannot be split finer",
+                      UserWarning, stacklevel=4)
     return val
 
 
@@ -443,8 +448,13 @@ def _per_cell(data: CellImages | AnnData, values: Any, what: str) -> pd.Series:
             raise InputError(f"{_describe(data)}: no obs column {values!r} for {what}; columns are "
                              f"{list(data.obs.columns)}")
         return data.obs[values]
-    if isinstance(values, pd.Series):
-        values = values.array  # by position; a categorical keeps its categories
+    if isinstance(values, pd.Series):  # matched to the cells by its index, as pandas aligns
+        if not values.index.equals(data.obs.index):
+            if values.index.has_duplicates or set(values.index) != set(data.obs.index):
+                raise InputError(f"{what}: a Series is matched to the cells by its index, which is not the cells' "
+                                 "(obs names); pass .to_numpy() for values in row order")
+            values = values.reindex(data.obs.index)
+        values = values.array  # a categorical keeps its categories
     if not isinstance(values, pd.Categorical):
         values = np.asarray(values)
     n = len(data.obs)

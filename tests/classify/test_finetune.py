@@ -225,6 +225,18 @@ def test_labels_as_an_array_and_as_another_obs_column(model, train, heldout):
     assert accuracy(by_array, *heldout) > 0.9
 
 
+def test_labels_as_a_series_are_matched_by_cell_not_by_position(model, train, heldout):
+    x, y = train
+    cells = cells_of(x, CLASSES[y])
+    by_column = finetune(cells, model, "label", linear())
+    shuffled = cells.obs["label"].iloc[::-1]  # the same labels, in another row order
+    by_series = finetune(cells, model, shuffled, linear())
+    probe = torch.from_numpy(heldout[0])
+    torch.testing.assert_close(by_series.predict_proba(probe), by_column.predict_proba(probe))
+    with pytest.raises(InputError, match="a Series is matched to the cells by its index"):
+        finetune(cells, model, pd.Series(CLASSES[y]).set_axis([f"x{i}" for i in range(len(y))]), linear())
+
+
 def test_labels_array_of_wrong_length_is_refused(model, train):
     x, y = train
     with pytest.raises(InputError, match=r"labels has shape \(10,\) for 192 cells"):

@@ -135,6 +135,17 @@ def test_finetune_validates_on_the_groups_it_is_given(model, split):
         finetune(train, model, "cell_type", config("mlp", epochs=2), val_group_key="donor")
 
 
+def test_whole_group_validation_never_takes_every_cell_of_a_class(model, split):
+    train = split[0].copy()
+    first = train.obs["cell_type"].cat.categories[0]
+    train.obs["donor"] = np.where(train.obs["cell_type"] == first, "a", "b")  # one donor per side of the split
+    with pytest.raises(InputError, match="falls in the held-out groups"):
+        finetune(train, model, "cell_type", config("mlp", epochs=1, val_fraction=0.2), val_group_key="donor")
+    train.obs["donor"] = np.arange(train.n_obs) % 3  # 3 donors: one held out is a third, not a tenth
+    with pytest.warns(UserWarning, match=r"the held-out groups hold 33% of the labelled cells \(val_fraction 0.1\)"):
+        finetune(train, model, "cell_type", config("mlp", epochs=1, val_fraction=0.1), val_group_key="donor")
+
+
 def test_early_stopping_keeps_the_best_epoch_and_stops_after_patience():
     net = torch.nn.Linear(2, 2)
     stopper = EarlyStopping(np.array([0, 1, 1]), patience=2)
