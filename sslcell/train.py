@@ -10,6 +10,7 @@ A run directory holds::
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -78,7 +79,7 @@ def pretrain(
         _check_same_recipe(config, stored, out)
         config = stored
     else:
-        contract = None
+        config, contract = copy.deepcopy(config), None  # the overrides below never reach the caller's recipe
     if max_epochs is not None:
         config.train.max_epochs = max_epochs
     if max_steps is not None:

@@ -231,3 +231,9 @@ def test_a_bad_override_is_refused_before_the_run_folder_is_touched(small_counts
     with pytest.raises(ConfigError, match="train.devices"):
         pretrain(tiny_recipe(), small_counts_file, tmp_path / "run", devices=0)
     assert not (tmp_path / "run").exists()
+
+
+def test_overrides_leave_the_callers_recipe_alone(small_counts_file, tmp_path):
+    recipe = tiny_recipe()
+    pretrain(recipe, small_counts_file, tmp_path / "run", max_steps=1, max_epochs=1)
+    assert recipe == tiny_recipe()  # a later pretrain(recipe, ...) must not stop after one step
