@@ -133,7 +133,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", type=_channels, help="channels to use (default: the model's, by name)")
     p.add_argument("--tta", action="store_true",
                    help="average the scores over each crop's flips and 90-degree turns (8 passes, or 4 if not square)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing files in --out")
+    p.add_argument("--key-added", default="sslcell_pred",
+                   help="obs / obsm keys of the predictions (default sslcell_pred: obs sslcell_pred, "
+                        "sslcell_pred_confidence; obsm sslcell_pred_proba)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing files in --out and existing predictions under --key-added in --data")
     p.set_defaults(run=_predict)
 
     p = sub.add_parser("evaluate", help="score embeddings with kNN and logistic probes against baselines")
@@ -399,17 +403,18 @@ def _predict(args: argparse.Namespace) -> int:
     for path in owned:
         _new_file(path, args.overwrite)  # every file it would write, before any work
     classifier = load_classifier(args.model)
-    key = "sslcell_pred"
+    key = args.key_added
     if classifier.inputs.modality == "image":
         cells = CellImages.read(args.data, label_key=args.label_key if args.label_key not in (None, "label") else None)
         label_key = None if args.label_key is None else "label"
         cells = classifier.inputs.align(cells, args.channels)
         adata = cells.to_anndata()
-        predict(adata, classifier, crops=cells, label_key=label_key, key_added=key, tta=args.tta)
+        predict(adata, classifier, crops=cells, label_key=label_key, key_added=key, tta=args.tta,
+                overwrite=args.overwrite)
     else:
         _refuse_flags(args, ("channels", "tta"), "for image classifiers; this one reads expression, remove them")
         adata, label_key = _read_h5ad(args.data), args.label_key
-        predict(adata, classifier, label_key=label_key, key_added=key)
+        predict(adata, classifier, label_key=label_key, key_added=key, overwrite=args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     for path in owned[1:]:
         path.unlink(missing_ok=True)  # --overwrite: no earlier run's plot left beside these metrics

@@ -57,6 +57,9 @@ def predict(
     for slot, key in (("obs", key_added), ("obs", f"{key_added}_confidence"), ("obsm", f"{key_added}_proba")):
         check_free(adata, slot, key, overwrite)
     if label_key is not None:
+        if label_key in (key_added, f"{key_added}_confidence"):
+            raise InputError(f"label_key {label_key!r} is a column this call writes (key_added {key_added!r}): the "
+                             "predictions would replace the true labels and be scored against themselves")
         _labelled(adata, label_key, [str(c) for c in classifier.classes])  # before anything is written
     if classifier.inputs.modality == "image":
         if crops is None:

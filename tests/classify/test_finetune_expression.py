@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 
+import anndata as ad
 import numpy as np
 import pytest
 import torch
@@ -258,3 +259,10 @@ def test_cli_finetunes_an_mlp_head_on_an_h5ad_and_predicts(model, split, tmp_pat
     assert main(["predict", "--model", str(tmp_path / "clf"), "--data", str(tmp_path / "test.h5ad"),
                  "--out", str(tmp_path / "pred"), "--label-key", "cell_type"]) == 0
     assert (tmp_path / "pred" / "predictions.h5ad").is_file()
+    again = ["predict", "--model", str(tmp_path / "clf"), "--data", str(tmp_path / "pred" / "predictions.h5ad"),
+             "--out", str(tmp_path / "pred2")]  # predictions already in the input: replaced only when asked
+    assert main(again) == 2 and "obs['sslcell_pred'] exists" in capsys.readouterr().err
+    assert main([*again, "--key-added", "second"]) == 0
+    both = ad.read_h5ad(tmp_path / "pred2" / "predictions.h5ad")
+    assert {"sslcell_pred", "second", "second_confidence"} <= set(both.obs) and "second_proba" in both.obsm
+    assert main([*again, "--overwrite"]) == 0

@@ -52,6 +52,11 @@ def test_image_refusals(cells, model):
     adata.obs["alien"] = np.where(np.arange(adata.n_obs) == 3, "alien", adata.obs["label"].astype(str))
     with pytest.raises(InputError, match=r"\['alien'\] in obs\['alien'\] are not classes of the classifier"):
         tl.predict(adata, clf, crops=cells, label_key="alien")
+    adata.obs["sslcell_pred"] = adata.obs["label"]  # true labels under the key predictions go to
+    with pytest.raises(InputError, match="would replace the true labels"):
+        tl.predict(adata, clf, crops=cells, label_key="sslcell_pred", overwrite=True)
+    assert (adata.obs["sslcell_pred"] == adata.obs["label"]).all()
+    del adata.obs["sslcell_pred"]
     assert "sslcell_pred" not in adata.obs and not adata.obsm and "sslcell" not in adata.uns  # nothing half-written
 
 
