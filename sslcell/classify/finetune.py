@@ -465,6 +465,12 @@ def _per_cell(data: CellImages | AnnData, values: Any, what: str) -> pd.Series:
 
 def _labels(data: CellImages | AnnData, labels: Any) -> pd.Series:
     values = _per_cell(data, labels, "labels")
+    if pd.api.types.is_float_dtype(values.dtype):
+        known = values.dropna().to_numpy()
+        if (known != np.round(known)).any():
+            name = f"obs column {labels!r}" if isinstance(labels, str) else "labels"
+            raise InputError(f"{_describe(data)}: {name} holds continuous values ({np.unique(known).size} distinct, "
+                             f"e.g. {known[0]!r}); labels are classes: pass a categorical or string column")
     if not isinstance(values.dtype, pd.CategoricalDtype):
         values = values.astype("category")
     return values

@@ -136,6 +136,15 @@ def test_finetune_validates_on_the_groups_it_is_given(model, split):
         finetune(train, model, "cell_type", config("mlp", epochs=2), val_group_key="donor")
 
 
+def test_a_continuous_label_column_is_refused(model, split):
+    train = split[0].copy()
+    train.obs["size"] = np.linspace(0.5, 3.0, train.n_obs)  # one "class" per cell otherwise
+    with pytest.raises(InputError, match=r"obs column 'size' holds continuous values"):
+        finetune(train, model, "size", config("mlp", epochs=1))
+    train.obs["code"] = (np.arange(train.n_obs) % 3).astype(float)  # whole numbers stored as floats: classes
+    assert finetune(train, model, "code", config("linear")).classes == ["0.0", "1.0", "2.0"]
+
+
 def test_whole_group_validation_never_takes_every_cell_of_a_class(model, split):
     train = split[0].copy()
     first = train.obs["cell_type"].cat.categories[0]
