@@ -26,6 +26,24 @@ _FIELDS = {f.name for f in dataclasses.fields(CycleFit)}
 FARTHER = 1.5  # new cells warn when their residual is above RESIDUAL_WARN and this many times the reference's own
 
 
+def _check_same_space(adata: AnnData, use_rep: str, reference: Any, key: str) -> None:
+    """Refuse cells whose representation was made in another space than the reference fit's (another model's
+    weights, or a PCA of other cells), where both sides recorded it: θ would be read off the wrong axes."""
+    from anndata import AnnData
+
+    from sslcell.tl._keys import rep_id
+
+    fitted = reference.uns.get("sslcell", {}).get(key, {}) if isinstance(reference, AnnData) else reference
+    theirs = fitted.get("rep_id") if isinstance(fitted, dict) else None
+    ours = rep_id(adata, use_rep)
+    if theirs and ours and theirs != ours:
+        hint = ("each call of tl.cell_cycle_pca fits a PCA of its own cells, so the reference's axes are not these "
+                "cells' axes: place cells embedded by one model instead" if ours.startswith("cell_cycle_pca:")
+                else "embed these cells with the reference's model")
+        raise InputError(f"obsm[{use_rep!r}] lies in another space ({ours}) than the one the reference was fitted "
+                         f"in ({theirs}): {hint}")
+
+
 def as_fit(reference: CycleFit | dict[str, Any] | AnnData, key: str = "cell_cycle") -> CycleFit:
     """A :class:`CycleFit` from a fit, the dict ``tl.cell_cycle`` recorded (``adata.uns["sslcell"][key]``, from
     memory or an ``.h5ad``), or the reference AnnData that holds it under ``key``."""
@@ -87,6 +105,7 @@ def project_cycle(
     fit = as_fit(reference, reference_key)
     if use_rep not in adata.obsm:
         raise InputError(f"adata.obsm has no {use_rep!r}; it has {list(adata.obsm)}")
+    _check_same_space(adata, use_rep, reference, reference_key)
     theta_key, phase_key, plane_key = f"{key_added}_theta", f"{key_added}_phase", f"{key_added}_plane"
     check_free(adata, "obs", theta_key, overwrite)
     check_free(adata, "obs", phase_key, overwrite)  # written with phases, removed without: an old fit's phases

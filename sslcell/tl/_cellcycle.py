@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,7 +12,7 @@ from anndata import AnnData
 
 from sslcell.cellcycle.fit import CycleFit, default_phase_order, fit_cycle
 from sslcell.errors import InputError
-from sslcell.tl._keys import check_free, record
+from sslcell.tl._keys import check_free, record, rep_id
 
 
 def cell_cycle(
@@ -91,7 +92,7 @@ def cell_cycle(
         adata.obs[phase_key] = pd.Categorical(fit.phase(theta), categories=fit.phases)
     elif phase_key in adata.obs:  # an earlier anchored fit's phases would no longer match θ (overwrite=True)
         del adata.obs[phase_key]
-    info = {"use_rep": use_rep, "anchor_key": anchor_key, **fit.to_dict()}
+    info = {"use_rep": use_rep, "rep_id": rep_id(adata, use_rep), "anchor_key": anchor_key, **fit.to_dict()}
     record(adata, key_added, {k: v for k, v in info.items() if v is not None})  # .h5ad cannot hold None
     return adata if copy else None
 
@@ -129,6 +130,9 @@ def cell_cycle_pca(adata: AnnData, *, layer: str | None = None, s_genes: Sequenc
     if copy:
         adata = adata.copy()
     adata.obsm[key_added] = x
-    record(adata, key_added, {"layer": layer, "n_comps": n_comps,
+    # a PCA of these cells' own: its axes are another dataset's space, so it gets an id of its own (a fit on it
+    # places only these cells)
+    space = hashlib.blake2b(np.ascontiguousarray(x).tobytes(), digest_size=8).hexdigest()
+    record(adata, key_added, {"layer": layer, "n_comps": n_comps, "model_id": f"cell_cycle_pca:{space}",
                               "genes": "custom" if s_genes or g2m_genes else "Tirosh et al. 2016"})
     return adata if copy else None

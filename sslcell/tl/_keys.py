@@ -34,6 +34,13 @@ def drop_derived(adata: AnnData, use_rep: str) -> None:
         adata.obsp.pop(f"{neighbors}_{suffix}", None)
 
 
+def rep_id(adata: AnnData, use_rep: str) -> str | None:
+    """The id of the space ``obsm[use_rep]`` lies in, where sslcell made it: the weights fingerprint ``tl.embed``
+    records (``model_id``), or ``cell_cycle_pca``'s id of its own axes. None for a representation made elsewhere."""
+    made = adata.uns.get("sslcell", {}).get(use_rep, {})
+    return made.get("model_id") if isinstance(made, dict) else None
+
+
 def record(adata: AnnData, key: str, info: dict[str, Any]) -> None:
     """``adata.uns["sslcell"][key] = info``: the model and settings behind a result."""
     adata.uns.setdefault("sslcell", {})[key] = info

@@ -55,6 +55,21 @@ def test_cycle_gene_pca_anchored_by_gene_scores_follows_the_simulated_cycle(cycl
     assert circular_correlation(out.obs["cell_cycle_theta"], adata.obs["cycle_theta"]) > 0.8
 
 
+def test_cells_of_another_pca_are_not_placed_on_a_pca_fit(cycling):
+    """Each cell_cycle_pca is a PCA of its own cells: a second dataset's axes can come out mirrored, and θ read off
+    them ran backwards without a warning. Placing it on the first fit is refused; its own fit is fine."""
+    adata, s, g2m = cycling
+    halves = [tl.score_cell_cycle(adata[rows].copy(), s_genes=s, g2m_genes=g2m, copy=True)
+              for rows in (np.arange(0, 800, 2), np.arange(1, 800, 2))]
+    for half in halves:
+        tl.cell_cycle_pca(half, s_genes=s, g2m_genes=g2m)
+    reference, query = halves
+    tl.cell_cycle(reference, use_rep="X_cell_cycle_pca", anchor_key="cycle_score_phase")
+    with pytest.raises(InputError, match="each call of tl.cell_cycle_pca fits a PCA of its own cells"):
+        tl.cell_cycle(query, use_rep="X_cell_cycle_pca", reference=reference)
+    tl.cell_cycle(query, use_rep="X_cell_cycle_pca", anchor_key="cycle_score_phase")
+
+
 def test_counts_are_checked(cycling):
     adata, s, g2m = cycling
     bad = ad.AnnData(sp.csr_matrix(-adata.X.toarray()[:20]), var=adata.var)

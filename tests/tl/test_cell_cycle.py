@@ -172,6 +172,18 @@ def test_one_phase_projected_onto_a_reference_fit_falls_in_its_arc(phase, tmp_pa
     np.testing.assert_allclose(again.obs["again_theta"], reference.obs["cell_cycle_theta"], atol=1e-5)
 
 
+def test_cells_embedded_by_another_model_are_not_placed_on_a_fit():
+    reference, new = _one_phase("S")
+    reference.uns["sslcell"] = {"X_sslcell": {"model_id": "weights_a"}}  # what tl.embed records
+    tl.cell_cycle(reference, anchor_key="phase")
+    assert reference.uns["sslcell"]["cell_cycle"]["rep_id"] == "weights_a"
+    new.uns["sslcell"] = {"X_sslcell": {"model_id": "weights_b"}}
+    with pytest.raises(InputError, match=r"another space \(weights_b\) than .*\(weights_a\): embed these cells"):
+        tl.cell_cycle(new, reference=reference)
+    new.uns["sslcell"]["X_sslcell"]["model_id"] = "weights_a"
+    tl.cell_cycle(new, reference=reference)
+
+
 def test_project_cycle_refusals_and_a_foreign_representation_warns():
     from sslcell.cellcycle import project_cycle
 
