@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from anndata import AnnData
 from matplotlib.figure import Figure
-from scipy import sparse
 
 from sslcell.errors import InputError
 from sslcell.pl._utils import save
+from sslcell.tl._keys import fingerprint
 
 
 def umap(
@@ -35,6 +34,13 @@ def umap(
 
     if use_rep not in adata.obsm:
         raise InputError(f"adata.obsm has no {use_rep!r}; available: {sorted(adata.obsm)}")
+    colors = [color] if isinstance(color, str) else list(color)
+    unknown = [c for c in colors if c not in adata.obs.columns and c not in adata.var_names]
+    if unknown:  # before neighbours and coordinates are computed and written
+        raise InputError(f"color: {unknown} are neither obs columns nor genes; obs columns are "
+                         f"{list(adata.obs.columns)}")
+    if not np.isfinite(np.asarray(adata.obsm[use_rep], dtype=float)).all():
+        raise InputError(f"adata.obsm[{use_rep!r}] holds NaN or inf: no neighbours can be found")
     neighbors_key, basis = f"{use_rep}_neighbors", f"{use_rep}_umap"
     stamp = {"embedding": fingerprint(adata.obsm[use_rep]), "n_neighbors": int(n_neighbors), "seed": int(seed)}
     stored = adata.uns.get(neighbors_key, {}).get("sslcell_source", {}) if neighbors_key in adata.uns else {}
@@ -42,15 +48,5 @@ def umap(
         sc.pp.neighbors(adata, n_neighbors=n_neighbors, use_rep=use_rep, key_added=neighbors_key, random_state=seed)
         sc.tl.umap(adata, neighbors_key=neighbors_key, key_added=basis, random_state=seed)
         adata.uns[neighbors_key]["sslcell_source"] = stamp
-    colors = [color] if isinstance(color, str) else list(color)
     fig = sc.pl.embedding(adata, basis=basis, color=colors, show=False, return_fig=True, frameon=False)
     return save(fig, path, dpi=120)
-
-
-def fingerprint(values: np.ndarray) -> str:
-    """A short hash of an array's shape, dtype and values: tells whether derived results are still current."""
-    values = values.toarray() if sparse.issparse(values) else np.asarray(values)
-    digest = hashlib.blake2b(digest_size=12)
-    digest.update(repr((values.shape, values.dtype.str)).encode())
-    digest.update(np.ascontiguousarray(values).tobytes())
-    return digest.hexdigest()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,7 +11,7 @@ from anndata import AnnData
 
 from sslcell.cellcycle.fit import CycleFit, default_phase_order, fit_cycle
 from sslcell.errors import InputError
-from sslcell.tl._keys import check_free, record, rep_id
+from sslcell.tl._keys import check_free, fingerprint, record, rep_id
 
 
 def cell_cycle(
@@ -132,7 +131,6 @@ def cell_cycle_pca(adata: AnnData, *, layer: str | None = None, s_genes: Sequenc
     adata.obsm[key_added] = x
     # a PCA of these cells' own: its axes are another dataset's space, so it gets an id of its own (a fit on it
     # places only these cells)
-    space = hashlib.blake2b(np.ascontiguousarray(x).tobytes(), digest_size=8).hexdigest()
-    record(adata, key_added, {"layer": layer, "n_comps": n_comps, "model_id": f"cell_cycle_pca:{space}",
+    record(adata, key_added, {"layer": layer, "n_comps": n_comps, "model_id": f"cell_cycle_pca:{fingerprint(x)}",
                               "genes": "custom" if s_genes or g2m_genes else "Tirosh et al. 2016"})
     return adata if copy else None

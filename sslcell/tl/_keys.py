@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
+import numpy as np
 from anndata import AnnData
+from scipy import sparse
 
 from sslcell.errors import InputError, OverwriteError
 
@@ -62,3 +65,12 @@ def check_crops(adata: AnnData, crops: Any) -> None:
 def is_crops(adata: AnnData) -> bool:
     """Whether ``adata`` was made from crops (one row per crop, no expression matrix)."""
     return IMAGES_KEY in adata.uns
+
+
+def fingerprint(values: np.ndarray) -> str:
+    """A short hash of an array's shape, dtype and values: tells whether derived results are still current."""
+    values = values.toarray() if sparse.issparse(values) else np.asarray(values)
+    digest = hashlib.blake2b(digest_size=12)
+    digest.update(repr((values.shape, values.dtype.str)).encode())
+    digest.update(np.ascontiguousarray(values).tobytes())
+    return digest.hexdigest()

@@ -65,3 +65,13 @@ def test_drop_derived_removes_neighbours_and_coordinates():
 def test_missing_representation_is_named():
     with pytest.raises(InputError, match=r"no 'X_other'.*X_sslcell"):
         pl.umap(_adata(), "group", use_rep="X_other")
+
+
+def test_an_unknown_colour_or_nan_is_refused_before_anything_is_written():
+    adata = _adata()
+    with pytest.raises(InputError, match=r"color: \['nope'\] are neither obs columns nor genes"):
+        pl.umap(adata, ["group", "nope"])
+    assert "X_sslcell_umap" not in adata.obsm and "X_sslcell_neighbors" not in adata.uns
+    adata.obsm["X_sslcell"][3, 0] = np.nan
+    with pytest.raises(InputError, match="holds NaN or inf"):
+        pl.umap(adata, "group")
