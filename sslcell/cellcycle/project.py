@@ -121,7 +121,7 @@ def project_cycle(
             "representation the reference was fitted on (same model, same genes)? θ may mean little.",
             UserWarning, stacklevel=2)
     if copy:
-        adata = adata.copy()
+        adata = adata.to_memory() if adata.isbacked else adata.copy()
     adata.obs[theta_key] = theta.astype(np.float32)
     adata.obsm[plane_key] = plane.astype(np.float32)
     if fit.phases:

@@ -16,6 +16,9 @@ def _counts_matrix(counts, layer: str | None, what: str = "pca_baseline"):
     """AnnData (``.X`` or ``.layers[layer]``) or matrix ``(N, G)`` -> float32 copy, dense or CSR; NaN, inf or
     negative counts raise, non-integer ones warn (``what``: the caller, named in the messages)."""
     if isinstance(counts, ad.AnnData):
+        if counts.isbacked:
+            raise InputError(f"{counts.filename}: a backed AnnData; {what} reads the whole matrix, so load it first "
+                             "(adata.to_memory())")
         if layer is not None and layer not in counts.layers:
             raise InputError(f"layer {layer!r} not in adata.layers (available: {list(counts.layers)})")
         counts = counts.X if layer is None else counts.layers[layer]
@@ -111,6 +114,9 @@ def scaled_pca(x: np.ndarray, rows: np.ndarray | None, n_comps: int, seed: int =
     from sklearn.decomposition import PCA
 
     fit = x if rows is None else x[rows]
+    if not 1 <= n_comps < min(fit.shape) or len(fit) < 2:
+        raise InputError(f"n_comps={n_comps} must be >= 1 and < min(cells, genes) = {min(fit.shape)} (at least 2 "
+                         "cells)")
     mean, std = fit.mean(0), fit.std(0, ddof=1)
     std[std == 0] = 1
     z = np.clip((x - mean) / std, -10, 10)

@@ -82,7 +82,7 @@ def cell_cycle(
     x = np.asarray(adata.obsm[use_rep])
     fit: CycleFit = fit_cycle(x, anchors, order)
     if copy:
-        adata = adata.copy()
+        adata = adata.to_memory() if adata.isbacked else adata.copy()
     plane = fit.plane(x)
     theta = fit.theta(x)
     adata.obs[theta_key] = theta.astype(np.float32)
@@ -109,7 +109,7 @@ def score_cell_cycle(adata: AnnData, *, layer: str | None = None, s_genes: Seque
         check_free(adata, "obs", key, overwrite)
     scores = score_phases(adata, layer=layer, s_genes=s_genes, g2m_genes=g2m_genes)
     if copy:
-        adata = adata.copy()
+        adata = adata.to_memory() if adata.isbacked else adata.copy()
     for column, key in keys.items():
         adata.obs[key] = scores[column].to_numpy()
     adata.obs[keys["phase"]] = pd.Categorical(scores["phase"], categories=PHASE_ORDER)
@@ -127,7 +127,7 @@ def cell_cycle_pca(adata: AnnData, *, layer: str | None = None, s_genes: Sequenc
     check_free(adata, "obsm", key_added, overwrite)
     x = cycle_gene_pca(adata, layer=layer, s_genes=s_genes, g2m_genes=g2m_genes, n_comps=n_comps)
     if copy:
-        adata = adata.copy()
+        adata = adata.to_memory() if adata.isbacked else adata.copy()
     adata.obsm[key_added] = x
     # a PCA of these cells' own: its axes are another dataset's space, so it gets an id of its own (a fit on it
     # places only these cells)

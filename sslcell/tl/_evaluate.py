@@ -68,10 +68,13 @@ def evaluate(
 
     embeddings = {key: _embedding(adata, key, keep) for key in reps}
     for name in baselines:
-        if name == "pca":
-            embeddings[name] = np.asarray(pca_baseline(adata, seed=seed, layer=layer))[keep]
-        else:
-            embeddings[name] = pixel_pca_baseline(crops, seed=seed)[keep]
+        try:
+            if name == "pca":
+                embeddings[name] = np.asarray(pca_baseline(adata, seed=seed, layer=layer))[keep]
+            else:
+                embeddings[name] = pixel_pca_baseline(crops, seed=seed)[keep]
+        except InputError as err:
+            raise InputError(f"the {name!r} baseline: {err}; pass baselines=() to score without it") from None
 
     rows = []
     for rep, x in embeddings.items():

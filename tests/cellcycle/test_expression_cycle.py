@@ -111,3 +111,15 @@ def test_phase_sets_are_checked(cycling):
         score_phase_sets(adata, {"S": s})
     with pytest.raises(InputError, match="'G1' set"):
         score_phase_sets(adata, {"S": s, "G1": ["NOPE1", "NOPE2", s[0]]})
+
+
+def test_backed_cells_and_too_many_components_get_clear_errors(cycling, tmp_path):
+    adata, s, g2m = cycling
+    with pytest.raises(InputError, match=r"n_comps=500 must be >= 1 and < min\(cells, genes\)"):
+        tl.cell_cycle_pca(adata.copy(), s_genes=s, g2m_genes=g2m, n_comps=500)
+    with pytest.raises(InputError, match="n_comps=0"):
+        tl.cell_cycle_pca(adata.copy(), s_genes=s, g2m_genes=g2m, n_comps=0)
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
+    with pytest.raises(InputError, match=r"cells\.h5ad: a backed AnnData; .*adata\.to_memory\(\)"):
+        tl.score_cell_cycle(backed, s_genes=s, g2m_genes=g2m)

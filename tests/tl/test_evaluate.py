@@ -127,3 +127,10 @@ def test_a_class_smaller_than_n_per_class_is_warned_about():
     adata = _adata()
     with pytest.warns(UserWarning, match="n_per_class=80: 3 of 3 classes have 80 cells or fewer"):
         evaluate(adata, "cell_type", "X_sslcell", baselines=[], n_per_class=80)
+
+
+def test_too_few_cells_for_the_pca_baseline_say_how_to_go_on():
+    adata = _adata(n_per_type=12)  # 36 cells: PCA-50 cannot be fitted
+    with pytest.raises(InputError, match=r"the 'pca' baseline: n_comps=50 .*pass baselines=\(\) to score without it"):
+        evaluate(adata, "cell_type", "X_sslcell", n_splits=3)
+    assert evaluate(adata, "cell_type", "X_sslcell", baselines=(), n_splits=3, n_per_class=5).rows
