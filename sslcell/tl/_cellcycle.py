@@ -66,7 +66,12 @@ def cell_cycle(
         if anchor_key not in adata.obs.columns:
             raise InputError(f"no obs column {anchor_key!r} to anchor the cycle; columns are {list(adata.obs.columns)}")
         column = adata.obs[anchor_key]
+        if not column.notna().any():
+            raise InputError(f"obs[{anchor_key!r}] labels no cell (every value is missing): nothing anchors the cycle")
         anchors = column.astype(object).where(column.notna(), None).to_numpy()
+        if isinstance(anchor_order, str):
+            raise InputError(f"anchor_order: the phases as a list in cycle order, e.g. ['G1', 'S', 'G2M'], not the "
+                             f"string {anchor_order!r}")
         if anchor_order is not None:
             order = list(anchor_order)
         else:

@@ -76,6 +76,11 @@ def test_refusals(cells):
         tl.cell_cycle(cells, anchor_key="stage")
     with pytest.raises(InputError, match="needs anchor_key"):
         tl.cell_cycle(cells, anchor_order=PHASES)
+    with pytest.raises(InputError, match="anchor_order: the phases as a list"):
+        tl.cell_cycle(cells, anchor_key="phase", anchor_order="G1,S,G2M")
+    cells.obs["unlabelled"] = np.nan
+    with pytest.raises(InputError, match=r"obs\['unlabelled'\] labels no cell"):
+        tl.cell_cycle(cells, anchor_key="unlabelled")
     tl.cell_cycle(cells)
     with pytest.raises(OverwriteError, match="cell_cycle_theta"):
         tl.cell_cycle(cells)
