@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 
 import anndata as ad
@@ -68,9 +69,14 @@ def score_phases(adata: ad.AnnData, *, layer: str | None = None, s_genes: Sequen
     s, g2m = cycle_genes(adata.var_names, s_genes, g2m_genes)
     work = _log_normalised(adata, layer)
     sc.tl.score_genes_cell_cycle(work, s_genes=s, g2m_genes=g2m, random_state=seed)
+    phase = pd.Categorical(work.obs["phase"].astype(str), categories=PHASE_ORDER)
+    silent = np.asarray((work[:, s + g2m].X != 0).sum(axis=1)).ravel() == 0
+    if silent.any():  # scores of 0 - 0 would call them S: no evidence, so no phase (and no anchor)
+        phase[silent] = np.nan
+        warnings.warn(f"{int(silent.sum())} cell(s) express none of the {len(s + g2m)} cycle genes: their phase is "
+                      "left missing, so they do not anchor a cycle fit", UserWarning, stacklevel=3)
     return pd.DataFrame({"S_score": work.obs["S_score"].to_numpy(np.float32),
-                         "G2M_score": work.obs["G2M_score"].to_numpy(np.float32),
-                         "phase": pd.Categorical(work.obs["phase"].astype(str), categories=PHASE_ORDER)},
+                         "G2M_score": work.obs["G2M_score"].to_numpy(np.float32), "phase": phase},
                         index=adata.obs_names)
 
 

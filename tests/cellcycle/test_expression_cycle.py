@@ -123,3 +123,15 @@ def test_backed_cells_and_too_many_components_get_clear_errors(cycling, tmp_path
     backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
     with pytest.raises(InputError, match=r"cells\.h5ad: a backed AnnData; .*adata\.to_memory\(\)"):
         tl.score_cell_cycle(backed, s_genes=s, g2m_genes=g2m)
+
+
+def test_cells_without_cycle_gene_counts_get_no_phase(cycling):
+    """Their S and G2M scores are 0 - 0: scanpy's rule calls that S, and they then anchored the cycle as S."""
+    adata, s, g2m = cycling
+    silent = adata[:30].copy()
+    x = silent.X.toarray()
+    x[:5, [list(silent.var_names).index(g) for g in s + g2m]] = 0
+    silent.X = sp.csr_matrix(x)
+    with pytest.warns(UserWarning, match="5 cell"):
+        tl.score_cell_cycle(silent, s_genes=s, g2m_genes=g2m)
+    assert silent.obs["cycle_score_phase"][:5].isna().all() and silent.obs["cycle_score_phase"][5:].notna().all()
