@@ -190,6 +190,16 @@ def test_confusion_matrix_plot_writes_png(report, tmp_path):
         assert data[:8] == PNG_MAGIC and len(data) > 1000
 
 
+def test_confusion_matrix_of_something_else_than_a_report_is_refused():
+    import anndata as ad
+
+    from sslcell import pl
+    from sslcell.errors import InputError
+
+    with pytest.raises(InputError, match="a ClassificationReport .*got AnnData"):
+        pl.confusion_matrix(ad.AnnData(np.zeros((2, 2))))
+
+
 def test_roc_plot_writes_png_and_checks_input(tmp_path):
     path = tmp_path / "roc.png"
     assert plot_roc_curves(Y_TRUE, SCORES, ["a", "b", "c"], str(path)) == path

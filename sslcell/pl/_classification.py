@@ -28,6 +28,9 @@ def confusion_matrix(
     Colours: each row divided by its true count (the recall of that class; a row without true samples
     stays 0) when ``normalize``, else raw counts. Every cell is annotated with its raw count.
     """
+    if not isinstance(report, ClassificationReport):
+        raise InputError(f"report: a ClassificationReport (from tl.score(adata, label_key)); got "
+                         f"{type(report).__name__}")
     counts = np.asarray(report.confusion, dtype=np.int64)
     k = len(report.classes)
     if normalize:
