@@ -471,6 +471,7 @@ def _labels(data: CellImages | AnnData, labels: Any) -> pd.Series:
             name = f"obs column {labels!r}" if isinstance(labels, str) else "labels"
             raise InputError(f"{_describe(data)}: {name} holds continuous values ({np.unique(known).size} distinct, "
                              f"e.g. {known[0]!r}); labels are classes: pass a categorical or string column")
+        values = values.astype("Int64")  # integer classes that pandas stored as floats beside NaN: "1", not "1.0"
     if not isinstance(values.dtype, pd.CategoricalDtype):
         values = values.astype("category")
     return values

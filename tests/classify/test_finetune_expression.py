@@ -141,8 +141,14 @@ def test_a_continuous_label_column_is_refused(model, split):
     train.obs["size"] = np.linspace(0.5, 3.0, train.n_obs)  # one "class" per cell otherwise
     with pytest.raises(InputError, match=r"obs column 'size' holds continuous values"):
         finetune(train, model, "size", config("mlp", epochs=1))
-    train.obs["code"] = (np.arange(train.n_obs) % 3).astype(float)  # whole numbers stored as floats: classes
-    assert finetune(train, model, "code", config("linear")).classes == ["0.0", "1.0", "2.0"]
+    codes = (np.arange(train.n_obs) % 3).astype(float)
+    codes[0] = np.nan  # an integer column with a missing label: pandas stores it as floats
+    train.obs["code"] = codes
+    classifier = finetune(train, model, "code", config("linear"))
+    assert classifier.classes == ["0", "1", "2"]  # the classes an integer column of new cells is read as
+    test = split[1].copy()
+    test.obs["code"] = np.arange(test.n_obs) % 3
+    sslcell.tl.predict(test, classifier, label_key="code")
 
 
 def test_whole_group_validation_never_takes_every_cell_of_a_class(model, split):
