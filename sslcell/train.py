@@ -96,8 +96,7 @@ def pretrain(
         config.data.channels = [channels] if isinstance(channels, (str, int)) else list(channels)
     config.check()  # the overrides too, before anything in out is touched
     if not resume and not spawned:
-        _check_new_run(out, overwrite)
-        _clear_run(out)
+        _check_new_run(out, overwrite)  # a previous run is removed only once the new data are read (in _fit)
 
     prepare = _prepare_images if config.modality == "image" else _prepare_expression
     dataset, contract = prepare(config, data, contract)
@@ -132,6 +131,7 @@ def _fit(config: RecipeConfig, data: Any, dataset: Any, contract: Contract, out:
         )
     len(loader.dataset)  # raises now, before the run directory is written, if the data cannot fill a batch
     if not spawned and not resume:
+        _clear_run(out)  # --overwrite: the previous run goes only now that the new one's data and recipe are good
         out.mkdir(parents=True, exist_ok=True)
         _write_run(out, config, contract, data)
     ckpt = out / "checkpoints" / LAST

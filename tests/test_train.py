@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from sslcell.checkpoint import load
-from sslcell.errors import ConfigError, OverwriteError
+from sslcell.errors import ConfigError, InputError, OverwriteError
 from sslcell.train import pretrain
 from tests.conftest import REPO, tiny_recipe
 
@@ -67,6 +67,18 @@ def test_overwrite_removes_the_previous_runs_checkpoint_and_keeps_user_files(sma
     assert (out / "precious.txt").read_text() == "keep me" and (out / "model" / "notes.md").read_text() == "mine"
     with pytest.raises(FileNotFoundError, match="nothing to resume from"):
         pretrain(new, small_counts_file, out, resume=True)
+
+
+def test_overwrite_with_bad_data_keeps_the_previous_run(small_counts, small_counts_file, tmp_path):
+    """A typo in the data path, or too few cells, must not cost the model already there."""
+    out = tmp_path / "run"
+    pretrain(tiny_recipe(), small_counts_file, out)
+    before = {p: p.read_bytes() for p in [out / "run.json", out / "model" / "model.safetensors"]}
+    with pytest.raises(FileNotFoundError):
+        pretrain(tiny_recipe(), tmp_path / "atlsa.h5ad", out, overwrite=True)
+    with pytest.raises(InputError, match="batch"):
+        pretrain(tiny_recipe(), small_counts[:20].copy(), out, overwrite=True)  # fewer cells than one batch
+    assert {p: p.read_bytes() for p in before} == before
 
 
 class StopAt(pl.Callback):
