@@ -21,6 +21,13 @@ from sslcell.errors import ChannelMismatchError, InputError
 from sslcell.methods.contracts import ExpressionContract, ImageContract, contract_from_dict
 
 
+def _divisor(std: torch.Tensor) -> torch.Tensor:
+    """What standardisation divides by: a std of 0 (a gene or channel that never varied in pretraining) counts as 1,
+    as scanpy's ``scale`` has it, so a value it takes later stays on the scale of the others instead of being
+    multiplied by a million; a tiny positive std is clamped at 1e-6."""
+    return torch.where(std > 0, std, torch.ones_like(std)).clamp_min(1e-6)
+
+
 class Inputs(nn.Module):
     """Base class: ``normalize`` for inference, ``views`` for training; ``contract`` is the typed contract."""
 
@@ -56,7 +63,7 @@ class ExpressionInputs(Inputs):
         self.scaled = contract.scaled
         if self.scaled:
             self.register_buffer("gene_mean", torch.tensor(contract.gene_mean, dtype=torch.float32))
-            self.register_buffer("gene_std", torch.tensor(contract.gene_std, dtype=torch.float32).clamp_min(1e-6))
+            self.register_buffer("gene_std", _divisor(torch.tensor(contract.gene_std, dtype=torch.float32)))
         self.target_sum = contract.target_sum
         self.counts_are_log_normalized = contract.counts_are_log_normalized
         self.augment_config = from_dict(ExpressionAugmentConfig, dict(augment or {}), "method.augment")
@@ -130,7 +137,7 @@ class ImageInputs(Inputs):
         mean = torch.tensor(contract.channel_mean, dtype=torch.float32)
         std = torch.tensor(contract.channel_std, dtype=torch.float32)
         self.register_buffer("channel_mean", mean.view(1, n, 1, 1))
-        self.register_buffer("channel_std", std.clamp_min(1e-6).view(1, n, 1, 1))
+        self.register_buffer("channel_std", _divisor(std).view(1, n, 1, 1))
         self.image_size = list(contract.image_size)
         self.dtype = contract.dtype
         self.augment_config = image_augment_config(augment)

@@ -263,3 +263,12 @@ def test_unnamed_channels_are_positions_not_names():
         inputs.align(three)
     assert inputs.align(three, channels=[2, 0]).channel_names == ["channel_0", "channel_1"]
     assert inputs.align(three.select_channels([0, 1])).n_channels == 2
+
+
+def test_a_channel_that_never_varied_is_not_divided_by_a_millionth():
+    """A channel all zero in pretraining: faint signal in new crops stayed x1e6 and swamped the embedding."""
+    inputs = ImageInputs({"modality": "image", "channel_names": ["dna", "fl"], "channel_mean": [10.0, 0.0],
+                          "channel_std": [2.0, 0.0], "image_size": [8, 8], "dtype": "uint8"})
+    x = torch.full((1, 2, 8, 8), 2, dtype=torch.uint8)
+    z = inputs.normalize(x)
+    assert torch.allclose(z[:, 0], torch.tensor(-4.0)) and torch.allclose(z[:, 1], torch.tensor(2.0))
