@@ -95,13 +95,18 @@ class ExpressionDataset:
             as_gene_array(shard.var_names, where=shard.source)
         if genes is None:
             first = shards[0]
+            if all(np.array_equal(shard.var_names, first.var_names) for shard in shards[1:]):
+                return cls(shards, first.var_names, None, None, counts_are_log_normalized)
+            known = set(first.var_names)
             for shard in shards[1:]:
-                if not np.array_equal(shard.var_names, first.var_names):
+                other = set(shard.var_names)
+                if other != known:
+                    odd = sorted(known ^ other)
                     raise GeneMismatchError(
-                        f"shards {first.source} and {shard.source} have different genes (or gene order); "
-                        "pass genes=<gene list> to align every shard to one list"
+                        f"shards {first.source} and {shard.source} have different genes ({len(odd)} in only one of "
+                        f"them, e.g. {odd[:3]}): give every shard the same genes, e.g. subset each to the shared ones"
                     )
-            return cls(shards, first.var_names, None, None, counts_are_log_normalized)
+            genes = first.var_names  # the same genes in another order: every shard is aligned to the first by name
         return cls._aligned(shards, as_gene_array(genes, where="genes"), counts_are_log_normalized)
 
     @classmethod
