@@ -283,6 +283,9 @@ def _embed(args: argparse.Namespace) -> int:
         return _embed_images(args)
     _refuse_flags(args, ("channels", "label_key"), "crops only; this model reads expression (labels stay in obs)")
     src, out = Path(args.data), _new_file(Path(args.out), args.overwrite)
+    if src.is_dir():
+        raise InputError(f"--data {src}: a folder; embed writes the input .h5ad with its embedding, so give one "
+                         ".h5ad file (embed each shard on its own)")
     if out.resolve() == src.resolve():
         raise OverwriteError(f"{out}: is the input file; write to another path")
     ExpressionDataset.open(src, layer=args.layer, counts_are_log_normalized=args.counts_are_log_normalized)  # validates

@@ -180,6 +180,9 @@ def _prepare_images(
 ) -> tuple[CellImages, ImageContract]:
     """Open the crops, select the channels and fix the channel spec and per-channel statistics (unless resuming)."""
     d = config.data
+    if isinstance(data, (list, tuple)):
+        raise InputError(f"crops: one .npz, zarr store or folder of crops per run, got {len(data)} paths; combine "
+                         "them into one (e.g. one folder of crops)")
     cells = data if isinstance(data, CellImages) else CellImages.read(data, label_key=d.label_key)
     if contract is not None:
         return cells.select_channels(list(contract.channel_names)), contract
