@@ -170,8 +170,17 @@ class BlockShuffleLoader(ShardedBatches):
         n = min_rows // self.batch_size if self.drop_last else math.ceil(min_rows / self.batch_size)
         if n == 0:
             raise ConfigError(
-                f"BlockShuffleLoader: a stream may get only {min_rows} rows, fewer than batch_size={self.batch_size}"
+                f"BlockShuffleLoader: a stream may get only {min_rows} rows, fewer than batch_size={self.batch_size} "
+                f"({n_blocks} blocks of {self.block_size} rows dealt to {n_streams} streams, ranks x workers): lower "
+                "data.block_size, data.batch_size or data.num_workers"
             )
+        used = n * self.batch_size * n_streams / max(int(self._block_sizes.sum()), 1)
+        if used < 0.9 and not getattr(self, "_warned_unused", False):
+            self._warned_unused = True
+            warnings.warn(
+                f"BlockShuffleLoader: each epoch reads only {used:.0%} of the {int(self._block_sizes.sum())} cells "
+                f"(every one of {n_streams} streams yields the same number of batches; blocks of {self.block_size} "
+                "rows): lower data.block_size or data.num_workers to read more of them", UserWarning, stacklevel=2)
         return n
 
     def __iter__(self) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:

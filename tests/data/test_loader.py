@@ -189,3 +189,12 @@ def test_configuration_errors(dataset, monkeypatch):
     monkeypatch.setattr(loader_module, "get_worker_info", lambda: SimpleNamespace(id=0, num_workers=2))
     with pytest.raises(ConfigError, match="num_workers=0 but runs with 2"):
         next(iter(BlockShuffleLoader(dataset)))
+
+
+def test_an_epoch_that_leaves_many_cells_unread_warns_and_too_few_names_the_fields(dataset):
+    """Streams yield equal batch counts: big blocks over several streams can leave a large share of cells out."""
+    loader = BlockShuffleLoader(dataset, batch_size=20, block_size=300, buffer_blocks=1)  # 4 blocks, the last 100
+    with pytest.warns(UserWarning, match=r"each epoch reads only 80% of the 1000 cells .*lower data.block_size"):
+        loader._batches_per_stream(2)
+    with pytest.raises(ConfigError, match="lower data.block_size, data.batch_size or data.num_workers"):
+        BlockShuffleLoader(dataset, batch_size=N_OBS, block_size=50, buffer_blocks=1)._batches_per_stream(2)
