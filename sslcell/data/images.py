@@ -151,6 +151,9 @@ class CellImages:
             what = "no cells (N = 0)" if shape[0] == 0 else f"a zero-sized axis in shape {shape}"
             raise InputError(f"images is empty: {what}")
         dtype = np.dtype(images.dtype)
+        if dtype not in SUPPORTED_DTYPES and dtype.newbyteorder("=") in SUPPORTED_DTYPES:
+            raise InputError(f"images are {dtype.name} stored big-endian ({dtype.str}); sslcell reads native byte "
+                             f"order: convert them, e.g. images.astype('{dtype.newbyteorder('=').str}')")
         if dtype not in SUPPORTED_DTYPES:
             raise InputError(
                 f"images dtype {dtype} is not supported; use uint8 or uint16 (raw intensities, full range) or "

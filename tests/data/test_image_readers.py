@@ -101,6 +101,7 @@ def test_npz_corrupt_files_name_the_path(tmp_path, x16):
 @pytest.mark.parametrize(("arrays", "message"), [
     ({"images": np.zeros((4, 8, 8), np.uint8)}, "images must be 4-D"),
     ({"images": np.zeros((4, 2, 8, 8), np.int64)}, "images dtype int64 is not supported"),
+    ({"images": np.zeros((4, 2, 8, 8), ">u2")}, r"images are uint16 stored big-endian \(>u2\)"),
     ({"images": np.zeros((4, 2, 8, 8), np.uint8), "channel_names": np.array(["a", "b", "c"])}, "3 channel_names"),
 ])
 def test_a_bad_array_in_a_file_names_the_file(tmp_path, arrays, message):
