@@ -265,9 +265,15 @@ class CellImages:
         n = len(self)
         if isinstance(idx, slice):
             return idx
+        if isinstance(idx, tuple):
+            raise InputError("cells[...] selects cells with one index (rows, a mask or ids); select channels with "
+                             "select_channels")
         if isinstance(idx, (int, np.integer)):
             idx = [idx]
-        idx = np.asarray(idx)
+        boolean = pd.api.types.is_bool_dtype(getattr(idx, "dtype", None))  # numpy or pandas' nullable boolean
+        if boolean and pd.isna(idx).any():
+            raise InputError("boolean cell mask holds missing values (NA); fill them (e.g. mask.fillna(False))")
+        idx = np.asarray(idx, dtype=bool) if boolean else np.asarray(idx)
         if idx.dtype.kind in "UO":
             rows = self.obs.index.get_indexer(idx.astype(str))
             if (rows < 0).any():

@@ -133,3 +133,18 @@ def test_to_anndata(tmp_path, x16):
         "channel_names": NAMES, "shape": [12, 3, 8, 10], "dtype": "uint16", "source": "array"
     }
     adata.write_h5ad(tmp_path / "cells.h5ad")  # serialisable
+
+
+def test_cell_selection_by_masks_and_refusals(x16):
+    cells = CellImages.from_array(x16, channel_names=NAMES)
+    n = len(cells)
+    mask = np.arange(n) % 2 == 0
+    for same in (mask, pd.Series(mask), pd.array(mask, dtype="boolean")):  # numpy, pandas, nullable boolean
+        np.testing.assert_array_equal(np.asarray(cells[same].images), x16[mask])
+    with_na = pd.array([True] + [None] * (n - 1), dtype="boolean")
+    with pytest.raises(InputError, match=r"mask holds missing values"):  # read as cell ids before
+        cells[with_na]
+    with pytest.raises(InputError, match="select channels with select_channels"):  # cells[0, 1]: rows 0 and 1 before
+        cells[0, 1]
+    with pytest.raises(InputError, match="boolean cell mask has shape"):
+        cells[mask[:-1]]
