@@ -376,4 +376,8 @@ def _shard_paths(data: str | os.PathLike | Sequence) -> list[Path]:
     paths = [Path(p) for p in data]
     if not paths:
         raise InputError("ExpressionDataset.open: empty list of paths")
+    folders = [str(p) for p in paths if p.is_dir()]
+    if folders:
+        raise InputError(f"{folders[0]}: a folder inside a list of .h5ad files; give the folder alone (its .h5ad "
+                         "files are read in name order) or list its files")
     return paths

@@ -234,3 +234,11 @@ def test_dataset_pickles_without_open_handles(tmp_path):
     ds.read_rows(0, 5)  # opens the file in this process
     copy = pickle.loads(pickle.dumps(ds))
     np.testing.assert_array_equal(dense(copy), x.toarray())
+
+
+def test_a_folder_inside_a_list_of_shards_is_named(tmp_path):
+    (tmp_path / "shards").mkdir()
+    adata(counts(10, 5)).write_h5ad(tmp_path / "shards" / "a.h5ad")
+    with pytest.raises(InputError, match=r"shards: a folder inside a list of \.h5ad files"):
+        ExpressionDataset.open([tmp_path / "shards"])
+    assert ExpressionDataset.open(tmp_path / "shards").n_obs == 10
