@@ -231,6 +231,13 @@ def _prepare_expression(
             f"{len(genes)} genes: they all give the model the same all-zero input (filter empty cells first)",
             UserWarning, stacklevel=3,
         )
+    silent = stats.index[stats["var_log1p"].to_numpy() == 0].tolist()
+    if silent:
+        warnings.warn(
+            f"{len(silent)} of the model's {len(genes)} genes never vary in the pretraining cells (e.g. "
+            f"{silent[:3]}): they carry nothing here (data.n_top_genes picks the variable genes)",
+            UserWarning, stacklevel=3,
+        )
     mean = std = None
     if d.scale:
         mean = tuple(stats["mean_log1p"].astype(float).tolist())

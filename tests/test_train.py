@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import pytorch_lightning as pl
+import scipy.sparse as sp
 import torch
 import yaml
 
@@ -249,3 +250,12 @@ def test_overrides_leave_the_callers_recipe_alone(small_counts_file, tmp_path):
     recipe = tiny_recipe()
     pretrain(recipe, small_counts_file, tmp_path / "run", max_steps=1, max_epochs=1)
     assert recipe == tiny_recipe()  # a later pretrain(recipe, ...) must not stop after one step
+
+
+def test_genes_that_never_vary_are_warned_about(small_counts, tmp_path):
+    data = small_counts.copy()
+    x = data.X.toarray()
+    x[:, :3] = 0
+    data.X = sp.csr_matrix(x)
+    with pytest.warns(UserWarning, match=r"3 of the model's \d+ genes never vary in the pretraining cells"):
+        pretrain(tiny_recipe(data={"n_top_genes": None}), data, tmp_path / "run", max_steps=1)
