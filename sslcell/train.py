@@ -224,6 +224,9 @@ def _prepare_expression(
     if d.n_top_genes is not None and d.n_top_genes < len(genes):
         genes = [str(g) for g in select_highly_variable(dataset, d.n_top_genes)]
         dataset = dataset.with_genes(genes)
+        if len(genes) < d.n_top_genes:
+            warnings.warn(f"data.n_top_genes={d.n_top_genes}, but only {len(genes)} genes vary in the pretraining "
+                          f"cells: the model reads those {len(genes)}", UserWarning, stacklevel=3)
     stats = gene_statistics(dataset, target_sum=d.target_sum)  # also refuses all-zero data
     if stats.attrs["n_empty_cells"]:
         warnings.warn(

@@ -259,3 +259,6 @@ def test_genes_that_never_vary_are_warned_about(small_counts, tmp_path):
     data.X = sp.csr_matrix(x)
     with pytest.warns(UserWarning, match=r"3 of the model's \d+ genes never vary in the pretraining cells"):
         pretrain(tiny_recipe(data={"n_top_genes": None}), data, tmp_path / "run", max_steps=1)
+    n_genes = data.n_vars
+    with pytest.warns(UserWarning, match=rf"n_top_genes={n_genes - 1}, but only {n_genes - 3} genes vary"):
+        pretrain(tiny_recipe(data={"n_top_genes": n_genes - 1}), data, tmp_path / "run2", max_steps=1)
