@@ -110,3 +110,19 @@ def test_too_many_missing_genes_are_refused_unless_allowed(trained, small_counts
         sslcell.tl.embed(adata, model, max_missing_genes=0.7, overwrite=True)
     info = adata.uns["sslcell"]["X_sslcell"]
     assert info["n_missing_genes"] == 60 and len(info["missing_genes_examples"]) > 0
+
+
+def test_log_normalised_input_on_another_scale_than_the_models_is_warned_about(trained, small_counts):
+    """The model normalises raw counts to 1e4 per cell; log1p of counts per million is 100x off in every gene."""
+    model, _ = trained
+    same = small_counts.copy()
+    sc.pp.normalize_total(same, target_sum=model.inputs.target_sum)
+    sc.pp.log1p(same)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the model's own scale: no warning
+        sslcell.tl.embed(same, model, counts_are_log_normalized=True)
+    cpm = small_counts.copy()
+    sc.pp.normalize_total(cpm, target_sum=1e6)
+    sc.pp.log1p(cpm)
+    with pytest.warns(UserWarning, match=r"sum to .*e\+05 .*normalised each cell to 10000 before log1p"):
+        sslcell.tl.embed(cpm, model, counts_are_log_normalized=True)
