@@ -110,6 +110,7 @@ def project_cycle(
     check_free(adata, "obs", theta_key, overwrite)
     check_free(adata, "obs", phase_key, overwrite)  # written with phases, removed without: an old fit's phases
     check_free(adata, "obsm", plane_key, overwrite)
+    check_free(adata, "record", key_added, overwrite)
     x = np.asarray(adata.obsm[use_rep])
     theta = fit.theta(x)
     plane = fit.plane(x)

@@ -61,6 +61,7 @@ def cell_cycle(
     check_free(adata, "obs", theta_key, overwrite)
     check_free(adata, "obs", phase_key, overwrite)  # written with anchors, removed without: an old fit's phases
     check_free(adata, "obsm", plane_key, overwrite)
+    check_free(adata, "record", key_added, overwrite)
     anchors, order = None, None
     if anchor_key is not None:
         if anchor_key not in adata.obs.columns:
@@ -112,6 +113,7 @@ def score_cell_cycle(adata: AnnData, *, layer: str | None = None, s_genes: Seque
     keys = {"S_score": f"{key_added}_S", "G2M_score": f"{key_added}_G2M", "phase": f"{key_added}_phase"}
     for key in keys.values():
         check_free(adata, "obs", key, overwrite)
+    check_free(adata, "record", key_added, overwrite)
     scores = score_phases(adata, layer=layer, s_genes=s_genes, g2m_genes=g2m_genes)
     if copy:
         adata = adata.to_memory() if adata.isbacked else adata.copy()
@@ -130,6 +132,7 @@ def cell_cycle_pca(adata: AnnData, *, layer: str | None = None, s_genes: Sequenc
     from sslcell.cellcycle.expression import cycle_gene_pca
 
     check_free(adata, "obsm", key_added, overwrite)
+    check_free(adata, "record", key_added, overwrite)
     x = cycle_gene_pca(adata, layer=layer, s_genes=s_genes, g2m_genes=g2m_genes, n_comps=n_comps)
     if copy:
         adata = adata.to_memory() if adata.isbacked else adata.copy()

@@ -76,6 +76,7 @@ def embed(
         raise InputError(f"adata must be an AnnData (or use tl.embed_crops for crops); got {type(adata).__name__}")
     model = model if isinstance(model, SSLModule) else load(model)
     check_free(adata, "obsm", key_added, overwrite)
+    check_free(adata, "record", key_added, overwrite)
     if model.inputs.modality == "image":
         if crops is None:
             raise InputError(

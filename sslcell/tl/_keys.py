@@ -15,7 +15,15 @@ IMAGES_KEY = "sslcell_images"  # uns key of an AnnData made from crops (CellImag
 
 
 def check_free(adata: AnnData, slot: str, key: str, overwrite: bool) -> None:
-    """Raise :class:`OverwriteError` if ``adata.<slot>[key]`` exists and ``overwrite`` is False."""
+    """Raise :class:`OverwriteError` if ``adata.<slot>[key]`` exists and ``overwrite`` is False. ``slot="record"``:
+    the record :func:`record` keeps of a result in ``adata.uns["sslcell"][key]`` (another tool's, e.g. an
+    embedding's model, is not replaced without asking either)."""
+    if slot == "record":
+        records = adata.uns.get("sslcell", {})
+        if isinstance(records, dict) and key in records and not overwrite:
+            raise OverwriteError(f"adata.uns['sslcell'][{key!r}] holds the record of an earlier result; pass "
+                                 "overwrite=True or choose another key_added")
+        return
     mapping = adata.obs if slot == "obs" else getattr(adata, slot)
     if key in mapping and not overwrite:
         raise OverwriteError(f"adata.{slot}[{key!r}] exists; pass overwrite=True or choose another key_added")

@@ -56,6 +56,7 @@ def predict(
         raise InputError(f"classifier must be a CellClassifier (sslcell.classify); got {type(classifier).__name__}")
     for slot, key in (("obs", key_added), ("obs", f"{key_added}_confidence"), ("obsm", f"{key_added}_proba")):
         check_free(adata, slot, key, overwrite)
+    check_free(adata, "record", key_added, overwrite)
     if label_key is not None:
         if label_key in (key_added, f"{key_added}_confidence"):
             raise InputError(f"label_key {label_key!r} is a column this call writes (key_added {key_added!r}): the "

@@ -55,6 +55,7 @@ def transfer_labels(
     pred_key, conf_key = f"{key_added}_pred", f"{key_added}_confidence"
     for key in (pred_key, conf_key):
         check_free(query, "obs", key, overwrite)
+    check_free(query, "record", pred_key, overwrite)
     if not 0.0 <= float(min_confidence) <= 1.0:
         raise ConfigError(f"min_confidence must lie in [0, 1]; got {min_confidence}")
     if int(n_neighbors) < 1:

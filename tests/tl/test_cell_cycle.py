@@ -91,6 +91,10 @@ def test_refusals(cells):
     with pytest.raises(OverwriteError, match="cc_phase"):
         tl.cell_cycle(cells, key_added="cc")
     assert (cells.obs["cc_phase"] == "mine").all() and "cc_theta" not in cells.obs
+    cells.uns["sslcell"]["X_sslcell"] = {"model_id": "weights_a"}  # the embedding's record, as tl.embed keeps it
+    with pytest.raises(OverwriteError, match=r"uns\['sslcell'\]\['X_sslcell'\] holds the record"):
+        tl.cell_cycle(cells, key_added="X_sslcell")
+    assert cells.uns["sslcell"]["X_sslcell"] == {"model_id": "weights_a"} and "X_sslcell_theta" not in cells.obs
 
 
 def test_plot_shows_the_plane_and_theta_by_phase(cells, tmp_path):
