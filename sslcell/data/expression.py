@@ -24,7 +24,8 @@ from sslcell.data.genes import GeneAligner, GeneAlignment, as_gene_array, check_
 from sslcell.data.shards import IN_MEMORY as IN_MEMORY
 from sslcell.data.shards import (
     Workspace,
-    _check_csr,
+    _check_indices,
+    _check_pointers,
     _empty,
     _FileShard,
     _MemoryShard,
@@ -192,7 +193,7 @@ class ExpressionDataset:
             offsets = self._shards[i].nnz_offsets(lo, hi)
             block = None if offsets is not None else self._shards[i].read(lo, hi)
             offsets = (block.indptr if block is not None else offsets).astype(np.int64)
-            _check_csr(self._shards[i], lo, offsets)
+            _check_pointers(self._shards[i], lo, offsets)
             plans.append((i, lo, hi, offsets, block))
             total += int(offsets[-1] - offsets[0])
         n_rows = sum(hi - lo for _, lo, hi, _, _ in plans)
@@ -218,7 +219,7 @@ class ExpressionDataset:
                 )
                 shard.read_values(int(offsets[0]), int(offsets[-1]), raw, raw_indices)
             if block is None:  # a block scipy built from the file was checked by scipy
-                _check_csr(shard, lo, local, raw_indices)
+                _check_indices(shard, lo, hi, raw_indices)
             _validate(raw, local, shard, lo, counts=not self.counts_are_log_normalized)
             if aligner is not None:
                 raw, raw_indices, local = aligner.apply_arrays(raw, raw_indices, local)

@@ -289,17 +289,21 @@ def _check_dtype(dtype: np.dtype, where: str) -> np.dtype:
                      "counts (convert first, e.g. adata.X = adata.X.astype('float32'))")
 
 
-def _check_csr(shard: _Shard, lo: int, offsets: np.ndarray, indices: np.ndarray | None = None) -> None:
+def _check_pointers(shard: _Shard, lo: int, offsets: np.ndarray) -> None:
     """Raise :class:`FileFormatError` naming the shard and rows where the row pointers ``offsets`` of rows
-    ``lo:lo + len(offsets) - 1`` decrease or their column ``indices`` fall outside the shard's genes: a damaged
-    file, which would otherwise be read as the wrong cells' or genes' counts."""
-    hi = lo + len(offsets) - 1
-    if (np.diff(offsets) < 0).any():
-        row = lo + int(np.argmax(np.diff(offsets) < 0))
-        raise FileFormatError(f"{shard.where}: damaged sparse matrix, its row pointers decrease at row {row} (rows "
-                              f"{lo}:{hi}); the file cannot be read as counts")
+    ``lo:lo + len(offsets) - 1`` decrease: a damaged file, whose rows would be read as other cells' counts."""
+    falls = np.diff(offsets) < 0
+    if falls.any():
+        raise FileFormatError(f"{shard.where}: damaged sparse matrix, its row pointers decrease at row "
+                              f"{lo + int(np.argmax(falls))} (rows {lo}:{lo + len(offsets) - 1}); the file cannot "
+                              "be read as counts")
+
+
+def _check_indices(shard: _Shard, lo: int, hi: int, indices: np.ndarray) -> None:
+    """Raise :class:`FileFormatError` naming the shard and rows ``lo:hi`` where column ``indices`` fall outside the
+    shard's genes: a damaged file, whose values would be read as other genes' counts."""
     n_genes = len(shard.var_names)
-    if indices is not None and indices.size and (indices.min() < 0 or indices.max() >= n_genes):
+    if indices.size and (indices.min() < 0 or indices.max() >= n_genes):
         raise FileFormatError(f"{shard.where}: damaged sparse matrix, column indices outside 0..{n_genes - 1} in "
                               f"rows {lo}:{hi} (min {indices.min()}, max {indices.max()}); the file cannot be read "
                               "as counts")
