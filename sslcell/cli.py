@@ -398,9 +398,7 @@ def _predict(args: argparse.Namespace) -> int:
     from sslcell.data.images import CellImages
     from sslcell.tl import predict, score
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise OverwriteError(f"{out}: is a file; --out names a folder to write into")
+    out = _output_folder(Path(args.out), args.overwrite, empty=False)  # its own files are checked one by one
     target = out / "predictions.h5ad"
     owned = [target, *(out / name for name in (METRIC_FILES if args.label_key is not None else ()))]
     for path in owned:
@@ -450,28 +448,20 @@ def _read_h5ad(path: str, backed: str | None = None):
 
 def _new_file(path: Path, overwrite: bool) -> Path:
     if path.is_dir():
-        raise OverwriteError(f"{path}: is a folder; give the path of the .h5ad file to write")
+        raise OverwriteError(f"{path}: is a folder; give the path of the file to write")
     if path.exists() and not overwrite:
         raise OverwriteError(f"{path}: exists; pass --overwrite to replace it")
     return path
 
 
-def _output_folder(path: Path, overwrite: bool) -> Path:
-    """``--out`` of a command that writes a folder: refused where it is a file, or holds files and ``overwrite``
-    is off (checked before any work)."""
+def _output_folder(path: Path, overwrite: bool, *, empty: bool = True) -> Path:
+    """``--out`` of a command that writes a folder, checked before any work: refused where it is a file, or
+    (``empty``: the command replaces the folder's contents) holds files and ``overwrite`` is off."""
     if path.exists() and not path.is_dir():
         raise OverwriteError(f"{path}: is a file; --out names a folder to write into")
-    if path.exists() and any(path.iterdir()) and not overwrite:
+    if empty and path.exists() and any(path.iterdir()) and not overwrite:
         raise OverwriteError(f"{path}: is not empty; pass --overwrite to replace it or choose another --out")
     return path
-
-
-def _check_plot_path(path: Path, overwrite: bool) -> None:
-    """``--plot``: a new ``.png`` (an existing one only with ``--overwrite``), checked before any work is done."""
-    if path.suffix.lower() != ".png":
-        raise InputError(f"--plot {path}: figures are written as PNG; give a path ending in .png")
-    if path.exists() and not overwrite:
-        raise OverwriteError(f"--plot {path}: exists; pass --overwrite to replace it")
 
 
 def _write_h5ad(adata, path: Path) -> None:
@@ -492,6 +482,7 @@ def _write_atomically(path: Path, write) -> None:
 
 def _cell_cycle(args: argparse.Namespace) -> int:
     from sslcell.pl import cell_cycle as plot_cell_cycle
+    from sslcell.pl._utils import png_path
     from sslcell.tl import cell_cycle
 
     if args.model or args.recipe:
@@ -500,7 +491,7 @@ def _cell_cycle(args: argparse.Namespace) -> int:
                   "--model (or place crops with --recipe)")
     out = _new_file(Path(args.out), args.overwrite)
     if args.plot:
-        _check_plot_path(Path(args.plot), args.overwrite)
+        _new_file(png_path(args.plot), args.overwrite)  # a new .png, checked before any work
     adata = _read_h5ad(args.data)
     reference = _read_h5ad(args.reference) if args.reference else None
     cell_cycle(adata, args.use_rep, anchor_key=args.anchor_key, anchor_order=args.anchor_order, reference=reference,
