@@ -23,10 +23,10 @@ import yaml
 
 from sslcell.errors import ConfigError
 
-# The method registry, the single place that names the methods of each modality: name -> "module:Class" under
-# ``sslcell.methods`` (resolved by ``sslcell.methods.build_method``, so reading a config imports no torch).
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")  # Lightning's names for what sslcell runs on
 
+# The method registry, the single place that names the methods of each modality: name -> "module:Class" under
+# ``sslcell.methods`` (resolved by ``sslcell.methods.build_method``, so reading a config imports no torch).
 METHODS: dict[str, dict[str, str]] = {
     "expression": {
         "mae": "mae:ExpressionMAE",

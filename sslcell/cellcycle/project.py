@@ -31,9 +31,9 @@ def _check_same_space(adata: AnnData, use_rep: str, reference: Any, key: str) ->
     weights, or a PCA of other cells), where both sides recorded it: θ would be read off the wrong axes."""
     from anndata import AnnData
 
-    from sslcell.tl._keys import rep_id
+    from sslcell.tl._keys import recorded, rep_id
 
-    fitted = reference.uns.get("sslcell", {}).get(key, {}) if isinstance(reference, AnnData) else reference
+    fitted = recorded(reference, key) if isinstance(reference, AnnData) else reference
     theirs = fitted.get("rep_id") if isinstance(fitted, dict) else None
     ours = rep_id(adata, use_rep)
     if theirs and ours and theirs != ours:

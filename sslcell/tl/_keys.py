@@ -45,11 +45,17 @@ def drop_derived(adata: AnnData, use_rep: str) -> None:
         adata.obsp.pop(f"{neighbors}_{suffix}", None)
 
 
+def recorded(adata: AnnData, key: str) -> dict[str, Any]:
+    """What :func:`record` kept of the result under ``key`` (empty where nothing was recorded)."""
+    records = adata.uns.get("sslcell", {})
+    made = records.get(key, {}) if isinstance(records, dict) else {}
+    return made if isinstance(made, dict) else {}
+
+
 def rep_id(adata: AnnData, use_rep: str) -> str | None:
     """The id of the space ``obsm[use_rep]`` lies in, where sslcell made it: the weights fingerprint ``tl.embed``
     records (``model_id``), or ``cell_cycle_pca``'s id of its own axes. None for a representation made elsewhere."""
-    made = adata.uns.get("sslcell", {}).get(use_rep, {})
-    return made.get("model_id") if isinstance(made, dict) else None
+    return recorded(adata, use_rep).get("model_id")
 
 
 def record(adata: AnnData, key: str, info: dict[str, Any]) -> None:

@@ -9,7 +9,7 @@ import pandas as pd
 from anndata import AnnData
 
 from sslcell.errors import ConfigError, InputError
-from sslcell.tl._keys import check_free, record
+from sslcell.tl._keys import check_free, record, recorded
 from sslcell.transfer.knn import vote
 from sslcell.transfer.reference import Kind, ReferenceIndex
 
@@ -112,23 +112,17 @@ def _reference(adata: AnnData, label_key: str, use_rep: str, index: Kind, metric
     labelled = _reference_rows(adata, label_key)
     if labelled.size == 0:
         raise InputError(f"the reference has no labelled cell in obs[{label_key!r}]")
-    made = _embedded_by(adata, use_rep)
+    made = recorded(adata, use_rep)  # tl.embed's record of the model behind it
     embedding = np.asarray(adata.obsm[use_rep])[labelled]
     labels = adata.obs[label_key].to_numpy()[labelled]
     return ReferenceIndex(embedding, labels, kind=index, metric=metric, model=made.get("model"), use_rep=use_rep,
                           model_id=made.get("model_id"))
 
 
-def _embedded_by(adata: AnnData, use_rep: str) -> dict[str, Any]:
-    """``tl.embed``'s record of the model behind ``obsm[use_rep]`` (empty where it was not made by tl.embed)."""
-    made = adata.uns.get("sslcell", {}).get(use_rep, {})
-    return made if isinstance(made, dict) else {}
-
-
 def _check_same_model(query: AnnData, ref: ReferenceIndex, use_rep: str) -> None:
     """Refuse query and reference embeddings recorded as made by different weights: their spaces differ, so
     their neighbours would be meaningless (where either side has no record, nothing can be checked)."""
-    made = _embedded_by(query, use_rep)
+    made = recorded(query, use_rep)
     if made.get("model_id") and ref.model_id and made["model_id"] != ref.model_id:
         raise InputError(
             f"query.obsm[{use_rep!r}] was embedded by another model ({made.get('model')}, weights "
