@@ -148,7 +148,8 @@ class RecipeConfig:
         return config
 
     def check(self) -> None:
-        """Cross-field checks that types alone cannot express."""
+        """Field types (for a recipe built in Python) and the cross-field checks that types alone cannot express."""
+        check_types(self)
         allowed = METHODS[self.modality]
         if self.method.name not in allowed:
             raise ConfigError(
@@ -222,6 +223,18 @@ def from_dict(cls: type, values: Any, where: str = "") -> Any:
     return cls(**kwargs)
 
 
+def check_types(config: Any, where: str = "") -> None:
+    """Check the fields of dataclass ``config`` built in Python against their types, as :func:`from_dict` checks
+    YAML (ConfigError naming the field; numbers become floats where the field is a float), nested ones included."""
+    hints = typing.get_type_hints(type(config))
+    for item in dataclasses.fields(config):
+        value, name = getattr(config, item.name), _join(where, item.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            check_types(value, name)
+        else:
+            setattr(config, item.name, _coerce(hints[item.name], value, name))
+
+
 def _join(where: str, name: str) -> str:
     return f"{where}.{name}" if where else name
 
@@ -240,7 +253,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
                 return _coerce(option, value, where)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {args}")
+        names = " or ".join(getattr(a, "__name__", str(a)) for a in args if a is not type(None))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} is not a {names}")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")

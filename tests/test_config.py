@@ -81,3 +81,14 @@ def _text(path: Path, text: str) -> Path:
 def _folder(path: Path) -> Path:
     path.mkdir()
     return path
+
+
+def test_recipe_built_in_python_is_type_checked_like_yaml():
+    config = RecipeConfig()
+    config.train.max_epochs = "3"  # a string where YAML would have given an integer
+    with pytest.raises(ConfigError, match=r"train.max_epochs: expected an integer, got '3'"):
+        config.check()
+    config = RecipeConfig()
+    config.optim.lr = 1  # an integer where the field is a float: accepted, as from YAML
+    config.check()
+    assert config.optim.lr == 1.0 and isinstance(config.optim.lr, float)

@@ -73,6 +73,34 @@ def as_fit(reference: CycleFit | dict[str, Any] | AnnData, key: str = "cell_cycl
     return CycleFit.from_dict(values)
 
 
+def cycle_keys(adata: AnnData, key_added: str, overwrite: bool) -> tuple[str, str, str]:
+    """The keys a cycle fit or projection writes, ``(theta, phase, plane)``, each checked free (or ``overwrite``),
+    the ``uns["sslcell"]`` record too."""
+    from sslcell.tl._keys import check_free
+
+    keys = f"{key_added}_theta", f"{key_added}_phase", f"{key_added}_plane"
+    check_free(adata, "obs", keys[0], overwrite)
+    check_free(adata, "obs", keys[1], overwrite)  # written with phases, removed without: an old fit's phases
+    check_free(adata, "obsm", keys[2], overwrite)
+    check_free(adata, "record", key_added, overwrite)
+    return keys
+
+
+def write_cycle(adata: AnnData, fit: CycleFit, theta: np.ndarray, plane: np.ndarray,
+                keys: tuple[str, str, str]) -> None:
+    """Write θ ``(N,)``, the plane ``(N, 2)`` and, with an anchored fit, the phases under :func:`cycle_keys`'s keys;
+    without phases an earlier anchored fit's phase column is removed (it would no longer match θ)."""
+    import pandas as pd
+
+    theta_key, phase_key, plane_key = keys
+    adata.obs[theta_key] = theta.astype(np.float32)
+    adata.obsm[plane_key] = plane.astype(np.float32)
+    if fit.phases:
+        adata.obs[phase_key] = pd.Categorical(fit.phase(theta), categories=fit.phases)
+    elif phase_key in adata.obs:
+        del adata.obs[phase_key]
+
+
 def project_cycle(
     adata: AnnData,
     reference: CycleFit | dict[str, Any] | AnnData,
@@ -98,19 +126,13 @@ def project_cycle(
     reference circle (``projected_residual`` above ``RESIDUAL_WARN`` and ``FARTHER`` times the reference's own
     residual): another representation, or no cycle.
     """
-    import pandas as pd
-
-    from sslcell.tl._keys import check_free, record
+    from sslcell.tl._keys import record
 
     fit = as_fit(reference, reference_key)
     if use_rep not in adata.obsm:
         raise InputError(f"adata.obsm has no {use_rep!r}; it has {list(adata.obsm)}")
     _check_same_space(adata, use_rep, reference, reference_key)
-    theta_key, phase_key, plane_key = f"{key_added}_theta", f"{key_added}_phase", f"{key_added}_plane"
-    check_free(adata, "obs", theta_key, overwrite)
-    check_free(adata, "obs", phase_key, overwrite)  # written with phases, removed without: an old fit's phases
-    check_free(adata, "obsm", plane_key, overwrite)
-    check_free(adata, "record", key_added, overwrite)
+    keys = cycle_keys(adata, key_added, overwrite)
     x = np.asarray(adata.obsm[use_rep])
     theta = fit.theta(x)
     plane = fit.plane(x)
@@ -123,12 +145,7 @@ def project_cycle(
             UserWarning, stacklevel=2)
     if copy:
         adata = adata.to_memory() if adata.isbacked else adata.copy()
-    adata.obs[theta_key] = theta.astype(np.float32)
-    adata.obsm[plane_key] = plane.astype(np.float32)
-    if fit.phases:
-        adata.obs[phase_key] = pd.Categorical(fit.phase(theta), categories=fit.phases)
-    elif phase_key in adata.obs:  # an earlier anchored fit's phases would no longer match θ (overwrite=True)
-        del adata.obs[phase_key]
+    write_cycle(adata, fit, theta, plane, keys)
     info = {"use_rep": use_rep, **fit.to_dict(), "projected": True, "projected_residual": residual,
             "projected_closure": closure(fit.raw_angle(plane))}
     record(adata, key_added, info)

@@ -57,7 +57,7 @@ from sslcell.classify.classifier import CellClassifier
 from sslcell.classify.head import fit_mlp_head
 from sslcell.classify.objectives import EarlyStopping
 from sslcell.classify.training import fit_full, training_epochs
-from sslcell.config import from_dict
+from sslcell.config import check_types, from_dict
 from sslcell.data.expression import CountRows, open_counts
 from sslcell.data.images import CellImages
 from sslcell.errors import ConfigError, InputError
@@ -137,6 +137,7 @@ class FinetuneConfig:
     augment: dict[str, Any] = field(default_factory=dict)  # full: ImageAugmentConfig fields over the defaults above
 
     def __post_init__(self) -> None:
+        check_types(self)  # FinetuneConfig(epochs="3") in Python: a ConfigError naming the field, as YAML gets
         if self.head not in HEADS:
             raise ConfigError(f"head: must be one of {HEADS}, got {self.head!r}")
         if self.init_head not in INIT_HEADS:

@@ -10,6 +10,7 @@ import pandas as pd
 from anndata import AnnData
 
 from sslcell.cellcycle.fit import CycleFit, default_phase_order, fit_cycle
+from sslcell.cellcycle.project import cycle_keys, project_cycle, write_cycle
 from sslcell.errors import InputError
 from sslcell.tl._keys import check_free, fingerprint, record, rep_id
 
@@ -51,17 +52,11 @@ def cell_cycle(
     if reference is not None:
         if anchor_key is not None or anchor_order is not None:
             raise InputError("anchor_key / anchor_order fix a new fit; with reference= the reference's anchors apply")
-        from sslcell.cellcycle.project import project_cycle
-
         return project_cycle(adata, reference, use_rep, reference_key=reference_key, key_added=key_added,
                              overwrite=overwrite, copy=copy)
     if use_rep not in adata.obsm:
         raise InputError(f"adata.obsm has no {use_rep!r} (embed it first with tl.embed); it has {list(adata.obsm)}")
-    theta_key, phase_key, plane_key = f"{key_added}_theta", f"{key_added}_phase", f"{key_added}_plane"
-    check_free(adata, "obs", theta_key, overwrite)
-    check_free(adata, "obs", phase_key, overwrite)  # written with anchors, removed without: an old fit's phases
-    check_free(adata, "obsm", plane_key, overwrite)
-    check_free(adata, "record", key_added, overwrite)
+    keys = cycle_keys(adata, key_added, overwrite)
     anchors, order = None, None
     if anchor_key is not None:
         if anchor_key not in adata.obs.columns:
@@ -89,14 +84,7 @@ def cell_cycle(
     fit: CycleFit = fit_cycle(x, anchors, order)
     if copy:
         adata = adata.to_memory() if adata.isbacked else adata.copy()
-    plane = fit.plane(x)
-    theta = fit.theta(x)
-    adata.obs[theta_key] = theta.astype(np.float32)
-    adata.obsm[plane_key] = plane.astype(np.float32)
-    if fit.phases:
-        adata.obs[phase_key] = pd.Categorical(fit.phase(theta), categories=fit.phases)
-    elif phase_key in adata.obs:  # an earlier anchored fit's phases would no longer match θ (overwrite=True)
-        del adata.obs[phase_key]
+    write_cycle(adata, fit, fit.theta(x), fit.plane(x), keys)
     info = {"use_rep": use_rep, "rep_id": rep_id(adata, use_rep), "anchor_key": anchor_key, **fit.to_dict()}
     record(adata, key_added, {k: v for k, v in info.items() if v is not None})  # .h5ad cannot hold None
     return adata if copy else None

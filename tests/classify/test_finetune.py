@@ -294,6 +294,16 @@ def test_config_validation(values, field):
         FinetuneConfig.from_dict(values)
 
 
+@pytest.mark.parametrize("values, message", [
+    ({"epochs": "3"}, "epochs: expected an integer, got '3'"),
+    ({"oversample": "yes"}, "oversample: 'yes' is not a bool or float"),
+])
+def test_config_built_in_python_names_the_field(values, message):
+    """Built directly (not from YAML), a wrong type is the same ConfigError, not a TypeError from a comparison."""
+    with pytest.raises(ConfigError, match=message):
+        FinetuneConfig(**values)
+
+
 # ------------------------------------------------------------------------------------------ settings
 def test_oversampling_weights_are_inverse_class_counts(model, monkeypatch):
     """95/5 classes: each cell is drawn with weight 1/(its class count), so an epoch draws both classes ~equally."""
