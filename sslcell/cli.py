@@ -439,11 +439,9 @@ def _refuse_flags(args: argparse.Namespace, names: tuple[str, ...], why: str) ->
 
 
 def _read_h5ad(path: str, backed: str | None = None):
-    import anndata as ad
+    from sslcell.data.expression import read_h5ad
 
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no such .h5ad file")
-    return ad.read_h5ad(path, backed=backed)
+    return read_h5ad(path, backed)
 
 
 def _new_file(path: Path, overwrite: bool) -> Path:

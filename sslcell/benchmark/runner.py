@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
+import shutil
 import tempfile
 import time
 import traceback
@@ -16,6 +18,7 @@ from sslcell.benchmark.record import describe_hardware, provenance
 from sslcell.benchmark.registry import Context, TaskResult
 from sslcell.benchmark.report import markdown
 from sslcell.benchmark.suite import Suite
+from sslcell.checkpoint import atomic_write
 from sslcell.errors import ConfigError, OverwriteError
 
 log = logging.getLogger("sslcell.benchmark")
@@ -67,9 +70,12 @@ def run_suite(suite: Suite, *, workdir: str | Path | None = None, device: str = 
                           f"{[t.name for t in suite.tasks]}")
     tasks = [t for t in suite.tasks if only is None or t.name in only]
     only = [t.name for t in tasks] if only else None  # suite order
+    if suite.out.exists() and not suite.out.is_dir():
+        raise OverwriteError(f"{suite.out}: is a file; the suite's out (or --out) names the folder for its results")
     md_path, json_path, stem = output_paths(suite, only)
     for path in (md_path, json_path):
         _check_ours(path)
+    _check_plots_ours(suite.out, [f"{s}_{t.name}_*.png" for s in (stem, f"{stem}_failed") for t in tasks])
     suite.out.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = provenance(suite.seed) | {
         "suite": suite.describe(), "quick": suite.quick,
@@ -84,10 +90,12 @@ def run_suite(suite: Suite, *, workdir: str | Path | None = None, device: str = 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sslcell_bench_") as tmp:
         root = Path(workdir) if workdir is not None else Path(tmp)
+        staged = Path(tmp) / "plots"  # plots go to suite.out once the run knows its file names
+        staged.mkdir()
         bar = tqdm(tasks, desc=suite.name, unit="task", disable=progress is False if progress is not None else None)
         for task in bar:
             bar.set_postfix_str(task.name)
-            ctx = Context(seed=suite.seed, quick=suite.quick, workdir=root / task.name, out_dir=suite.out,
+            ctx = Context(seed=suite.seed, quick=suite.quick, workdir=root / task.name, out_dir=staged,
                           prefix=f"{stem}_{task.name}", device=device, resume=resume,
                           steps=lambda items, desc="": tqdm(items, desc=desc, leave=False, position=1,
                                                              disable=bar.disable))
@@ -102,18 +110,23 @@ def run_suite(suite: Suite, *, workdir: str | Path | None = None, device: str = 
             durations[task.name] = time.perf_counter() - t0
             log.info("task %s: %s in %.0f s", task.name, "failed" if task.name in errors else "done",
                      durations[task.name])
-    record["seconds"] = time.perf_counter() - start
+        record["seconds"] = time.perf_counter() - start
+        failed_run = bool(errors) and (md_path.exists() or json_path.exists())
+        if failed_run:  # a failing run never replaces earlier results, plots included
+            earlier = md_path
+            md_path, json_path = (p.with_name(f"{p.stem}_failed{p.suffix}") for p in (md_path, json_path))
+            for path in (md_path, json_path):
+                _check_ours(path)
+            log.warning("%d task(s) failed: the earlier results in %s are kept, this run's are in %s", len(errors),
+                        earlier, md_path)
+        for result in results.values():
+            result.plots = [_publish(staged / name, suite.out, stem, failed_run) for name in result.plots]
     record["tasks"] = {name: {"seconds": durations[name], **_result_json(r)} for name, r in results.items()}
     record["failed"] = {name: {"error": errors[name], "traceback": tracebacks[name]} for name in errors}
-    if errors and (md_path.exists() or json_path.exists()):  # a failing run never replaces earlier results
-        earlier = md_path
-        md_path, json_path = (p.with_name(f"{p.stem}_failed{p.suffix}") for p in (md_path, json_path))
-        for path in (md_path, json_path):
-            _check_ours(path)
-        log.warning("%d task(s) failed: the earlier results in %s are kept, this run's are in %s", len(errors),
-                    earlier, md_path)
-    json_path.write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
-    md_path.write_text(markdown(suite.name, suite.description, record, results, errors, durations, hardware_line))
+    text = json.dumps(_finite(record), indent=2, default=_json_default, allow_nan=False) + "\n"
+    atomic_write(json_path, lambda tmp: tmp.write_text(text))
+    report = markdown(suite.name, suite.description, record, results, errors, durations, hardware_line)
+    atomic_write(md_path, lambda tmp: tmp.write_text(report))
     log.info("wrote %s and %s", md_path, json_path)
     return SuiteRun(results=results, errors=errors, markdown_path=md_path, json_path=json_path)
 
@@ -121,10 +134,56 @@ def run_suite(suite: Suite, *, workdir: str | Path | None = None, device: str = 
 def _check_ours(path: Path) -> None:
     if not path.exists():
         return
-    head = path.read_text(errors="replace")[:200]
-    ours = head.startswith(HEADER) if path.suffix == ".md" else '"suite"' in head or '"seed"' in head
+    ours = path.read_text(errors="replace").startswith(HEADER) if path.suffix == ".md" else _record(path) is not None
     if not ours:
         raise OverwriteError(f"{path} exists and was not written by sslcell benchmark; choose another --out")
+
+
+def _record(path: Path) -> dict[str, Any] | None:
+    """The run record in JSON file ``path`` if this runner wrote it (a mapping with its keys), else None."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    keys = {"suite", "quick", "started", "seconds", "tasks", "failed"}
+    return record if isinstance(record, dict) and keys <= set(record) and isinstance(record["suite"], dict) else None
+
+
+def _check_plots_ours(out: Path, patterns: list[str]) -> None:
+    """Refuse, before any work, PNGs in ``out`` that this run could write (``patterns``) but that no results
+    record of this runner in ``out`` lists as its plot: they are the user's."""
+    existing = {p for pattern in patterns for p in out.glob(pattern)}
+    if not existing:
+        return
+    records = (_record(p) for p in out.glob("*.json"))
+    ours = {plot for r in records if r is not None for t in r["tasks"].values() if isinstance(t, dict)
+            for plot in t.get("plots", [])}
+    foreign = sorted(p.name for p in existing if p.name not in ours)
+    if foreign:
+        raise OverwriteError(f"{out / foreign[0]} exists and was not written by sslcell benchmark (this run's plots "
+                             "are named like it); move it or choose another --out")
+
+
+def _publish(staged: Path, out: Path, stem: str, failed_run: bool) -> str:
+    """Move a task's plot from the staging folder into ``out`` (``<stem>_failed_...`` in a failed run); its name."""
+    name = staged.name.replace(stem, f"{stem}_failed", 1) if failed_run else staged.name
+    atomic_write(out / name, lambda tmp: shutil.copyfile(staged, tmp))
+    return name
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float (nested in dicts and lists) as None: strict JSON has no NaN."""
+    import numpy as np
+
+    if isinstance(value, (np.generic, np.ndarray)):
+        value = value.tolist()  # a NumPy scalar -> its Python value, an array -> nested lists
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _result_json(result: TaskResult) -> dict[str, Any]:

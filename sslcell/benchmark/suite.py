@@ -150,7 +150,7 @@ def _suite(values: Any, path: Path, *, quick: bool, data_dir, out, only) -> Suit
         raise ConfigError(f"--only: no task named {unknown[0]!r}; the suite's tasks are {names}")
     tasks = [_task(t, f"tasks[{i}]", here, base, quick) for i, t in enumerate(tasks_raw)
              if not only or names[i] in only]
-    return Suite(name=_string(values.get("name", path.stem), "name"),
+    return Suite(name=_file_name(values.get("name", path.stem), "name"),
                  description=_string(values.get("description", ""), "description"),
                  seed=seed, tasks=tasks, source=path, out=out_dir, quick=quick,
                  only=[t.name for t in tasks] if only else None)
@@ -161,20 +161,13 @@ def _task(values: Any, where: str, here: Path, base: Path, quick: bool) -> TaskS
     if "kind" not in values:
         raise ConfigError(f"{where}.kind: missing (the kind of task, e.g. crop_classification)")
     kind = task_kind(_string(values["kind"], f"{where}.kind"), f"{where}.kind")
-    name = _string(values.get("name", kind.name), f"{where}.name")
-    if not name.replace("_", "").replace("-", "").isalnum():
-        raise ConfigError(f"{where}.name: {name!r} may hold only letters, digits, '-' and '_' (it names files)")
+    name = _file_name(values.get("name", kind.name), f"{where}.name")
     params = dict(_mapping(values.get("params") or {}, f"{where}.params"))
-    if quick:
-        params.update(kind.quick)
-        params.update(_mapping(values.get("quick") or {}, f"{where}.quick"))
-    parsed = from_dict(kind.params, params, f"{where}.params")
-    check = getattr(parsed, "check", None)
-    if check is not None:
-        try:
-            check()
-        except ConfigError as err:
-            raise ConfigError(f"{where}.params.{err}") from None
+    # both read and checked, whichever runs: a suite that passes --quick must not fail the full run, nor the reverse
+    parsed = _params(kind, params, f"{where}.params")
+    quick_values = {**kind.quick, **_mapping(values.get("quick") or {}, f"{where}.quick")}
+    quick_parsed = _params(kind, {**params, **quick_values}, f"{where}.quick")
+    parsed = quick_parsed if quick else parsed
     data = _data(values.get("data"), f"{where}.data", base)
     if kind.needs_data and not data:
         raise ConfigError(f"{where}.data: task kind {kind.name} needs a data file")
@@ -184,6 +177,12 @@ def _task(values: Any, where: str, here: Path, base: Path, quick: bool) -> TaskS
     if not isinstance(recipes_raw, list):
         raise ConfigError(f"{where}.recipes: expected a list, got {recipes_raw!r}")
     recipes = [_recipe(r, f"{where}.recipes[{i}]", here) for i, r in enumerate(recipes_raw)]
+    taken = {**{b: "a baseline" for b in kind.baselines}, **{p: "a peer" for p in kind.peers}}
+    for i, recipe in enumerate(recipes):  # a recipe's name keys its embedding, scores and folder in the task
+        if recipe.name in taken:
+            raise ConfigError(f"{where}.recipes[{i}].name: {recipe.name!r} is already {taken[recipe.name]}'s name "
+                              f"in task kind {kind.name}; give the recipe another name")
+        taken[recipe.name] = f"recipes[{[r.name for r in recipes].index(recipe.name)}]"
     for i, recipe in enumerate(recipes):
         if kind.modality and recipe.config.modality != kind.modality:
             raise ConfigError(f"{where}.recipes[{i}]: {recipe.name!r} is a recipe for {recipe.config.modality} data; "
@@ -246,8 +245,28 @@ def _recipe(value: Any, where: str, here: Path) -> RecipeSpec:
             FinetuneConfig.from_dict(_mapping(finetune, f"{where}.finetune"))
         except ConfigError as err:
             raise ConfigError(f"{where}.finetune.{err}") from None
-    return RecipeSpec(name=_string(value.get("name", default_name), f"{where}.name"), config=config,
+    return RecipeSpec(name=_file_name(value.get("name", default_name), f"{where}.name"), config=config,
                       source=str(source), finetune=finetune)
+
+
+def _params(kind: Any, values: dict, where: str) -> Any:
+    """``kind.params`` built from ``values`` and checked; errors name ``where`` and the field."""
+    parsed = from_dict(kind.params, values, where)
+    check = getattr(parsed, "check", None)
+    if check is not None:
+        try:
+            check()
+        except ConfigError as err:
+            raise ConfigError(f"{where}.{err}") from None
+    return parsed
+
+
+def _file_name(value: Any, where: str) -> str:
+    """A suite, task or recipe name: it names output files and folders, so letters, digits, '-' and '_' only."""
+    name = _string(value, where)
+    if not name.replace("_", "").replace("-", "").isalnum():
+        raise ConfigError(f"{where}: {name!r} may hold only letters, digits, '-' and '_' (it names files)")
+    return name
 
 
 def _mapping(value: Any, where: str, allowed: tuple[str, ...] | None = None) -> dict:

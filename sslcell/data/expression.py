@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -35,7 +36,7 @@ from sslcell.data.shards import (
 )
 from sslcell.data.shards import _ArrayReader as _ArrayReader
 from sslcell.data.shards import vstack_csr as vstack_csr
-from sslcell.errors import GeneMismatchError, InputError
+from sslcell.errors import FileFormatError, GeneMismatchError, InputError
 
 
 class ExpressionDataset:
@@ -236,6 +237,22 @@ class ExpressionDataset:
             out.has_sorted_indices = False
             out.sort_indices()
         return out
+
+
+def read_h5ad(path: str | os.PathLike, backed: str | None = None) -> ad.AnnData:
+    """``anndata.read_h5ad`` whose errors name the file: a missing one, a folder, or a file that is not a readable
+    ``.h5ad`` (another format, truncated, damaged) raise :class:`FileFormatError` (an ``OSError``) with the path."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such .h5ad file")
+    if path.is_dir():
+        raise FileFormatError(f"{path}: a folder, not an .h5ad file")
+    try:
+        return ad.read_h5ad(path, backed=backed)
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - h5py and anndata raise OSError, KeyError, ValueError ... on bad files
+        raise FileFormatError(f"{path}: cannot be read as an .h5ad file ({type(err).__name__}: {err})") from None
 
 
 def open_counts(

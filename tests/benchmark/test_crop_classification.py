@@ -20,7 +20,7 @@ from sslcell.benchmark.tasks import crop_classification as cc
 from sslcell.benchmark.tasks._supervised_cnn import CNNSettings, train_cnn
 from sslcell.classify import load_classifier, save_classifier
 from sslcell.data.images import CellImages
-from sslcell.errors import ConfigError, FileFormatError
+from sslcell.errors import ConfigError, FileFormatError, InputError
 from sslcell.evaluate.metrics import ClassificationReport
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,6 +51,16 @@ def test_splits_by_group_keep_groups_apart_and_validation_stays_inside_training(
     assert {c: (y[test] == c).sum() for c in "abc"} == {"a": 10, "b": 10, "c": 10}
     labelled = cc._labelled_split(y, None, train, 0.1, 0.2, seed=0)
     assert len(labelled.rows) == 12 and set(y[labelled.fit]) == set("abc") and len(labelled.val) == 3
+
+
+def test_test_split_refuses_one_class_and_single_crop_classes():
+    with pytest.raises(InputError, match=r"one class \(\['a'\]\)"):
+        cc._test_split(np.array(["a"] * 10), None, 0.2, seed=0)
+    y = np.array(["a"] * 10 + ["b"] * 10 + ["c"])
+    with pytest.raises(InputError, match=r"classes \['c'\] have a single labelled crop"):
+        cc._test_split(y, None, 0.2, seed=0)
+    train, test = cc._test_split(y, np.arange(21) % 7, 0.2, seed=0)  # by group: no stratification needed
+    assert len(train) + len(test) == 21
 
 
 def test_subsample_is_stratified_with_two_per_class():
@@ -363,8 +373,13 @@ def test_a_pretraining_killed_before_its_first_checkpoint_never_resumes_another_
 
 
 def test_reuse_pretrained_only_for_the_same_recipe_data_and_crops(tmp_path):
-    def pretrain_seconds(**params):
+    def pretrain_seconds(invert=False, **params):
         suite = load_suite(_synthetic_suite(tmp_path, reuse_pretrained=True, label_fractions=[1.0], **params))
+        if invert:  # the same file name, shape and labels, other pixels
+            with np.load(tmp_path / "crops.npz") as f:
+                arrays = dict(f)
+            arrays["images"] = arrays["images"].max() - arrays["images"]
+            np.savez(tmp_path / "crops.npz", **arrays)
         suite.tasks[0].baselines = []
         run = run_suite(suite, workdir=tmp_path / "work", device="cpu", progress=False)
         assert run.errors == {}
@@ -375,6 +390,7 @@ def test_reuse_pretrained_only_for_the_same_recipe_data_and_crops(tmp_path):
     assert pretrain_seconds(pretrain_epochs=2) != {"reused"}  # another recipe
     assert pretrain_seconds(pretrain_epochs=2, test_size=0.3) != {"reused"}  # other crops
     assert pretrain_seconds(pretrain_epochs=2, test_size=0.3) == {"reused"}
+    assert pretrain_seconds(invert=True, pretrain_epochs=2, test_size=0.3) != {"reused"}  # other bytes, same path
 
 
 def test_cnn_must_get_at_least_the_finetuning_budget(tmp_path):

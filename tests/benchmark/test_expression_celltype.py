@@ -85,6 +85,28 @@ def test_bad_params_name_the_field(tmp_path, small_counts_file):
         load_suite(path)
 
 
+def test_log_normalised_data_and_no_trained_recipe_fail_the_task(tmp_path, small_counts):
+    """Baselines alone compare nothing with sslcell, and PCA of log data logged again is wrong: both fail loudly."""
+    import scanpy as sc
+
+    logged = small_counts.copy()
+    sc.pp.normalize_total(logged, target_sum=1e4)
+    sc.pp.log1p(logged)
+    logged.write_h5ad(tmp_path / "logged.h5ad")
+    small_counts.write_h5ad(tmp_path / "counts.h5ad")
+    broken = {**TINY, "method": {"name": "mae", "masking": "programme"}}  # shipped programmes: no generated gene
+    for data, config, message in [("logged.h5ad", TINY, "logged.h5ad: X holds non-integer values"),
+                                  ("counts.h5ad", broken, "no recipe could be pretrained: broken: not run")]:
+        suite = {"name": "gen", "data_dir": str(tmp_path), "out": str(tmp_path / "out"), "tasks": [{
+            "name": "cells", "kind": "expression_celltype", "data": data,
+            "params": {"label_key": "cell_type", "seeds": [0], "max_epochs": 1},
+            "recipes": [{"name": "broken", "config": config}], "baselines": ["pca_hvg"]}]}
+        path = tmp_path / "gen.yaml"
+        path.write_text(yaml.safe_dump(suite))
+        run = run_suite(load_suite(path), device="cpu", progress=False)
+        assert run.results == {} and message in run.errors["cells"]
+
+
 def test_generated_counts_end_to_end(tmp_path, small_counts_file):
     """Two recipes (one that cannot run), PCA and the random encoder on 4 well-separated generated cell types."""
     broken = {**TINY, "method": {"name": "mae", "masking": "programme"}}  # shipped programmes: no generated gene

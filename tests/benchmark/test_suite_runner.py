@@ -18,6 +18,7 @@ from sslcell.errors import ConfigError, OverwriteError
 class ToyParams:
     n: int = 10
     fail: bool = False
+    plot: bool = False  # write a plot (its bytes: "n=<n>")
 
     def check(self) -> None:
         if self.n < 1:
@@ -29,7 +30,11 @@ def _toy_run(task, ctx) -> TaskResult:
         raise RuntimeError("toy failure")
     total = sum(range(task.params.n))
     size = task.path.stat().st_size if task.data else 0
-    return TaskResult(tables=[Table("sums", ["n", "sum", "bytes"], [{"n": task.params.n, "sum": total,
+    plots = []
+    if task.params.plot:
+        plots.append(f"{ctx.prefix}_p.png")
+        (ctx.out_dir / plots[0]).write_text(f"n={task.params.n}")
+    return TaskResult(plots=plots, tables=[Table("sums", ["n", "sum", "bytes"], [{"n": task.params.n, "sum": total,
                                                                      "bytes": size}])],
                       targets=[Target("sum at least 10", float(total), 10.0)], notes=[f"seed {ctx.seed}"],
                       raw={"baselines": task.baselines, "recipes": [r.name for r in task.recipes]})
@@ -62,7 +67,7 @@ def test_run_writes_markdown_json_with_provenance(tmp_path):
     assert record["git"]["commit"] and record["hardware"]["cpu_count"] >= 1
     assert record["versions"]["torch"] != "not installed" and "sslcell" in record["versions"]
     assert record["tasks"]["a"]["targets"][0]["met"] is True
-    assert record["suite"]["tasks"][0]["params"] == {"n": 6, "fail": False}
+    assert record["suite"]["tasks"][0]["params"] == {"n": 6, "fail": False, "plot": False}
     text = run.markdown_path.read_text()
     assert text.startswith("# Benchmark suite: toy") and "| 6 | 15 | 5 |" in text and "seed 7" in text
 
@@ -115,11 +120,29 @@ def test_a_failing_run_keeps_the_earlier_results(tmp_path):
                                                            "encoder": {"name": "resnet_tiny"}}}]},
      "tasks[0].recipes[0]: 'recipe0' is a recipe for image data; task kind expression_memory reads expression"),
     ({"name": "a b", "kind": "toy_sum"}, "tasks[0].name"),
+    ({"kind": "toy_sum", "quick": {"n": 0}}, "tasks[0].quick.n: must be >= 1"),
+    ({"kind": "toy_sum", "recipes": [{"name": "zero", "config": {}}]},
+     "tasks[0].recipes[0].name: 'zero' is already a baseline's name in task kind toy_sum"),
+    ({"kind": "toy_sum", "recipes": [{"name": "m", "config": {}}, {"name": "m", "config": {}}]},
+     "tasks[0].recipes[1].name: 'm' is already recipes[0]'s name"),
+    ({"kind": "toy_sum", "recipes": [{"name": "../m", "config": {}}]}, "tasks[0].recipes[0].name: '../m' may hold"),
 ])
 def test_bad_suite_names_the_field(tmp_path, task, field):
     path = _write(tmp_path, {"tasks": [task]})
     with pytest.raises(ConfigError, match=f"^{str(path)}: " + __import__("re").escape(field)):
         load_suite(path)
+
+
+def test_quick_runs_read_the_full_params_too(tmp_path):
+    """--quick replaces n, but a bad n is still refused: a suite that passes --quick must not fail the full run."""
+    path = _write(tmp_path, _suite(params={"n": 0}))
+    with pytest.raises(ConfigError, match=r"tasks\[0\].params.n: must be >= 1"):
+        load_suite(path, quick=True)
+
+
+def test_suite_names_name_files_inside_out(tmp_path):
+    with pytest.raises(ConfigError, match=r"name: '../escaped' may hold only"):
+        load_suite(_write(tmp_path, _suite() | {"name": "../escaped"}))
 
 
 def test_bad_suite_files(tmp_path):
@@ -163,6 +186,62 @@ def test_never_overwrites_a_file_it_did_not_write(tmp_path):
     with pytest.raises(OverwriteError, match="not written by sslcell benchmark"):
         run_suite(load_suite(_write(tmp_path, _suite())), progress=False)
     assert (out / "toy.md").read_text() == "my notes\n"
+
+
+def test_out_naming_a_file_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(OverwriteError, match=r"notes.txt: is a file; the suite's out \(or --out\) names the folder"):
+        run_suite(load_suite(_write(tmp_path, _suite()), out=tmp_path / "notes.txt"), progress=False)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_json_file_it_did_not_write_is_never_replaced(tmp_path):
+    """A user's JSON whose first lines mention a seed (even the suite file itself) is not a results record."""
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "toy.json").write_text('{"seed": 42, "notes": "mine"}')
+    with pytest.raises(OverwriteError, match="toy.json exists and was not written by sslcell benchmark"):
+        run_suite(load_suite(_write(tmp_path, _suite())), progress=False)
+    assert json.loads((out / "toy.json").read_text()) == {"seed": 42, "notes": "mine"}
+
+
+def test_plots_never_replace_a_users_file_nor_a_kept_runs_plot(tmp_path):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "toy_a_p.png").write_text("my figure")
+    with pytest.raises(OverwriteError, match="toy_a_p.png exists and was not written by sslcell benchmark"):
+        run_suite(load_suite(_write(tmp_path, _suite(params={"plot": True}))), progress=False)
+    assert (out / "toy_a_p.png").read_text() == "my figure" and not (out / "toy.md").exists()
+    (out / "toy_a_p.png").unlink()
+
+    suite = _suite(params={"plot": True, "n": 4})
+    suite["tasks"].append({"name": "b", "kind": "toy_sum"})
+    good = run_suite(load_suite(_write(tmp_path, suite)), progress=False)
+    assert good.results["a"].plots == ["toy_a_p.png"] and (out / "toy_a_p.png").read_text() == "n=4"
+    assert "![a](toy_a_p.png)" in good.markdown_path.read_text()
+    again = run_suite(load_suite(_write(tmp_path, suite)), progress=False)  # its own plot: replaced
+    assert again.markdown_path == good.markdown_path
+    suite["tasks"][0]["params"]["n"], suite["tasks"][1]["params"] = 5, {"fail": True}
+    failed = run_suite(load_suite(_write(tmp_path, suite)), progress=False)
+    assert (out / "toy_a_p.png").read_text() == "n=4"  # the kept results' plot
+    assert failed.results["a"].plots == ["toy_failed_a_p.png"] and (out / "toy_failed_a_p.png").read_text() == "n=5"
+    assert "![a](toy_failed_a_p.png)" in failed.markdown_path.read_text()
+
+
+def test_results_json_is_strict(tmp_path):
+    """NaN scores are written as null: strict JSON readers (jq, JavaScript) reject NaN."""
+    @dataclass
+    class P:
+        pass
+
+    kind = TASKS.get("toy_nan") or register(TaskKind(
+        name="toy_nan", params=P, summary="NaN", run=lambda task, ctx: TaskResult(
+            tables=[Table("t", ["x"], [{"x": float("nan")}])], raw={"y": [1.0, float("inf")]})))
+    run = run_suite(load_suite(_write(tmp_path, {"name": "n", "tasks": [{"kind": kind.name}]})), progress=False)
+    text = run.json_path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text)["tasks"]["toy_nan"]["raw"] == {"y": [1.0, None]}
+    assert "| nan |" in run.markdown_path.read_text() or "nan" in run.markdown_path.read_text()
 
 
 def test_cli_runs_lists_and_reports_errors(tmp_path, capsys):

@@ -242,3 +242,21 @@ def test_a_folder_inside_a_list_of_shards_is_named(tmp_path):
     with pytest.raises(InputError, match=r"shards: a folder inside a list of \.h5ad files"):
         ExpressionDataset.open([tmp_path / "shards"])
     assert ExpressionDataset.open(tmp_path / "shards").n_obs == 10
+
+
+def test_read_h5ad_names_the_file_it_cannot_read(tmp_path):
+    from sslcell.data.expression import read_h5ad
+    from sslcell.errors import FileFormatError
+
+    np.savez(tmp_path / "crops.npz", images=np.zeros((2, 1, 4, 4), np.uint8))
+    with pytest.raises(FileFormatError, match=r"crops.npz: cannot be read as an .h5ad file"):
+        read_h5ad(tmp_path / "crops.npz")
+    with pytest.raises(FileFormatError, match=r": a folder, not an .h5ad file"):
+        read_h5ad(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"none.h5ad: no such .h5ad file"):
+        read_h5ad(tmp_path / "none.h5ad")
+    ad.AnnData(np.ones((3, 2), np.float32)).write_h5ad(tmp_path / "ok.h5ad")
+    (tmp_path / "cut.h5ad").write_bytes((tmp_path / "ok.h5ad").read_bytes()[:600])  # a truncated copy
+    with pytest.raises(FileFormatError, match=r"cut.h5ad: cannot be read"):
+        read_h5ad(tmp_path / "cut.h5ad")
+    assert read_h5ad(tmp_path / "ok.h5ad").shape == (3, 2)

@@ -229,6 +229,12 @@ def _test_split(y: np.ndarray, groups: np.ndarray | None, test_size: float, seed
     from sklearn.model_selection import GroupShuffleSplit, train_test_split
 
     index = np.arange(len(y))
+    classes, counts = np.unique(y, return_counts=True)
+    if len(classes) < 2:
+        raise InputError(f"the labelled crops hold one class ({classes.tolist()}): classification needs at least 2")
+    if groups is None and (counts < 2).any():
+        raise InputError(f"classes {classes[counts < 2].tolist()} have a single labelled crop: a stratified test split "
+                         "needs at least 2 of each class (drop or relabel those crops, or split by params.group_key)")
     if groups is not None:
         train, test = next(GroupShuffleSplit(n_splits=1, test_size=test_size, random_state=seed).split(index, y,
                                                                                                         groups))
@@ -407,6 +413,7 @@ def _recipes(task: Any, ctx: Context, cells: Any, train: np.ndarray, test: np.nd
     p: CropClassificationParams = task.params
     score = _classifier_score(cells, p.label_key, device)
     unlabelled = train if p.pretrain_crops == "train" else np.sort(np.concatenate([train, test]))
+    content = _data_identity(task.path)  # a model is reused only for the same bytes, not the same path
     entries = []
     for recipe in ctx.steps(task.recipes, desc=f"{task.name} pretraining"):
         out = ctx.workdir / recipe.name
@@ -416,11 +423,12 @@ def _recipes(task: Any, ctx: Context, cells: Any, train: np.ndarray, test: np.nd
         if p.pretrain_epochs is not None:
             config.train.max_epochs = p.pretrain_epochs
         what = _pretraining(config, task.path, cells.channel_names, unlabelled)
-        if p.reuse_pretrained and _pretrained_as(out) == what and (out / "model" / "config.json").is_file():
+        marker = json.loads(json.dumps({**what, "data_content": content}))  # as read back from its file
+        if p.reuse_pretrained and _pretrained_as(out) == marker and (out / "model" / "config.json").is_file():
             model, seconds = load(out / "model"), "reused"
             ctx.log(f"{task.name}: reusing {out / 'model'}")
         else:
-            model, seconds = _pretrain(ctx, task.name, config, cells[unlabelled], out, what)
+            model, seconds = _pretrain(ctx, task.name, config, cells[unlabelled], out, marker)
         extra = {"pretrain_s": seconds, "pretrain_epochs": config.train.max_epochs}
         identity = {"pretrained": what, "weights": _weights_digest(out / "model")}
         linear = _finetune_config(recipe, p, "linear", device)
@@ -439,9 +447,10 @@ def _recipes(task: Any, ctx: Context, cells: Any, train: np.ndarray, test: np.nd
 
 
 def _pretrain(ctx: Context, task: str, config: Any, crops: Any, out: Path, what: dict) -> tuple[Any, int | str]:
-    """Pretrain ``config`` on ``crops`` into ``out``, marked unfinished (``what`` in PRETRAINING_AS) until its model
-    is saved: with ``--resume`` an unfinished pretraining of the same recipe and crops goes on from its last
-    checkpoint. Returns the model and its seconds (in this run: "N s after resuming" when resumed)."""
+    """Pretrain ``config`` on ``crops`` into ``out``, marked unfinished (``what``: :func:`_pretraining` and the data's
+    content, in PRETRAINING_AS) until its model is saved: with ``--resume`` an unfinished pretraining of the same
+    recipe and crops goes on from its last checkpoint. Returns the model and its seconds (in this run: "N s after
+    resuming" when resumed)."""
     from sslcell.train import LAST, _clear_run, pretrain
 
     t0 = time.perf_counter()

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from sslcell.benchmark.registry import Context, Table, Target, TaskKind, TaskResult, register
-from sslcell.errors import ConfigError, SSLCellError
+from sslcell.errors import ConfigError, InputError, SSLCellError
 
 # the protocols of tl.evaluate, as the tables name them ({k}: neighbours, {s}: folds, {n}: labels per class)
 FEW, FEW_RAW = "logistic_few_label", "logistic_few_label_raw"  # the few-label probes, scaled and unscaled
@@ -71,8 +71,11 @@ class ExpressionCelltypeParams:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name}: must be >= 1 or null, got {value}")
-        if self.n_splits < 2 or self.n_neighbors < 1 or self.n_per_class < 1 or self.scvi_latent < 1:
-            raise ConfigError("n_splits: must be >= 2 (and n_neighbors, n_per_class, scvi_latent >= 1)")
+        if self.n_splits < 2:
+            raise ConfigError(f"n_splits: must be >= 2, got {self.n_splits}")
+        for name in ("n_neighbors", "n_per_class", "scvi_latent"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if not self.seeds:
             raise ConfigError("seeds: name at least one few-label draw")
         if not 0.0 < self.validation_fraction <= 0.5:
@@ -176,18 +179,30 @@ def scvi_embedding(adata: Any, seed: int, n_latent: int = 30, max_epochs: int | 
     return np.asarray(model.get_latent_representation(), dtype=np.float32)
 
 
+def _check_raw_counts(adata: Any, path: Path) -> None:
+    """The task's recipes and baselines normalise and log-transform X: refuse an X that is not raw counts."""
+    from scipy import sparse
+
+    x = adata.X
+    values = None if x is None else x.data if sparse.issparse(x) else np.asarray(x)
+    if values is None or not np.array_equal(values, np.rint(values)):
+        raise InputError(f"{path}: X holds non-integer values (log-normalised?), not raw counts; the recipes and "
+                         "baselines of this task normalise and log-transform X themselves. Put the raw counts in "
+                         "X (e.g. adata.X = adata.layers['counts']) and write the file again")
+
+
 def run(task: Any, ctx: Context) -> TaskResult:
     """Pretrain and embed; choose the recipe and probes on the validation cells; score all on the test cells."""
-    import anndata as ad
-
     import sslcell
+    from sslcell.data.expression import read_h5ad
     from sslcell.evaluate import label_fraction_split, pca_baseline
 
     p: ExpressionCelltypeParams = task.params
-    adata = ad.read_h5ad(task.path)
+    adata = read_h5ad(task.path)
     if p.label_key not in adata.obs:
         raise ConfigError(f"params.label_key: {p.label_key!r} is not a column of {task.path.name} "
                           f"(columns: {list(adata.obs.columns)})")
+    _check_raw_counts(adata, task.path)
     n_all = adata.n_obs
     # a subsample keeps enough cells per class for the CV folds on the test cells, after the validation cells
     rows = stratified_subsample(adata.obs[p.label_key].astype(str).to_numpy(), p.max_cells, ctx.seed,
@@ -215,6 +230,8 @@ def run(task: Any, ctx: Context) -> TaskResult:
         models[recipe.name] = model
         runs.append({"entry": recipe.name, "kind": "sslcell recipe", "source": recipe.source, "epochs": epochs,
                      "seconds": seconds, "status": f"{recipe.config.method.name}, pretrained without labels"})
+    if task.recipes and not models:  # the baselines alone compare nothing with sslcell: a failure, not a table
+        raise InputError("no recipe could be pretrained: " + "; ".join(f"{r['entry']}: {r['status']}" for r in runs))
     validation = _validation_scores(adata, is_val, names, p)
     primary = max(models, key=lambda name: _best(validation, name)[1], default=None)
 

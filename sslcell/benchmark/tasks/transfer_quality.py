@@ -219,9 +219,9 @@ def _load(task: Any, p: TransferQualityParams, seed: int) -> tuple[Any, str, int
     """The labelled cells of ``task.path`` (a stratified subsample with ``max_cells``), the modality, all cells."""
     modality = p.modality if p.modality != "auto" else ("expression" if task.path.suffix == ".h5ad" else "image")
     if modality == "expression":
-        import anndata as ad
+        from sslcell.data.expression import read_h5ad
 
-        data = ad.read_h5ad(task.path)
+        data = read_h5ad(task.path)
     else:
         from sslcell.data.images import CellImages
 
