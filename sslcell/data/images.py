@@ -150,6 +150,9 @@ class CellImages:
         if 0 in shape:
             what = "no cells (N = 0)" if shape[0] == 0 else f"a zero-sized axis in shape {shape}"
             raise InputError(f"images is empty: {what}")
+        if shape[3] <= 4 < shape[1] == shape[2]:  # (N, H, W, C): C crops H pixels high and C wide otherwise
+            raise InputError(f"images of shape {shape} look channels-last (N, H, W, C) = {shape[3]} channels of "
+                             f"{shape[1]} x {shape[2]} px; sslcell reads (N, C, H, W): np.moveaxis(images, -1, 1)")
         dtype = np.dtype(images.dtype)
         if dtype not in SUPPORTED_DTYPES and dtype.newbyteorder("=") in SUPPORTED_DTYPES:
             raise InputError(f"images are {dtype.name} stored big-endian ({dtype.str}); sslcell reads native byte "

@@ -36,6 +36,7 @@ def test_float32_accepted():
         (np.zeros((0, 2, 8, 8), np.uint8), r"no cells \(N = 0\)"),
         (np.zeros((3, 2, 8, 8), np.int32), "dtype int32 is not supported"),
         (np.zeros((3, 2, 8, 8), np.float64), "dtype float64 is not supported"),
+        (np.zeros((3, 40, 40, 3), np.uint8), r"look channels-last \(N, H, W, C\) = 3 channels of 40 x 40 px"),
     ],
 )
 def test_from_array_rejects_bad_images(images, match):
