@@ -12,8 +12,10 @@
   weighted by the balanced class weights to that power instead); crops are augmented, counts are not. By default
   (``init_head="linear_probe"``) the head starts from the linear probe's solution on standardised features
   ("LP-FT", Kumar et al. 2022): a random head would first push large, noisy gradients through the pretrained
-  encoder. After training, the encoder's batch-norm statistics are re-estimated on un-augmented training cells
-  drawn as training drew them ("precise BN"), so eval mode matches the final weights. A ViT encoder can be
+  encoder. The probe is fitted after the encoder's batch-norm statistics are re-estimated on the training cells,
+  so that it sees the features training starts from. After training, the encoder's batch-norm statistics are
+  re-estimated on un-augmented training cells drawn as training drew them ("precise BN"), so eval mode matches the
+  final weights. A ViT encoder can be
   fine-tuned as MAE is (He et al. 2022): ``layer_decay < 1`` lowers each layer's rate by that factor per layer
   below the top, and ``drop_path`` sets its stochastic depth while training. ``mixup`` / ``cutmix`` blend each
   batch of crops with a shuffled copy of itself, labels alike (torchvision's MixUp / CutMix, MAE's fine-tuning
@@ -56,7 +58,7 @@ from anndata import AnnData
 from sslcell.classify.classifier import CellClassifier
 from sslcell.classify.head import fit_mlp_head
 from sslcell.classify.objectives import EarlyStopping
-from sslcell.classify.training import fit_full, training_epochs
+from sslcell.classify.training import calibrate_before_training, fit_full, training_epochs
 from sslcell.config import check_types, from_dict
 from sslcell.data.expression import CountRows, open_counts
 from sslcell.data.images import CellImages
@@ -340,6 +342,8 @@ def _train(build: Callable[[np.ndarray], CellClassifier], cells: Any, codes: np.
         run: dict[str, int] = {}
         x = None
         if config.head != "full" or config.init_head == "linear_probe":
+            if config.head == "full":  # the probe must see the features training will start from
+                calibrate_before_training(classifier, cells[train_rows], train_codes, config)
             x = embed(cells)
         if config.head == "linear" or (config.head == "full" and config.init_head == "linear_probe"):
             _fit_linear(classifier, x[~val], train_codes, config)

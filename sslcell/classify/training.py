@@ -160,10 +160,8 @@ def fit_full(classifier: CellClassifier, cells: Any, codes: np.ndarray, config: 
     if config.drop_path is not None and not hasattr(classifier.encoder, "set_drop_path"):
         raise ConfigError(f"drop_path: stochastic depth needs a ViT encoder; {kind} has none, leave it unset")
     power = float(config.oversample)
-    weights, class_weight = None, None
-    if power > 0 and config.balance == "sampling":
-        weights = np.bincount(codes)[codes] ** -power
-    elif power > 0:
+    weights, class_weight = sampling_weights(codes, config), None
+    if power > 0 and config.balance != "sampling":
         class_weight = balanced_class_weights(codes, len(classifier.classes), power).astype(np.float32)
     batch_size = min(config.batch_size, len(codes))
     epochs, steps = training_epochs(len(codes), config)
@@ -203,6 +201,27 @@ def fit_full(classifier: CellClassifier, cells: Any, codes: np.ndarray, config: 
         _recalibrate_batch_norm(classifier.to(device), cells, weights, batch_size, config.seed)
     classifier.cpu()
     return {"epochs": epochs, "steps": int(trainer.global_step)}
+
+
+def sampling_weights(codes: np.ndarray, config: Any) -> np.ndarray | None:
+    """Each training cell's draw weight ``(N,)``, ``count_k ** -oversample`` for its class ``k`` (balance
+    "sampling"), or None: natural draws."""
+    power = float(config.oversample)
+    return np.bincount(codes)[codes] ** -power if power > 0 and config.balance == "sampling" else None
+
+
+def calibrate_before_training(classifier: CellClassifier, cells: Any, codes: np.ndarray, config: Any) -> None:
+    """Before LP-FT's probe is fitted: re-estimate the encoder's batch-norm statistics on ``cells`` drawn as
+    fine-tuning will draw them (:func:`_recalibrate_batch_norm`). Batch norm trains on batch statistics; running
+    averages from a short pretraining can differ so much that the probe, fitted on eval-mode embeddings, meets
+    features shifted by several of their standard deviations in the first training step (cross-entropy in the
+    hundreds, an encoder wrecked before it learns). A frozen encoder (``encoder_lr_factor=0``) stays in eval mode."""
+    if config.encoder_lr_factor == 0:
+        return
+    device = torch.device("cuda") if on_gpu(config.accelerator) else torch.device("cpu")
+    _recalibrate_batch_norm(classifier.to(device), cells, sampling_weights(codes, config),
+                            min(config.batch_size, len(codes)), config.seed)
+    classifier.cpu()
 
 
 @torch.no_grad()

@@ -735,3 +735,45 @@ def test_train_from_scratch_learns_and_keeps_the_callers_random_state(train, hel
 def test_train_from_scratch_refuses_settings_that_need_a_pretrained_encoder(train, values, field):
     with pytest.raises(ConfigError, match=field):
         train_from_scratch(cells_of(train[0], CLASSES[train[1]]), "label", scratch(**values))
+
+
+def test_lp_ft_probe_is_fitted_on_the_features_training_starts_from(model, train):
+    """After 2 pretraining steps the running batch-norm averages are far from batch statistics: a probe fitted on
+    eval-mode embeddings then met features shifted by several stds in the first training step (cross-entropy in the
+    hundreds). Before LP-FT's probe the statistics are re-estimated as training draws the cells."""
+    import copy
+
+    from sslcell.classify import CellClassifier
+
+    x, y = train
+    cells = cells_of(x, y)
+    classifier = CellClassifier.from_pretrained(copy.deepcopy(model), ["0", "1"])
+    batch = classifier.inputs.normalize(torch.from_numpy(x[:96]))
+
+    def gap() -> float:
+        """How far eval-mode features sit from train-mode (batch-statistics) ones, in train-mode stds."""
+        with torch.no_grad():
+            in_training = copy.deepcopy(classifier.encoder).train()(batch)
+            in_eval = classifier.encoder.eval()(batch)
+        return float(((in_eval.mean(0) - in_training.mean(0)).abs() / (in_training.std(0) + 1e-6)).median())
+
+    before = gap()
+    training_module.calibrate_before_training(classifier, cells, y.astype(np.int64), full())
+    assert before > 0.5 and gap() < 0.25 * before
+    frozen = CellClassifier.from_pretrained(copy.deepcopy(model), ["0", "1"])
+    training_module.calibrate_before_training(frozen, cells, y.astype(np.int64), full(encoder_lr_factor=0.0))
+    assert all(torch.equal(a, b) for a, b in zip(frozen.encoder.state_dict().values(),
+                                                 model.encoder.state_dict().values(), strict=True))
+
+
+def test_finetune_calibrates_before_lp_ft_probe_only(model, train, monkeypatch):
+    finetune_module = importlib.import_module("sslcell.classify.finetune")
+    calls = []
+    real = finetune_module.calibrate_before_training
+    monkeypatch.setattr(finetune_module, "calibrate_before_training",
+                        lambda *a: calls.append(len(a[2])) or real(*a))
+    x, y = train
+    finetune(cells_of(x, y), model, config=full(epochs=1))
+    finetune(cells_of(x, y), model, config=full(epochs=1, init_head="random"))
+    finetune(cells_of(x, y), model, config=linear())
+    assert calls == [len(y)]  # LP-FT only, on its training cells
