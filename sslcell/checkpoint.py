@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -211,9 +211,9 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     half a file, a failed write leaves no temporary file. Those a killed earlier write left are removed first."""
     for stale in path.parent.glob(f".{path.name}.*"):
         stale.unlink(missing_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    tmp = Path(name)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}"
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the umask's mode, as open() gives; not
+    # mkstemp's owner-only 0600, which os.replace would keep
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -240,6 +240,8 @@ def _join(where: str, name: str) -> str:
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
+    if type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        value = value.item()  # a NumPy scalar (np.int64(3), np.float32(0.1)) as the Python number it holds
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
@@ -253,8 +255,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
                 return _coerce(option, value, where)
             except ConfigError as err:
                 errors.append(str(err))
-        names = " or ".join(getattr(a, "__name__", str(a)) for a in args if a is not type(None))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} is not a {names}")
+        names = ", ".join(getattr(a, "__name__", str(a)) for a in args if a is not type(None))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} is none of the types {names}")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")

@@ -92,3 +92,8 @@ def test_recipe_built_in_python_is_type_checked_like_yaml():
     config.optim.lr = 1  # an integer where the field is a float: accepted, as from YAML
     config.check()
     assert config.optim.lr == 1.0 and isinstance(config.optim.lr, float)
+    import numpy as np
+
+    config.train.max_epochs, config.optim.lr = np.int64(3), np.float32(0.5)  # e.g. from a NumPy grid
+    config.check()
+    assert (config.train.max_epochs, config.optim.lr) == (3, 0.5) and type(config.train.max_epochs) is int

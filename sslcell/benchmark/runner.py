@@ -119,8 +119,9 @@ def run_suite(suite: Suite, *, workdir: str | Path | None = None, device: str = 
                 _check_ours(path)
             log.warning("%d task(s) failed: the earlier results in %s are kept, this run's are in %s", len(errors),
                         earlier, md_path)
-        for result in results.values():
-            result.plots = [_publish(staged / name, suite.out, stem, failed_run) for name in result.plots]
+        for task_name, result in results.items():
+            result.plots = [_publish(staged / name, suite.out, stem, failed_run) for name in result.plots
+                            if _written(staged / name, task_name)]
     record["tasks"] = {name: {"seconds": durations[name], **_result_json(r)} for name, r in results.items()}
     record["failed"] = {name: {"error": errors[name], "traceback": tracebacks[name]} for name in errors}
     text = json.dumps(_finite(record), indent=2, default=_json_default, allow_nan=False) + "\n"
@@ -143,10 +144,27 @@ def _record(path: Path) -> dict[str, Any] | None:
     """The run record in JSON file ``path`` if this runner wrote it (a mapping with its keys), else None."""
     try:
         record = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     keys = {"suite", "quick", "started", "seconds", "tasks", "failed"}
-    return record if isinstance(record, dict) and keys <= set(record) and isinstance(record["suite"], dict) else None
+    if not (isinstance(record, dict) and keys <= set(record) and isinstance(record["suite"], dict)
+            and isinstance(record["tasks"], dict)):
+        return None
+    return record
+
+
+def _plots_of(record: dict[str, Any]) -> set[str]:
+    """The plot file names a run record lists (anything else in its ``plots`` lists is ignored)."""
+    return {plot for task in record["tasks"].values() if isinstance(task, dict)
+            for plot in (task.get("plots") if isinstance(task.get("plots"), list) else []) if isinstance(plot, str)}
+
+
+def _written(staged: Path, task: str) -> bool:
+    """Whether a plot that task ``task`` lists was written (a task that lists one it did not write: warned)."""
+    if staged.is_file():
+        return True
+    log.warning("task %s lists the plot %s but did not write it; it is left out of the results", task, staged.name)
+    return False
 
 
 def _check_plots_ours(out: Path, patterns: list[str]) -> None:
@@ -156,8 +174,7 @@ def _check_plots_ours(out: Path, patterns: list[str]) -> None:
     if not existing:
         return
     records = (_record(p) for p in out.glob("*.json"))
-    ours = {plot for r in records if r is not None for t in r["tasks"].values() if isinstance(t, dict)
-            for plot in t.get("plots", [])}
+    ours = set().union(*(_plots_of(r) for r in records if r is not None))
     foreign = sorted(p.name for p in existing if p.name not in ours)
     if foreign:
         raise OverwriteError(f"{out / foreign[0]} exists and was not written by sslcell benchmark (this run's plots "

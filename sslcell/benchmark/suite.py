@@ -150,7 +150,7 @@ def _suite(values: Any, path: Path, *, quick: bool, data_dir, out, only) -> Suit
         raise ConfigError(f"--only: no task named {unknown[0]!r}; the suite's tasks are {names}")
     tasks = [_task(t, f"tasks[{i}]", here, base, quick) for i, t in enumerate(tasks_raw)
              if not only or names[i] in only]
-    return Suite(name=_file_name(values.get("name", path.stem), "name"),
+    return Suite(name=_file_name(values.get("name", _stem_name(path)), "name"),
                  description=_string(values.get("description", ""), "description"),
                  seed=seed, tasks=tasks, source=path, out=out_dir, quick=quick,
                  only=[t.name for t in tasks] if only else None)
@@ -225,7 +225,7 @@ def _recipe(value: Any, where: str, here: Path) -> RecipeSpec:
             config = load_config(source)
         except ConfigError as err:
             raise ConfigError(f"{where}.config: {err}") from None
-        default_name = Path(config_value).stem
+        default_name = _stem_name(Path(config_value))
     else:
         source, default_name = "inline", f"recipe{where.rsplit('[', 1)[-1].rstrip(']')}"
         try:
@@ -259,6 +259,11 @@ def _params(kind: Any, values: dict, where: str) -> Any:
         except ConfigError as err:
             raise ConfigError(f"{where}.{err}") from None
     return parsed
+
+
+def _stem_name(path: Path) -> str:
+    """A file's stem as a default name: characters other than letters, digits, '-' and '_' become '_'."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in path.stem)
 
 
 def _file_name(value: Any, where: str) -> str:

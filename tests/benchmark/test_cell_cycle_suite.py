@@ -77,6 +77,8 @@ def test_mismatched_baseline_recipe_or_target_fails_before_training(tmp_path):
          "params": {"source": "synthetic_expression", "programmes": ["s_g2m"], "target_entry": "m_cycle_genes+"
                     "deepcycle_phase_sets"}, "recipes": [{"name": "m", "config": TINY_MAE}]},
         {"name": "no_data", "kind": "cell_cycle", "params": {"source": "crops"}},
+        {"name": "twice", "kind": "cell_cycle", "params": {"source": "synthetic_expression"},
+         "recipes": [{"name": "m", "config": TINY_MAE}, {"name": "m_cycle_genes", "config": TINY_MAE}]},
     ]
     run = run_suite(load_suite(_write_suite(tmp_path, tasks)), device="cpu", progress=False)
     assert run.results == {}
@@ -84,6 +86,7 @@ def test_mismatched_baseline_recipe_or_target_fails_before_training(tmp_path):
     assert "recipes[0]: 'img' is a recipe for image data" in run.errors["wrong_recipe"]
     assert "params.target_entry" in run.errors["wrong_target"] and "m_cycle_genes" in run.errors["wrong_target"]
     assert run.errors["no_data"].startswith("ConfigError: data:")
+    assert "recipes: the entry 'm_cycle_genes' would be made twice" in run.errors["twice"]
 
 
 def test_generated_crops_end_to_end(tmp_path):

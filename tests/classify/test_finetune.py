@@ -296,7 +296,7 @@ def test_config_validation(values, field):
 
 @pytest.mark.parametrize("values, message", [
     ({"epochs": "3"}, "epochs: expected an integer, got '3'"),
-    ({"oversample": "yes"}, "oversample: 'yes' is not a bool or float"),
+    ({"oversample": "yes"}, "oversample: 'yes' is none of the types bool, float"),
 ])
 def test_config_built_in_python_names_the_field(values, message):
     """Built directly (not from YAML), a wrong type is the same ConfigError, not a TypeError from a comparison."""

@@ -170,6 +170,12 @@ def run(task: Any, ctx: Context) -> TaskResult:
                               f"{p.source} takes {MODALITY[p.source]} recipes")
     if p.source == "crops" and "data" not in task.data:
         raise ConfigError("data: source crops reads crops with phase labels (data: <file.npz>)")
+    for programme in ("s_g2m", "whitfield"):  # entries key the rows and scores: two of one name would merge
+        planned = planned_entries(p.source, [r.name for r in task.recipes], task.baselines, programme)
+        twice = sorted({e for e in planned if planned.count(e) > 1})
+        if twice:
+            raise ConfigError(f"recipes: the entry {twice[0]!r} would be made twice (a recipe's name is another "
+                              f"entry's); rename the recipe. This task's entries: {planned}")
     return (_run_crops if p.source == "crops" else _run_expression)(task, ctx)
 
 

@@ -186,8 +186,9 @@ def _check_raw_counts(adata: Any, path: Path) -> None:
     x = adata.X
     values = None if x is None else x.data if sparse.issparse(x) else np.asarray(x)
     if values is None or not np.array_equal(values, np.rint(values)):
-        raise InputError(f"{path}: X holds non-integer values (log-normalised?), not raw counts; the recipes and "
-                         "baselines of this task normalise and log-transform X themselves. Put the raw counts in "
+        raise InputError(f"{path}: X holds non-integer values (log-normalised or corrected counts?), not raw "
+                         "counts; this task's pretraining and baselines read raw integer counts in X and normalise "
+                         "and log-transform them themselves. Put the raw counts in "
                          "X (e.g. adata.X = adata.layers['counts']) and write the file again")
 
 
