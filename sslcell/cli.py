@@ -504,8 +504,10 @@ def _cell_cycle(args: argparse.Namespace) -> int:
         return 0
     if args.plot:
         plot_cell_cycle(adata, color=args.anchor_key, key=args.key_added, path=args.plot)
-    print(f"wrote {out}: obs['{args.key_added}_theta'] for {adata.n_obs} cells; closure {info['closure']:.2f}, "
-          f"residual {info['residual']:.2f}, explained variance {info['explained_variance']:.2f}"
+    print(f"wrote {out}: obs['{args.key_added}_theta'] for {adata.n_obs} cells; closure {info['closure']:.2f}"
+          + (f" ({info['closure_unscaled']:.2f} without axis scaling)" if info.get("closure_unscaled") is not None
+             else "")
+          + f", residual {info['residual']:.2f}, explained variance {info['explained_variance']:.2f}"
           + (f", {info['anchor_accuracy']:.0%} of anchored cells in their phase's arc" if info["anchored"] else ""))
     return 0
 

@@ -31,7 +31,7 @@ def check_free(adata: AnnData, slot: str, key: str, overwrite: bool) -> None:
 
 def refuse(**given: Any) -> None:
     """Raise for arguments that do not apply to this input (never ignore them silently)."""
-    used = [name for name, value in given.items() if value not in (None, False)]
+    used = [name for name, value in given.items() if not (value is None or value is False)]  # arrays too
     if used:
         raise InputError(f"{', '.join(used)}: not applicable to this model's input; remove the argument")
 

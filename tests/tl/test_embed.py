@@ -126,3 +126,11 @@ def test_log_normalised_input_on_another_scale_than_the_models_is_warned_about(t
     sc.pp.log1p(cpm)
     with pytest.warns(UserWarning, match=r"sum to .*e\+05 .*normalised each cell to 10000 before log1p"):
         sslcell.tl.embed(cpm, model, counts_are_log_normalized=True)
+
+
+def test_crops_given_to_an_expression_model_are_refused_whatever_their_type(trained, small_counts):
+    """A NumPy array of crops was tested for truth ('ambiguous') instead of being named as not applicable."""
+    model, _ = trained
+    for crops in (np.zeros((3, 2, 8, 8), np.uint16), [1, 2]):
+        with pytest.raises(InputError, match="crops: not applicable to this model's input"):
+            sslcell.tl.embed(small_counts.copy(), model, crops=crops)
