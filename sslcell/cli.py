@@ -400,7 +400,8 @@ def _predict(args: argparse.Namespace) -> int:
 
     out = _output_folder(Path(args.out), args.overwrite, empty=False)  # its own files are checked one by one
     target = out / "predictions.h5ad"
-    owned = [target, *(out / name for name in (METRIC_FILES if args.label_key is not None else ()))]
+    # the metrics too when there are no labels: an earlier run's would sit beside these predictions (removed below)
+    owned = [target, *(out / name for name in METRIC_FILES)]
     for path in owned:
         _new_file(path, args.overwrite)  # every file it would write, before any work
     classifier = load_classifier(args.model)

@@ -204,6 +204,11 @@ def test_predict_writes_predictions_metrics_and_plots(files, linear_classifier, 
     (out / "metrics.md").write_text("my notes")
     assert main(argv) == 2 and "metrics.json: exists" in capsys.readouterr().err
     assert (out / "metrics.md").read_text() == "my notes" and not (out / "predictions.h5ad").exists()
+    (out / "metrics.md").unlink()
+    assert main([*argv, "--overwrite"]) == 0
+    # again without labels: the labelled run's metrics and plots are not left beside predictions they do not score
+    assert main([*argv[:-2], "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["predictions.h5ad"]
 
 
 def test_predict_tta_flag(files, linear_classifier, tmp_path):

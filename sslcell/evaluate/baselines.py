@@ -11,10 +11,13 @@ from scipy import sparse
 
 from sslcell.errors import InputError
 
+LOG_SCALE_MAX = 20.0  # non-integer "counts" no larger than this are log-normalised values (log1p of CPM <= 13.8)
+
 
 def _counts_matrix(counts, layer: str | None, what: str = "pca_baseline"):
     """AnnData (``.X`` or ``.layers[layer]``) or matrix ``(N, G)`` -> float32 copy, dense or CSR; NaN, inf or
-    negative counts raise, non-integer ones warn (``what``: the caller, named in the messages)."""
+    negative counts raise, non-integer ones that look log-normalised (none above LOG_SCALE_MAX) too, other non-integer
+    ones warn (``what``: the caller, named in the messages)."""
     if isinstance(counts, ad.AnnData):
         if counts.isbacked:
             raise InputError(f"{counts.filename}: a backed AnnData; {what} reads the whole matrix, so load it first "
@@ -34,7 +37,13 @@ def _counts_matrix(counts, layer: str | None, what: str = "pca_baseline"):
         raise InputError(f"counts contain NaN or inf; {what} expects raw counts, finite and non-negative")
     if (values < 0).any():
         raise InputError(f"counts contain negative values; {what} expects raw counts, finite and non-negative")
-    if (values != np.round(values)).any():
+    fractional = values != np.round(values)
+    if fractional.any() and values.max(initial=0.0) <= LOG_SCALE_MAX:
+        raise InputError(
+            f"counts contain non-integer values, none above {values.max(initial=0.0):.3g}: they look log-normalised, "
+            f"and {what} normalises and log-transforms raw counts itself (it would do it twice). Pass the raw "
+            "counts (layer=, e.g. layer='counts')")
+    if fractional.any():
         warnings.warn(
             f"counts contain non-integer values; {what} expects raw counts (it normalises and log-transforms)",
             UserWarning,

@@ -80,13 +80,21 @@ class ExpressionInputs(Inputs):
     def normalize(self, batch: Tensor, *, counts_are_log_normalized: bool | None = None) -> Tensor:
         """(N, G) counts over the model's genes -> (N, G) normalised float32 model input.
 
-        ``counts_are_log_normalized`` declares the batch already ``log1p(count / library * target_sum)``
-        (default: as the model was trained).
+        ``counts_are_log_normalized`` declares the batch already ``log1p`` of counts scaled per cell (default: as
+        the model was trained). For a model trained on raw counts such a batch is taken back to per-cell scaled
+        counts (``expm1``) and normalised as raw counts are, over the model's genes: scanpy's
+        ``normalize_total`` (over all genes, to any target sum: 1e4, CPM, the median) + ``log1p`` then gives the
+        same input as the raw counts, where the values as they are would sit on another scale.
         """
         batch = batch.float()
         if counts_are_log_normalized is None:
             counts_are_log_normalized = self.counts_are_log_normalized
-        x = batch if counts_are_log_normalized else normalize_log1p(batch, self.target_sum)
+        if not counts_are_log_normalized:
+            x = normalize_log1p(batch, self.target_sum)
+        elif self.counts_are_log_normalized:  # trained on log-normalised values: read as they are, as in training
+            x = batch
+        else:
+            x = normalize_log1p(torch.expm1(batch), self.target_sum)
         return self.scale(x)
 
     def scale(self, x: Tensor) -> Tensor:

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from anndata import AnnData
 
@@ -127,8 +126,6 @@ def _embed_expression(adata: AnnData, model: SSLModule, layer: str | None, log_n
         log_normalized = contract.counts_are_log_normalized
     dataset = open_counts(adata, contract.genes, layer=layer, counts_are_log_normalized=log_normalized,
                           max_missing_genes=max_missing)
-    if log_normalized and not contract.counts_are_log_normalized:
-        _check_log_scale(dataset, contract.target_sum)
     empty = [0]
 
     def count_empty(x: torch.Tensor) -> None:
@@ -144,22 +141,6 @@ def _embed_expression(adata: AnnData, model: SSLModule, layer: str | None, log_n
             UserWarning, stacklevel=3,
         )
     return out, {**missing_info(dataset.alignment, contract.n_genes), "n_empty_cells": empty[0]}
-
-
-def _check_log_scale(dataset: Any, target_sum: float, n: int = 1000) -> None:
-    """The model log-normalises raw counts to ``target_sum`` per cell; values declared log-normalised by the caller
-    should be on that scale. Warn where the first ``n`` cells' ``expm1`` totals over the model's genes exceed twice
-    ``target_sum`` (log1p of counts per million sums to 1e6): every gene would sit logs above what the model saw.
-    Lower totals are not flagged: the model's genes may hold only part of a cell's counts."""
-    rows = dataset.read_rows(0, min(dataset.n_obs, n))
-    median = float(np.median(np.asarray(rows.expm1().sum(axis=1)).ravel()))
-    if median > 2 * target_sum:
-        warnings.warn(
-            f"counts_are_log_normalized=True, but after expm1 the cells' values over the model's genes sum to "
-            f"{median:.3g} (median of the first {rows.shape[0]} cells), while the model normalised each cell to "
-            f"{target_sum:g} before log1p: normalise to target_sum={target_sum:g} before log1p, or pass raw counts",
-            UserWarning, stacklevel=4,
-        )
 
 
 def _embed_crops(adata: AnnData, crops: CellImages, model: SSLModule, channels: Any, batch_size: int,

@@ -88,8 +88,10 @@ def test_bad_input():
         pca_baseline(x, n_comps=200)
     with pytest.raises(InputError, match="layer 'raw'"):
         pca_baseline(ad.AnnData(x), layer="raw")
-    with pytest.warns(UserWarning, match="non-integer"):
-        pca_baseline(np.log1p(x), n_comps=5)
+    with pytest.raises(InputError, match=r"none above .*: they look log-normalised.*Pass the raw counts \(layer="):
+        pca_baseline(np.log1p(x), n_comps=5)  # normalised and logged again, it scored far below the raw counts' PCA
+    with pytest.warns(UserWarning, match="non-integer"):  # e.g. ambient-corrected counts: not log values
+        pca_baseline(x * 0.93 * (20 / x.max() + 1), n_comps=5)
 
 
 def test_fitted_on_all_rows_is_the_usual_pca():
