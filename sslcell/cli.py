@@ -396,6 +396,7 @@ def _predict(args: argparse.Namespace) -> int:
     from sslcell.classify import load_classifier
     from sslcell.classify.predict import METRIC_FILES, write_metrics
     from sslcell.data.images import CellImages
+    from sslcell.data.labels import label_strings
     from sslcell.tl import predict, score
 
     out = _output_folder(Path(args.out), args.overwrite, empty=False)  # its own files are checked one by one
@@ -425,7 +426,7 @@ def _predict(args: argparse.Namespace) -> int:
     if label_key is not None:
         report = score(adata, label_key, key)
         labelled = ~adata.obs[label_key].isna().to_numpy()
-        truth = adata.obs[label_key][labelled].astype(str).to_numpy()
+        truth = label_strings(adata.obs[label_key], f"obs[{label_key!r}]")[labelled]
         files = write_metrics(report, truth, np.asarray(adata.obsm[f"{key}_proba"])[labelled], out)
         print(report.to_markdown(title="Prediction metrics"))
         print("wrote " + ", ".join(str(f) for f in files))

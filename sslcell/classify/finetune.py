@@ -62,6 +62,7 @@ from sslcell.classify.training import calibrate_before_training, fit_full, train
 from sslcell.config import check_types, from_dict
 from sslcell.data.expression import CountRows, open_counts
 from sslcell.data.images import CellImages
+from sslcell.data.labels import class_labels
 from sslcell.errors import ConfigError, InputError
 from sslcell.evaluate.probes import class_weight, logistic_probe
 from sslcell.evaluate.protocols import label_fraction_split
@@ -469,17 +470,8 @@ def _per_cell(data: CellImages | AnnData, values: Any, what: str) -> pd.Series:
 
 
 def _labels(data: CellImages | AnnData, labels: Any) -> pd.Series:
-    values = _per_cell(data, labels, "labels")
-    if pd.api.types.is_float_dtype(values.dtype):
-        known = values.dropna().to_numpy()
-        if (known != np.round(known)).any():
-            name = f"obs column {labels!r}" if isinstance(labels, str) else "labels"
-            raise InputError(f"{_describe(data)}: {name} holds continuous values ({np.unique(known).size} distinct, "
-                             f"e.g. {known[0]!r}); labels are classes: pass a categorical or string column")
-        values = values.astype("Int64")  # integer classes that pandas stored as floats beside NaN: "1", not "1.0"
-    if not isinstance(values.dtype, pd.CategoricalDtype):
-        values = values.astype("category")
-    return values
+    name = f"obs column {labels!r}" if isinstance(labels, str) else "labels"
+    return class_labels(_per_cell(data, labels, "labels"), f"{_describe(data)}: {name}")
 
 
 def _hide_absent(classifier: CellClassifier, present: np.ndarray) -> None:

@@ -14,6 +14,7 @@ from sslcell.classify.classifier import CellClassifier
 from sslcell.data.expression import ExpressionDataset, open_counts
 from sslcell.data.genes import missing_info
 from sslcell.data.images import CellImages
+from sslcell.data.labels import label_strings
 from sslcell.errors import InputError
 from sslcell.evaluate.metrics import ClassificationReport, classification_report
 from sslcell.inference import default_device, run_batched
@@ -108,9 +109,9 @@ def score(adata: AnnData, label_key: str, key_added: str = "sslcell_pred") -> Cl
         raise InputError(f"adata holds no predictions under {key_added!r}; run sslcell.tl.predict first")
     classes = [str(c) for c in info["classes"]]
     labelled = _labelled(adata, label_key, classes)
-    truth = adata.obs[label_key]
+    truth = label_strings(adata.obs[label_key], f"obs[{label_key!r}]")
     return classification_report(
-        truth[labelled].astype(str).to_numpy(),
+        truth[labelled],
         adata.obs[key_added][labelled].astype(str).to_numpy(),
         np.asarray(adata.obsm[f"{key_added}_proba"])[labelled],
         classes=classes,
@@ -121,11 +122,11 @@ def _labelled(adata: AnnData, label_key: str, classes: list[str]) -> np.ndarray:
     """The mask ``(N,)`` of cells labelled in ``obs[label_key]``; raises unless some are, all among ``classes``."""
     if label_key not in adata.obs.columns:
         raise InputError(f"adata has no obs column {label_key!r}; columns are {list(adata.obs.columns)}")
-    truth = adata.obs[label_key]
-    labelled = ~truth.isna().to_numpy()
+    truth = label_strings(adata.obs[label_key], f"obs[{label_key!r}]")
+    labelled = np.asarray([t is not None for t in truth])
     if not labelled.any():
         raise InputError(f"obs[{label_key!r}] has no labelled cell to score")
-    unknown = sorted(set(truth[labelled].astype(str)) - set(classes))
+    unknown = sorted(set(truth[labelled]) - set(classes))
     if unknown:
         raise InputError(f"labels {unknown} in obs[{label_key!r}] are not classes of the classifier {classes}")
     return labelled

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from sslcell.data.labels import label_strings
 from sslcell.errors import ConfigError, InputError
 from sslcell.tl._keys import check_free, record, recorded
 from sslcell.transfer.knn import vote
@@ -114,7 +115,7 @@ def _reference(adata: AnnData, label_key: str, use_rep: str, index: Kind, metric
         raise InputError(f"the reference has no labelled cell in obs[{label_key!r}]")
     made = recorded(adata, use_rep)  # tl.embed's record of the model behind it
     embedding = np.asarray(adata.obsm[use_rep])[labelled]
-    labels = adata.obs[label_key].to_numpy()[labelled]
+    labels = label_strings(adata.obs[label_key], f"obs[{label_key!r}] of the reference")[labelled]
     return ReferenceIndex(embedding, labels, kind=index, metric=metric, model=made.get("model"), use_rep=use_rep,
                           model_id=made.get("model_id"))
 

@@ -105,3 +105,21 @@ def test_expression_predict_records_missing_genes_and_refuses_too_many(small_cou
     with pytest.raises(InputError, match=r"max_missing_genes=0\.5"):
         finetune(most_missing, model, "cell_type", LINEAR)
     assert finetune(most_missing, model, "cell_type", LINEAR, max_missing_genes=0.9).classes == clf.classes
+
+
+def test_integer_classes_stored_as_floats_name_the_same_classes_everywhere(small_counts, tmp_path):
+    """pandas stores integer labels beside NaN as floats: fine-tuning named the classes "0", "1", while scoring
+    and label transfer read "0.0", "1.0" (scoring then refused every label as unknown)."""
+    model = sslcell.pretrain(tiny_recipe("mae", train={"max_epochs": 1}), small_counts, tmp_path / "run")
+    adata = small_counts.copy()
+    codes = adata.obs["cell_type"].cat.codes.astype(float).to_numpy()
+    codes[::7] = np.nan
+    adata.obs["code"] = codes
+    clf = finetune(adata, model, "code", LINEAR)
+    assert clf.classes == ["0", "1", "2", "3"]
+    tl.predict(adata, clf, label_key="code")
+    assert tl.score(adata, "code").n == int((~np.isnan(codes)).sum())
+    tl.embed(adata, model)
+    query = adata.copy()
+    tl.transfer_labels(query, adata, "code", key_added="transferred")
+    assert set(query.obs["transferred_pred"].astype(str)) <= {"0", "1", "2", "3", "unknown"}
