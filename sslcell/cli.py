@@ -4,9 +4,11 @@ quickstart``."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from sslcell.errors import InputError, OverwriteError, SSLCellError
@@ -56,11 +58,17 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated flags: ``finetune --layer counts`` was read as ``--layer-decay counts``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sslcell", description="Self-supervised representation learning on single cells."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="sslcell", description="Self-supervised representation learning on single cells.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("pretrain", help="pretrain an encoder without labels")
     p.add_argument("--config", required=True, help="recipe YAML, e.g. configs/expression_mae.yaml")
@@ -121,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", type=_channels, help="channels to use (default: the model's, by name)")
     p.add_argument("--max-missing-genes", type=float,
                    help="expression: largest share of the model's genes that may be missing (default 0.5)")
+    p.add_argument("--layer", help="expression: read the counts from this layer instead of X (e.g. counts)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing classifier in --out")
     p.set_defaults(run=_finetune)
 
@@ -133,6 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", type=_channels, help="channels to use (default: the model's, by name)")
     p.add_argument("--tta", action="store_true",
                    help="average the scores over each crop's flips and 90-degree turns (8 passes, or 4 if not square)")
+    p.add_argument("--layer", help="expression: read the counts from this layer instead of X (e.g. counts)")
     p.add_argument("--key-added", default="sslcell_pred",
                    help="obs / obsm keys of the predictions (default sslcell_pred: obs sslcell_pred, "
                         "sslcell_pred_confidence; obsm sslcell_pred_proba)")
@@ -380,8 +390,10 @@ def _finetune(args: argparse.Namespace) -> int:
     if model.inputs.modality == "expression":
         # backed: the labelled cells' counts are read chunk-wise, and errors name the file
         classifier = finetune(_read_h5ad(args.data, backed="r"), model, args.label_key, config, channels=args.channels,
-                              max_missing_genes=args.max_missing_genes, val_group_key=args.val_group_key)
+                              max_missing_genes=args.max_missing_genes, val_group_key=args.val_group_key,
+                              layer=args.layer)
     else:
+        _refuse_flags(args, ("layer",), "for expression models; this one reads crops, remove it")
         cells = CellImages.read(args.data, label_key=args.label_key if args.label_key != "label" else None)
         classifier = finetune(cells, model, "label", config, channels=args.channels,
                               max_missing_genes=args.max_missing_genes, val_group_key=args.val_group_key)
@@ -408,6 +420,7 @@ def _predict(args: argparse.Namespace) -> int:
     classifier = load_classifier(args.model)
     key = args.key_added
     if classifier.inputs.modality == "image":
+        _refuse_flags(args, ("layer",), "for expression classifiers; this one reads crops, remove it")
         cells = CellImages.read(args.data, label_key=args.label_key if args.label_key not in (None, "label") else None)
         label_key = None if args.label_key is None else "label"
         cells = classifier.inputs.align(cells, args.channels)
@@ -417,7 +430,8 @@ def _predict(args: argparse.Namespace) -> int:
     else:
         _refuse_flags(args, ("channels", "tta"), "for image classifiers; this one reads expression, remove them")
         adata, label_key = _read_h5ad(args.data), args.label_key
-        predict(adata, classifier, label_key=label_key, key_added=key, overwrite=args.overwrite)
+        with _naming(args.data):
+            predict(adata, classifier, label_key=label_key, key_added=key, overwrite=args.overwrite, layer=args.layer)
     out.mkdir(parents=True, exist_ok=True)
     for path in owned[1:]:
         path.unlink(missing_ok=True)  # --overwrite: no earlier run's plot left beside these metrics
@@ -438,6 +452,19 @@ def _refuse_flags(args: argparse.Namespace, names: tuple[str, ...], why: str) ->
     given = [f"--{name.replace('_', '-')}" for name in names if getattr(args, name) not in (None, False)]
     if given:
         raise InputError(f"{', '.join(given)}: {why}")
+
+
+@contextlib.contextmanager
+def _naming(path: str) -> Iterator[None]:
+    """Errors about an AnnData read into memory name its file instead of the library's ``<AnnData>``."""
+    from sslcell.data.shards import IN_MEMORY
+
+    try:
+        yield
+    except SSLCellError as err:
+        if err.args and isinstance(err.args[0], str) and IN_MEMORY in err.args[0]:
+            err.args = (err.args[0].replace(IN_MEMORY, str(path)), *err.args[1:])
+        raise
 
 
 def _read_h5ad(path: str, backed: str | None = None):
@@ -494,8 +521,10 @@ def _cell_cycle(args: argparse.Namespace) -> int:
         _new_file(png_path(args.plot), args.overwrite)  # a new .png, checked before any work
     adata = _read_h5ad(args.data)
     reference = _read_h5ad(args.reference) if args.reference else None
-    cell_cycle(adata, args.use_rep, anchor_key=args.anchor_key, anchor_order=args.anchor_order, reference=reference,
-               reference_key=args.reference_key, key_added=args.key_added, overwrite=args.overwrite)
+    with _naming(args.data):
+        cell_cycle(adata, args.use_rep, anchor_key=args.anchor_key, anchor_order=args.anchor_order,
+                   reference=reference, reference_key=args.reference_key, key_added=args.key_added,
+                   overwrite=args.overwrite)
     _write_h5ad(adata, out)
     info = adata.uns["sslcell"][args.key_added]
     if reference is not None:
@@ -561,8 +590,12 @@ def _transfer(args: argparse.Namespace) -> int:
                          "files as --reference / --query, without --model")
     reference, query = _read_h5ad(args.reference), _read_h5ad(args.query)
     if args.model:
-        for adata in (reference, query):
-            embed(adata, args.model, key_added=args.use_rep, overwrite=args.overwrite)
+        for flag, path, adata in (("--reference", args.reference, reference), ("--query", args.query, query)):
+            if args.use_rep in adata.obsm and not args.overwrite:
+                raise OverwriteError(f"{flag} {path}: obsm[{args.use_rep!r}] holds an embedding already; pass "
+                                     "--overwrite to replace it with --model's, or leave out --model to use it")
+            with _naming(path):
+                embed(adata, args.model, key_added=args.use_rep, overwrite=args.overwrite)
     transfer_labels(query, reference, args.label_key, args.use_rep, n_neighbors=args.n_neighbors,
                     class_weight=args.class_weight, min_confidence=args.min_confidence, index=args.index,
                     overwrite=args.overwrite)
@@ -580,16 +613,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     outs = [_new_file(Path(f"{args.out}{suffix}"), args.overwrite) for suffix in (".json", ".md")] if args.out else []
     adata = _read_h5ad(args.data)
     crops = CellImages.read(args.crops) if args.crops else None
-    report = evaluate(
-        adata,
-        args.label_key,
-        use_rep=args.use_rep,
-        crops=crops,
-        baselines=None if args.baselines is None else tuple(args.baselines),
-        layer=args.layer,
-        n_neighbors=args.n_neighbors,
-        n_per_class=args.n_per_class,
-    )
+    with _naming(args.data):
+        report = evaluate(adata, args.label_key, use_rep=args.use_rep, crops=crops,
+                          baselines=None if args.baselines is None else tuple(args.baselines), layer=args.layer,
+                          n_neighbors=args.n_neighbors, n_per_class=args.n_per_class)
     print(report.to_markdown())
     if outs:
         _write_atomically(outs[0], report.to_json)

@@ -3,6 +3,7 @@ import json
 import anndata as ad
 import numpy as np
 import pytest
+import scanpy as sc
 import yaml
 
 from sslcell.cli import main
@@ -124,3 +125,39 @@ def test_environment_faults_are_one_line_errors_and_leave_nothing(small_run, sma
     assert "pred/predictions.h5ad: could not be written (No space left on device)" in err
     assert (folder / "mine.txt").read_text() == "keep" and a_file.read_text() == "keep"
     assert not list(tmp_path.rglob(".*.tmp"))  # no temporary file left behind
+
+
+def test_expression_finetune_and_predict_read_a_layer_and_name_the_file(small_run, small_counts, tmp_path, capsys):
+    """The common layout: log-normalised X, raw counts in layers['counts']; --layer was missing (and argparse read
+    'finetune --layer counts' as --layer-decay). Errors about the file name it, not '<AnnData>'."""
+    adata = small_counts.copy()
+    adata.layers["counts"] = adata.X.copy()
+    sc.pp.normalize_total(adata)
+    sc.pp.log1p(adata)
+    adata.write_h5ad(tmp_path / "logged.h5ad")
+    clf, pred = tmp_path / "clf", tmp_path / "pred"
+    base = ["--data", str(tmp_path / "logged.h5ad")]
+    assert main(["finetune", "--model", str(small_run), *base, "--label-key", "cell_type", "--out", str(clf),
+                 "--head", "linear", "--layer", "counts"]) == 0
+    assert main(["predict", "--model", str(clf), *base, "--out", str(pred), "--label-key", "cell_type",
+                 "--layer", "counts"]) == 0
+    assert main(["predict", "--model", str(clf), *base, "--out", str(pred), "--overwrite"]) == 2  # X: log values
+    err = capsys.readouterr().err
+    assert "logged.h5ad" in err and "<AnnData>" not in err
+    with pytest.raises(SystemExit):  # no abbreviations: '--lay' is no flag, not a guess between two
+        main(["finetune", "--model", str(small_run), *base, "--out", str(clf), "--lay", "counts"])
+    assert "unrecognized arguments: --lay counts" in capsys.readouterr().err
+
+
+def test_transfer_with_model_names_the_side_that_holds_an_embedding(small_run, small_counts, tmp_path, capsys):
+    adata = small_counts.copy()
+    adata.write_h5ad(tmp_path / "q.h5ad")
+    adata.obsm["X_sslcell"] = np.zeros((adata.n_obs, 4), np.float32)
+    adata.write_h5ad(tmp_path / "ref.h5ad")
+    argv = ["transfer", "--reference", str(tmp_path / "ref.h5ad"), "--query", str(tmp_path / "q.h5ad"),
+            "--label-key", "cell_type", "--out", str(tmp_path / "out.h5ad"), "--model", str(small_run)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--reference" in err and "ref.h5ad: obsm['X_sslcell'] holds an embedding already" in err
+    assert "--key-added" not in err  # transfer has no such flag
+    assert main([*argv, "--overwrite"]) == 0
