@@ -21,12 +21,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args) or 0
     except (SSLCellError, OSError) as err:  # bad input, or the environment (missing file, full disk, permissions)
-        print(f"sslcell {args.command}: error: {_as_cli(str(err))}", file=sys.stderr)
+        print(f"sslcell {args.command}: error: {_as_cli(str(err), args.command)}", file=sys.stderr)
         return 2
 
 
-def _as_cli(message: str) -> str:
-    """Library messages name Python arguments; on the command line, name the flags."""
+# where a command has no --counts-are-log-normalized, what to do instead with log-normalised data
+LOG_NORMALISED = {"embed": "--counts-are-log-normalized", "pretrain": "data.counts_are_log_normalized: true in the "
+                  "recipe"}
+
+
+def _as_cli(message: str, command: str = "embed") -> str:
+    """Library messages name Python arguments; on the command line, name the flags (``command``'s own)."""
+    message = message.replace("open with counts_are_log_normalized=True", "open with " + LOG_NORMALISED.get(
+        command, "the raw counts instead (--layer, e.g. --layer counts)"))
     for python, flag in (("overwrite=True", "--overwrite"), ("key_added", "--key-added"),
                          ("counts_are_log_normalized=True", "--counts-are-log-normalized"),
                          ("max_missing_genes", "--max-missing-genes"), ("crops=cells", "--crops"),

@@ -144,6 +144,7 @@ def test_expression_finetune_and_predict_read_a_layer_and_name_the_file(small_ru
     assert main(["predict", "--model", str(clf), *base, "--out", str(pred), "--overwrite"]) == 2  # X: log values
     err = capsys.readouterr().err
     assert "logged.h5ad" in err and "<AnnData>" not in err
+    assert "open with the raw counts instead (--layer" in err  # predict has no --counts-are-log-normalized
     with pytest.raises(SystemExit):  # no abbreviations: '--lay' is no flag, not a guess between two
         main(["finetune", "--model", str(small_run), *base, "--out", str(clf), "--lay", "counts"])
     assert "unrecognized arguments: --lay counts" in capsys.readouterr().err
