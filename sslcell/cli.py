@@ -27,7 +27,10 @@ def main(argv: list[str] | None = None) -> int:
 
 # where a command has no --counts-are-log-normalized, what to do instead with log-normalised data
 LOG_NORMALISED = {"embed": "--counts-are-log-normalized", "pretrain": "data.counts_are_log_normalized: true in the "
-                  "recipe"}
+                  "recipe", "finetune": "--counts-are-log-normalized (or the raw counts: --layer)",
+                  "predict": "--counts-are-log-normalized (or the raw counts: --layer)",
+                  "transfer": "sslcell embed (--counts-are-log-normalized or --layer) first, then transfer without "
+                              "--model"}
 
 
 def _as_cli(message: str, command: str = "embed") -> str:
@@ -137,6 +140,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-missing-genes", type=float,
                    help="expression: largest share of the model's genes that may be missing (default 0.5)")
     p.add_argument("--layer", help="expression: read the counts from this layer instead of X (e.g. counts)")
+    p.add_argument("--counts-are-log-normalized", action="store_true",
+                   help="expression: the input is already log1p-normalised")
     p.add_argument("--overwrite", action="store_true", help="replace an existing classifier in --out")
     p.set_defaults(run=_finetune)
 
@@ -150,6 +155,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true",
                    help="average the scores over each crop's flips and 90-degree turns (8 passes, or 4 if not square)")
     p.add_argument("--layer", help="expression: read the counts from this layer instead of X (e.g. counts)")
+    p.add_argument("--counts-are-log-normalized", action="store_true",
+                   help="expression: the input is already log1p-normalised")
     p.add_argument("--key-added", default="sslcell_pred",
                    help="obs / obsm keys of the predictions (default sslcell_pred: obs sslcell_pred, "
                         "sslcell_pred_confidence; obsm sslcell_pred_proba)")
@@ -398,9 +405,10 @@ def _finetune(args: argparse.Namespace) -> int:
         # backed: the labelled cells' counts are read chunk-wise, and errors name the file
         classifier = finetune(_read_h5ad(args.data, backed="r"), model, args.label_key, config, channels=args.channels,
                               max_missing_genes=args.max_missing_genes, val_group_key=args.val_group_key,
-                              layer=args.layer)
+                              layer=args.layer, counts_are_log_normalized=args.counts_are_log_normalized or None)
     else:
-        _refuse_flags(args, ("layer",), "for expression models; this one reads crops, remove it")
+        _refuse_flags(args, ("layer", "counts_are_log_normalized"), "for expression models; this one reads crops, "
+                      "remove it")
         cells = CellImages.read(args.data, label_key=args.label_key if args.label_key != "label" else None)
         classifier = finetune(cells, model, "label", config, channels=args.channels,
                               max_missing_genes=args.max_missing_genes, val_group_key=args.val_group_key)
@@ -427,7 +435,8 @@ def _predict(args: argparse.Namespace) -> int:
     classifier = load_classifier(args.model)
     key = args.key_added
     if classifier.inputs.modality == "image":
-        _refuse_flags(args, ("layer",), "for expression classifiers; this one reads crops, remove it")
+        _refuse_flags(args, ("layer", "counts_are_log_normalized"), "for expression classifiers; this one reads "
+                      "crops, remove it")
         cells = CellImages.read(args.data, label_key=args.label_key if args.label_key not in (None, "label") else None)
         label_key = None if args.label_key is None else "label"
         cells = classifier.inputs.align(cells, args.channels)
@@ -438,7 +447,8 @@ def _predict(args: argparse.Namespace) -> int:
         _refuse_flags(args, ("channels", "tta"), "for image classifiers; this one reads expression, remove them")
         adata, label_key = _read_h5ad(args.data), args.label_key
         with _naming(args.data):
-            predict(adata, classifier, label_key=label_key, key_added=key, overwrite=args.overwrite, layer=args.layer)
+            predict(adata, classifier, label_key=label_key, key_added=key, overwrite=args.overwrite, layer=args.layer,
+                    counts_are_log_normalized=args.counts_are_log_normalized or None)
     out.mkdir(parents=True, exist_ok=True)
     for path in owned[1:]:
         path.unlink(missing_ok=True)  # --overwrite: no earlier run's plot left beside these metrics

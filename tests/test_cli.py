@@ -144,7 +144,12 @@ def test_expression_finetune_and_predict_read_a_layer_and_name_the_file(small_ru
     assert main(["predict", "--model", str(clf), *base, "--out", str(pred), "--overwrite"]) == 2  # X: log values
     err = capsys.readouterr().err
     assert "logged.h5ad" in err and "<AnnData>" not in err
-    assert "open with the raw counts instead (--layer" in err  # predict has no --counts-are-log-normalized
+    assert "open with --counts-are-log-normalized (or the raw counts: --layer)" in err
+    assert main(["predict", "--model", str(clf), *base, "--out", str(pred), "--overwrite",
+                 "--counts-are-log-normalized"]) == 0  # the same probabilities as from the counts layer
+    assert main(["transfer", "--reference", str(tmp_path / "logged.h5ad"), "--query", str(tmp_path / "logged.h5ad"),
+                 "--label-key", "cell_type", "--out", str(tmp_path / "t.h5ad"), "--model", str(small_run)]) == 2
+    assert "open with sslcell embed (--counts-are-log-normalized or --layer) first" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # no abbreviations: '--lay' is no flag, not a guess between two
         main(["finetune", "--model", str(small_run), *base, "--out", str(clf), "--lay", "counts"])
     assert "unrecognized arguments: --lay counts" in capsys.readouterr().err

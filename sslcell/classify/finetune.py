@@ -204,6 +204,7 @@ def finetune(
     max_missing_genes: float | None = None,
     val_group_key: str | np.ndarray | None = None,
     device: str | torch.device | None = None,
+    counts_are_log_normalized: bool | None = None,
 ) -> CellClassifier:
     """Train a classifier on labelled cells; the pretrained ``model`` is left unchanged.
 
@@ -216,6 +217,8 @@ def finetune(
         config: :class:`FinetuneConfig` (default: full fine-tuning).
         max_missing_genes: expression only: the largest share of the model's genes that may be missing from
             ``data`` (default 0.5, as ``tl.embed`` and ``tl.predict``; 1 accepts any overlap).
+        counts_are_log_normalized: expression only: ``data`` holds log1p-normalised values (default: as the model
+            was trained); for a model of raw counts they are taken back to per-cell shares, as ``tl.embed`` does.
         val_group_key: with ``config.val_fraction``: an ``obs`` column (or an array ``(N,)``) of groups, e.g. the
             image, plate or donor; the validation cells are then whole groups, so cells of one image are never on
             both sides (see :func:`_validation_mask`).
@@ -233,7 +236,8 @@ def finetune(
     if model.inputs.modality == "image":
         if not isinstance(data, CellImages):
             raise InputError(f"this model reads image crops (CellImages); got {type(data).__name__}")
-        for name, value in (("layer", layer), ("max_missing_genes", max_missing_genes)):
+        for name, value in (("layer", layer), ("max_missing_genes", max_missing_genes),
+                            ("counts_are_log_normalized", counts_are_log_normalized)):
             if value is not None:
                 raise InputError(f"{name}: not applicable to image crops; remove the argument")
         data = model.inputs.align(data, channels)
@@ -246,7 +250,7 @@ def finetune(
             raise ConfigError("mixup and cutmix: they blend crops; expression cells are not augmented, set them to 0")
     classes, codes, rows = _label_codes(data, label_key)
     groups = _val_groups(data, val_group_key, rows, config)
-    cells = _labelled(data, rows, layer, model, max_missing_genes)  # crops, or counts in memory
+    cells = _labelled(data, rows, layer, model, max_missing_genes, counts_are_log_normalized)  # crops, or counts
     model = copy.deepcopy(model).cpu()
 
     def build(train_rows: np.ndarray) -> CellClassifier:
@@ -374,17 +378,24 @@ def _train(build: Callable[[np.ndarray], CellClassifier], cells: Any, codes: np.
 
 
 def _labelled(data: CellImages | AnnData, rows: np.ndarray, layer: str | None, model: SSLModule | None,
-              max_missing_genes: float | None = None) -> Any:
+              max_missing_genes: float | None = None, log_normalized: bool | None = None) -> Any:
     """The labelled cells, in order: aligned crops, or the AnnData's counts over the model's genes read into memory
-    (:class:`CountRows`; a backed file is read chunk-wise)."""
+    (:class:`CountRows`; a backed file is read chunk-wise). Log-normalised values for a model of raw counts
+    (``log_normalized``) become per-cell scaled counts (``expm1``): normalised over the model's genes, as every
+    batch is, they are the raw counts' input."""
     if isinstance(data, CellImages):
         return data if len(rows) == len(data) else data[rows]
+    trained_on_logs = model.inputs.counts_are_log_normalized
+    log_normalized = trained_on_logs if log_normalized is None else log_normalized
     dataset = open_counts(data, model.inputs.genes, layer=layer, max_missing_genes=max_missing_genes,
-                          counts_are_log_normalized=model.inputs.counts_are_log_normalized)
+                          counts_are_log_normalized=log_normalized)
     try:
-        return CountRows.read(dataset, rows)
+        cells = CountRows.read(dataset, rows)
     finally:
         dataset.close()
+    if log_normalized and not trained_on_logs:
+        cells.counts.data = np.expm1(cells.counts.data)
+    return cells
 
 
 def _validation_mask(codes: np.ndarray, fraction: float, seed: int, groups: np.ndarray | None = None) -> np.ndarray:

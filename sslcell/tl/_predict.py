@@ -34,6 +34,7 @@ def predict(
     batch_size: int = 512,
     device: str | torch.device | None = None,
     max_missing_genes: float | None = None,
+    counts_are_log_normalized: bool | None = None,
     overwrite: bool = False,
     copy: bool = False,
 ) -> AnnData | None:
@@ -51,6 +52,8 @@ def predict(
         crops: image classifiers only: the crops of ``adata``'s rows; ``channels`` selects the model's channels.
         tta: image classifiers only: average the probabilities over each crop's flips and 90-degree turns.
         max_missing_genes: expression classifiers only: as in :func:`~sslcell.tl.embed` (default 0.5).
+        counts_are_log_normalized: expression classifiers only: ``X`` (or ``layer``) holds log1p-normalised values
+            (default: as the model was trained); read as :func:`~sslcell.tl.embed` reads them.
         overwrite: replace existing results under ``key_added``; ``copy``: return a predicted copy.
     """
     if not isinstance(classifier, CellClassifier):
@@ -66,20 +69,24 @@ def predict(
     if classifier.inputs.modality == "image":
         if crops is None:
             raise InputError("the classifier reads image crops: pass crops=cells (one crop per row of adata)")
-        refuse(layer=layer, max_missing_genes=max_missing_genes)
+        refuse(layer=layer, max_missing_genes=max_missing_genes, counts_are_log_normalized=counts_are_log_normalized)
         check_crops(adata, crops)
         data: Any = classifier.inputs.align(crops, channels)
+        to_counts = False
     else:
         refuse(crops=crops, channels=channels, tta=tta)
+        trained_on_logs = classifier.inputs.counts_are_log_normalized
+        log_normalized = trained_on_logs if counts_are_log_normalized is None else counts_are_log_normalized
         data = open_counts(adata, classifier.inputs.genes, layer=layer, max_missing_genes=max_missing_genes,
-                           counts_are_log_normalized=classifier.inputs.counts_are_log_normalized)
+                           counts_are_log_normalized=log_normalized)
+        to_counts = log_normalized and not trained_on_logs  # back to per-cell shares, as finetune and tl.embed do
     if copy:
         adata = adata.to_memory() if adata.isbacked else adata.copy()
     device = default_device(device)
     classifier = classifier.to(device)
     try:
-        scores = run_batched(lambda x: classifier.predict_proba(x, tta=tta), data, len(classifier.classes),
-                             batch_size=batch_size, device=device)
+        scores = run_batched(lambda x: classifier.predict_proba(torch.expm1(x) if to_counts else x, tta=tta), data,
+                             len(classifier.classes), batch_size=batch_size, device=device)
     finally:
         if isinstance(data, ExpressionDataset):
             data.close()  # the counts file is not held open after predicting

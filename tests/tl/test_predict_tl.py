@@ -123,3 +123,24 @@ def test_integer_classes_stored_as_floats_name_the_same_classes_everywhere(small
     query = adata.copy()
     tl.transfer_labels(query, adata, "code", key_added="transferred")
     assert set(query.obs["transferred_pred"].astype(str)) <= {"0", "1", "2", "3", "unknown"}
+
+
+def test_log_normalised_cells_train_and_predict_as_their_raw_counts(small_counts, tmp_path):
+    """scanpy's normalize_total + log1p over all genes, declared: the same classifier and probabilities as from the
+    raw counts (finetune and tl.predict read them as tl.embed does)."""
+    import scanpy as sc
+
+    model = sslcell.pretrain(tiny_recipe("mae", train={"max_epochs": 1}), small_counts, tmp_path / "run")
+    logged = small_counts.copy()
+    sc.pp.normalize_total(logged, target_sum=1e6)
+    sc.pp.log1p(logged)
+    raw_clf = finetune(small_counts, model, "cell_type", LINEAR)
+    log_clf = finetune(logged, model, "cell_type", LINEAR, counts_are_log_normalized=True)
+    np.testing.assert_allclose(log_clf.head.weight.detach().numpy(), raw_clf.head.weight.detach().numpy(),
+                               atol=1e-3)
+    raw, log = small_counts.copy(), logged.copy()
+    tl.predict(raw, raw_clf)
+    tl.predict(log, raw_clf, counts_are_log_normalized=True)
+    np.testing.assert_allclose(log.obsm["sslcell_pred_proba"], raw.obsm["sslcell_pred_proba"], atol=1e-4)
+    with pytest.raises(InputError, match="non-integer"):  # undeclared, log values are refused as counts
+        tl.predict(logged.copy(), raw_clf)
