@@ -73,7 +73,7 @@ def run_suite(suite: Suite, *, workdir: str | Path | None = None, device: str = 
     if suite.out.exists() and not suite.out.is_dir():
         raise OverwriteError(f"{suite.out}: is a file; the suite's out (or --out) names the folder for its results")
     md_path, json_path, stem = output_paths(suite, only)
-    for path in (md_path, json_path):
+    for path in (md_path, json_path, *_failed_paths(md_path, json_path)):  # before any work: a run is never lost
         _check_ours(path)
     _check_plots_ours(suite.out, [f"{s}_{t.name}_*.png" for s in (stem, f"{stem}_failed") for t in tasks])
     suite.out.mkdir(parents=True, exist_ok=True)
@@ -114,9 +114,7 @@ def run_suite(suite: Suite, *, workdir: str | Path | None = None, device: str = 
         failed_run = bool(errors) and (md_path.exists() or json_path.exists())
         if failed_run:  # a failing run never replaces earlier results, plots included
             earlier = md_path
-            md_path, json_path = (p.with_name(f"{p.stem}_failed{p.suffix}") for p in (md_path, json_path))
-            for path in (md_path, json_path):
-                _check_ours(path)
+            md_path, json_path = _failed_paths(md_path, json_path)
             log.warning("%d task(s) failed: the earlier results in %s are kept, this run's are in %s", len(errors),
                         earlier, md_path)
         for task_name, result in results.items():
@@ -130,6 +128,11 @@ def run_suite(suite: Suite, *, workdir: str | Path | None = None, device: str = 
     atomic_write(md_path, lambda tmp: tmp.write_text(report))
     log.info("wrote %s and %s", md_path, json_path)
     return SuiteRun(results=results, errors=errors, markdown_path=md_path, json_path=json_path)
+
+
+def _failed_paths(md_path: Path, json_path: Path) -> tuple[Path, Path]:
+    """Where a run with a failed task writes, beside earlier results: ``<name>_failed.md`` / ``.json``."""
+    return md_path.with_name(f"{md_path.stem}_failed.md"), json_path.with_name(f"{json_path.stem}_failed.json")
 
 
 def _check_ours(path: Path) -> None:

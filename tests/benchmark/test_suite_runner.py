@@ -238,6 +238,16 @@ def test_out_naming_a_file_is_refused(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+def test_a_users_file_where_a_failed_run_would_write_is_refused_before_any_work(tmp_path):
+    """Checked after the run, it lost the run's results; now checked first."""
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "toy_failed.md").write_text("my notes")
+    with pytest.raises(OverwriteError, match="toy_failed.md exists and was not written by sslcell benchmark"):
+        run_suite(load_suite(_write(tmp_path, _suite(params={"n": 4}))), progress=False)
+    assert (out / "toy_failed.md").read_text() == "my notes" and not (out / "toy.md").exists()
+
+
 def test_a_json_file_it_did_not_write_is_never_replaced(tmp_path):
     """A user's JSON whose first lines mention a seed (even the suite file itself) is not a results record."""
     out = tmp_path / "results"
