@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-# where a command has no --counts-are-log-normalized, what to do instead with log-normalised data
+# what each command offers for log-normalised data, where a library message names the Python argument
 LOG_NORMALISED = {"embed": "--counts-are-log-normalized", "pretrain": "data.counts_are_log_normalized: true in the "
                   "recipe", "finetune": "--counts-are-log-normalized (or the raw counts: --layer)",
                   "predict": "--counts-are-log-normalized (or the raw counts: --layer)",

@@ -182,7 +182,7 @@ def _task(values: Any, where: str, here: Path, base: Path, quick: bool) -> TaskS
         if recipe.name in taken:
             raise ConfigError(f"{where}.recipes[{i}].name: {recipe.name!r} is already {taken[recipe.name]}'s name "
                               f"in task kind {kind.name}; give the recipe another name")
-        taken[recipe.name] = f"recipes[{[r.name for r in recipes].index(recipe.name)}]"
+        taken[recipe.name] = f"recipes[{i}]"
     for i, recipe in enumerate(recipes):
         if kind.modality and recipe.config.modality != kind.modality:
             raise ConfigError(f"{where}.recipes[{i}]: {recipe.name!r} is a recipe for {recipe.config.modality} data; "

@@ -101,8 +101,9 @@ class CellClassifier(nn.Module):
         return self.head_output(self.features(x))[1]
 
     @torch.no_grad()
-    def predict_proba(self, batch: Tensor, tta: bool = False) -> Tensor:
-        """Raw batch ``(N, C, H, W)`` -> class probabilities ``(N, K)`` float32 (eval mode).
+    def predict_proba(self, batch: Tensor, tta: bool = False, **normalize: Any) -> Tensor:
+        """Raw batch ``(N, C, H, W)`` (or counts ``(N, G)``) -> class probabilities ``(N, K)`` float32 (eval mode);
+        ``normalize`` goes to ``inputs.normalize`` (e.g. ``counts_are_log_normalized`` for expression).
 
         ``tta``: average the probabilities over the crop's lossless orientations (8 flips and 90-degree turns
         for square crops, 4 otherwise; :func:`~sslcell.augment.image.dihedral_views`); 8 (or 4) forward passes.
@@ -114,7 +115,7 @@ class CellClassifier(nn.Module):
         self.eval()
         try:
             device = next(self.parameters()).device
-            x = self.inputs.normalize(batch.to(device))
+            x = self.inputs.normalize(batch.to(device), **normalize)
             if not tta:
                 return self(x).float().softmax(dim=1)
             if self.inputs.modality != "image":

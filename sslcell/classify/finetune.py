@@ -15,11 +15,10 @@
   encoder. The probe is fitted after the encoder's batch-norm statistics are re-estimated on the training cells,
   so that it sees the features training starts from. After training, the encoder's batch-norm statistics are
   re-estimated on un-augmented training cells drawn as training drew them ("precise BN"), so eval mode matches the
-  final weights. A ViT encoder can be
-  fine-tuned as MAE is (He et al. 2022): ``layer_decay < 1`` lowers each layer's rate by that factor per layer
-  below the top, and ``drop_path`` sets its stochastic depth while training. ``mixup`` / ``cutmix`` blend each
-  batch of crops with a shuffled copy of itself, labels alike (torchvision's MixUp / CutMix, MAE's fine-tuning
-  regularisers).
+  final weights. A ViT encoder can be fine-tuned as MAE is (He et al. 2022): ``layer_decay < 1`` lowers each
+  layer's rate by that factor per layer below the top, and ``drop_path`` sets its stochastic depth while training.
+  ``mixup`` / ``cutmix`` blend each batch of crops with a shuffled copy of itself, labels alike (torchvision's
+  MixUp / CutMix, MAE's fine-tuning regularisers).
 
 :func:`train_from_scratch` runs the same full loop on a randomly initialised encoder (any image encoder, by
 default the plain CNN), with :data:`SCRATCH_RECIPE` by default: issue 14's supervised baseline (one-cycle to 3e-3,

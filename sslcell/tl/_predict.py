@@ -72,20 +72,20 @@ def predict(
         refuse(layer=layer, max_missing_genes=max_missing_genes, counts_are_log_normalized=counts_are_log_normalized)
         check_crops(adata, crops)
         data: Any = classifier.inputs.align(crops, channels)
-        to_counts = False
+        normalize: dict[str, Any] = {}
     else:
         refuse(crops=crops, channels=channels, tta=tta)
-        trained_on_logs = classifier.inputs.counts_are_log_normalized
-        log_normalized = trained_on_logs if counts_are_log_normalized is None else counts_are_log_normalized
+        if counts_are_log_normalized is None:
+            counts_are_log_normalized = classifier.inputs.counts_are_log_normalized
         data = open_counts(adata, classifier.inputs.genes, layer=layer, max_missing_genes=max_missing_genes,
-                           counts_are_log_normalized=log_normalized)
-        to_counts = log_normalized and not trained_on_logs  # back to per-cell shares, as finetune and tl.embed do
+                           counts_are_log_normalized=counts_are_log_normalized)
+        normalize = {"counts_are_log_normalized": counts_are_log_normalized}  # read as tl.embed reads them
     if copy:
         adata = adata.to_memory() if adata.isbacked else adata.copy()
     device = default_device(device)
     classifier = classifier.to(device)
     try:
-        scores = run_batched(lambda x: classifier.predict_proba(torch.expm1(x) if to_counts else x, tta=tta), data,
+        scores = run_batched(lambda x: classifier.predict_proba(x, tta=tta, **normalize), data,
                              len(classifier.classes), batch_size=batch_size, device=device)
     finally:
         if isinstance(data, ExpressionDataset):

@@ -222,13 +222,18 @@ def test_recipes_resolve_relative_to_the_suite(tmp_path):
     assert task.recipes[0].name == "expression_mae" and task.recipes[0].config.method.name == "mae"
 
 
-def test_never_overwrites_a_file_it_did_not_write(tmp_path):
+def _refused_and_kept(tmp_path, name: str, text: str, match: str, suite: dict | None = None) -> None:
+    """A user's file ``results/<name>`` where a run would write: the run is refused and the file kept as it was."""
     out = tmp_path / "results"
-    out.mkdir()
-    (out / "toy.md").write_text("my notes\n")
-    with pytest.raises(OverwriteError, match="not written by sslcell benchmark"):
-        run_suite(load_suite(_write(tmp_path, _suite())), progress=False)
-    assert (out / "toy.md").read_text() == "my notes\n"
+    out.mkdir(exist_ok=True)
+    (out / name).write_text(text)
+    with pytest.raises(OverwriteError, match=match):
+        run_suite(load_suite(_write(tmp_path, suite or _suite())), progress=False)
+    assert (out / name).read_text() == text
+
+
+def test_never_overwrites_a_file_it_did_not_write(tmp_path):
+    _refused_and_kept(tmp_path, "toy.md", "my notes\n", "not written by sslcell benchmark")
 
 
 def test_out_naming_a_file_is_refused(tmp_path):
@@ -240,22 +245,15 @@ def test_out_naming_a_file_is_refused(tmp_path):
 
 def test_a_users_file_where_a_failed_run_would_write_is_refused_before_any_work(tmp_path):
     """Checked after the run, it lost the run's results; now checked first."""
-    out = tmp_path / "results"
-    out.mkdir()
-    (out / "toy_failed.md").write_text("my notes")
-    with pytest.raises(OverwriteError, match="toy_failed.md exists and was not written by sslcell benchmark"):
-        run_suite(load_suite(_write(tmp_path, _suite(params={"n": 4}))), progress=False)
-    assert (out / "toy_failed.md").read_text() == "my notes" and not (out / "toy.md").exists()
+    _refused_and_kept(tmp_path, "toy_failed.md", "my notes",
+                      "toy_failed.md exists and was not written by sslcell benchmark", _suite(params={"n": 4}))
+    assert not (tmp_path / "results" / "toy.md").exists()
 
 
 def test_a_json_file_it_did_not_write_is_never_replaced(tmp_path):
     """A user's JSON whose first lines mention a seed (even the suite file itself) is not a results record."""
-    out = tmp_path / "results"
-    out.mkdir()
-    (out / "toy.json").write_text('{"seed": 42, "notes": "mine"}')
-    with pytest.raises(OverwriteError, match="toy.json exists and was not written by sslcell benchmark"):
-        run_suite(load_suite(_write(tmp_path, _suite())), progress=False)
-    assert json.loads((out / "toy.json").read_text()) == {"seed": 42, "notes": "mine"}
+    _refused_and_kept(tmp_path, "toy.json", '{"seed": 42, "notes": "mine"}',
+                      "toy.json exists and was not written by sslcell benchmark")
 
 
 def test_plots_never_replace_a_users_file_nor_a_kept_runs_plot(tmp_path):

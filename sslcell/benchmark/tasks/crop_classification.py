@@ -172,9 +172,11 @@ def run(task: Any, ctx: Context) -> TaskResult:
     fractions = [_labelled_split(y, groups, train, f, p.val_size, ctx.seed) for f in p.label_fractions]
     ctx.log(f"{task.name}: {len(cells)} crops, train {len(train)}, test {len(test)}")
 
-    entries = _baselines(task, ctx, cells, y, train, device) + _recipes(task, ctx, cells, train, test, device)
+    content = _data_identity(task.path)  # hashed once: fits and reused models are keyed by the bytes, not the path
+    entries = (_baselines(task, ctx, cells, y, train, device)
+               + _recipes(task, ctx, cells, train, test, device, content))
     store = FitStore(ctx.workdir / "fits", resume=ctx.resume)
-    run_of = {"data": _data_identity(task.path), "channels": cells.channel_names, "labels": _digest(y),
+    run_of = {"data": content, "channels": cells.channel_names, "labels": _digest(y),
               "seed": ctx.seed, "device": device.type}
     rows, grid, reports = [], [], {}
     for labelled, entry in ctx.steps([(f, e) for f in fractions for e in entries], desc=f"{task.name} entries"):
@@ -405,15 +407,15 @@ def _random_encoder_entry(recipe: Any, contract: Any, cells: Any, p: CropClassif
 
 
 def _recipes(task: Any, ctx: Context, cells: Any, train: np.ndarray, test: np.ndarray,
-             device: torch.device) -> list[Entry]:
-    """Pretrain every recipe (on the training crops, or all crops), then its probe and fine-tuning entries."""
+             device: torch.device, content: list[Any]) -> list[Entry]:
+    """Pretrain every recipe (on the training crops, or all crops), then its probe and fine-tuning entries; a model
+    pretrained earlier is reused only for the same data ``content`` (:func:`_data_identity`), not the same path."""
     from sslcell.checkpoint import load
     from sslcell.classify import finetune
 
     p: CropClassificationParams = task.params
     score = _classifier_score(cells, p.label_key, device)
     unlabelled = train if p.pretrain_crops == "train" else np.sort(np.concatenate([train, test]))
-    content = _data_identity(task.path)  # a model is reused only for the same bytes, not the same path
     entries = []
     for recipe in ctx.steps(task.recipes, desc=f"{task.name} pretraining"):
         out = ctx.workdir / recipe.name
