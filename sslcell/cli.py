@@ -229,7 +229,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", metavar="TASK", help="run only these tasks of the suite")
     p.add_argument("--recipes", nargs="+", metavar="RECIPE",
                    help="run only these recipes (by name) of the tasks; their baselines and peers still run")
-    p.add_argument("--workdir", help="keep models and scratch files here (default: a temporary folder)")
+    p.add_argument("--workdir", help="keep models and scratch files here: a new or empty folder, or one an earlier "
+                                      "run made (default: a temporary folder)")
     p.add_argument("--resume", action="store_true",
                    help="with --workdir: crop tasks read back the trainings an earlier (killed) run of the same "
                         "settings finished there instead of training them again, and go on with an unfinished "

@@ -23,6 +23,7 @@ from sslcell.errors import ConfigError, OverwriteError
 
 log = logging.getLogger("sslcell.benchmark")
 HEADER = "# Benchmark suite:"  # first line of every results file this runner writes
+WORKDIR_MARKER = "sslcell_benchmark_workdir.json"  # in a --workdir this runner made: its task folders may be replaced
 
 
 @dataclasses.dataclass
@@ -70,6 +71,8 @@ def run_suite(suite: Suite, *, workdir: str | Path | None = None, device: str = 
                           f"{[t.name for t in suite.tasks]}")
     tasks = [t for t in suite.tasks if only is None or t.name in only]
     only = [t.name for t in tasks] if only else None  # suite order
+    if workdir is not None:
+        _claim_workdir(Path(workdir))
     if suite.out.exists() and not suite.out.is_dir():
         raise OverwriteError(f"{suite.out}: is a file; the suite's out (or --out) names the folder for its results")
     md_path, json_path, stem = output_paths(suite, only)
@@ -128,6 +131,22 @@ def run_suite(suite: Suite, *, workdir: str | Path | None = None, device: str = 
     atomic_write(md_path, lambda tmp: tmp.write_text(report))
     log.info("wrote %s and %s", md_path, json_path)
     return SuiteRun(results=results, errors=errors, markdown_path=md_path, json_path=json_path)
+
+
+def _claim_workdir(workdir: Path) -> None:
+    """Make ``workdir`` the runner's (a marker file in it), refusing an existing folder that holds anything but
+    no marker: tasks replace the models and scratch files in their folders there, so it must not be a user's."""
+    marker = workdir / WORKDIR_MARKER
+    if workdir.exists() and not workdir.is_dir():
+        raise OverwriteError(f"--workdir {workdir}: is a file; --workdir names a folder for the run's models")
+    if marker.is_file():
+        return
+    if workdir.is_dir() and any(workdir.iterdir()):
+        raise OverwriteError(f"--workdir {workdir}: the folder holds files but was not made by sslcell benchmark "
+                             f"(no {WORKDIR_MARKER}); the run replaces models there, so give a new or empty folder")
+    workdir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"made_by": "sslcell benchmark", "note": "models and scratch files of benchmark "
+                                  "runs; sslcell benchmark may replace anything in the task folders here"}) + "\n")
 
 
 def _failed_paths(md_path: Path, json_path: Path) -> tuple[Path, Path]:

@@ -243,6 +243,23 @@ def test_out_naming_a_file_is_refused(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+def test_workdir_must_be_new_empty_or_the_runners_own(tmp_path):
+    """Tasks replace the model folders in --workdir: a user's folder with files in it is refused and kept."""
+    mine = tmp_path / "mine"
+    (mine / "a").mkdir(parents=True)
+    (mine / "a" / "model.txt").write_text("my model")
+    with pytest.raises(OverwriteError, match=r"mine: the folder holds files but was not made by sslcell benchmark"):
+        run_suite(load_suite(_write(tmp_path, _suite())), workdir=mine, progress=False)
+    assert [p.name for p in mine.rglob("*")] == ["a", "model.txt"] and not (tmp_path / "results").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OverwriteError, match="is a file"):
+        run_suite(load_suite(_write(tmp_path, _suite())), workdir=tmp_path / "file", progress=False)
+    work = tmp_path / "work"
+    for _ in range(2):  # a new folder becomes the runner's; an earlier run's is used again
+        assert run_suite(load_suite(_write(tmp_path, _suite())), workdir=work, progress=False).errors == {}
+    assert (work / "sslcell_benchmark_workdir.json").is_file() and (work / "a").is_dir()
+
+
 def test_a_users_file_where_a_failed_run_would_write_is_refused_before_any_work(tmp_path):
     """Checked after the run, it lost the run's results; now checked first."""
     _refused_and_kept(tmp_path, "toy_failed.md", "my notes",
