@@ -268,11 +268,27 @@ def _benchmark(args: argparse.Namespace) -> int:
 
 
 def _channels(text: str) -> list[int | str]:
-    """``"0,2"`` -> ``[0, 2]``; ``"brightfield,darkfield"`` -> names."""
+    """``"0,2"`` -> indices, ``"brightfield,darkfield"`` -> names: each item a name where the crops have a channel of
+    that name, else an index (:class:`ChannelText`); ``name:X`` / ``index:N`` say which."""
+    from sslcell.data.images import ChannelText
+
     items = [item.strip() for item in text.split(",") if item.strip()]
     if not items:
         raise argparse.ArgumentTypeError("give channel indices or names separated by commas, e.g. 0,2")
-    return [int(item) if item.lstrip("-").isdigit() else item for item in items]
+    channels: list[int | str] = []
+    for item in items:
+        kind, _, value = item.partition(":")
+        if kind == "index" and value.isdigit():
+            channels.append(int(value))
+        elif kind in ("name", "index"):
+            if not value:
+                raise argparse.ArgumentTypeError(f"{item!r}: give the channel after {kind}:")
+            if kind == "index":
+                raise argparse.ArgumentTypeError(f"{item!r}: index: takes a whole number, e.g. index:0")
+            channels.append(value)
+        else:
+            channels.append(ChannelText(item))
+    return channels
 
 
 def _pretrain(args: argparse.Namespace) -> int:

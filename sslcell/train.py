@@ -30,7 +30,7 @@ from sslcell.config import RecipeConfig
 from sslcell.data.expression import ExpressionDataset
 from sslcell.data.gene_stats import gene_statistics, select_highly_variable
 from sslcell.data.image_loader import make_image_dataloader
-from sslcell.data.images import CellImages
+from sslcell.data.images import CellImages, ChannelText
 from sslcell.data.loader import make_dataloader
 from sslcell.errors import ConfigError, FileFormatError, InputError, OverwriteError
 from sslcell.methods import SSLModule, build_method
@@ -186,7 +186,8 @@ def _prepare_images(
     cells = data if isinstance(data, CellImages) else CellImages.read(data, label_key=d.label_key)
     if contract is not None:
         return cells.select_channels(list(contract.channel_names)), contract
-    if d.channels is not None:
+    if d.channels is not None:  # recorded in the model's recipe as names or indices, never as the CLI's text
+        d.channels = [c.resolve(cells.channel_names) if isinstance(c, ChannelText) else c for c in d.channels]
         cells = cells.select_channels(d.channels)
     return cells, image_contract(cells, max_cells=d.stats_max_cells, seed=config.train.seed)
 

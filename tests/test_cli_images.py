@@ -264,3 +264,29 @@ def test_finetune_cli_reaches_every_setting_and_reports_each_epoch(files, tmp_pa
     used = load_classifier(tmp_path / "clf").info["finetune"]
     assert (used["epochs"], used["encoder_lr_factor"], used["oversample"], used["seed"], used["batch_size"],
             used["dropout"], used["lr"]) == (2, 0.5, False, 3, 16, 0.1, 0.002)  # flags over the YAML's values
+
+
+def test_channels_named_by_numbers_are_selected_by_name_or_refused_as_ambiguous(files, tmp_path, capsys):
+    """ImageStream names channels by number ("1", "2", "6"): "--channels 1,2" took indices 1 and 2 (the channels
+    named "2" and "6") without a word."""
+    npz = tmp_path / "numbered.npz"
+    with np.load(files["npz"]) as f:
+        np.savez(npz, images=f["images"], channel_names=np.array(["1", "2", "6"]), labels=f["labels"])
+    config = files["root"] / "tiny.yaml"
+
+    def pretrain(channels: str, out: str) -> int:
+        return main(["pretrain", "--config", str(config), "--data", str(npz), "--out", str(tmp_path / out),
+                     "--max-steps", "1", "--channels", channels])
+
+    assert pretrain("6,index:0", "by_name") == 0  # "6" names a channel and is no channel's index
+    assert load(tmp_path / "by_name").inputs.channel_names == ["6", "1"]
+    assert pretrain("1,2", "ambiguous") == 2
+    err = capsys.readouterr().err
+    assert "channel '1' is ambiguous: the name of channel 0 and the index of channel 1 ('2')" in err
+    assert "write name:1 or index:1" in err and not (tmp_path / "ambiguous").exists()
+    assert pretrain("name:1,name:2", "names") == 0
+    assert load(tmp_path / "names").inputs.channel_names == ["1", "2"]
+    assert pretrain("index:0,index:2", "indices") == 0
+    assert load(tmp_path / "indices").inputs.channel_names == ["1", "6"]
+    recorded = json.loads((tmp_path / "by_name" / "model" / "config.json").read_text())
+    assert recorded["recipe"]["data"]["channels"] == ["6", 0]  # as resolved: the recipe reads the same again

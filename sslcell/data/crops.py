@@ -26,6 +26,9 @@ def _as_chw(fov: Any, where: str = "fov") -> np.ndarray:
         return fov[None]
     if fov.ndim != 3:
         raise InputError(f"{where} must be (C, H, W) or (H, W); got shape {fov.shape}")
+    if fov.shape[2] <= 4 < min(fov.shape[:2]):  # (H, W, C), as image readers return an RGB field
+        raise InputError(f"{where} of shape {fov.shape} looks channels-last (H, W, C) = {fov.shape[2]} channels of "
+                         f"{fov.shape[0]} x {fov.shape[1]} px; sslcell reads (C, H, W): np.moveaxis(fov, -1, 0)")
     return fov
 
 

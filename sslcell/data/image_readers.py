@@ -214,7 +214,12 @@ def _read_crop(file: Path) -> tuple[np.ndarray, bool]:
         if file.suffix.lower() == ".png":
             from PIL import Image
 
+            _check_png_depth(file)
             with Image.open(file) as im:
+                if im.mode in ("P", "PA"):  # palette indices -> the colours they stand for
+                    im = im.convert("RGBA" if im.mode == "PA" or "transparency" in im.info else "RGB")
+                elif im.mode == "1":
+                    im = im.convert("L")
                 arr = np.asarray(im)
             if arr.dtype == np.int32 and arr.size and 0 <= arr.min() and arr.max() <= 65535:  # old 16-bit PNG mode "I"
                 arr = arr.astype(np.uint16)
@@ -233,6 +238,16 @@ def _read_crop(file: Path) -> tuple[np.ndarray, bool]:
         first, ambiguous = _channels_first(arr.shape)
         return (arr if first else np.moveaxis(arr, -1, 0)), ambiguous
     raise FileFormatError(f"{file}: crop has shape {arr.shape}; expected (H, W), (C, H, W) or (H, W, C)")
+
+
+def _check_png_depth(file: Path) -> None:
+    """Refuse a 16-bit colour PNG (IHDR bit depth 16, colour type RGB / grey + alpha / RGBA): Pillow reads it as
+    8 bits per channel without a word."""
+    with open(file, "rb") as f:
+        head = f.read(26)
+    if len(head) == 26 and head[12:16] == b"IHDR" and head[24] == 16 and head[25] in (2, 4, 6):
+        raise FileFormatError(f"{file}: a 16-bit colour PNG, which Pillow reads as 8 bits per channel (the low "
+                              "byte lost); save such crops as TIFF or .npz (uint16)")
 
 
 def _channels_first(shape: tuple[int, ...]) -> tuple[bool, bool]:

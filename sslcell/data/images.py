@@ -28,6 +28,24 @@ from sslcell.errors import ChannelMismatchError, InputError
 SUPPORTED_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
 
 
+class ChannelText(str):
+    """A channel given as text on the command line (``--channels 1,2``): the name of a channel where the crops have
+    one of that name, else an index where it is a whole number. Text that is both a channel's name and another
+    channel's index is refused as ambiguous (the CLI's ``name:1`` / ``index:1`` say which)."""
+
+    def resolve(self, names: Sequence[str]) -> int | str:
+        """This channel among channels ``names``: its name (str) or its index (int)."""
+        names = list(names)
+        number = self.lstrip("-").isdigit()
+        if self not in names:
+            return int(self) if number else str(self)
+        if number and 0 <= int(self) < len(names) and names[int(self)] != self:
+            raise ChannelMismatchError(
+                f"channel {str(self)!r} is ambiguous: the name of channel {names.index(self)} and the index of "
+                f"channel {int(self)} ({names[int(self)]!r}); write name:{self} or index:{self}")
+        return str(self)
+
+
 class LazyImages:
     """A read-on-demand view ``(N, C, H, W)`` of an on-disk array (``np.memmap``, zarr, h5py dataset).
 
@@ -228,6 +246,8 @@ class CellImages:
         available = ", ".join(f"{i}: {name!r}" for i, name in enumerate(self.channel_names))
         index = []
         for item in items:
+            if isinstance(item, ChannelText):
+                item = item.resolve(self.channel_names)
             if isinstance(item, str):
                 if item not in self.channel_names:
                     raise ChannelMismatchError(f"unknown channel name {item!r}; available channels: {available}")
@@ -273,6 +293,8 @@ class CellImages:
                              "select_channels")
         if isinstance(idx, (int, np.integer)):
             idx = [idx]
+        if isinstance(idx, pd.Series) and pd.api.types.is_bool_dtype(idx.dtype):
+            idx = self._aligned_mask(idx)
         boolean = pd.api.types.is_bool_dtype(getattr(idx, "dtype", None))  # numpy or pandas' nullable boolean
         if boolean and pd.isna(idx).any():
             raise InputError("boolean cell mask holds missing values (NA); fill them (e.g. mask.fillna(False))")
@@ -292,12 +314,23 @@ class CellImages:
             raise IndexError(f"cell index out of range for {n} cells (min {idx.min()}, max {idx.max()})")
         return idx % n if idx.size and idx.min() < 0 else idx
 
+    def _aligned_mask(self, mask: pd.Series) -> pd.Series:
+        """A boolean Series selects by its index, as in pandas: reordered to the cells' ids (compared as strings)."""
+        index = mask.index.astype(str)
+        if index.equals(self.obs.index):
+            return mask
+        if index.has_duplicates or len(index) != len(self) or not index.isin(self.obs.index).all():
+            raise InputError(f"boolean cell mask: its index is not these {len(self)} cells' ids (e.g. "
+                             f"{list(mask.index[:3])} against {list(self.obs.index[:3])}); select by position with "
+                             "mask.to_numpy()")
+        return pd.Series(mask.to_numpy(), index=index).reindex(self.obs.index)
+
     def batch(self, idx: np.ndarray) -> np.ndarray:
         """Cells ``idx`` (B,) -> ``(B, C, H, W)`` ndarray in the original dtype (for the loader)."""
         rows = self._rows(idx)
         out = np.asarray(self.images[rows])
         if out.dtype.kind == "f" and isinstance(self.images, LazyImages):
-            _check_finite(out, f"{self.source} cells {list(self.obs.index[rows][:3])}...")
+            _check_finite(out, str(self.source), ids=self.obs.index[rows])
         return out
 
     # ------------------------------------------------------------------------------------------- exports
@@ -350,11 +383,15 @@ class CellImages:
 
 
 # ---------------------------------------------------------------------------------------------- validation
-def _check_finite(images: np.ndarray, where: str, chunk: int = 4096) -> None:
+def _check_finite(images: np.ndarray, where: str, ids: pd.Index | None = None, chunk: int = 4096) -> None:
+    """Refuse NaN / inf in ``images`` (N, C, H, W), naming the first cells that hold them: their ``ids`` (the
+    cells' obs index) where given, else their rows."""
     for start in range(0, len(images), chunk):
         bad = ~np.isfinite(images[start : start + chunk]).reshape(min(chunk, len(images) - start), -1).all(axis=1)
         if bad.any():
-            raise InputError(f"{where}: NaN or inf in cell(s) {(start + np.flatnonzero(bad)[:5]).tolist()}")
+            rows = start + np.flatnonzero(bad)
+            which = f"cell(s) {list(ids[rows[:5]])}" if ids is not None else f"row(s) {rows[:5].tolist()}"
+            raise InputError(f"{where}: NaN or inf in {which}")
 
 
 def _channel_names(names: Sequence[str] | None, n_channels: int) -> list[str]:

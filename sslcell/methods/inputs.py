@@ -7,6 +7,8 @@ the one normalisation routine: pretraining, ``tl.embed``, classifiers and predic
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -164,6 +166,12 @@ class ImageInputs(Inputs):
             cells = cells.select_channels(channels)
             if cells.unnamed_channels and cells.n_channels == self.n_channels:
                 # crops stored without channel names, selected explicitly by position: take them as the model's
+                positions = all(re.fullmatch(r"channel_\d+", name) for name in self.channel_names)
+                if positions and cells.channel_names != list(self.channel_names):
+                    warnings.warn(
+                        f"{cells.source}: channels {cells.channel_names} are taken as the model's "
+                        f"{list(self.channel_names)} (positions in the crops it was trained on); if these crops "
+                        "hold their channels at the same positions, select those", UserWarning, stacklevel=3)
                 cells = cells.rename_channels(self.channel_names)
         elif cells.channel_names != self.channel_names and set(self.channel_names) <= set(cells.channel_names):
             unnamed_model = list(self.channel_names) == [f"channel_{i}" for i in range(self.n_channels)]

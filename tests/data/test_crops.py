@@ -140,6 +140,16 @@ def test_single_channel_field_and_errors():
         extract_crops(fov, centroids=[[3, 3]], pad_mode="wrap")
 
 
+def test_a_channels_last_field_is_refused_with_the_fix():
+    """An RGB field (H, W, 3), as image readers return it: 'no cells found', or crops of 120 'channels'."""
+    hwc = np.moveaxis(make_field(), 0, -1)
+    for call in (lambda: crops_from_fields([hwc], size=16, **SEGMENT), lambda: extract_crops(hwc, centroids=[[60, 2]]),
+                 lambda: extract_crops(hwc, masks=planted_masks())):
+        with pytest.raises(InputError, match=r"channels-last \(H, W, C\) = 2 channels.*np.moveaxis\(fov, -1, 0\)"):
+            call()
+    assert len(crops_from_fields([np.moveaxis(hwc, -1, 0)], size=16, **SEGMENT)) == len(CELLS)
+
+
 def test_crops_from_fields_segments_each_field():
     second = [(30, 40), (90, 120)]
     fovs = [make_field(seed=0), make_field(seed=1, cells=second)]

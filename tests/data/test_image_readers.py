@@ -155,7 +155,7 @@ def test_lazy_float_nan_found_at_batch(tmp_path):
     arr[:] = x
     cells = CellImages.read(tmp_path / "f.zarr")
     cells.batch(np.arange(7))
-    with pytest.raises(InputError, match="NaN or inf"):
+    with pytest.raises(InputError, match=r"f\.zarr: NaN or inf in cell\(s\) \['7'\]"):  # its id, not its batch row
         cells.batch(np.array([6, 7]))
 
 
@@ -201,6 +201,40 @@ def test_png_folder_gray16_rgb8_and_obs_csv(tmp_path):
     cells = CellImages.read(tmp_path / "rgb")
     assert cells.shape == (3, 3, 8, 10) and "label" not in cells.obs
     np.testing.assert_array_equal(cells.batch(np.arange(3)), rgb)
+
+
+def _png_rgb16(path, rgb: np.ndarray) -> None:
+    """Write ``rgb`` (H, W, 3) uint16 as a 16-bit RGB PNG (as OpenCV or MATLAB do; Pillow cannot write one)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    h, w, _ = rgb.shape
+    rows = b"".join(b"\x00" + rgb[r].astype(">u2").tobytes() for r in range(h))  # filter 0 per row
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_png_colours_are_read_as_colours_never_as_palette_indices_or_high_bytes(tmp_path):
+    """A palette PNG was read as its palette indices (1 channel); a 16-bit RGB PNG as its high bytes."""
+    from PIL import Image
+
+    rgb = make_images(n=2, c=3, dtype=np.uint8, seed=3)
+    (tmp_path / "palette").mkdir()
+    for i, crop in enumerate(rgb):
+        Image.fromarray(np.moveaxis(crop, 0, -1)).quantize(256).save(tmp_path / "palette" / f"c{i}.png")
+    cells = CellImages.read(tmp_path / "palette")
+    expected = [np.moveaxis(np.asarray(Image.open(tmp_path / "palette" / f"c{i}.png").convert("RGB")), -1, 0)
+                for i in range(2)]
+    assert cells.shape[1] == 3
+    np.testing.assert_array_equal(cells.batch(np.arange(2)), np.stack(expected))
+    (tmp_path / "rgb16").mkdir()
+    _png_rgb16(tmp_path / "rgb16" / "c0.png", np.full((8, 8, 3), 24200, dtype=np.uint16))
+    assert Image.open(tmp_path / "rgb16" / "c0.png").size == (8, 8)  # a valid PNG
+    with pytest.raises(FileFormatError, match=r"c0.png: a 16-bit colour PNG.*save such crops as TIFF or .npz"):
+        CellImages.read(tmp_path / "rgb16")
 
 
 def test_folder_errors(tmp_path):

@@ -47,7 +47,7 @@ def test_from_array_rejects_bad_images(images, match):
 def test_nan_rejected():
     x = make_images(dtype=np.float32)
     x[5, 1, 2, 3] = np.nan
-    with pytest.raises(InputError, match=r"NaN or inf in cell\(s\) \[5\]"):
+    with pytest.raises(InputError, match=r"NaN or inf in row\(s\) \[5\]"):
         CellImages.from_array(x)
 
 
@@ -149,3 +149,14 @@ def test_cell_selection_by_masks_and_refusals(x16):
         cells[0, 1]
     with pytest.raises(InputError, match="boolean cell mask has shape"):
         cells[mask[:-1]]
+
+
+def test_a_boolean_series_selects_by_its_index_as_in_pandas(x16):
+    """A mask computed on a reordered table of the same cells was applied by position: other cells selected."""
+    cells = CellImages.from_array(x16, channel_names=NAMES, obs=pd.DataFrame(index=[f"c{i}" for i in range(12)]))
+    keep = pd.Series(np.arange(12) < 3, index=cells.obs.index)[::-1]  # c0..c2, listed last
+    assert list(cells[keep].obs.index) == ["c0", "c1", "c2"]
+    np.testing.assert_array_equal(np.asarray(cells[keep].images), x16[:3])
+    np.testing.assert_array_equal(np.asarray(cells[keep.to_numpy()].images), x16[-3:])  # by position, as asked
+    with pytest.raises(InputError, match=r"its index is not these 12 cells' ids.*mask.to_numpy\(\)"):
+        cells[pd.Series(np.ones(12, dtype=bool), index=[f"d{i}" for i in range(12)])]

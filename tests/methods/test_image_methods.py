@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -261,8 +263,22 @@ def test_unnamed_channels_are_positions_not_names():
     three = CellImages.from_array(np.zeros((4, 3, 8, 8), dtype=np.uint8))
     with pytest.raises(ChannelMismatchError, match="3 unnamed channels, the model 2 unnamed ones"):
         inputs.align(three)
-    assert inputs.align(three, channels=[2, 0]).channel_names == ["channel_0", "channel_1"]
+    with pytest.warns(UserWarning, match=r"channels \['channel_2', 'channel_0'\] are taken as the model's"):
+        assert inputs.align(three, channels=[2, 0]).channel_names == ["channel_0", "channel_1"]
     assert inputs.align(three.select_channels([0, 1])).n_channels == 2
+
+
+def test_other_positions_of_unnamed_crops_than_the_models_are_taken_with_a_warning():
+    """A model pretrained on positions 0 and 2 of unnamed crops took [2, 0] or [1, 2] of the same crops silently."""
+    inputs = ImageInputs({"modality": "image", "channel_names": ["channel_0", "channel_2"], "channel_mean": [0, 0],
+                          "channel_std": [1, 1], "image_size": [8, 8], "dtype": "uint8"})
+    three = CellImages.from_array(np.zeros((4, 3, 8, 8), dtype=np.uint8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert inputs.align(three, channels=[0, 2]).channel_names == ["channel_0", "channel_2"]  # the same: quiet
+    for other in ([2, 0], [1, 2]):
+        with pytest.warns(UserWarning, match="positions in the crops it was trained on"):
+            inputs.align(three, channels=other)
 
 
 def test_a_channel_that_never_varied_is_not_divided_by_a_millionth():
