@@ -219,8 +219,12 @@ def closure(theta: np.ndarray) -> float:
 
 
 def _as_matrix(x: Any, width: int | None = None) -> np.ndarray:
+    """``x`` as float64 ``(N, D)``: N >= 3 cells to fit a cycle (``width`` None), N >= 1 to place cells on a fit
+    made on ``width`` dimensions."""
     x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 2 or x.shape[0] < 3 or x.shape[1] < 2:
+    if width is not None and (x.ndim != 2 or x.shape[0] < 1):
+        raise InputError(f"cells are placed on a cycle from a representation (N >= 1 cells, D); got shape {x.shape}")
+    if width is None and (x.ndim != 2 or x.shape[0] < 3 or x.shape[1] < 2):
         raise InputError(f"a cycle is fitted to a representation (N >= 3 cells, D >= 2); got shape {x.shape}")
     if width is not None and x.shape[1] != width:
         raise InputError(f"the representation has {x.shape[1]} dimensions; this fit was made on {width}")

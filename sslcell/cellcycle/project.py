@@ -29,12 +29,9 @@ FARTHER = 1.5  # new cells warn when their residual is above RESIDUAL_WARN and t
 def _check_same_space(adata: AnnData, use_rep: str, reference: Any, key: str) -> None:
     """Refuse cells whose representation was made in another space than the reference fit's (another model's
     weights, or a PCA of other cells), where both sides recorded it: θ would be read off the wrong axes."""
-    from anndata import AnnData
+    from sslcell.tl._keys import rep_id
 
-    from sslcell.tl._keys import recorded, rep_id
-
-    fitted = recorded(reference, key) if isinstance(reference, AnnData) else reference
-    theirs = fitted.get("rep_id") if isinstance(fitted, dict) else None
+    theirs = _fitted_space(reference, key)
     ours = rep_id(adata, use_rep)
     if theirs and ours and theirs != ours:
         hint = ("each call of tl.cell_cycle_pca fits a PCA of its own cells, so the reference's axes are not these "
@@ -42,6 +39,16 @@ def _check_same_space(adata: AnnData, use_rep: str, reference: Any, key: str) ->
                 else "embed these cells with the reference's model")
         raise InputError(f"obsm[{use_rep!r}] lies in another space ({ours}) than the one the reference was fitted "
                          f"in ({theirs}): {hint}")
+
+
+def _fitted_space(reference: Any, key: str) -> str | None:
+    """The id of the space a reference fit (an AnnData holding it under ``key``, or its record) was made in."""
+    from anndata import AnnData
+
+    from sslcell.tl._keys import recorded
+
+    fitted = recorded(reference, key) if isinstance(reference, AnnData) else reference
+    return fitted.get("rep_id") if isinstance(fitted, dict) else None
 
 
 def as_fit(reference: CycleFit | dict[str, Any] | AnnData, key: str = "cell_cycle") -> CycleFit:
@@ -93,7 +100,8 @@ def write_cycle(adata: AnnData, fit: CycleFit, theta: np.ndarray, plane: np.ndar
     import pandas as pd
 
     theta_key, phase_key, plane_key = keys
-    adata.obs[theta_key] = theta.astype(np.float32)
+    below_2pi = np.nextafter(np.float32(2 * np.pi), np.float32(0))  # float32(2π) rounds up, out of [0, 2π)
+    adata.obs[theta_key] = np.minimum(theta.astype(np.float32), below_2pi)
     adata.obsm[plane_key] = plane.astype(np.float32)
     if fit.phases:
         adata.obs[phase_key] = pd.Categorical(fit.phase(theta), categories=fit.phases)
@@ -126,7 +134,7 @@ def project_cycle(
     reference circle (``projected_residual`` above ``RESIDUAL_WARN`` and ``FARTHER`` times the reference's own
     residual): another representation, or no cycle.
     """
-    from sslcell.tl._keys import record
+    from sslcell.tl._keys import record, rep_id
 
     fit = as_fit(reference, reference_key)
     if use_rep not in adata.obsm:
@@ -146,7 +154,8 @@ def project_cycle(
     if copy:
         adata = adata.to_memory() if adata.isbacked else adata.copy()
     write_cycle(adata, fit, theta, plane, keys)
-    info = {"use_rep": use_rep, **fit.to_dict(), "projected": True, "projected_residual": residual,
+    space = _fitted_space(reference, reference_key) or rep_id(adata, use_rep)  # a projection onto it is checked too
+    info = {"use_rep": use_rep, "rep_id": space, **fit.to_dict(), "projected": True, "projected_residual": residual,
             "projected_closure": closure(fit.raw_angle(plane))}
-    record(adata, key_added, info)
+    record(adata, key_added, {k: v for k, v in info.items() if v is not None})  # .h5ad cannot hold None
     return adata if copy else None

@@ -124,15 +124,14 @@ class CycleRecipe:
         ``obs["cell_cycle_phase"]``, ``obsm["cell_cycle_descriptor"]``, ``obsm["cell_cycle_plane"]`` and the fit in
         ``uns["sslcell"]["cell_cycle"]``, as ``tl.cell_cycle`` writes them, so ``pl.cell_cycle`` shows it; with
         ``projected_residual``, how far these crops lie from the fitted circle (:meth:`CycleFit.residual_of`)."""
-        import pandas as pd
+        from sslcell.cellcycle.project import write_cycle
 
-        theta, phase, descriptor = self.apply(cells, channels, device)
+        theta, _, descriptor = self.apply(cells, channels, device)
         representation = wheel(descriptor, self.classifier.classes, self.info["order"])
         adata = cells.to_anndata()
-        adata.obs["cell_cycle_theta"] = theta.astype(np.float32)
-        adata.obs["cell_cycle_phase"] = pd.Categorical(phase, categories=self.fit.phases)
+        write_cycle(adata, self.fit, theta, self.fit.plane(representation),
+                    ("cell_cycle_theta", "cell_cycle_phase", "cell_cycle_plane"))
         adata.obsm["cell_cycle_descriptor"] = descriptor
-        adata.obsm["cell_cycle_plane"] = self.fit.plane(representation).astype(np.float32)
         adata.uns.setdefault("sslcell", {})["cell_cycle"] = {
             **self.fit.to_dict(), "projected_residual": self.fit.residual_of(representation)}
         return adata

@@ -12,6 +12,7 @@ are in :mod:`sslcell.data.image_readers`.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +27,9 @@ from sslcell.data.image_readers import read_raw_cells
 from sslcell.errors import ChannelMismatchError, InputError
 
 SUPPORTED_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
+
+
+PIXEL_SAMPLE = 8  # cells whose pixels an AnnData made from crops keeps hashes of (to_anndata)
 
 
 class ChannelText(str):
@@ -339,13 +343,22 @@ class CellImages:
         import anndata as ad
 
         adata = ad.AnnData(X=np.zeros((len(self), 0), dtype=np.float32), obs=self.obs.copy())
+        ids = list(self.obs.index[np.unique(np.linspace(0, len(self) - 1, PIXEL_SAMPLE).astype(int))])
         adata.uns["sslcell_images"] = {
             "channel_names": list(self.channel_names),
             "shape": list(self.shape),
             "dtype": str(self.dtype),
             "source": str(self.source),
+            # a few cells' pixels, per channel: crops passed later with these rows are checked to be these crops
+            "pixel_sample": {"cells": ids, "digests": self.pixel_digests(ids)},
         }
         return adata
+
+    def pixel_digests(self, ids: Sequence[str]) -> list[list[str]]:
+        """Short hashes of the pixels of cells ``ids``, one per channel: ``[cell][channel]``."""
+        crops = self.batch(np.asarray(ids, dtype=str))
+        return [[hashlib.blake2b(np.ascontiguousarray(channel).tobytes(), digest_size=8).hexdigest()
+                 for channel in crop] for crop in crops]
 
     def channel_stats(self, max_cells: int = 10000, seed: int = 0, batch_size: int = 1024) -> dict:
         """Per-channel mean / std (float64, population std) over a random subset of ``max_cells`` cells.

@@ -13,13 +13,16 @@ from sslcell.cellcycle.fit import TWO_PI
 from sslcell.errors import InputError
 from sslcell.pl._utils import save
 
+CLASSES_AT_MOST = 12  # a numeric colour column with more distinct values is drawn with a colour map
+
 
 def cell_cycle(adata: AnnData, color: str | None = None, *, key: str = "cell_cycle", bins: int = 36,
                path: str | Path | None = None) -> Figure:
     """Plots of ``tl.cell_cycle``'s result under ``key``: the scaled 2-D plane with the fitted circle, coloured by θ
-    (cyclic colour map) and, when given, by the ``obs`` column ``color`` (a known phase, say); then a histogram of
-    θ for each phase of ``color`` (or of the fitted phases), one row per phase in cycle order, so phases that follow
-    each other around the circle show as a staircase."""
+    (cyclic colour map) and, when given, by the ``obs`` column ``color`` (a known phase, say; numbers with more than
+    ``CLASSES_AT_MOST`` values, a score say, by a colour map); then a histogram of θ for each phase of a class
+    ``color`` (or of the fitted phases), one row per phase in cycle order, so phases that follow each other around
+    the circle show as a staircase."""
     theta_key, plane_key = f"{key}_theta", f"{key}_plane"
     if theta_key not in adata.obs or plane_key not in adata.obsm or key not in adata.uns.get("sslcell", {}):
         raise InputError(f"no cell-cycle fit under {key!r}: run sslcell.tl.cell_cycle(adata, key_added={key!r})")
@@ -28,7 +31,9 @@ def cell_cycle(adata: AnnData, color: str | None = None, *, key: str = "cell_cyc
     info = adata.uns["sslcell"][key]
     theta = adata.obs[theta_key].to_numpy(dtype=np.float64)
     plane = np.asarray(adata.obsm[plane_key])
-    phase_column = color if color is not None else (f"{key}_phase" if f"{key}_phase" in adata.obs else None)
+    continuous = color is not None and _continuous(adata.obs[color])
+    fitted_phases = f"{key}_phase" if f"{key}_phase" in adata.obs else None
+    phase_column = color if color is not None and not continuous else fitted_phases
     n_panels = 1 + (color is not None) + (phase_column is not None)
     fig = Figure(figsize=(4.2 * n_panels, 4.0))
     axes = fig.subplots(1, n_panels, squeeze=False)[0]
@@ -40,7 +45,13 @@ def cell_cycle(adata: AnnData, color: str | None = None, *, key: str = "cell_cyc
     fig.colorbar(points, ax=axes[0], label="θ (rad)")
     axes[0].set_title(f"θ (closure {info['closure']:.2f}, residual {info['residual']:.2f})")
     panel = 1
-    if color is not None:
+    if continuous:  # a score, say: a colour map, as scanpy colours numbers
+        values = adata.obs[color].to_numpy(dtype=np.float64)
+        shown = axes[panel].scatter(plane[:, 0], plane[:, 1], c=values, cmap="viridis", s=4, rasterized=True)
+        fig.colorbar(shown, ax=axes[panel], label=color)
+        axes[panel].set_title(color)
+        panel += 1
+    elif color is not None:
         labels = adata.obs[color].astype("category")
         for name in labels.cat.categories:
             rows = (labels == name).to_numpy()
@@ -57,6 +68,13 @@ def cell_cycle(adata: AnnData, color: str | None = None, *, key: str = "cell_cyc
         _phase_histograms(axes[panel], theta, adata.obs[phase_column], info, bins)
     fig.tight_layout()
     return save(fig, path)
+
+
+def _continuous(column: pd.Series) -> bool:
+    """Whether an ``obs`` column holds numbers to colour by a colour map (more than ``CLASSES_AT_MOST`` distinct
+    values) rather than classes (phase codes 0..3, say)."""
+    numeric = pd.api.types.is_numeric_dtype(column.dtype) and not pd.api.types.is_bool_dtype(column.dtype)
+    return numeric and not isinstance(column.dtype, pd.CategoricalDtype) and column.nunique() > CLASSES_AT_MOST
 
 
 def _phase_histograms(ax, theta: np.ndarray, phase: pd.Series, info: dict, bins: int) -> None:

@@ -48,5 +48,8 @@ def umap(
         sc.pp.neighbors(adata, n_neighbors=n_neighbors, use_rep=use_rep, key_added=neighbors_key, random_state=seed)
         sc.tl.umap(adata, neighbors_key=neighbors_key, key_added=basis, random_state=seed)
         adata.uns[neighbors_key]["sslcell_source"] = stamp
+    import matplotlib.pyplot as plt
+
     fig = sc.pl.embedding(adata, basis=basis, color=colors, show=False, return_fig=True, frameon=False)
+    plt.close(fig)  # scanpy draws through pyplot: closed, the returned Figure is the one copy (as pl's others)
     return save(fig, path, dpi=120)

@@ -11,6 +11,7 @@ from anndata import AnnData
 
 from sslcell.cellcycle.fit import CycleFit, default_phase_order, fit_cycle
 from sslcell.cellcycle.project import cycle_keys, project_cycle, write_cycle
+from sslcell.data.labels import label_strings
 from sslcell.errors import InputError
 from sslcell.tl._keys import check_free, fingerprint, record, rep_id
 
@@ -64,7 +65,7 @@ def cell_cycle(
         column = adata.obs[anchor_key]
         if not column.notna().any():
             raise InputError(f"obs[{anchor_key!r}] labels no cell (every value is missing): nothing anchors the cycle")
-        anchors = column.astype(object).where(column.notna(), None).to_numpy()
+        anchors = label_strings(column, f"obs[{anchor_key!r}]")  # codes stored as floats beside NaN: "1", not "1.0"
         if isinstance(anchor_order, str):
             raise InputError(f"anchor_order: the phases as a list in cycle order, e.g. ['G1', 'S', 'G2M'], not the "
                              f"string {anchor_order!r}")
@@ -73,8 +74,8 @@ def cell_cycle(
         else:
             categorical = isinstance(column.dtype, pd.CategoricalDtype)
             try:
-                order = default_phase_order(column.dropna().astype(str),
-                                            column.cat.categories if categorical else None,
+                order = default_phase_order(pd.Series(anchors).dropna().astype(str),
+                                            column.cat.categories.astype(str) if categorical else None,
                                             categorical and bool(column.cat.ordered))
             except InputError as err:
                 raise InputError(f"obs[{anchor_key!r}]: {err}") from None

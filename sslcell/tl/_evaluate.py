@@ -11,12 +11,13 @@ import pandas as pd
 from scipy import sparse
 
 from sslcell.data.images import CellImages
+from sslcell.data.labels import label_strings
 from sslcell.errors import ConfigError, InputError
 from sslcell.evaluate.baselines import pca_baseline, pixel_pca_baseline
 from sslcell.evaluate.protocols import cross_validated_scores, few_label_scores
 from sslcell.evaluate.report import ROW_FIELDS, EvaluationReport
 from sslcell.provenance import versions
-from sslcell.tl._keys import check_crops, is_crops
+from sslcell.tl._keys import check_crops, is_crops, recorded
 
 BASELINES = ("pca", "pixel_pca")
 
@@ -56,6 +57,10 @@ def evaluate(
         n_neighbors = k
     reps = [use_rep] if isinstance(use_rep, str) else list(dict.fromkeys(use_rep))
     baselines = _baselines(adata, crops, baselines, layer)
+    named = [key for key in reps if key in baselines]
+    if named:
+        raise InputError(f"use_rep {named[0]!r} has the name of a baseline, whose rows it would share in the report: "
+                         f"pass baselines=() or rename the obsm key")
     if not reps and not baselines:
         raise ConfigError("nothing to evaluate: use_rep and baselines are both empty")
     absent = [key for key in reps if key not in adata.obsm]
@@ -63,8 +68,8 @@ def evaluate(
         raise InputError(f"adata.obsm has no key {absent[0]!r} (available: {list(adata.obsm.keys())})")
     if int(n_splits) < 2:
         raise ConfigError(f"n_splits must be >= 2; got {n_splits}")
-    keep, y, n_missing, dropped = _labels(adata, label_key, n_splits)
-    _warn_small_classes(y, int(n_per_class))
+    keep, y, n_missing, dropped, names = _labels(adata, label_key, n_splits)
+    _warn_small_classes(y, int(n_per_class), names)
 
     embeddings = {key: _embedding(adata, key, keep) for key in reps}
     for name in baselines:
@@ -72,7 +77,7 @@ def evaluate(
             if name == "pca":
                 embeddings[name] = np.asarray(pca_baseline(adata, seed=seed, layer=layer))[keep]
             else:
-                embeddings[name] = pixel_pca_baseline(crops, seed=seed)[keep]
+                embeddings[name] = pixel_pca_baseline(_embedded_channels(adata, reps, crops), seed=seed)[keep]
         except InputError as err:
             raise InputError(f"the {name!r} baseline: {err}; pass baselines=() to score without it") from None
 
@@ -129,13 +134,33 @@ def _baselines(adata: ad.AnnData, crops: CellImages | None, baselines: Sequence[
     if "pixel_pca" in baselines and crops is None:
         raise InputError("the 'pixel_pca' baseline needs the crops: pass crops=cells")
     return baselines
-def _labels(adata: ad.AnnData, label_key: str, n_splits: int) -> tuple[np.ndarray, np.ndarray, int, dict]:
-    """-> kept-cell mask ``(n_obs,)``, integer labels of kept cells, cells without label, dropped classes."""
+def _embedded_channels(adata: ad.AnnData, reps: list[str], crops: CellImages) -> CellImages:
+    """``crops`` on the channels the embeddings ``reps`` were made from (their records), so that the pixel
+    baseline reads what the models read (never a channel they were kept from, e.g. the stain labels came from)."""
+    used = {tuple(str(c) for c in recorded(adata, key).get("channel_names", ())) for key in reps} - {()}
+    if not used:
+        return crops  # embeddings made elsewhere: the crops as given
+    if len(used) > 1:
+        raise InputError(f"the embeddings {reps} were made from different channels {sorted(used)}; the 'pixel_pca' "
+                         "baseline reads one set: score them in separate calls")
+    channels = list(used.pop())
+    if crops.channel_names == channels:
+        return crops
+    missing = [c for c in channels if c not in crops.channel_names]
+    if missing:
+        raise InputError(f"the embeddings were made from channels {channels}; the crops from {crops.source} have "
+                         f"no channel {missing[0]!r} (they have {crops.channel_names}) for the 'pixel_pca' baseline")
+    return crops.select_channels(channels)
+
+
+def _labels(adata: ad.AnnData, label_key: str, n_splits: int) -> tuple[np.ndarray, np.ndarray, int, dict, list]:
+    """-> kept-cell mask ``(n_obs,)``, integer labels of kept cells, cells without label, dropped classes, class
+    names (of the integer labels)."""
     if label_key not in adata.obs.columns:
         raise InputError(f"label_key {label_key!r} is not a column of adata.obs (available: {list(adata.obs.columns)})")
-    labels = adata.obs[label_key]
-    missing = labels.isna().to_numpy()
-    codes, names = pd.factorize(labels.to_numpy()[~missing])
+    labels = label_strings(adata.obs[label_key], f"obs[{label_key!r}]")  # integer codes stored as floats: "1"
+    missing = pd.isna(labels)
+    codes, names = pd.factorize(labels[~missing])
     counts = np.bincount(codes, minlength=len(names))
     rare = counts < n_splits
     dropped = {str(names[c]): int(counts[c]) for c in np.flatnonzero(rare)}
@@ -152,7 +177,7 @@ def _labels(adata: ad.AnnData, label_key: str, n_splits: int) -> tuple[np.ndarra
         )
     keep = ~missing
     keep[keep] = ~rare[codes]
-    return keep, codes[~rare[codes]], int(missing.sum()), dropped
+    return keep, codes[~rare[codes]], int(missing.sum()), dropped, [str(n) for n in names]
 
 
 def _embedding(adata: ad.AnnData, key: str, keep: np.ndarray) -> np.ndarray:
@@ -167,14 +192,14 @@ def _embedding(adata: ad.AnnData, key: str, keep: np.ndarray) -> np.ndarray:
     return emb
 
 
-def _warn_small_classes(y: np.ndarray, n_per_class: int) -> None:
+def _warn_small_classes(y: np.ndarray, n_per_class: int, class_names: list[str]) -> None:
     """The few-label protocol trains a class of ``c <= n_per_class`` cells on ``c - 1`` of them and tests one
     (:func:`~sslcell.evaluate.protocols.few_label_split`): say so where that happens, since the report's label
     "n labels/class" then overstates its labels and those classes rest on one test cell each."""
     classes, counts = np.unique(y, return_counts=True)
     small = classes[counts <= n_per_class]
     if small.size:
-        names = ", ".join(map(str, small[:5])) + (", ..." if small.size > 5 else "")
+        names = ", ".join(class_names[c] for c in small[:5]) + (", ..." if small.size > 5 else "")
         warnings.warn(f"n_per_class={n_per_class}: {small.size} of {classes.size} classes have {n_per_class} cells or "
                       f"fewer ({names}); the few-label protocol trains each of them on all its cells but one and tests "
                       "that one", UserWarning, stacklevel=3)

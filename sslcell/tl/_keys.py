@@ -74,6 +74,32 @@ def check_crops(adata: AnnData, crops: Any) -> None:
             f"crops ({len(crops)} cells from {crops.source}) do not match the rows of adata ({adata.n_obs}): pass the "
             "AnnData made from these crops (crops.to_anndata(), or tl.embed_crops)"
         )
+    _check_pixels(adata, crops)
+
+
+def _check_pixels(adata: AnnData, crops: Any) -> None:
+    """Raise if the cells whose pixels ``adata`` recorded (``to_anndata``) hold other pixels in ``crops``: other
+    crops with the same ids (default ids are row numbers) would be scored in their place. Cells and channels the
+    crops no longer hold (a subset) are not compared."""
+    sample = adata.uns.get(IMAGES_KEY, {}).get("pixel_sample") if isinstance(adata.uns.get(IMAGES_KEY), dict) else None
+    names = adata.uns[IMAGES_KEY].get("channel_names") if sample is not None else None
+    if not isinstance(sample, dict) or names is None:
+        return  # an AnnData from an older sslcell, or not from crops
+    cells = [str(c) for c in np.asarray(sample.get("cells", [])).tolist()]
+    digests = np.asarray(sample.get("digests", []), dtype=str).reshape(len(cells), -1) if cells else None
+    present = [i for i, c in enumerate(cells) if c in crops.obs.index]
+    shared = [(j, crops.channel_names.index(str(n))) for j, n in enumerate(names) if str(n) in crops.channel_names]
+    if not present or not shared or digests is None or digests.shape[1] != len(names):
+        return
+    now = crops.pixel_digests([cells[i] for i in present])
+    for k, i in enumerate(present):
+        for j, c in shared:
+            if now[k][c] != digests[i, j]:
+                raise InputError(
+                    f"crops from {crops.source} are not the crops adata was made from "
+                    f"({adata.uns[IMAGES_KEY].get('source')}): cell {cells[i]!r}, channel {names[j]!r} holds other "
+                    "pixels. Pass the crops of adata's rows (an AnnData made from other crops gets its own "
+                    "crops.to_anndata())")
 
 
 def is_crops(adata: AnnData) -> bool:

@@ -27,6 +27,7 @@ def transfer_labels(
     weights: str = "distance",
     class_weight: str | None = None,
     min_confidence: float = 0.0,
+    unknown_label: str = UNKNOWN,
     index: Kind = "auto",
     leave_one_out: bool = False,
     key_added: str | None = None,
@@ -35,9 +36,10 @@ def transfer_labels(
 ) -> AnnData | None:
     """Label every cell of ``query`` from its ``n_neighbors`` nearest cells of ``reference`` in ``use_rep``.
 
-    Writes ``query.obs[f"{key_added}_pred"]`` (the winning label, or ``"unknown"`` where its vote share is below
-    ``min_confidence``) and ``query.obs[f"{key_added}_confidence"]`` (that share, in ``(0, 1]``); ``key_added``
-    defaults to ``label_key``. Settings and counts go to ``query.uns["sslcell"][f"{key_added}_pred"]``.
+    Writes ``query.obs[f"{key_added}_pred"]`` (the winning label, or ``unknown_label`` where its vote share is below
+    ``min_confidence``; a reference class of that name is refused then) and ``query.obs[f"{key_added}_confidence"]``
+    (that share, in ``(0, 1]``); ``key_added`` defaults to ``label_key``. Settings and counts go to
+    ``query.uns["sslcell"][f"{key_added}_pred"]``.
 
     Args:
         reference: a labelled AnnData (labels in ``obs[label_key]``, embedding in ``obsm[use_rep]``; cells without
@@ -71,7 +73,13 @@ def transfer_labels(
     if ref.use_rep != use_rep:
         raise InputError(f"the reference index was built from {ref.use_rep!r}, not {use_rep!r}")
     _check_same_model(query, ref, use_rep)
+    if float(min_confidence) > 0 and unknown_label in ref.classes:
+        raise InputError(f"the reference has a class named {unknown_label!r}, the label cells below min_confidence "
+                         "get: pass another unknown_label (e.g. unknown_label='low confidence')")
     k = int(n_neighbors) + int(leave_one_out)
+    if leave_one_out and k > ref.n:  # (without it the search says so itself)
+        raise InputError(f"n_neighbors={n_neighbors} with leave_one_out: the reference holds {ref.n} labelled cells; "
+                         f"ask for at most {ref.n - 1} neighbours")
     dist, rows = ref.search(query.obsm[use_rep], k)
     if leave_one_out:
         dist, rows = _drop_self(dist, rows, _reference_rows(reference, label_key))
@@ -83,15 +91,16 @@ def transfer_labels(
     confidence = proba[np.arange(len(best)), best]
     labels = ref.classes[best].astype(object)
     unknown = confidence < float(min_confidence)
-    labels[unknown] = UNKNOWN
+    labels[unknown] = unknown_label
     if copy:
-        query = query.copy()
-    categories = list(ref.classes) + ([UNKNOWN] if unknown.any() and UNKNOWN not in ref.classes else [])
+        query = query.to_memory() if query.isbacked else query.copy()
+    categories = list(ref.classes) + ([unknown_label] if unknown.any() else [])
     query.obs[pred_key] = pd.Categorical(labels, categories=categories)
     query.obs[conf_key] = confidence.astype(np.float32)
     info: dict[str, Any] = {"label_key": label_key, "use_rep": use_rep, "n_neighbors": int(n_neighbors),
                             "weights": weights, "class_weight": class_weight,
-                            "min_confidence": float(min_confidence), "index": ref.kind,
+                            "min_confidence": float(min_confidence), "unknown_label": unknown_label,
+                            "index": ref.kind,
                             "leave_one_out": bool(leave_one_out), "n_reference": ref.n,
                             "n_unknown": int(unknown.sum()), "model": ref.model}
     record(query, pred_key, info)

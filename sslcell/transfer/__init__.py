@@ -10,8 +10,9 @@ import warnings
 from typing import Any
 
 from sslcell.transfer.knn import FaissKNNClassifier, FaissNeighbors, knn_transfer
+from sslcell.transfer.reference import ReferenceIndex
 
-__all__ = ["FaissKNNClassifier", "FaissNeighbors", "knn_transfer"]
+__all__ = ["FaissKNNClassifier", "FaissNeighbors", "ReferenceIndex", "knn_transfer"]
 
 _MOVED = {
     "cross_validated_scores": "protocols",

@@ -130,9 +130,16 @@ def test_to_anndata(tmp_path, x16):
     adata = cells.to_anndata()
     assert adata.shape == (12, 0) and adata.X.dtype == np.float32
     assert list(adata.obs_names) == list(cells.obs.index) and list(adata.obs["label"]) == list("ab") * 6
+    sample = adata.uns["sslcell_images"].pop("pixel_sample")
     assert adata.uns["sslcell_images"] == {
         "channel_names": NAMES, "shape": [12, 3, 8, 10], "dtype": "uint16", "source": "array"
     }
+    assert sample["cells"] == ["0", "1", "3", "4", "6", "7", "9", "11"]  # 8 cells spread over the rows
+    assert len(sample["digests"]) == 8 and {len(d) for d in sample["digests"]} == {3}
+    x16[3, 1, 0, 0] += 1
+    changed = cells.pixel_digests(["3"])[0]
+    assert changed[1] != sample["digests"][2][1] and changed[::2] == sample["digests"][2][::2]
+    adata.uns["sslcell_images"]["pixel_sample"] = sample
     adata.write_h5ad(tmp_path / "cells.h5ad")  # serialisable
 
 

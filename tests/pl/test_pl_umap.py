@@ -75,3 +75,13 @@ def test_an_unknown_colour_or_nan_is_refused_before_anything_is_written():
     adata.obsm["X_sslcell"][3, 0] = np.nan
     with pytest.raises(InputError, match="holds NaN or inf"):
         pl.umap(adata, "group")
+
+
+def test_no_pyplot_figure_is_left_open():
+    """scanpy draws through pyplot: every call left a figure open (shown twice in Jupyter, warned after 20)."""
+    import matplotlib.pyplot as plt
+
+    adata, before = _adata(), len(plt.get_fignums())
+    for _ in range(3):
+        fig = pl.umap(adata, "group")
+    assert len(plt.get_fignums()) == before and fig.axes  # the returned figure is whole

@@ -240,3 +240,48 @@ def test_tl_cell_cycle_with_a_reference_places_one_phase_in_its_arc_and_so_does_
     cli = ad.read_h5ad(tmp_path / "out.h5ad")
     np.testing.assert_allclose(cli.obs["cell_cycle_theta"], out.obs["cell_cycle_theta"], atol=1e-5)
     assert "placed on" in capsys.readouterr().out
+
+
+def test_a_projection_keeps_the_space_so_a_chained_projection_is_checked_too():
+    """A projected AnnData recorded no space: another model's cells placed on it were accepted."""
+    reference, new = _one_phase("S")
+    reference.uns["sslcell"] = {"X_sslcell": {"model_id": "weights_a"}}
+    tl.cell_cycle(reference, anchor_key="phase")
+    tl.cell_cycle(new, reference=reference)  # new holds no record of its own: the reference's space is kept
+    assert new.uns["sslcell"]["cell_cycle"]["rep_id"] == "weights_a"
+    third = new[:50].copy()
+    third.uns["sslcell"] = {"X_sslcell": {"model_id": "weights_b"}}  # embedded by another model
+    with pytest.raises(InputError, match=r"another space \(weights_b\)"):
+        tl.cell_cycle(third, reference=new, overwrite=True)
+
+
+def test_one_cell_is_placed_on_a_fit_and_float_phase_codes_anchor_it(cells):
+    """Placing needed 3 cells; integer phase codes stored as floats beside NaN were '0.0' against the order '0'."""
+    codes = cells.obs["phase"].cat.codes.astype(float).where(np.arange(400) % 3 == 0)  # NaN: unlabelled
+    cells.obs["code"] = codes
+    tl.cell_cycle(cells, anchor_key="code", anchor_order=[0, 1, 2])
+    assert list(cells.uns["sslcell"]["cell_cycle"]["phases"]) == ["0", "1", "2"]
+    one = cells[:1].copy()
+    tl.cell_cycle(one, reference=cells, overwrite=True)
+    assert one.obs["cell_cycle_theta"].iloc[0] == pytest.approx(cells.obs["cell_cycle_theta"].iloc[0], abs=1e-5)
+
+
+def test_a_theta_just_below_two_pi_is_stored_below_it():
+    from sslcell.cellcycle.fit import CycleFit
+    from sslcell.cellcycle.project import write_cycle
+
+    adata = ad.AnnData(obs=pd.DataFrame(index=["a", "b"]))
+    fit = CycleFit(mean=[0, 0], basis=[[1, 0], [0, 1]], scale=[1, 1], centre=[0, 0], radius=1.0)
+    write_cycle(adata, fit, np.array([0.0, np.nextafter(2 * np.pi, 0)]), np.zeros((2, 2)), ("t", "p", "q"))
+    assert float(adata.obs["t"].iloc[1]) < 2 * np.pi  # float32(2π - ε) rounds up to 2π
+
+
+def test_plot_colours_a_score_by_a_colour_map_not_one_class_per_cell(cells):
+    from sslcell.pl._cellcycle import CLASSES_AT_MOST
+
+    tl.cell_cycle(cells, anchor_key="phase")
+    cells.obs["score"] = np.random.default_rng(0).normal(size=400)
+    fig = pl.cell_cycle(cells, color="score")
+    panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert len(panels) == 3 and panels[1].get_legend() is None  # θ, the score, θ by the fitted phase
+    assert len(panels[2].get_yticks()) == len(PHASES) and CLASSES_AT_MOST < 400

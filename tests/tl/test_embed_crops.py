@@ -104,6 +104,38 @@ def test_evaluate_on_crops_refuses_clearly_or_uses_the_pixel_baseline(cells, mod
                                   .loc[("X_sslcell", "knn_cv")].to_numpy())
 
 
+def test_the_pixel_baseline_reads_the_channels_the_embedding_was_made_from(cells, model):
+    """Crops with a third channel (the stain the labels came from): the baseline read it, the model did not."""
+    codes = cells.obs["label"].cat.codes.to_numpy().astype(int)
+    leak = np.broadcast_to((codes * 200)[:, None, None, None], (len(cells), 1, 16, 16))
+    three = CellImages.from_array(np.concatenate([np.asarray(cells.images), leak.astype(np.uint8)], axis=1),
+                                  channel_names=[*NAMES, "stain"], obs=cells.obs)
+    adata = tl.embed_crops(three, model)
+    table = tl.evaluate(adata, "label", crops=three, n_splits=3, seeds=(0,)).to_dataframe()
+    two = tl.evaluate(tl.embed_crops(cells, model), "label", crops=cells, n_splits=3, seeds=(0,)).to_dataframe()
+    assert table.equals(two)  # the same scores: the stain is left out of the baseline
+    tl.embed(adata, model, crops=three.select_channels(NAMES[::-1]), channels=NAMES, key_added="X_other")
+    adata.uns["sslcell"]["X_other"]["channel_names"] = ["dna", "stain"]
+    with pytest.raises(InputError, match="made from different channels"):
+        tl.evaluate(adata, "label", use_rep=["X_sslcell", "X_other"], crops=three, n_splits=3, seeds=(0,))
+    with pytest.raises(InputError, match="have no channel 'stain'"):
+        tl.evaluate(adata, "label", use_rep="X_other", crops=three.select_channels(NAMES), n_splits=3, seeds=(0,))
+
+
+def test_other_crops_with_the_same_ids_are_refused(cells, model):
+    """Crops without ids are numbered 0..N-1: another file of as many cells passed as the crops of adata's rows."""
+    adata = tl.embed_crops(cells, model)
+    other = CellImages.from_array(np.asarray(cells.images)[::-1].copy(), channel_names=NAMES, obs=cells.obs)
+    with pytest.raises(InputError, match=r"not the crops adata was made from \(array\): cell '0', channel 'dna'"):
+        tl.evaluate(adata, "label", crops=other)
+    with pytest.raises(InputError, match="not the crops adata was made from"):
+        tl.embed(adata, model, crops=other, key_added="X_other")
+    assert "X_other" not in adata.obsm
+    subset = adata[adata.obs_names[10:30]]  # a subset keeps the cells of the sample it still holds
+    assert tl.evaluate(subset, "label", crops=cells[10:30], n_splits=2, seeds=(0,), n_neighbors=3,
+                       baselines=()).rows  # the crops pass the check
+
+
 def test_pixel_pca_baseline_is_the_pca_of_standardised_pixels(cells):
     x = pixel_pca_baseline(cells, n_comps=5, seed=0)
     assert x.shape == (len(cells), 5) and x.dtype == np.float32

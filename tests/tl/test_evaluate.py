@@ -125,8 +125,25 @@ def test_mouse_bladder_pca_knn_reference():
 def test_a_class_smaller_than_n_per_class_is_warned_about():
     """n_per_class=80 on classes of 60 cells: 59 train, 1 tests, though the report says "80 labels/class"."""
     adata = _adata()
-    with pytest.warns(UserWarning, match="n_per_class=80: 3 of 3 classes have 80 cells or fewer"):
+    with pytest.warns(UserWarning, match="n_per_class=80: 3 of 3 classes have 80 cells or fewer") as caught:
         evaluate(adata, "cell_type", "X_sslcell", baselines=[], n_per_class=80)
+    names = sorted(adata.obs["cell_type"].unique())
+    assert all(name in str(caught[0].message) for name in names)  # the classes' names, not their codes
+
+
+def test_integer_classes_stored_as_floats_are_named_as_integers_and_a_rep_named_like_a_baseline_refused():
+    adata = _adata(n_per_type=30)
+    codes = adata.obs["cell_type"].cat.codes.astype(float)
+    codes.iloc[[0, 1]] = 7.0  # a rare class, dropped
+    codes.iloc[2] = np.nan
+    adata.obs["code"] = codes
+    with pytest.warns(UserWarning, match=r"\{'7': 2\}"):
+        report = evaluate(adata, "code", "X_random", baselines=())
+    assert report.dropped_classes == {"7": 2}
+    adata.obsm["pca"] = adata.obsm["X_random"]
+    with pytest.raises(InputError, match="use_rep 'pca' has the name of a baseline"):
+        evaluate(adata, "cell_type", ["X_random", "pca"])
+    assert len(evaluate(adata, "cell_type", ["pca"], baselines=()).rows) == 4
 
 
 def test_too_few_cells_for_the_pca_baseline_say_how_to_go_on():

@@ -55,6 +55,30 @@ def test_low_confidence_calls_are_unknown_and_copy_leaves_the_query():
     assert out.uns["sslcell"]["t_pred"]["n_unknown"] == int(unknown.sum())
 
 
+def test_a_class_named_like_the_unknown_label_is_never_mixed_with_low_confidence_calls():
+    ref, query = _cells(600, 0), _cells(300, 1)
+    ref.obs["cell_type"] = ref.obs["cell_type"].replace({"A": "unknown"})
+    with pytest.raises(InputError, match="a class named 'unknown'.*unknown_label="):
+        tl.transfer_labels(query, ref, "cell_type", min_confidence=0.9)
+    tl.transfer_labels(query, ref, "cell_type", min_confidence=0.9, unknown_label="low confidence")
+    rejected = query.obs["cell_type_pred"] == "low confidence"
+    assert 0 < rejected.sum() == query.uns["sslcell"]["cell_type_pred"]["n_unknown"]
+    assert (query.obs["cell_type_pred"] == "unknown").sum() > 0  # confident calls of the class "unknown"
+    tl.transfer_labels(query, ref, "cell_type", key_added="all")  # no threshold: nothing is rejected
+    with pytest.raises(InputError, match="leave_one_out: the reference holds 600 labelled cells; ask for at most 599"):
+        tl.transfer_labels(ref, ref, "cell_type", n_neighbors=600, leave_one_out=True, key_added="loo")
+
+
+def test_copy_of_a_backed_query_is_made_in_memory(tmp_path):
+    ref, query = _cells(600, 0), _cells(300, 1)
+    query = ad.AnnData(np.zeros((300, 2), np.float32), obs=query.obs, obsm=dict(query.obsm))  # backed needs an X
+    query.write_h5ad(tmp_path / "q.h5ad")
+    backed = ad.read_h5ad(tmp_path / "q.h5ad", backed="r")
+    out = tl.transfer_labels(backed, ref, "cell_type", copy=True)
+    assert not out.isbacked and "cell_type_pred" in out.obs and "cell_type_pred" not in backed.obs
+    backed.file.close()
+
+
 def test_a_cell_is_its_own_neighbour_unless_leave_one_out():
     ref = _cells(400, 0)
     ref.obs.loc[ref.obs_names[::7], "cell_type"] = None  # unlabelled cells are not in the index, but are labelled
