@@ -327,19 +327,19 @@ def _trainer(config: RecipeConfig, out: Path, callbacks: list[Callback]) -> pl.T
 
 
 class RunCheckpoint(Callback):
-    """Every ``every_n_steps`` optimiser steps and at each epoch end: write ``checkpoints/last.ckpt``
-    atomically and refresh ``model/``, so a killed run loses at most ``every_n_steps`` steps."""
+    """Every ``every_n_steps`` optimiser steps and after each epoch's last batch: write ``checkpoints/last.ckpt``
+    atomically and refresh ``model/``, so a killed run loses at most ``every_n_steps`` steps.
+
+    The epoch's checkpoint is written at its last batch's end, not at the epoch's end: Lightning restores a
+    checkpoint written at the epoch's end as an unfinished epoch when ``max_steps`` is set, and the resumed run then
+    trained one batch twice (and stopped an epoch early when ``max_epochs`` bound)."""
 
     def __init__(self, out: Path, every_n_steps: int) -> None:
         self.out = Path(out)
         self.every_n_steps = max(int(every_n_steps), 1)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: SSLModule, *args: Any) -> None:
-        if trainer.global_step % self.every_n_steps == 0:
-            self._save(trainer, pl_module)
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: SSLModule) -> None:
-        if pl_module._batches_done >= trainer.num_training_batches:  # a stop mid-epoch keeps its batch checkpoint
+        if trainer.global_step % self.every_n_steps == 0 or pl_module._batches_done >= trainer.num_training_batches:
             self._save(trainer, pl_module)
 
     def _save(self, trainer: pl.Trainer, pl_module: SSLModule) -> None:

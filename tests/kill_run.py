@@ -1,6 +1,6 @@
 """Run a tiny pretraining in a fresh process with one torch thread (a helper of tests/test_resume.py).
 
-    python tests/kill_run.py DATA OUT METHOD WORKERS WHERE
+    python tests/kill_run.py DATA OUT METHOD WORKERS WHERE [MAX_STEPS]
 WHERE: ``step:N`` (SIGKILL right after optimiser step N and any checkpoint written then), ``epoch_end:E`` (right
 after the checkpoint written at the end of epoch E), ``never`` (an uninterrupted run) or ``resume``. Every run of
 a comparison happens in such a process, so none inherits another test's process state.
@@ -19,9 +19,9 @@ from sslcell.train import pretrain
 from tests.conftest import tiny_image_recipe, tiny_recipe
 
 
-def recipe(method: str, workers: int, max_epochs: int = 3, every: int = 4):
+def recipe(method: str, workers: int, max_epochs: int = 3, every: int = 4, max_steps: int = -1):
     """``method``: an expression method, or ``image_<method>`` (a tiny ResNet on crops)."""
-    train = {"max_epochs": max_epochs, "checkpoint_every_n_steps": every}
+    train = {"max_epochs": max_epochs, "checkpoint_every_n_steps": every, "max_steps": max_steps}
     if method.startswith("image_"):
         return tiny_image_recipe(method.removeprefix("image_"), data={"num_workers": workers, "batch_size": 16},
                                  train=train)
@@ -45,7 +45,8 @@ class Kill(pl.Callback):
 if __name__ == "__main__":
     torch.set_num_threads(1)
     data, out, method, workers, where = sys.argv[1:6]
+    config = recipe(method, int(workers), max_steps=int(sys.argv[6]) if len(sys.argv) > 6 else -1)
     if where == "resume":
-        pretrain(recipe(method, int(workers)), data, out, resume=True)
+        pretrain(config, data, out, resume=True)
     else:
-        pretrain(recipe(method, int(workers)), data, out, callbacks=[] if where == "never" else [Kill(where)])
+        pretrain(config, data, out, callbacks=[] if where == "never" else [Kill(where)])
