@@ -11,7 +11,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from sslcell.errors import InputError, OverwriteError, SSLCellError
+from sslcell.errors import InputError, OverwriteError, RunInterrupted, SSLCellError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     _show_sslcell_logs()
     try:
         return args.run(args) or 0
+    except RunInterrupted as err:  # as a process killed by SIGTERM ends: 128 + 15
+        print(f"sslcell {args.command}: {err}".replace("resume=True (--resume)", "--resume"), file=sys.stderr)
+        return 143
     except (SSLCellError, OSError) as err:  # bad input, or the environment (missing file, full disk, permissions)
         print(f"sslcell {args.command}: error: {_as_cli(str(err), args.command)}", file=sys.stderr)
         return 2

@@ -29,3 +29,8 @@ class ConfigError(SSLCellError, ValueError):
 
 class OverwriteError(SSLCellError, FileExistsError):
     """An output (file, directory or ``obsm`` key) exists and overwriting was not asked for."""
+
+
+class RunInterrupted(SSLCellError):
+    """A pretraining stopped by a signal (SIGTERM: ``kill``, a scheduler's time limit) before its end; its
+    checkpoint resumes it."""

@@ -24,6 +24,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from sslcell.checkpoint import CARD, CONFIG, WEIGHTS, save_model, versions
 from sslcell.config import RecipeConfig
@@ -32,7 +33,7 @@ from sslcell.data.gene_stats import gene_statistics, select_highly_variable
 from sslcell.data.image_loader import make_image_dataloader
 from sslcell.data.images import CellImages, ChannelText
 from sslcell.data.loader import make_dataloader
-from sslcell.errors import ConfigError, FileFormatError, InputError, OverwriteError
+from sslcell.errors import ConfigError, FileFormatError, InputError, OverwriteError, RunInterrupted
 from sslcell.methods import SSLModule, build_method
 from sslcell.methods.contracts import Contract, ExpressionContract, ImageContract, contract_from_dict
 
@@ -139,8 +140,13 @@ def _fit(config: RecipeConfig, data: Any, dataset: Any, contract: Contract, out:
         raise FileNotFoundError(f"{ckpt}: nothing to resume from (the run stopped before its first checkpoint)")
     if resume:
         _position_loader(loader.dataset, ckpt)
-    fit_quietly(trainer, model, loader, ckpt_path=ckpt if resume else None, weights_only=True,
-                also=(".*resuming from a checkpoint that ended before the epoch ended.*",))
+    try:
+        fit_quietly(trainer, model, loader, ckpt_path=ckpt if resume else None, weights_only=True,
+                    also=(".*resuming from a checkpoint that ended before the epoch ended.*",))
+    except SIGTERMException:  # a SystemExit without a code: the run looked finished (exit status 0)
+        raise RunInterrupted(f"{out}: stopped by SIGTERM at step {trainer.global_step} (epoch "
+                             f"{trainer.current_epoch}), before the run's end; its checkpoint was written then: "
+                             "continue it with resume=True (--resume)") from None
     if trainer.is_global_zero:
         save_model(model, out / "model", trained=_trained_info(trainer, dataset, data), overwrite=True)  # its own run
     return model
@@ -340,6 +346,10 @@ class RunCheckpoint(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: SSLModule, *args: Any) -> None:
         if trainer.global_step % self.every_n_steps == 0 or pl_module._batches_done >= trainer.num_training_batches:
+            self._save(trainer, pl_module)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: SSLModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):  # raised after a whole batch: a consistent state to resume
             self._save(trainer, pl_module)
 
     def _save(self, trainer: pl.Trainer, pl_module: SSLModule) -> None:

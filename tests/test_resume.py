@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from sslcell.checkpoint import load
+from sslcell.train import read_checkpoint
 from tests.conftest import REPO
 
 
@@ -58,12 +59,18 @@ def uninterrupted(small_counts_file, crops_file, tmp_path_factory):
     # max_steps set: Lightning restored an epoch-end checkpoint as an unfinished epoch (a batch trained twice)
     ("mae", 0, "epoch_end:0", 10),    # max_steps binds (3 epochs of 4 batches would be 12 steps)
     ("mae", 0, "epoch_end:1", 1000),  # max_epochs binds
+    ("mae", 0, "sigterm:6", -1),      # SIGTERM (a scheduler's time limit): a checkpoint at once, exit status 143
+    ("mae", 2, "sigterm:5", -1),
 ])
 def test_killed_and_resumed_equals_uninterrupted(uninterrupted, small_counts_file, crops_file, tmp_path, method,
                                                   workers, where, max_steps):
     out, data = tmp_path / "run", crops_file if method.startswith("image") else small_counts_file
     killed = run(data, out, method, workers, where, max_steps)
-    assert killed.returncode == -9, killed.stderr[-3000:]  # really killed, not finished
+    if where.startswith("sigterm"):  # stopped after that batch, with a checkpoint of it, and says so
+        assert killed.returncode == 143 and "stopped by SIGTERM at step" in killed.stderr, killed.stderr[-3000:]
+        assert read_checkpoint(out / "checkpoints" / "last.ckpt")["global_step"] == int(where.split(":")[1])
+    else:
+        assert killed.returncode == -9, killed.stderr[-3000:]  # really killed, not finished
     assert (out / "checkpoints" / "last.ckpt").is_file()
     resumed = run(data, out, method, workers, "resume", max_steps)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
