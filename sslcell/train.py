@@ -26,7 +26,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from sslcell.checkpoint import CARD, CONFIG, WEIGHTS, save_model, versions
+from sslcell.checkpoint import CARD, CONFIG, WEIGHTS, atomic_write, save_model, versions
 from sslcell.config import RecipeConfig
 from sslcell.data.expression import ExpressionDataset
 from sslcell.data.gene_stats import gene_statistics, select_highly_variable
@@ -78,7 +78,7 @@ def pretrain(
     if resume:
         stored, contract = _read_run(out)
         _check_same_recipe(config, stored, out)
-        config = stored
+        config = _resumed_recipe(stored, config)
     else:
         config, contract = copy.deepcopy(config), None  # the overrides below never reach the caller's recipe
     if max_epochs is not None:
@@ -135,6 +135,8 @@ def _fit(config: RecipeConfig, data: Any, dataset: Any, contract: Contract, out:
         _clear_run(out)  # --overwrite: the previous run goes only now that the new one's data and recipe are good
         out.mkdir(parents=True, exist_ok=True)
         _write_run(out, config, contract, data)
+    elif not spawned:  # the settings a resume changed (max_epochs, say) hold for the next resume too
+        _record_resumed_settings(out, config)
     ckpt = out / "checkpoints" / LAST
     if resume and not ckpt.is_file():
         raise FileNotFoundError(f"{ckpt}: nothing to resume from (the run stopped before its first checkpoint)")
@@ -333,19 +335,26 @@ def _trainer(config: RecipeConfig, out: Path, callbacks: list[Callback]) -> pl.T
 
 
 class RunCheckpoint(Callback):
-    """Every ``every_n_steps`` optimiser steps and after each epoch's last batch: write ``checkpoints/last.ckpt``
+    """Every ``every_n_steps`` optimiser steps and at each epoch's end: write ``checkpoints/last.ckpt``
     atomically and refresh ``model/``, so a killed run loses at most ``every_n_steps`` steps.
 
-    The epoch's checkpoint is written at its last batch's end, not at the epoch's end: Lightning restores a
-    checkpoint written at the epoch's end as an unfinished epoch when ``max_steps`` is set, and the resumed run then
-    trained one batch twice (and stopped an epoch early when ``max_epochs`` bound)."""
+    With ``max_steps`` set, the epoch's checkpoint is written at its last batch's end instead: Lightning restores a
+    checkpoint written at the epoch's end as an unfinished epoch then, and the resumed run trained one batch twice
+    (and stopped an epoch early when ``max_epochs`` bound). Without it, the epoch's end: a run resumed from a
+    last-batch checkpoint is restored with its next epoch's start uncounted, so a second resume in that epoch
+    started it again (both cases are tested, kill after kill)."""
 
     def __init__(self, out: Path, every_n_steps: int) -> None:
         self.out = Path(out)
         self.every_n_steps = max(int(every_n_steps), 1)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: SSLModule, *args: Any) -> None:
-        if trainer.global_step % self.every_n_steps == 0 or pl_module._batches_done >= trainer.num_training_batches:
+        last = pl_module._batches_done >= trainer.num_training_batches
+        if trainer.global_step % self.every_n_steps == 0 or (last and trainer.max_steps != -1):
+            self._save(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: SSLModule) -> None:
+        if trainer.max_steps == -1 and pl_module._batches_done >= trainer.num_training_batches:  # not a stop mid-epoch
             self._save(trainer, pl_module)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: SSLModule, exception: BaseException) -> None:
@@ -428,6 +437,26 @@ def _write_run(out: Path, config: RecipeConfig, contract: Contract, data: Any) -
         "versions": versions(),
     }
     (out / RUN_FILE).write_text(json.dumps(payload, indent=1))
+
+
+def _resumed_recipe(stored: RecipeConfig, given: RecipeConfig) -> RecipeConfig:
+    """The run's recipe with the ``train`` settings (but the seed) and ``data.num_workers`` of the recipe a resume
+    was given: how long, where and with how many workers it goes on."""
+    config = copy.deepcopy(stored)
+    config.train = copy.deepcopy(given.train)
+    config.train.seed = stored.train.seed
+    config.data.num_workers = given.data.num_workers
+    return config
+
+
+def _record_resumed_settings(out: Path, config: RecipeConfig) -> None:
+    """Rewrite ``run.json``'s ``train`` settings and ``data.num_workers`` as a resume runs them (atomically)."""
+    path = out / RUN_FILE
+    payload = json.loads(path.read_text())
+    recipe = config.to_dict()
+    payload["recipe"]["train"] = recipe["train"]
+    payload["recipe"]["data"]["num_workers"] = recipe["data"]["num_workers"]
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=1)))
 
 
 def _check_same_recipe(given: RecipeConfig, stored: RecipeConfig, out: Path) -> None:

@@ -237,6 +237,27 @@ def test_resume_with_another_recipe_is_refused(small_counts_file, tmp_path):
     assert resumed.trainer.global_step > 2
 
 
+@pytest.mark.parametrize("max_steps", [-1, 1000])
+def test_a_resume_runs_the_train_settings_it_is_given_and_keeps_them(small_counts_file, tmp_path, max_steps):
+    """The given recipe's max_epochs was dropped for the run's; a resume's --max-epochs was forgotten by the next.
+    A finished run extended, stopped mid-epoch and resumed again trains each epoch once (with and without
+    max_steps: the epoch's checkpoint is written where Lightning restores it as finished)."""
+    out = tmp_path / "run"
+    train = {"checkpoint_every_n_steps": 2, "max_steps": max_steps}
+    pretrain(tiny_recipe("mae", train={"max_epochs": 2, **train}), small_counts_file, out)
+    steps = json.loads((out / "model" / "config.json").read_text())["trained"]["global_step"]
+    longer = tiny_recipe("mae", train={"max_epochs": 4, **train, "seed": 5})
+    with pytest.raises(ConfigError, match="train.seed"):  # the seed decides the run's draws: never another
+        pretrain(longer, small_counts_file, out, resume=True)
+    longer.train.seed = 0
+    model = pretrain(longer, small_counts_file, out, resume=True, callbacks=[StopAt(steps + 2)])
+    assert model.trainer.global_step == steps + 2  # the recipe's 4 epochs, not the run's 2
+    assert json.loads((out / "run.json").read_text())["recipe"]["train"]["max_epochs"] == 4
+    pretrain(tiny_recipe("mae", train={"max_epochs": 2, **train}), small_counts_file, out, resume=True,
+             max_epochs=4)  # as --resume --max-epochs 4 with the recipe's 2
+    assert json.loads((out / "model" / "config.json").read_text())["trained"]["global_step"] == 2 * steps
+
+
 def test_a_bad_override_is_refused_before_the_run_folder_is_touched(small_counts_file, tmp_path):
     """--max-epochs -1 raised an OverflowError mid-run and left a run.json that blocked the next try."""
     with pytest.raises(ConfigError, match="at least one must be positive"):

@@ -87,6 +87,7 @@ class ExpressionDataset:
                     raise InputError(f"{data.filename}: a view of a backed AnnData (some of its cells) is not "
                                      "supported; pass the whole file, or the view's .to_memory()")
                 shards: list[_Shard] = [_FileShard(data.filename, layer)]
+                shards[0].var_names = np.asarray(data.var_names, dtype=str).astype(object)  # as renamed in memory
             else:
                 shards = [_MemoryShard(data, layer)]
         else:

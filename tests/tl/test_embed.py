@@ -54,6 +54,21 @@ def test_backed_and_reordered_genes_give_the_same_embedding(trained, small_count
     np.testing.assert_allclose(shuffled.obsm["X_sslcell"], reference.obsm["X_sslcell"], atol=1e-5)
 
 
+def test_a_backed_anndata_is_read_with_the_gene_names_it_shows(trained, small_counts, small_counts_file, tmp_path):
+    """Genes renamed in memory (ids to symbols) were aligned by the file's names: wrongly zero-filled genes."""
+    model, _ = trained
+    reference = small_counts.copy()
+    sslcell.tl.embed(reference, model)
+    ids = small_counts.copy()
+    ids.var_names = [f"ENSG{i:05d}" for i in range(ids.n_vars)]
+    ids.write_h5ad(tmp_path / "ids.h5ad")
+    backed = ad.read_h5ad(tmp_path / "ids.h5ad", backed="r")
+    backed.var_names = small_counts.var_names  # the symbols the model knows
+    sslcell.tl.embed(backed, model)
+    np.testing.assert_allclose(backed.obsm["X_sslcell"], reference.obsm["X_sslcell"], atol=1e-5)
+    assert backed.uns["sslcell"]["X_sslcell"]["n_missing_genes"] == 0
+
+
 def test_a_view_of_a_backed_file_is_refused_or_copied_never_read_as_the_whole_file(trained, small_counts,
                                                                                     small_counts_file):
     """Reading the view's file would embed every cell in file order onto the view's (permuted) rows."""
