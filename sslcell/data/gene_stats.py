@@ -58,6 +58,9 @@ def gene_statistics(dataset: ExpressionDataset, chunk_size: int = 4096, target_s
     log_input = dataset.counts_are_log_normalized
     n_empty = 0
     for _, _, block in dataset.iter_chunks(chunk_size):
+        if not block.has_canonical_format:  # a gene stored twice in a row counts once, as the model sees it
+            block = block.copy()
+            block.sum_duplicates()
         n = block.shape[0]
         rows = np.repeat(np.arange(n), np.diff(block.indptr))
         values = block.data.astype(np.float64)

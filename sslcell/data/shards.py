@@ -9,9 +9,10 @@ checks stored values; :func:`vstack_csr` stacks CSR blocks that share their colu
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import anndata as ad
@@ -131,6 +132,10 @@ class _Shard:
     def read_values(self, a: int, b: int, data: np.ndarray, indices: np.ndarray) -> None:  # pragma: no cover
         raise NotImplementedError
 
+    def n_stored(self) -> int | None:
+        """How many values a sparse matrix stores (None for a dense one)."""
+        return None
+
     def read(self, lo: int, hi: int) -> sp.csr_matrix:  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -167,6 +172,9 @@ class _MemoryShard(_Shard):
     def read_values(self, a: int, b: int, data: np.ndarray, indices: np.ndarray) -> None:
         data[:] = self.matrix.data[a:b]
         indices[:] = self.matrix.indices[a:b]
+
+    def n_stored(self) -> int | None:
+        return len(self.matrix.data) if sp.issparse(self.matrix) else None
 
     def read(self, lo: int, hi: int) -> sp.csr_matrix:
         return sp.csr_matrix(self.matrix[lo:hi])
@@ -250,17 +258,36 @@ class _FileShard(_Shard):
             return None
         self._open()
         offsets = np.empty(hi - lo + 1, dtype=self._readers["indptr"].dtype)
-        self._readers["indptr"].read(lo, hi + 1, offsets)
+        with self._reading(f"the row pointers of rows {lo}:{hi}"):
+            self._readers["indptr"].read(lo, hi + 1, offsets)
         return offsets
 
     def read_values(self, a: int, b: int, data: np.ndarray, indices: np.ndarray) -> None:
         self._open()
-        self._readers["data"].read(a, b, data)
-        self._readers["indices"].read(a, b, indices)
+        with self._reading(f"stored values {a}:{b}"):
+            self._readers["data"].read(a, b, data)
+            self._readers["indices"].read(a, b, indices)
 
     def read(self, lo: int, hi: int) -> sp.csr_matrix:
         self._open()
-        return sp.csr_matrix(self._matrix[lo:hi])
+        with self._reading(f"rows {lo}:{hi}"):
+            return sp.csr_matrix(self._matrix[lo:hi])
+
+    def n_stored(self) -> int | None:
+        if not self.is_csr:
+            return None
+        self._open()
+        return len(self._readers["data"].dataset)
+
+    @contextlib.contextmanager
+    def _reading(self, what: str) -> Iterator[None]:
+        """HDF5's read errors (a damaged compressed chunk) as a :class:`FileFormatError` naming the file."""
+        try:
+            yield
+        except OSError as err:
+            if isinstance(err, FileFormatError):
+                raise
+            raise FileFormatError(f"{self.where}: cannot read {what} (damaged file: {err})") from None
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_file": None, "_readers": None, "_matrix": None, "_pid": -1}
@@ -292,6 +319,11 @@ def _check_dtype(dtype: np.dtype, where: str) -> np.dtype:
 def _check_pointers(shard: _Shard, lo: int, offsets: np.ndarray) -> None:
     """Raise :class:`FileFormatError` naming the shard and rows where the row pointers ``offsets`` of rows
     ``lo:lo + len(offsets) - 1`` decrease: a damaged file, whose rows would be read as other cells' counts."""
+    stored = shard.n_stored()
+    if stored is not None and len(offsets) and (offsets[0] < 0 or offsets[-1] > stored):
+        raise FileFormatError(f"{shard.where}: damaged sparse matrix, its row pointers for rows {lo}:"
+                              f"{lo + len(offsets) - 1} run outside its {stored} stored values; the file cannot be "
+                              "read as counts")
     falls = np.diff(offsets) < 0
     if falls.any():
         raise FileFormatError(f"{shard.where}: damaged sparse matrix, its row pointers decrease at row "

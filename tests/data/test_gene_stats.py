@@ -36,6 +36,25 @@ def test_gene_statistics_match_dense_reference():
         np.testing.assert_allclose(stats[column].to_numpy(), expected, rtol=1e-5, atol=1e-9, err_msg=column)
 
 
+def test_duplicate_entries_of_a_csr_matrix_count_once_summed(tmp_path):
+    """Valid scipy: a (row, gene) stored twice means their sum; each entry was squared and logged on its own."""
+    x = np.random.default_rng(4).poisson(3.0, (50, 12)).astype(np.int32)
+    indices, data, indptr = [], [], [0]
+    for row in x:  # every count split into two entries of the same (row, gene)
+        cols = np.flatnonzero(row)
+        indices += [cols, cols]
+        data += [row[cols] // 2, row[cols] - row[cols] // 2]
+        indptr.append(indptr[-1] + 2 * len(cols))
+    dup = sp.csr_matrix((np.concatenate(data), np.concatenate(indices), indptr), shape=x.shape)
+    assert not dup.has_canonical_format and np.array_equal(dup.toarray(), x)
+    for data in (ad.AnnData(dup), tmp_path / "dup.h5ad"):
+        if not isinstance(data, ad.AnnData):
+            ad.AnnData(dup).write_h5ad(data)
+        stats = gene_statistics(ExpressionDataset.open(data))
+        for column, expected in _reference_statistics(x.astype(np.float64)).items():
+            np.testing.assert_allclose(stats[column].to_numpy(), expected, rtol=1e-5, atol=1e-9, err_msg=column)
+
+
 def test_gene_statistics_of_log_normalized_input():
     logs = np.log1p(np.random.default_rng(3).poisson(2.0, (40, 7)).astype(np.float32))
     ds = ExpressionDataset.open(ad.AnnData(logs), counts_are_log_normalized=True)

@@ -44,9 +44,11 @@ def test_workspace_reuses_scratch_arrays():
     assert ws.get("data", 80, np.dtype(np.int64)).dtype == np.int64  # another dtype: a new array
 
 
-@pytest.mark.parametrize("damage", ["indptr", "indices"])
+@pytest.mark.parametrize("damage", ["indptr", "indices", "past_end", "chunk"])
 def test_a_damaged_csr_file_is_refused_naming_file_and_rows(tmp_path, damage):
-    """Decreasing row pointers or out-of-range column indices: a clear error, never another cell's counts."""
+    """Decreasing row pointers, pointers past the stored values (an IndexError, or padding read as counts),
+    out-of-range column indices, a damaged compressed chunk (HDF5's message without the file): a clear error
+    naming the file, never another cell's counts."""
     import anndata as ad
 
     from sslcell.data.expression import ExpressionDataset
@@ -60,12 +62,28 @@ def test_a_damaged_csr_file_is_refused_naming_file_and_rows(tmp_path, damage):
             pointers = f["X/indptr"][:]
             pointers[5] = pointers[6] + 3
             f["X/indptr"][...] = pointers
-        else:
+        elif damage == "past_end":
+            pointers = f["X/indptr"][:]
+            pointers[-1] += 5
+            f["X/indptr"][...] = pointers
+        elif damage == "indices":
             indices = f["X/indices"][:]
             indices[7] = 12  # one past the last gene
             f["X/indices"][...] = indices
+        else:
+            data = f["X/data"][:]
+            del f["X/data"]
+            f["X"].create_dataset("data", data=data, chunks=(16,), compression="gzip")
+    if damage == "chunk":  # flip bytes inside the first compressed chunk
+        with h5py.File(tmp_path / "d.h5ad", "r") as f:
+            at = f["X/data"].id.get_chunk_info(0).byte_offset
+        raw = bytearray((tmp_path / "d.h5ad").read_bytes())
+        raw[at + 2 : at + 10] = b"\xff" * 8
+        (tmp_path / "d.h5ad").write_bytes(bytes(raw))
     dataset = ExpressionDataset.open(tmp_path / "d.h5ad")
-    expected = r"its row pointers decrease at row 5" if damage == "indptr" else r"column indices outside 0\.\.11"
-    with pytest.raises(FileFormatError, match=rf"d\.h5ad.*damaged sparse matrix, {expected}"):
+    expected = {"indptr": r"its row pointers decrease at row 5", "indices": r"column indices outside 0\.\.11",
+                "past_end": r"row pointers for rows 0:40 run outside its \d+ stored values",
+                "chunk": r"cannot read stored values"}[damage]
+    with pytest.raises(FileFormatError, match=rf"d\.h5ad.*(damaged sparse matrix, )?{expected}"):
         dataset.read_rows(0, 40)
     dataset.close()
