@@ -135,13 +135,13 @@ def _fit(config: RecipeConfig, data: Any, dataset: Any, contract: Contract, out:
         _clear_run(out)  # --overwrite: the previous run goes only now that the new one's data and recipe are good
         out.mkdir(parents=True, exist_ok=True)
         _write_run(out, config, contract, data)
-    elif not spawned:  # the settings a resume changed (max_epochs, say) hold for the next resume too
-        _record_resumed_settings(out, config)
     ckpt = out / "checkpoints" / LAST
     if resume and not ckpt.is_file():
         raise FileNotFoundError(f"{ckpt}: nothing to resume from (the run stopped before its first checkpoint)")
     if resume:
-        _position_loader(loader.dataset, ckpt)
+        _position_loader(loader.dataset, ckpt)  # reads the checkpoint: a damaged one stops here, nothing written
+        if not spawned:  # the settings a resume changed (max_epochs, say) hold for the next resume too
+            _record_resumed_settings(out, config)
     try:
         fit_quietly(trainer, model, loader, ckpt_path=ckpt if resume else None, weights_only=True,
                     also=(".*resuming from a checkpoint that ended before the epoch ended.*",))
@@ -454,6 +454,9 @@ def _record_resumed_settings(out: Path, config: RecipeConfig) -> None:
     path = out / RUN_FILE
     payload = json.loads(path.read_text())
     recipe = config.to_dict()
+    if payload["recipe"]["train"] == recipe["train"] and \
+            payload["recipe"]["data"]["num_workers"] == recipe["data"]["num_workers"]:
+        return
     payload["recipe"]["train"] = recipe["train"]
     payload["recipe"]["data"]["num_workers"] = recipe["data"]["num_workers"]
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=1)))
