@@ -43,6 +43,8 @@ def _as_cli(message: str, command: str = "embed") -> str:
     for python, flag in (("overwrite=True", "--overwrite"), ("key_added", "--key-added"),
                          ("counts_are_log_normalized=True", "--counts-are-log-normalized"),
                          ("max_missing_genes", "--max-missing-genes"), ("crops=cells", "--crops"),
+                         ("unknown_label=", "--unknown-label "), ("unknown_label", "--unknown-label"),
+                         ("min_confidence", "--min-confidence"),
                          ("baselines=()", "--baselines alone")):
         message = message.replace(python, flag)
     return " ".join(message.split())  # one line, whatever the wrapped error (YAML, HDF5) printed
@@ -215,7 +217,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="embed both sides with this model first (else obsm[--use-rep] must exist)")
     p.add_argument("--use-rep", default="X_sslcell", help="obsm key of the embeddings")
     p.add_argument("--n-neighbors", type=int, default=15)
-    p.add_argument("--min-confidence", type=float, default=0.0, help="below this vote share the call is 'unknown'")
+    p.add_argument("--min-confidence", type=float, default=0.0,
+                   help="below this vote share the call is --unknown-label")
+    p.add_argument("--unknown-label", default="unknown",
+                   help="the call of cells below --min-confidence (default: unknown; a reference class of that name "
+                        "is refused then)")
     p.add_argument("--class-weight", choices=["balanced"],
                    help="balanced: divide each class's votes by its share of the reference (rare types not outvoted)")
     p.add_argument("--index", choices=["auto", "exact", "ivf", "hnsw"], default="auto")
@@ -377,6 +383,8 @@ def _embed_images(args: argparse.Namespace) -> int:
     _refuse_flags(args, ("layer", "counts_are_log_normalized", "max_missing_genes"),
                   "not applicable to an image model; remove it")
     out = _new_file(Path(args.out), args.overwrite)
+    if out.resolve() == Path(args.data).resolve():
+        raise OverwriteError(f"{out}: is the input file; write to another path")
     cells = CellImages.read(args.data, label_key=args.label_key)
     adata = embed_crops(cells, args.model, key_added=args.key, channels=args.channels,
                         batch_size=min(args.batch_size, 1024))
@@ -634,7 +642,8 @@ def _transfer(args: argparse.Namespace) -> int:
             with _naming(path):
                 embed(adata, args.model, key_added=args.use_rep, overwrite=args.overwrite)
     transfer_labels(query, reference, args.label_key, args.use_rep, n_neighbors=args.n_neighbors,
-                    class_weight=args.class_weight, min_confidence=args.min_confidence, index=args.index,
+                    class_weight=args.class_weight, min_confidence=args.min_confidence,
+                    unknown_label=args.unknown_label, index=args.index,
                     overwrite=args.overwrite)
     _write_h5ad(query, out)
     info = query.uns["sslcell"][f"{args.label_key}_pred"]

@@ -31,6 +31,7 @@ class OverwriteError(SSLCellError, FileExistsError):
     """An output (file, directory or ``obsm`` key) exists and overwriting was not asked for."""
 
 
-class RunInterrupted(SSLCellError):
+class RunInterrupted(BaseException):
     """A pretraining stopped by a signal (SIGTERM: ``kill``, a scheduler's time limit) before its end; its
-    checkpoint resumes it."""
+    checkpoint resumes it. Like ``KeyboardInterrupt``, not an ``Exception``: code that goes on after a failed step
+    (a benchmark's next recipe) stops with it."""

@@ -2,7 +2,8 @@
 
 A run directory holds::
 
-    run.json                 recipe + input contract, written once at the start (resume reads it back)
+    run.json                 recipe + input contract, written at the start (resume reads it back; a resume that
+                             changes train settings records them)
     checkpoints/last.ckpt    full training state (weights, optimiser, schedule, loader position)
     model/                   the exported model (safetensors + config.json), refreshed at every checkpoint
     logs/version_N/          CSV (or TensorBoard) logs, one version per start or resume
@@ -33,7 +34,7 @@ from sslcell.data.gene_stats import gene_statistics, select_highly_variable
 from sslcell.data.image_loader import make_image_dataloader
 from sslcell.data.images import CellImages, ChannelText
 from sslcell.data.loader import make_dataloader
-from sslcell.errors import ConfigError, FileFormatError, InputError, OverwriteError, RunInterrupted
+from sslcell.errors import ConfigError, FileFormatError, GeneMismatchError, InputError, OverwriteError, RunInterrupted
 from sslcell.methods import SSLModule, build_method
 from sslcell.methods.contracts import Contract, ExpressionContract, ImageContract, contract_from_dict
 
@@ -75,10 +76,11 @@ def pretrain(
     """
     out = Path(out)
     spawned = _is_spawned_rank()
+    given = _settings(config)  # the recipe's own train settings, before the overrides below
     if resume:
         stored, contract = _read_run(out)
         _check_same_recipe(config, stored, out)
-        config = _resumed_recipe(stored, config)
+        config = _resumed_recipe(stored, given, json.loads((out / RUN_FILE).read_text()).get("given"))
     else:
         config, contract = copy.deepcopy(config), None  # the overrides below never reach the caller's recipe
     if max_epochs is not None:
@@ -102,14 +104,15 @@ def pretrain(
     prepare = _prepare_images if config.modality == "image" else _prepare_expression
     dataset, contract = prepare(config, data, contract)
     try:
-        return _fit(config, data, dataset, contract, out, callbacks or [], resume=resume, spawned=spawned)
+        return _fit(config, data, dataset, contract, out, callbacks or [], resume=resume, spawned=spawned,
+                    given=given)
     finally:
         if isinstance(dataset, ExpressionDataset):
             dataset.close()  # the returned model keeps the trainer, and with it the loader: release the files
 
 
 def _fit(config: RecipeConfig, data: Any, dataset: Any, contract: Contract, out: Path, callbacks: list,
-         *, resume: bool, spawned: bool) -> SSLModule:
+         *, resume: bool, spawned: bool, given: dict[str, Any]) -> SSLModule:
     """Build the model, trainer and loader over ``dataset`` and train (resuming from ``out``'s checkpoint)."""
     pl.seed_everything(config.train.seed, workers=True, verbose=False)
     model = build_method(config, contract)
@@ -134,14 +137,15 @@ def _fit(config: RecipeConfig, data: Any, dataset: Any, contract: Contract, out:
     if not spawned and not resume:
         _clear_run(out)  # --overwrite: the previous run goes only now that the new one's data and recipe are good
         out.mkdir(parents=True, exist_ok=True)
-        _write_run(out, config, contract, data)
+        _write_run(out, config, contract, data, _n_cells(dataset), given)
     ckpt = out / "checkpoints" / LAST
     if resume and not ckpt.is_file():
         raise FileNotFoundError(f"{ckpt}: nothing to resume from (the run stopped before its first checkpoint)")
     if resume:
+        _check_same_data(out, dataset, data)
         _position_loader(loader.dataset, ckpt)  # reads the checkpoint: a damaged one stops here, nothing written
         if not spawned:  # the settings a resume changed (max_epochs, say) hold for the next resume too
-            _record_resumed_settings(out, config)
+            _record_resumed_settings(out, config, given)
     try:
         fit_quietly(trainer, model, loader, ckpt_path=ckpt if resume else None, weights_only=True,
                     also=(".*resuming from a checkpoint that ended before the epoch ended.*",))
@@ -388,7 +392,7 @@ def _trained_info(trainer: pl.Trainer, dataset: ExpressionDataset | CellImages, 
     return {
         "epochs": int(trainer.current_epoch),
         "global_step": int(trainer.global_step),
-        "n_cells": int(len(dataset) if isinstance(dataset, CellImages) else dataset.n_obs),
+        "n_cells": _n_cells(dataset),
         "data": _describe(data),
         "world_size": int(trainer.world_size),
     }
@@ -429,36 +433,66 @@ def _clear_run(out: Path) -> None:
             (out / folder).rmdir()
 
 
-def _write_run(out: Path, config: RecipeConfig, contract: Contract, data: Any) -> None:
+def _write_run(out: Path, config: RecipeConfig, contract: Contract, data: Any, n_cells: int,
+               given: dict[str, Any]) -> None:
     payload = {
-        "recipe": config.to_dict(),
+        "recipe": config.to_dict(),  # as run: overrides (--max-epochs ...) applied
+        "given": given,  # the train settings of the recipe as given: a resume applies only what it changes
         "contract": contract.to_dict(),
         "data": _describe(data),
+        "n_cells": n_cells,
         "versions": versions(),
     }
     (out / RUN_FILE).write_text(json.dumps(payload, indent=1))
 
 
-def _resumed_recipe(stored: RecipeConfig, given: RecipeConfig) -> RecipeConfig:
-    """The run's recipe with the ``train`` settings (but the seed) and ``data.num_workers`` of the recipe a resume
-    was given: how long, where and with how many workers it goes on."""
+def _n_cells(dataset: ExpressionDataset | CellImages) -> int:
+    return int(len(dataset) if isinstance(dataset, CellImages) else dataset.n_obs)
+
+
+def _check_same_data(out: Path, dataset: ExpressionDataset | CellImages, data: Any) -> None:
+    """Refuse to resume on other data than the run's: another number of cells (another epoch, another order), or
+    cells without some of the model's genes (it chose them from its own data, which hold them all)."""
+    recorded = json.loads((out / RUN_FILE).read_text())
+    n, have = recorded.get("n_cells"), _n_cells(dataset)
+    if n is not None and n != have:
+        raise InputError(f"{out}: the run trained on {n} cells ({recorded.get('data')}); {_describe(data)} holds "
+                         f"{have}: resume on the run's data, or start a new run (--out elsewhere)")
+    alignment = getattr(dataset, "alignment", None)
+    if alignment is not None and alignment.n_missing:
+        raise GeneMismatchError(f"{out}: {alignment}: the run trained on all of its model's genes; resume on the "
+                                "run's data, or start a new run")
+
+
+def _settings(config: RecipeConfig) -> dict[str, Any]:
+    """The settings a resume may change: ``train`` (but the seed) and ``data.num_workers``."""
+    recipe = config.to_dict()
+    return {"train": recipe["train"], "num_workers": recipe["data"]["num_workers"]}
+
+
+def _resumed_recipe(stored: RecipeConfig, given: dict[str, Any], before: dict[str, Any] | None) -> RecipeConfig:
+    """The run's recipe as it ran (its overrides included), with each setting of :func:`_settings` that the
+    recipe a resume was given changes from the one the run was last given (``before``; older runs: as it ran)."""
     config = copy.deepcopy(stored)
-    config.train = copy.deepcopy(given.train)
-    config.train.seed = stored.train.seed
-    config.data.num_workers = given.data.num_workers
+    before = before or _settings(stored)
+    for name, value in given["train"].items():
+        if name != "seed" and value != before["train"].get(name):
+            setattr(config.train, name, value)
+    if given["num_workers"] != before["num_workers"]:
+        config.data.num_workers = given["num_workers"]
     return config
 
 
-def _record_resumed_settings(out: Path, config: RecipeConfig) -> None:
-    """Rewrite ``run.json``'s ``train`` settings and ``data.num_workers`` as a resume runs them (atomically)."""
+def _record_resumed_settings(out: Path, config: RecipeConfig, given: dict[str, Any]) -> None:
+    """Rewrite ``run.json``'s settings as a resume runs them, and the recipe it was given (atomically)."""
     path = out / RUN_FILE
     payload = json.loads(path.read_text())
-    recipe = config.to_dict()
-    if payload["recipe"]["train"] == recipe["train"] and \
-            payload["recipe"]["data"]["num_workers"] == recipe["data"]["num_workers"]:
+    ran = _settings(config)
+    if _settings(RecipeConfig.from_dict(payload["recipe"])) == ran and payload.get("given") == given:
         return
-    payload["recipe"]["train"] = recipe["train"]
-    payload["recipe"]["data"]["num_workers"] = recipe["data"]["num_workers"]
+    payload["recipe"]["train"] = ran["train"]
+    payload["recipe"]["data"]["num_workers"] = ran["num_workers"]
+    payload["given"] = given
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=1)))
 
 

@@ -290,3 +290,10 @@ def test_channels_named_by_numbers_are_selected_by_name_or_refused_as_ambiguous(
     assert load(tmp_path / "indices").inputs.channel_names == ["1", "6"]
     recorded = json.loads((tmp_path / "by_name" / "model" / "config.json").read_text())
     assert recorded["recipe"]["data"]["channels"] == ["6", 0]  # as resolved: the recipe reads the same again
+
+
+def test_embed_never_writes_over_its_input_crops(files, tmp_path, capsys):
+    npz = tmp_path / "crops.npz"
+    npz.write_bytes(files["npz"].read_bytes())
+    assert main(["embed", "--model", str(files["run"]), "--data", str(npz), "--out", str(npz), "--overwrite"]) == 2
+    assert "is the input file" in capsys.readouterr().err and npz.read_bytes() == files["npz"].read_bytes()

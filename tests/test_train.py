@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from sslcell.checkpoint import load
-from sslcell.errors import ConfigError, InputError, OverwriteError
+from sslcell.errors import ConfigError, GeneMismatchError, InputError, OverwriteError
 from sslcell.train import pretrain
 from tests.conftest import REPO, tiny_recipe
 
@@ -256,6 +256,31 @@ def test_a_resume_runs_the_train_settings_it_is_given_and_keeps_them(small_count
     pretrain(tiny_recipe("mae", train={"max_epochs": 2, **train}), small_counts_file, out, resume=True,
              max_epochs=4)  # as --resume --max-epochs 4 with the recipe's 2
     assert json.loads((out / "model" / "config.json").read_text())["trained"]["global_step"] == 2 * steps
+
+
+def test_a_plain_resume_keeps_the_runs_overrides(small_counts_file, tmp_path):
+    """A run started with --max-epochs 3 over a recipe of 1, resumed with that recipe, went on to 1 epoch."""
+    out = tmp_path / "run"
+    recipe = tiny_recipe("mae", train={"max_epochs": 1, "checkpoint_every_n_steps": 2})
+    pretrain(recipe, small_counts_file, out, max_epochs=3, callbacks=[StopAt(2)])
+    model = pretrain(recipe, small_counts_file, out, resume=True)  # as `--resume` with the same recipe file
+    assert model.trainer.current_epoch == 3 and json.loads((out / "run.json").read_text())["recipe"]["train"][
+        "max_epochs"] == 3
+
+
+def test_resume_on_other_data_is_refused(small_counts, small_counts_file, tmp_path):
+    """Other cells (another epoch length and order), or data without most of the model's genes, went on silently."""
+    out = tmp_path / "run"
+    pretrain(tiny_recipe("mae", train={"checkpoint_every_n_steps": 2}), small_counts_file, out, callbacks=[StopAt(2)])
+    before = (out / "run.json").read_text()
+    fewer = small_counts[: small_counts.n_obs - 40].copy()
+    with pytest.raises(InputError, match=r"the run trained on 400 cells .*holds 360: resume on the run's data"):
+        pretrain(tiny_recipe("mae"), fewer, out, resume=True)
+    genes = small_counts[:, 5:].copy()
+    with pytest.warns(UserWarning, match="missing"), pytest.raises(GeneMismatchError, match="resume on the run's"):
+        pretrain(tiny_recipe("mae"), genes, out, resume=True)
+    assert (out / "run.json").read_text() == before
+    assert pretrain(tiny_recipe("mae"), small_counts, out, resume=True).trainer.global_step > 2  # in memory: the same
 
 
 def test_a_bad_override_is_refused_before_the_run_folder_is_touched(small_counts_file, tmp_path):

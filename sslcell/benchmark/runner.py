@@ -141,9 +141,11 @@ def _claim_workdir(workdir: Path) -> None:
         raise OverwriteError(f"--workdir {workdir}: is a file; --workdir names a folder for the run's models")
     if marker.is_file():
         return
-    if workdir.is_dir() and any(workdir.iterdir()):
+    if workdir.is_dir() and any(not p.name.startswith(".") for p in workdir.iterdir()):
         raise OverwriteError(f"--workdir {workdir}: the folder holds files but was not made by sslcell benchmark "
-                             f"(no {WORKDIR_MARKER}); the run replaces models there, so give a new or empty folder")
+                             f"(no {WORKDIR_MARKER}); the run replaces models there, so give a new or empty folder "
+                             f"(the folder of a run by an sslcell before this marker: create an empty "
+                             f"{WORKDIR_MARKER} in it)")
     workdir.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"made_by": "sslcell benchmark", "note": "models and scratch files of benchmark "
                                   "runs; sslcell benchmark may replace anything in the task folders here"}) + "\n")

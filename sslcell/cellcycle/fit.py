@@ -187,7 +187,7 @@ def fit_cycle(x: np.ndarray, anchors: np.ndarray | None = None, order: list[str]
         if warn:
             _warn_contradiction(fit, stacklevel=3)
     failed = ([f"residual {fit.residual:.2f} > {RESIDUAL_WARN} (a blob, not a ring)"] * (fit.residual > RESIDUAL_WARN)
-              + [f"closure {value:.2f}{how} < {CLOSURE_WARN} (an arc, not a ring, e.g. cells of one phase only)"
+              + [f"closure {value:.3f}{how} < {CLOSURE_WARN} (an arc, not a ring, e.g. cells of one phase only)"
                  for value, how in ((fit.closure, ""), (fit.closure_unscaled, " without axis scaling"))
                  if value < CLOSURE_WARN])
     if warn and failed:

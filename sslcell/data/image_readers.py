@@ -216,8 +216,8 @@ def _read_crop(file: Path) -> tuple[np.ndarray, bool]:
 
             _check_png_depth(file)
             with Image.open(file) as im:
-                if im.mode in ("P", "PA"):  # palette indices -> the colours they stand for
-                    im = im.convert("RGBA" if im.mode == "PA" or "transparency" in im.info else "RGB")
+                if im.mode in ("P", "PA"):  # palette indices -> the colours (or grey levels) they stand for
+                    im = im.convert(_palette_mode(im))
                 elif im.mode == "1":
                     im = im.convert("L")
                 arr = np.asarray(im)
@@ -238,6 +238,15 @@ def _read_crop(file: Path) -> tuple[np.ndarray, bool]:
         first, ambiguous = _channels_first(arr.shape)
         return (arr if first else np.moveaxis(arr, -1, 0)), ambiguous
     raise FileFormatError(f"{file}: crop has shape {arr.shape}; expected (H, W), (C, H, W) or (H, W, C)")
+
+
+def _palette_mode(im: Any) -> str:
+    """The mode a palette PNG is read in: ``"L"`` for a grey palette (one channel, as it was drawn), else ``"RGB"``
+    (transparency is dropped: every crop of a folder gets the same channels)."""
+    palette = np.asarray(im.getpalette() or [], dtype=np.int64).reshape(-1, 3)
+    index = np.asarray(im)
+    used = palette[np.unique(index[..., 0] if index.ndim == 3 else index)] if len(palette) else palette
+    return "L" if len(used) and (used == used[:, :1]).all() else "RGB"
 
 
 def _check_png_depth(file: Path) -> None:

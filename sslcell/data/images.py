@@ -343,15 +343,16 @@ class CellImages:
         import anndata as ad
 
         adata = ad.AnnData(X=np.zeros((len(self), 0), dtype=np.float32), obs=self.obs.copy())
-        ids = list(self.obs.index[np.unique(np.linspace(0, len(self) - 1, PIXEL_SAMPLE).astype(int))])
         adata.uns["sslcell_images"] = {
             "channel_names": list(self.channel_names),
             "shape": list(self.shape),
             "dtype": str(self.dtype),
             "source": str(self.source),
-            # a few cells' pixels, per channel: crops passed later with these rows are checked to be these crops
-            "pixel_sample": {"cells": ids, "digests": self.pixel_digests(ids)},
         }
+        if len(self) and self.obs.index.is_unique:
+            # a few cells' pixels, per channel: crops passed later with these rows are checked to be these crops
+            ids = list(self.obs.index[np.unique(np.linspace(0, len(self) - 1, PIXEL_SAMPLE).astype(int))])
+            adata.uns["sslcell_images"]["pixel_sample"] = {"cells": ids, "digests": self.pixel_digests(ids)}
         return adata
 
     def pixel_digests(self, ids: Sequence[str]) -> list[list[str]]:

@@ -148,5 +148,7 @@ def _embed_crops(adata: AnnData, crops: CellImages, model: SSLModule, channels: 
     check_crops(adata, crops)
     cells = model.inputs.align(crops, channels)
     out = embed_rows(model, cells, batch_size=batch_size, device=device)
-    return out, {"channel_names": list(cells.channel_names)}
+    # the crops' own names of the channels read (unnamed crops selected by position take the model's names)
+    read = crops.select_channels(channels).channel_names if channels is not None else cells.channel_names
+    return out, {"channel_names": list(cells.channel_names), "crop_channels": list(read)}
 

@@ -137,7 +137,7 @@ def _baselines(adata: ad.AnnData, crops: CellImages | None, baselines: Sequence[
 def _embedded_channels(adata: ad.AnnData, reps: list[str], crops: CellImages) -> CellImages:
     """``crops`` on the channels the embeddings ``reps`` were made from (their records), so that the pixel
     baseline reads what the models read (never a channel they were kept from, e.g. the stain labels came from)."""
-    used = {tuple(str(c) for c in recorded(adata, key).get("channel_names", ())) for key in reps} - {()}
+    used = {tuple(str(c) for c in _read_channels(recorded(adata, key))) for key in reps} - {()}
     if not used:
         return crops  # embeddings made elsewhere: the crops as given
     if len(used) > 1:
@@ -151,6 +151,12 @@ def _embedded_channels(adata: ad.AnnData, reps: list[str], crops: CellImages) ->
         raise InputError(f"the embeddings were made from channels {channels}; the crops from {crops.source} have "
                          f"no channel {missing[0]!r} (they have {crops.channel_names}) for the 'pixel_pca' baseline")
     return crops.select_channels(channels)
+
+
+def _read_channels(made: dict) -> list:
+    """The crops' channels an embedding read, by the crops' names (older records: the model's names)."""
+    names = made.get("crop_channels")
+    return list(names) if names is not None else list(made.get("channel_names", ()))
 
 
 def _labels(adata: ad.AnnData, label_key: str, n_splits: int) -> tuple[np.ndarray, np.ndarray, int, dict, list]:

@@ -83,8 +83,8 @@ def _check_pixels(adata: AnnData, crops: Any) -> None:
     crops no longer hold (a subset) are not compared."""
     sample = adata.uns.get(IMAGES_KEY, {}).get("pixel_sample") if isinstance(adata.uns.get(IMAGES_KEY), dict) else None
     names = adata.uns[IMAGES_KEY].get("channel_names") if sample is not None else None
-    if not isinstance(sample, dict) or names is None:
-        return  # an AnnData from an older sslcell, or not from crops
+    if not isinstance(sample, dict) or names is None or not crops.obs.index.is_unique:
+        return  # an AnnData from an older sslcell, or not from crops; crops with repeated ids are not looked up
     cells = [str(c) for c in np.asarray(sample.get("cells", [])).tolist()]
     digests = np.asarray(sample.get("digests", []), dtype=str).reshape(len(cells), -1) if cells else None
     present = [i for i, c in enumerate(cells) if c in crops.obs.index]

@@ -243,6 +243,28 @@ def test_out_naming_a_file_is_refused(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+def test_a_pretraining_stopped_by_sigterm_stops_the_suite(tmp_path, monkeypatch, capsys):
+    """It was recorded as a failed task (or a recipe 'not run') and the suite went on training."""
+    from sslcell.errors import RunInterrupted
+
+    ran = []
+
+    def interrupted(task, ctx):
+        ran.append(task.name)
+        raise RunInterrupted("stopped by SIGTERM at step 3")
+
+    import dataclasses
+
+    monkeypatch.setitem(TASKS, "toy_sum", dataclasses.replace(TOY, run=interrupted))
+    suite = _suite()
+    suite["tasks"].append({"name": "b", "kind": "toy_sum"})
+    path = _write(tmp_path, suite)
+    with pytest.raises(RunInterrupted):
+        run_suite(load_suite(path), progress=False)
+    assert ran == ["a"] and not (tmp_path / "results" / "toy.md").exists()
+    assert main(["benchmark", str(path)]) == 143 and "stopped by SIGTERM" in capsys.readouterr().err
+
+
 def test_workdir_must_be_new_empty_or_the_runners_own(tmp_path):
     """Tasks replace the model folders in --workdir: a user's folder with files in it is refused and kept."""
     mine = tmp_path / "mine"

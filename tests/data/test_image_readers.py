@@ -230,6 +230,12 @@ def test_png_colours_are_read_as_colours_never_as_palette_indices_or_high_bytes(
                 for i in range(2)]
     assert cells.shape[1] == 3
     np.testing.assert_array_equal(cells.batch(np.arange(2)), np.stack(expected))
+    (tmp_path / "grey").mkdir()  # a grey palette (ImageJ's LUT PNGs): one channel, the grey levels
+    grey = make_images(n=2, c=1, dtype=np.uint8, seed=5)
+    for i, crop in enumerate(grey):
+        Image.fromarray(crop[0]).convert("P").save(tmp_path / "grey" / f"c{i}.png")
+    assert Image.open(tmp_path / "grey" / "c0.png").mode == "P"
+    np.testing.assert_array_equal(CellImages.read(tmp_path / "grey").batch(np.arange(2)), grey)
     (tmp_path / "rgb16").mkdir()
     _png_rgb16(tmp_path / "rgb16" / "c0.png", np.full((8, 8, 3), 24200, dtype=np.uint16))
     assert Image.open(tmp_path / "rgb16" / "c0.png").size == (8, 8)  # a valid PNG

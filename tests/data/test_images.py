@@ -141,6 +141,8 @@ def test_to_anndata(tmp_path, x16):
     assert changed[1] != sample["digests"][2][1] and changed[::2] == sample["digests"][2][::2]
     adata.uns["sslcell_images"]["pixel_sample"] = sample
     adata.write_h5ad(tmp_path / "cells.h5ad")  # serialisable
+    assert cells[np.zeros(12, dtype=bool)].to_anndata().n_obs == 0  # no cells: no sample
+    assert "pixel_sample" not in cells[np.array([0, 0, 1])].to_anndata().uns["sslcell_images"]  # repeated ids
 
 
 def test_cell_selection_by_masks_and_refusals(x16):

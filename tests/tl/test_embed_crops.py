@@ -115,11 +115,24 @@ def test_the_pixel_baseline_reads_the_channels_the_embedding_was_made_from(cells
     two = tl.evaluate(tl.embed_crops(cells, model), "label", crops=cells, n_splits=3, seeds=(0,)).to_dataframe()
     assert table.equals(two)  # the same scores: the stain is left out of the baseline
     tl.embed(adata, model, crops=three.select_channels(NAMES[::-1]), channels=NAMES, key_added="X_other")
-    adata.uns["sslcell"]["X_other"]["channel_names"] = ["dna", "stain"]
+    adata.uns["sslcell"]["X_other"]["crop_channels"] = ["dna", "stain"]
     with pytest.raises(InputError, match="made from different channels"):
         tl.evaluate(adata, "label", use_rep=["X_sslcell", "X_other"], crops=three, n_splits=3, seeds=(0,))
     with pytest.raises(InputError, match="have no channel 'stain'"):
         tl.evaluate(adata, "label", use_rep="X_other", crops=three.select_channels(NAMES), n_splits=3, seeds=(0,))
+
+
+def test_the_pixel_baseline_reads_the_positions_unnamed_crops_were_embedded_from(cells, model):
+    """Unnamed crops embedded by position take the model's names: the baseline looked those names up in the crops
+    (refused, or for an unnamed model other positions)."""
+    pixels = np.asarray(cells.images)
+    unnamed = CellImages.from_array(np.concatenate([pixels[:, :1] * 0, pixels], axis=1), obs=cells.obs)
+    adata = unnamed.to_anndata()
+    tl.embed(adata, model, crops=unnamed, channels=[1, 2])
+    assert adata.uns["sslcell"]["X_sslcell"]["crop_channels"] == ["channel_1", "channel_2"]
+    report = tl.evaluate(adata, "label", crops=unnamed, n_splits=3, seeds=(0,)).to_dataframe()
+    named = tl.evaluate(tl.embed_crops(cells, model), "label", crops=cells, n_splits=3, seeds=(0,)).to_dataframe()
+    assert report.equals(named)  # the same pixels, the same scores
 
 
 def test_other_crops_with_the_same_ids_are_refused(cells, model):

@@ -224,6 +224,14 @@ def test_cli_transfer(tmp_path, capsys):
     assert not (tmp_path / "out2.h5ad").exists()
     assert main([*argv, "--overwrite"]) == 0
     assert (ad.read_h5ad(tmp_path / "out2.h5ad").obs["cell_type_pred"] != "mine").all()
+    ref.obs["cell_type"] = ref.obs["cell_type"].replace({"A": "unknown"})  # an atlas's own "unknown" cluster
+    ref.write_h5ad(tmp_path / "ref.h5ad")
+    argv[-1] = str(tmp_path / "out3.h5ad")
+    assert main([*argv, "--overwrite", "--min-confidence", "0.9"]) == 2
+    assert "below --min-confidence get: pass another --unknown-label (e.g. --unknown-label 'low confidence')" in \
+        capsys.readouterr().err
+    assert main([*argv, "--overwrite", "--min-confidence", "0.9", "--unknown-label", "low confidence"]) == 0
+    assert "low confidence" in set(ad.read_h5ad(tmp_path / "out3.h5ad").obs["cell_type_pred"])
 
 
 def test_query_and_reference_embedded_by_different_models_are_refused(cells, model, tmp_path):
