@@ -373,7 +373,7 @@ def _train(build: Callable[[np.ndarray], CellClassifier], cells: Any, codes: np.
         classifier.info["validation"] = {"n_cells": int(val.sum()), **stopper.summary()}
         if groups is not None:
             classifier.info["validation"]["n_groups"] = int(len(np.unique(groups[val])))
-    return classifier.eval()
+    return classifier.cpu().eval()  # embedding moved the shared encoder to the device: all of it on the CPU
 
 
 def _labelled(data: CellImages | AnnData, rows: np.ndarray, layer: str | None, model: SSLModule | None,
@@ -381,7 +381,8 @@ def _labelled(data: CellImages | AnnData, rows: np.ndarray, layer: str | None, m
     """The labelled cells, in order: aligned crops, or the AnnData's counts over the model's genes read into memory
     (:class:`CountRows`; a backed file is read chunk-wise). Log-normalised values for a model of raw counts
     (``log_normalized``) become per-cell scaled counts (``expm1``): normalised over the model's genes, as every
-    batch is, they are the raw counts' input."""
+    batch is, they are the raw counts' input. Raw counts for a model of log-normalised values become
+    ``log1p`` of counts scaled per cell over the model's genes, what ``tl.embed`` gives that model for them."""
     if isinstance(data, CellImages):
         return data if len(rows) == len(data) else data[rows]
     trained_on_logs = model.inputs.counts_are_log_normalized
@@ -394,6 +395,12 @@ def _labelled(data: CellImages | AnnData, rows: np.ndarray, layer: str | None, m
         dataset.close()
     if log_normalized and not trained_on_logs:
         cells.counts.data = np.expm1(cells.counts.data)
+    elif trained_on_logs and not log_normalized:  # raw counts for a model of log-normalised values: its input
+        counts = cells.counts
+        library = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
+        scale = np.divide(model.inputs.target_sum, library, out=np.zeros_like(library), where=library > 0)
+        rows = np.repeat(np.arange(counts.shape[0]), np.diff(counts.indptr))
+        counts.data = np.log1p(counts.data * scale[rows]).astype(counts.data.dtype)
     return cells
 
 

@@ -144,3 +144,19 @@ def test_log_normalised_cells_train_and_predict_as_their_raw_counts(small_counts
     np.testing.assert_allclose(log.obsm["sslcell_pred_proba"], raw.obsm["sslcell_pred_proba"], atol=1e-4)
     with pytest.raises(InputError, match="non-integer"):  # undeclared, log values are refused as counts
         tl.predict(logged.copy(), raw_clf)
+
+
+def test_raw_counts_for_a_model_of_log_normalised_values_train_as_tl_embed_reads_them(small_counts, tmp_path):
+    """finetune(raw, counts_are_log_normalized=False) on such a model read the raw counts as if they were log
+    values, while tl.predict normalised them: the head was fitted on one scale and applied to another."""
+    import scanpy as sc
+
+    logged = small_counts.copy()
+    sc.pp.normalize_total(logged, target_sum=1e4)
+    sc.pp.log1p(logged)
+    recipe = tiny_recipe("mae", train={"max_epochs": 1}, data={"counts_are_log_normalized": True})
+    model = sslcell.pretrain(recipe, logged, tmp_path / "run")
+    clf = finetune(small_counts, model, "cell_type", LINEAR, counts_are_log_normalized=False)
+    embedded = small_counts.copy()
+    tl.embed(embedded, model, counts_are_log_normalized=False)
+    np.testing.assert_allclose(clf.feature_mean.numpy(), embedded.obsm["X_sslcell"].mean(0), atol=1e-4)
