@@ -77,10 +77,11 @@ def pretrain(
     out = Path(out)
     spawned = _is_spawned_rank()
     given = _settings(config)  # the recipe's own train settings, before the overrides below
+    run_record = None  # run.json of the run resumed
     if resume:
-        stored, contract = _read_run(out)
+        stored, contract, run_record = _read_run(out)
         _check_same_recipe(config, stored, out)
-        config = _resumed_recipe(stored, given, json.loads((out / RUN_FILE).read_text()).get("given"))
+        config = _resumed_recipe(stored, given, run_record.get("given"))
     else:
         config, contract = copy.deepcopy(config), None  # the overrides below never reach the caller's recipe
     if max_epochs is not None:
@@ -104,7 +105,7 @@ def pretrain(
     prepare = _prepare_images if config.modality == "image" else _prepare_expression
     dataset, contract = prepare(config, data, contract)
     try:
-        return _fit(config, data, dataset, contract, out, callbacks or [], resume=resume, spawned=spawned,
+        return _fit(config, data, dataset, contract, out, callbacks or [], run_record=run_record, spawned=spawned,
                     given=given)
     finally:
         if isinstance(dataset, ExpressionDataset):
@@ -112,8 +113,10 @@ def pretrain(
 
 
 def _fit(config: RecipeConfig, data: Any, dataset: Any, contract: Contract, out: Path, callbacks: list,
-         *, resume: bool, spawned: bool, given: dict[str, Any]) -> SSLModule:
-    """Build the model, trainer and loader over ``dataset`` and train (resuming from ``out``'s checkpoint)."""
+         *, run_record: dict[str, Any] | None, spawned: bool, given: dict[str, Any]) -> SSLModule:
+    """Build the model, trainer and loader over ``dataset`` and train (resuming from ``out``'s checkpoint when
+    ``run_record``, the run's ``run.json``, is given)."""
+    resume = run_record is not None
     pl.seed_everything(config.train.seed, workers=True, verbose=False)
     model = build_method(config, contract)
     trainer = _trainer(config, out, callbacks)
@@ -142,10 +145,10 @@ def _fit(config: RecipeConfig, data: Any, dataset: Any, contract: Contract, out:
     if resume and not ckpt.is_file():
         raise FileNotFoundError(f"{ckpt}: nothing to resume from (the run stopped before its first checkpoint)")
     if resume:
-        _check_same_data(out, dataset, data)
+        _check_same_data(out, run_record, dataset, data)
         _position_loader(loader.dataset, ckpt)  # reads the checkpoint: a damaged one stops here, nothing written
         if not spawned:  # the settings a resume changed (max_epochs, say) hold for the next resume too
-            _record_resumed_settings(out, config, given)
+            _record_resumed_settings(out, run_record, config, given)
     try:
         fit_quietly(trainer, model, loader, ckpt_path=ckpt if resume else None, weights_only=True,
                     also=(".*resuming from a checkpoint that ended before the epoch ended.*",))
@@ -450,10 +453,11 @@ def _n_cells(dataset: ExpressionDataset | CellImages) -> int:
     return int(len(dataset) if isinstance(dataset, CellImages) else dataset.n_obs)
 
 
-def _check_same_data(out: Path, dataset: ExpressionDataset | CellImages, data: Any) -> None:
-    """Refuse to resume on other data than the run's: another number of cells (another epoch, another order), or
-    cells without some of the model's genes (it chose them from its own data, which hold them all)."""
-    recorded = json.loads((out / RUN_FILE).read_text())
+def _check_same_data(out: Path, recorded: dict[str, Any], dataset: ExpressionDataset | CellImages,
+                     data: Any) -> None:
+    """Refuse to resume on other data than the run's (``recorded``: its run.json): another number of cells
+    (another epoch, another order), or cells without some of the model's genes (it chose them from its own data,
+    which hold them all)."""
     n, have = recorded.get("n_cells"), _n_cells(dataset)
     if n is not None and n != have:
         raise InputError(f"{out}: the run trained on {n} cells ({recorded.get('data')}); {_describe(data)} holds "
@@ -483,17 +487,19 @@ def _resumed_recipe(stored: RecipeConfig, given: dict[str, Any], before: dict[st
     return config
 
 
-def _record_resumed_settings(out: Path, config: RecipeConfig, given: dict[str, Any]) -> None:
-    """Rewrite ``run.json``'s settings as a resume runs them, and the recipe it was given (atomically)."""
-    path = out / RUN_FILE
-    payload = json.loads(path.read_text())
+def _record_resumed_settings(out: Path, recorded: dict[str, Any], config: RecipeConfig,
+                             given: dict[str, Any]) -> None:
+    """Rewrite ``run.json`` (``recorded``, as read) with the settings a resume runs, and the recipe it was given
+    (atomically; not when nothing changed)."""
     ran = _settings(config)
-    if _settings(RecipeConfig.from_dict(payload["recipe"])) == ran and payload.get("given") == given:
+    recipe = recorded["recipe"]
+    if (recipe["train"], recipe["data"].get("num_workers")) == (ran["train"], ran["num_workers"]) \
+            and recorded.get("given") == given:
         return
-    payload["recipe"]["train"] = ran["train"]
-    payload["recipe"]["data"]["num_workers"] = ran["num_workers"]
-    payload["given"] = given
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=1)))
+    recipe["train"] = ran["train"]
+    recipe["data"]["num_workers"] = ran["num_workers"]
+    payload = {**recorded, "given": given}
+    atomic_write(out / RUN_FILE, lambda tmp: tmp.write_text(json.dumps(payload, indent=1)))
 
 
 def _check_same_recipe(given: RecipeConfig, stored: RecipeConfig, out: Path) -> None:
@@ -511,13 +517,14 @@ def _check_same_recipe(given: RecipeConfig, stored: RecipeConfig, out: Path) -> 
                           f"the recipe it started with (recorded in {out / RUN_FILE}), or start a new run")
 
 
-def _read_run(out: Path) -> tuple[RecipeConfig, Contract]:
+def _read_run(out: Path) -> tuple[RecipeConfig, Contract, dict[str, Any]]:
+    """The run in ``out``: its recipe, input contract and the whole ``run.json``."""
     path = out / RUN_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no run to resume in {out}")
     try:
         payload = json.loads(path.read_text())
-        return RecipeConfig.from_dict(payload["recipe"]), contract_from_dict(payload["contract"])
+        return RecipeConfig.from_dict(payload["recipe"]), contract_from_dict(payload["contract"]), payload
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, ConfigError) as err:
         raise FileFormatError(f"{path}: not a readable run record ({type(err).__name__}: {err}); the run cannot "
                               "be resumed (start it again with --overwrite)") from None

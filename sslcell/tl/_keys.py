@@ -81,9 +81,10 @@ def _check_pixels(adata: AnnData, crops: Any) -> None:
     """Raise if the cells whose pixels ``adata`` recorded (``to_anndata``) hold other pixels in ``crops``: other
     crops with the same ids (default ids are row numbers) would be scored in their place. Cells and channels the
     crops no longer hold (a subset) are not compared."""
-    sample = adata.uns.get(IMAGES_KEY, {}).get("pixel_sample") if isinstance(adata.uns.get(IMAGES_KEY), dict) else None
-    names = adata.uns[IMAGES_KEY].get("channel_names") if sample is not None else None
-    if not isinstance(sample, dict) or names is None or not crops.obs.index.is_unique:
+    images = adata.uns.get(IMAGES_KEY)
+    sample = images.get("pixel_sample") if isinstance(images, dict) else None
+    names = images.get("channel_names") if isinstance(sample, dict) else None
+    if names is None or not crops.obs.index.is_unique:
         return  # an AnnData from an older sslcell, or not from crops; crops with repeated ids are not looked up
     cells = [str(c) for c in np.asarray(sample.get("cells", [])).tolist()]
     digests = np.asarray(sample.get("digests", []), dtype=str).reshape(len(cells), -1) if cells else None
@@ -97,7 +98,7 @@ def _check_pixels(adata: AnnData, crops: Any) -> None:
             if now[k][c] != digests[i, j]:
                 raise InputError(
                     f"crops from {crops.source} are not the crops adata was made from "
-                    f"({adata.uns[IMAGES_KEY].get('source')}): cell {cells[i]!r}, channel {names[j]!r} holds other "
+                    f"({images.get('source')}): cell {cells[i]!r}, channel {names[j]!r} holds other "
                     "pixels. Pass the crops of adata's rows (an AnnData made from other crops gets its own "
                     "crops.to_anndata())")
 
