@@ -12,6 +12,8 @@ class-weighted cross-entropy) and a minimum number of optimiser steps; the loss 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -41,10 +43,12 @@ def training_epochs(n_cells: int, config: Any) -> tuple[int, int]:
 
 
 class _FinetuneModule(pl.LightningModule):
-    def __init__(self, classifier: CellClassifier, codes: np.ndarray, config: Any,
-                 validation: tuple[Any, EarlyStopping] | None = None, class_weight: np.ndarray | None = None) -> None:
+    def __init__(self, classifier: CellClassifier, cells: Any, codes: np.ndarray, config: Any,
+                 validation: tuple[Any, EarlyStopping] | None = None, class_weight: np.ndarray | None = None,
+                 weights: np.ndarray | None = None) -> None:
         super().__init__()
         self.classifier, self.config, self.validation = classifier, config, validation
+        self.cells, self.weights = cells, weights  # for the batch-norm pass before each validation
         self.register_buffer("codes", torch.from_numpy(codes.astype(np.int64)), persistent=False)
         self.image = classifier.inputs.modality == "image"
         self.augment = ImageAugment(image_augment_config(config.augment)) if self.image else None
@@ -82,10 +86,12 @@ class _FinetuneModule(pl.LightningModule):
             log.info("fine-tuning epoch %d/%d: loss %.4f, training accuracy %.3f (%d %s)",
                      self.current_epoch + 1, self.trainer.max_epochs, loss / n, accuracy / n, n,
                      "augmented crops" if self.image else "cells")
-        if self.validation is not None:
+        if self.validation is not None:  # scored, and kept when best, as fit_full returns it: batch norm re-estimated
             rows, stopper = self.validation
-            predicted = predict_codes(self.classifier, rows, self.config.batch_size, self.device)
-            if stopper.update(self.current_epoch, predicted, self.classifier):
+            with _calibrated_batch_norm(self.classifier, self.cells, self.weights, self.config):
+                predicted = predict_codes(self.classifier, rows, self.config.batch_size, self.device)
+                stop = stopper.update(self.current_epoch, predicted, self.classifier)
+            if stop:
                 self.trainer.should_stop = True
 
     def on_train_epoch_start(self) -> None:
@@ -146,8 +152,9 @@ def encoder_groups(encoder: torch.nn.Module, lr: float, layer_decay: float = 1.0
 def fit_full(classifier: CellClassifier, cells: Any, codes: np.ndarray, config: Any,
              validation: tuple[Any, EarlyStopping] | None = None) -> dict[str, int]:
     """Train encoder and head together on ``cells`` (crops or :class:`CountRows`; ``codes`` ``(N,)``: the class of
-    each), then re-estimate the batch-norm statistics. ``validation``: ``(validation cells, EarlyStopping)``; the
-    best epoch's weights are restored before the batch-norm pass.
+    each), then re-estimate the batch-norm statistics. ``validation``: ``(validation cells, EarlyStopping)``; every
+    epoch is scored with its batch-norm statistics re-estimated (:func:`_calibrated_batch_norm`), and the best
+    epoch's weights are restored.
 
     Classes are balanced with the power ``config.oversample``: ``balance="sampling"`` draws a cell of class ``k``
     with weight ``count_k ** -power``; ``balance="loss"`` keeps the natural draws and weights the cross-entropy
@@ -183,7 +190,7 @@ def fit_full(classifier: CellClassifier, cells: Any, codes: np.ndarray, config: 
         enable_model_summary=False,
         use_distributed_sampler=False,
     )
-    module = _FinetuneModule(classifier, codes, config, validation, class_weight)
+    module = _FinetuneModule(classifier, cells, codes, config, validation, class_weight, weights)
     module.train()  # a loaded model comes in eval mode; dropout and batch norm must train here
     drop_path = None
     if config.drop_path is not None:
@@ -222,6 +229,30 @@ def calibrate_before_training(classifier: CellClassifier, cells: Any, codes: np.
     _recalibrate_batch_norm(classifier.to(device), cells, sampling_weights(codes, config),
                             min(config.batch_size, len(codes)), config.seed)
     classifier.cpu()
+
+
+@contextmanager
+def _calibrated_batch_norm(classifier: CellClassifier, cells: Any, weights: np.ndarray | None,
+                           config: Any) -> Iterator[None]:
+    """Within: the encoder's batch-norm statistics re-estimated for its current weights on ``cells``, as
+    :func:`fit_full` leaves them at the end (:func:`_recalibrate_batch_norm`), so that early stopping scores, and
+    keeps, the network it would return; afterwards the running averages and the training mode are put back. A
+    frozen encoder, or one without batch norm, is left as it is."""
+    encoder = classifier.encoder
+    if config.encoder_lr_factor == 0 or not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                                                for m in encoder.modules()):
+        yield
+        return
+    saved = {name: buffer.clone() for name, buffer in encoder.named_buffers()}
+    training = encoder.training
+    _recalibrate_batch_norm(classifier, cells, weights, min(config.batch_size, len(cells)), config.seed)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, buffer in encoder.named_buffers():
+                buffer.copy_(saved[name])
+        encoder.train(training)
 
 
 @torch.no_grad()

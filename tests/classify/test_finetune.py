@@ -777,3 +777,24 @@ def test_finetune_calibrates_before_lp_ft_probe_only(model, train, monkeypatch):
     finetune(cells_of(x, y), model, config=full(epochs=1, init_head="random"))
     finetune(cells_of(x, y), model, config=linear())
     assert calls == [len(y)]  # LP-FT only, on its training cells
+
+
+def test_early_stopping_scores_the_network_it_returns(model):
+    """With batch norm, each epoch is scored with the statistics fit_full leaves (re-estimated on the training
+    crops): the returned classifier's validation macro-F1 is the best epoch's recorded score. Scored with the
+    running averages training trails, every epoch here read as one class for all cells (macro-F1 0.17 against the
+    returned network's 0.96), so the choice of epoch was blind."""
+    from sklearn.metrics import f1_score
+
+    from sslcell.classify.finetune import _validation_mask
+
+    x, y = task(192, 0, n_classes=3)
+    config = full(epochs=4, encoder_lr_factor=1.0, lr=3e-2, val_fraction=0.3, patience=10)
+    classifier = finetune(model, cells_of(x, CLASSES[y]), "label", config)
+    codes = pd.Categorical(CLASSES[y]).codes.astype(np.int64)
+    val = _validation_mask(codes, 0.3, config.seed)
+    predicted = classifier.predict_proba(torch.from_numpy(x[val])).numpy().argmax(1)
+    info = classifier.info["validation"]
+    score = f1_score(codes[val], predicted, labels=np.unique(codes[val]), average="macro", zero_division=0)
+    assert score == pytest.approx(info["best_macro_f1"], abs=1e-9) and score > 0.5
+    assert info["macro_f1_per_epoch"][info["best_epoch"] - 1] == info["best_macro_f1"]
