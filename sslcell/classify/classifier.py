@@ -15,7 +15,7 @@ from sslcell.config import RecipeConfig
 from sslcell.data.images import CellImages
 from sslcell.errors import ConfigError, FileFormatError, InputError
 from sslcell.methods import SSLModule, build_encoder, build_inputs
-from sslcell.methods.inputs import Inputs
+from sslcell.methods.inputs import Inputs, image_augment_config
 from sslcell.train import image_contract
 
 WEIGHTS = "classifier.safetensors"
@@ -99,6 +99,22 @@ class CellClassifier(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Normalised input -> logits ``(N, K)``."""
         return self.head_output(self.features(x))[1]
+
+    def tta_caveat(self) -> str | None:
+        """Why test-time augmentation may lower this classifier's accuracy, or None: a linear or mlp head was
+        fitted on each crop in one orientation (TTA helps only where the frozen encoder's features do not change
+        with it), or fine-tuning drew no flips or 90-degree turns. None when ``info`` does not say how it was
+        trained."""
+        config = self.info.get("finetune") or {}
+        if not config or self.inputs.modality != "image":
+            return None
+        if config.get("head") != "full":
+            return (f"its {config.get('head')} head was fitted on each crop in one orientation: averaging over flips "
+                    "and turns helps only where the frozen encoder's features do not change with orientation")
+        augment = image_augment_config(config.get("augment") or {})  # the fields given over the defaults
+        if not (augment.hflip or augment.vflip) or not augment.rot90:
+            return "it was fine-tuned without flips and 90-degree turns, so other orientations are new to it"
+        return None
 
     @torch.no_grad()
     def predict_proba(self, batch: Tensor, tta: bool = False, **normalize: Any) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,7 +51,8 @@ def predict(
         adata: expression classifiers: cells x genes (counts in ``X`` or ``layer``); image classifiers: the AnnData
             of ``crops`` (``crops.to_anndata()`` or ``tl.embed_crops``).
         crops: image classifiers only: the crops of ``adata``'s rows; ``channels`` selects the model's channels.
-        tta: image classifiers only: average the probabilities over each crop's flips and 90-degree turns.
+        tta: image classifiers only: average the probabilities over each crop's flips and 90-degree turns; a
+            warning where the classifier did not train on them (:meth:`CellClassifier.tta_caveat`).
         max_missing_genes: expression classifiers only: as in :func:`~sslcell.tl.embed` (default 0.5).
         counts_are_log_normalized: expression classifiers only: ``X`` (or ``layer``) holds log1p-normalised values
             (default: as the model was trained); read as :func:`~sslcell.tl.embed` reads them.
@@ -72,6 +74,9 @@ def predict(
         refuse(layer=layer, max_missing_genes=max_missing_genes, counts_are_log_normalized=counts_are_log_normalized)
         check_crops(adata, crops)
         data: Any = classifier.inputs.align(crops, channels)
+        caveat = classifier.tta_caveat() if tta else None
+        if caveat:
+            warnings.warn(f"tta: {caveat}; compare with tta=False on labelled cells (label_key)", stacklevel=2)
         normalize: dict[str, Any] = {}
     else:
         refuse(crops=crops, channels=channels, tta=tta)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -34,8 +37,23 @@ def test_image_classifier_layout_and_scores(cells, model):
     assert adata.uns["sslcell"]["sslcell_pred"]["metrics"]["accuracy"] == pytest.approx(report.accuracy)
     with pytest.raises(OverwriteError, match="sslcell_pred"):
         tl.predict(adata, clf, crops=cells)
-    tta = tl.predict(adata, clf, crops=cells, tta=True, key_added="tta", copy=True)
+    with pytest.warns(UserWarning, match="tta: its linear head was fitted on each crop in one orientation"):
+        tta = tl.predict(adata, clf, crops=cells, tta=True, key_added="tta", copy=True)
     assert "tta" in tta.obs and "tta" not in adata.obs and tta.uns["sslcell"]["tta"]["tta"] is True
+
+
+def test_tta_warns_only_for_classifiers_not_trained_on_the_orientations(cells, model):
+    """Fine-tuning draws flips and 90-degree turns by default: TTA is what the classifier trained on, no warning;
+    without flips, or without turns, the warning says so."""
+    full = FinetuneConfig(head="full", epochs=1, batch_size=16, progress_bar=False, accelerator="cpu")
+    adata = cells.to_anndata()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tl.predict(adata, finetune(cells, model, "label", full), crops=cells, tta=True, key_added="ok")
+    for augment in ({"hflip": 0.0, "vflip": 0.0}, {"rot90": False}):
+        clf = finetune(cells, model, "label", replace(full, augment=augment))
+        with pytest.warns(UserWarning, match="tta: it was fine-tuned without flips and 90-degree turns"):
+            tl.predict(adata, clf, crops=cells, tta=True, key_added="no_turns", overwrite=True)
 
 
 def test_image_refusals(cells, model):

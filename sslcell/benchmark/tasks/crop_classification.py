@@ -44,6 +44,7 @@ import hashlib
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -310,7 +311,9 @@ def _classifier_score(cells: Any, label_key: str, device: torch.device) -> Calla
     def score(classifier: Any, rows: np.ndarray, tta: bool) -> Any:
         part = cells[rows]
         adata = part.to_anndata()
-        tl.predict(adata, classifier, crops=part, tta=tta, device=device)
+        with warnings.catch_warnings():  # the table scores both ways: tl.predict's TTA caveat says nothing new
+            warnings.filterwarnings("ignore", message="tta: ")
+            tl.predict(adata, classifier, crops=part, tta=tta, device=device)
         return tl.score(adata, label_key)
 
     return score
