@@ -379,29 +379,22 @@ def _train(build: Callable[[np.ndarray], CellClassifier], cells: Any, codes: np.
 def _labelled(data: CellImages | AnnData, rows: np.ndarray, layer: str | None, model: SSLModule | None,
               max_missing_genes: float | None = None, log_normalized: bool | None = None) -> Any:
     """The labelled cells, in order: aligned crops, or the AnnData's counts over the model's genes read into memory
-    (:class:`CountRows`; a backed file is read chunk-wise). Log-normalised values for a model of raw counts
-    (``log_normalized``) become per-cell scaled counts (``expm1``): normalised over the model's genes, as every
-    batch is, they are the raw counts' input. Raw counts for a model of log-normalised values become
-    ``log1p`` of counts scaled per cell over the model's genes, what ``tl.embed`` gives that model for them."""
+    (:class:`CountRows`; a backed file is read chunk-wise) as the model reads them by default
+    (:meth:`~sslcell.methods.inputs.ExpressionInputs.as_trained`: raw counts for a model of log-normalised values,
+    or log values (``log_normalized``) for a model of raw counts, are converted), so that training, batch-norm
+    re-estimation and validation read them as ``tl.embed`` reads ``data``."""
     if isinstance(data, CellImages):
         return data if len(rows) == len(data) else data[rows]
-    trained_on_logs = model.inputs.counts_are_log_normalized
-    log_normalized = trained_on_logs if log_normalized is None else log_normalized
+    log_normalized = model.inputs.counts_are_log_normalized if log_normalized is None else log_normalized
     dataset = open_counts(data, model.inputs.genes, layer=layer, max_missing_genes=max_missing_genes,
                           counts_are_log_normalized=log_normalized)
     try:
         cells = CountRows.read(dataset, rows)
     finally:
         dataset.close()
-    if log_normalized and not trained_on_logs:
-        cells.counts.data = np.expm1(cells.counts.data)
-    elif trained_on_logs and not log_normalized:  # raw counts for a model of log-normalised values: its input
-        counts = cells.counts
-        library = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
-        scale = np.divide(model.inputs.target_sum, library, out=np.zeros_like(library), where=library > 0)
-        rows = np.repeat(np.arange(counts.shape[0]), np.diff(counts.indptr))
-        counts.data = np.log1p(counts.data * scale[rows]).astype(counts.data.dtype)
-    return cells
+    if log_normalized == model.inputs.counts_are_log_normalized:
+        return cells
+    return cells.map_rows(lambda block: model.inputs.as_trained(torch.from_numpy(block), log_normalized).numpy())
 
 
 def _validation_mask(codes: np.ndarray, fraction: float, seed: int, groups: np.ndarray | None = None) -> np.ndarray:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import anndata as ad
@@ -324,3 +324,11 @@ class CountRows:
     def batch(self, rows: np.ndarray) -> np.ndarray:
         """Dense counts ``(len(rows), G)`` float32 of the given positions."""
         return self.counts[np.asarray(rows)].toarray()
+
+    def map_rows(self, fn: Callable[[np.ndarray], np.ndarray], chunk_size: int = 4096) -> CountRows:
+        """A copy with ``fn`` applied to dense blocks of rows, ``(n, G) -> (n, G)`` float32; ``fn`` must keep
+        zeros zero, so that the counts stay sparse."""
+        blocks = [sp.csr_matrix(fn(self.batch(np.arange(start, min(start + chunk_size, len(self))))), dtype=np.float32)
+                  for start in range(0, len(self), chunk_size)]
+        counts = sp.vstack(blocks, format="csr") if blocks else self.counts.copy()
+        return CountRows(counts, self.source)

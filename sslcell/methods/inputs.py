@@ -83,21 +83,27 @@ class ExpressionInputs(Inputs):
         """(N, G) counts over the model's genes -> (N, G) normalised float32 model input.
 
         ``counts_are_log_normalized`` declares the batch already ``log1p`` of counts scaled per cell (default: as
-        the model was trained). For a model trained on raw counts such a batch is taken back to per-cell scaled
-        counts (``expm1``) and normalised as raw counts are, over the model's genes: scanpy's
-        ``normalize_total`` (over all genes, to any target sum: 1e4, CPM, the median) + ``log1p`` then gives the
-        same input as the raw counts, where the values as they are would sit on another scale.
+        the model was trained); other values are first read as the model was trained to read them
+        (:meth:`as_trained`).
         """
-        batch = batch.float()
-        if counts_are_log_normalized is None:
-            counts_are_log_normalized = self.counts_are_log_normalized
-        if not counts_are_log_normalized:
-            x = normalize_log1p(batch, self.target_sum)
-        elif self.counts_are_log_normalized:  # trained on log-normalised values: read as they are, as in training
-            x = batch
-        else:
-            x = normalize_log1p(torch.expm1(batch), self.target_sum)
-        return self.scale(x)
+        batch = self.as_trained(batch, counts_are_log_normalized).float()
+        return self.scale(batch if self.counts_are_log_normalized else normalize_log1p(batch, self.target_sum))
+
+    def as_trained(self, batch: Tensor, counts_are_log_normalized: bool | None = None) -> Tensor:
+        """(N, G) raw counts, or log-normalised values (``counts_are_log_normalized``; default: as the model was
+        trained), -> the same cells as the model reads them by default, zeros kept zero.
+
+        Raw counts for a model of log-normalised values become ``log1p`` of counts scaled per cell over the model's
+        genes. Log values for a model of raw counts become per-cell scaled counts (``expm1``): the model normalises
+        each cell over its genes, so scanpy's ``normalize_total`` (over all genes, to any target sum: 1e4, CPM,
+        the median) + ``log1p`` then gives the same input as the raw counts, where the values as they are would sit
+        on another scale.
+        """
+        if counts_are_log_normalized is None or bool(counts_are_log_normalized) == self.counts_are_log_normalized:
+            return batch
+        if self.counts_are_log_normalized:
+            return normalize_log1p(batch.float(), self.target_sum)
+        return torch.expm1(batch.float())
 
     def scale(self, x: Tensor) -> Tensor:
         """(N, G) log-normalised -> standardised and clipped (identity for an unscaled model)."""
