@@ -236,7 +236,7 @@ class CellImages:
     @property
     def unnamed_channels(self) -> bool:
         """Whether the crops came without channel names (the placeholders ``channel_<k>``)."""
-        return all(re.fullmatch(r"channel_\d+", name) for name in self.channel_names)
+        return placeholder_names(self.channel_names)
 
     def rename_channels(self, names: Sequence[str]) -> CellImages:
         """The same crops with ``names`` ``(C,)`` as their channel names."""
@@ -437,3 +437,9 @@ def _make_obs(obs: pd.DataFrame | None, labels: Any, n: int) -> pd.DataFrame:
             raise InputError("labels given and obs already has a 'label' column; give one of them")
         obs["label"] = labels
     return obs
+
+
+def placeholder_names(names: Sequence[str]) -> bool:
+    """Whether channel ``names`` are all placeholders ``channel_<k>`` (crops stored without channel names): they
+    name positions, not stains."""
+    return all(re.fullmatch(r"channel_\d+", name) for name in names)

@@ -7,7 +7,6 @@ the one normalisation routine: pretraining, ``tl.embed``, classifiers and predic
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -18,7 +17,7 @@ from torch import Tensor, nn
 from sslcell.augment.expression import ExpressionAugment, ExpressionAugmentConfig, normalize_log1p
 from sslcell.augment.image import ImageAugment, ImageAugmentConfig
 from sslcell.config import from_dict
-from sslcell.data.images import CellImages
+from sslcell.data.images import CellImages, placeholder_names
 from sslcell.errors import ChannelMismatchError, InputError
 from sslcell.methods.contracts import ExpressionContract, ImageContract, contract_from_dict
 
@@ -172,8 +171,7 @@ class ImageInputs(Inputs):
             cells = cells.select_channels(channels)
             if cells.unnamed_channels and cells.n_channels == self.n_channels:
                 # crops stored without channel names, selected explicitly by position: take them as the model's
-                positions = all(re.fullmatch(r"channel_\d+", name) for name in self.channel_names)
-                if positions and cells.channel_names != list(self.channel_names):
+                if placeholder_names(self.channel_names) and cells.channel_names != list(self.channel_names):
                     warnings.warn(
                         f"{cells.source}: channels {cells.channel_names} are taken as the model's "
                         f"{list(self.channel_names)} (positions in the crops it was trained on); if these crops "
