@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,16 +23,18 @@ from sslcell.errors import ConfigError, FileFormatError, OverwriteError
 from sslcell.methods import SSLModule, build_method
 from sslcell.provenance import versions
 
-FORMAT_VERSION = 1  # the format this release writes
+FORMAT_VERSION = 2  # the format this release writes
 # Every format a release has written. Each stays readable by later releases, proved by a model, a classifier and
 # their expected outputs committed per format under tests/fixtures/checkpoints/format<N>/. A change to what is
 # written bumps FORMAT_VERSION, appends it here, adds the conversion from the older formats to the readers, and
 # commits a new fixture folder; old fixture folders are never regenerated.
-READABLE_FORMATS = (1,)
+# 1: the first. 2: the JSON holds "weights_id", the weights' checksum (:func:`state_id`), checked on loading.
+READABLE_FORMATS = (1, 2)
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 CARD = "README.md"
-MODEL_FIELDS = frozenset({"format_version", "recipe", "contract", "embed_dim", "seed", "versions", "trained"})
+MODEL_FIELDS = frozenset({"format_version", "recipe", "contract", "embed_dim", "seed", "versions", "trained",
+                          "weights_id"})
 
 
 def save_model(model: SSLModule, directory: str | Path, *, trained: dict[str, Any] | None = None,
@@ -85,11 +88,13 @@ def write_weights(
     overwrite: bool = False,
 ) -> Path:
     """``module``'s state dict as safetensors ``weights`` and ``meta`` as JSON ``config`` in ``directory``
-    (created), each written atomically; files already there are replaced only with ``overwrite``."""
+    (created), each written atomically; files already there are replaced only with ``overwrite``. The JSON also
+    gets ``weights_id``, the weights' checksum (:func:`state_id`), which :func:`read_weights` checks."""
     directory = Path(directory)
     check_free_files(directory, (weights, config), overwrite)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    meta = {**meta, "weights_id": state_id(state)}
     atomic_write(directory / weights, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
     atomic_write(directory / config, lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
     return directory
@@ -149,49 +154,92 @@ def load(directory: str | Path, *, map_location: str | torch.device = "cpu") -> 
     if meta.get("embed_dim", model.embed_dim) != model.embed_dim:
         raise FileFormatError(f"{directory / CONFIG}: embed_dim {meta['embed_dim']!r} does not match the recipe's "
                               f"encoder ({model.embed_dim})")
-    read_weights(model, directory / WEIGHTS, CONFIG, map_location)
+    read_weights(model, directory / WEIGHTS, CONFIG, map_location, meta)
     model.trained_info = meta.get("trained", {})
     model.source = str(directory)
     return model.eval()
 
 
-def read_weights(module: torch.nn.Module, path: Path, config: str, map_location: str | torch.device = "cpu") -> None:
-    """Load safetensors ``path`` into ``module``, which was built from JSON ``config``: every tensor must be there
-    with its shape, and nothing else (no code is executed)."""
-    try:
-        state = load_file(str(path), device=str(map_location))
-    except (SafetensorError, OSError) as err:
-        raise FileFormatError(f"{path}: cannot read weights ({err})") from None
-    expected = module.state_dict()
-    wrong = [k for k in expected if k not in state or state[k].shape != expected[k].shape]
-    unexpected = [k for k in state if k not in expected]
+def read_weights(module: torch.nn.Module, path: Path, config: str, map_location: str | torch.device = "cpu",
+                 meta: dict[str, Any] | None = None) -> None:
+    """Load safetensors ``path`` into ``module``, which was built from JSON ``config`` (parsed: ``meta``): every
+    tensor must be there with its shape and dtype, finite, and nothing else (no code is executed). From format 2
+    the weights must match ``meta["weights_id"]``; on a mismatch both files are read once more, in case a run was
+    refreshing its model in between (weights first, then the JSON), before they are refused."""
+    state = _weights(path)
+    expected_state = module.state_dict()
+    wrong = [k for k in expected_state if k not in state or state[k].shape != expected_state[k].shape]
+    unexpected = [k for k in state if k not in expected_state]
     if wrong or unexpected:
         raise FileFormatError(
             f"{path}: weights do not match the settings in {config} "
             f"(missing or misshapen {wrong[:5]}, unexpected {unexpected[:5]})"
         )
-    retyped = [f"{k} ({state[k].dtype}, expected {expected[k].dtype})" for k in expected
-               if state[k].dtype != expected[k].dtype]
+    retyped = [f"{k} ({state[k].dtype}, expected {expected_state[k].dtype})" for k in expected_state
+               if state[k].dtype != expected_state[k].dtype]
     if retyped:  # a silent cast would change the model's outputs
         raise FileFormatError(f"{path}: weights of the wrong dtype: {', '.join(retyped[:5])}")
     broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if broken:
         raise FileFormatError(f"{path}: weights hold NaN or infinite values: {broken[:5]}")
+    expected = _expected_id(meta or {}, path.parent / config)
+    if expected is not None and state_id(state) != expected:
+        time.sleep(0.5)
+        expected = _expected_id(_json(path.parent / config), path.parent / config)
+        state = _weights(path)
+        if state_id(state) != expected:
+            raise FileFormatError(f"{path}: the weights' checksum differs from weights_id in {config}: the file is "
+                                  f"damaged, or was replaced without its {config}; copy or save the model again")
     module.load_state_dict(state)
+    module.to(map_location)
 
 
-def weights_id(module: torch.nn.Module) -> str:
-    """A fingerprint of ``module``'s weights (every tensor of its state dict, by name): equal for the same weights
-    however they were loaded, different once any value differs. Recorded with every embedding, so embeddings of
-    two different models are never compared as if they shared a space."""
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError) as err:
+        raise FileFormatError(f"{path}: cannot read weights ({err})") from None
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise FileFormatError(f"{path}: cannot read ({err})") from None
+    if not isinstance(meta, dict):
+        raise FileFormatError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def _expected_id(meta: dict[str, Any], path: Path) -> str | None:
+    """The weights' checksum ``meta`` records (None for format 1, which had none)."""
+    if meta.get("format_version", 1) == 1 and "weights_id" not in meta:
+        return None
+    expected = meta.get("weights_id")
+    if not isinstance(expected, str):
+        raise FileFormatError(f"{path}: format {meta.get('format_version')} needs weights_id, the weights' "
+                              f"checksum; got {expected!r}")
+    return expected
+
+
+def state_id(state: dict[str, torch.Tensor]) -> str:
+    """A fingerprint of a state dict: every tensor, by name, dtype and bytes (blake2b, 16 hex digits); the same
+    for the same values however they were stored or loaded."""
     import hashlib
 
     digest = hashlib.blake2b(digest_size=8)
-    for name, tensor in sorted(module.state_dict().items()):
+    for name, tensor in sorted(state.items()):
         digest.update(name.encode())
         digest.update(str(tensor.dtype).encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def weights_id(module: torch.nn.Module) -> str:
+    """A fingerprint of ``module``'s weights (:func:`state_id` of its state dict): equal for the same weights
+    however they were loaded, different once any value differs. Recorded with every embedding, so embeddings of
+    two different models are never compared as if they shared a space, and in a saved model's JSON."""
+    return state_id(module.state_dict())
 
 
 def model_directory(directory: str | Path) -> Path:

@@ -119,3 +119,43 @@ def test_every_model_directory_carries_a_model_card(tmp_path):
     for expected in ("**Method:** mae (expression), encoder mlp", f"raw counts of {len(GENES)} genes",
                      "epochs 3, n_cells 400", "**Seed:** 0", "torch", 'sslcell.load("<this folder>")'):
         assert expected in card, expected
+
+
+def test_damaged_weights_are_refused_by_their_checksum(tmp_path):
+    """A flipped byte inside a tensor still parses as safetensors: the checksum in config.json catches it."""
+    save_model(build_method(tiny_recipe(), CONTRACT), tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x01  # the low bits of the last tensor's last value: finite, same shape and dtype
+    weights.write_bytes(bytes(data))
+    with pytest.raises(FileFormatError, match="model.safetensors: the weights' checksum differs from weights_id"):
+        load(tmp_path / "m")
+    config = tmp_path / "m" / "config.json"
+    meta = json.loads(config.read_text())
+    del meta["weights_id"]
+    config.write_text(json.dumps(meta))
+    with pytest.raises(FileFormatError, match="format 2 needs weights_id"):
+        load(tmp_path / "m")
+
+
+def test_a_model_refreshed_while_it_is_read_loads_the_new_one(tmp_path, monkeypatch):
+    """A run refreshes model/ at each checkpoint, weights first: a reader in between meets new weights and the old
+    config.json. It reads both again once (after a pause) and gets the new pair; weights that never get their
+    config.json are refused."""
+    from sslcell import checkpoint
+
+    old, new = build_method(tiny_recipe(), CONTRACT).eval(), build_method(tiny_recipe(), CONTRACT).eval()  # two draws
+    save_model(old, tmp_path / "old")
+    save_model(new, tmp_path / "new")
+    target = tmp_path / "m"
+    save_model(old, target)
+    (target / "model.safetensors").write_bytes((tmp_path / "new" / "model.safetensors").read_bytes())
+    finish = lambda seconds: (target / "config.json").write_text((tmp_path / "new" / "config.json").read_text())  # noqa: E731
+    monkeypatch.setattr(checkpoint.time, "sleep", finish)
+    x = torch.poisson(torch.full((4, 30), 3.0))
+    assert torch.equal(load(target).embed(x), new.embed(x))
+    save_model(old, target, overwrite=True)
+    (target / "model.safetensors").write_bytes((tmp_path / "new" / "model.safetensors").read_bytes())
+    monkeypatch.setattr(checkpoint.time, "sleep", lambda seconds: None)
+    with pytest.raises(FileFormatError, match="checksum differs"):
+        load(target)

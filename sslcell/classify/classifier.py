@@ -180,7 +180,7 @@ def load_classifier(directory: str | Path, *, map_location: str | torch.device =
                                     meta.get("hidden", 0))
     except (ValueError, KeyError, TypeError, AttributeError, ConfigError) as err:  # ValueError covers bad JSON
         raise FileFormatError(f"{directory / CONFIG}: not a valid classifier description ({err})") from None
-    read_weights(classifier, directory / WEIGHTS, CONFIG, map_location)
+    read_weights(classifier, directory / WEIGHTS, CONFIG, map_location, meta)
     classifier.info = meta.get("info", {})
     classifier.source = str(directory)
     return classifier.eval()
