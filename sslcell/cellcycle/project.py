@@ -29,16 +29,14 @@ FARTHER = 1.5  # new cells warn when their residual is above RESIDUAL_WARN and t
 def _check_same_space(adata: AnnData, use_rep: str, reference: Any, key: str) -> None:
     """Refuse cells whose representation was made in another space than the reference fit's (another model's
     weights, or a PCA of other cells), where both sides recorded it: θ would be read off the wrong axes."""
-    from sslcell.tl._keys import rep_id
+    from sslcell.tl._keys import check_same_space, rep_id
 
-    theirs = _fitted_space(reference, key)
     ours = rep_id(adata, use_rep)
-    if theirs and ours and theirs != ours:
-        hint = ("each call of tl.cell_cycle_pca fits a PCA of its own cells, so the reference's axes are not these "
-                "cells' axes: place cells embedded by one model instead" if ours.startswith("cell_cycle_pca:")
-                else "embed these cells with the reference's model")
-        raise InputError(f"obsm[{use_rep!r}] lies in another space ({ours}) than the one the reference was fitted "
-                         f"in ({theirs}): {hint}")
+    hint = ("each call of tl.cell_cycle_pca fits a PCA of its own cells, so the reference's axes are not these "
+            "cells' axes: place cells embedded by one model instead" if ours and ours.startswith("cell_cycle_pca:")
+            else "embed these cells with the reference's model")
+    check_same_space(ours, _fitted_space(reference, key), f"obsm[{use_rep!r}]", "the one the reference was fitted in",
+                     hint)
 
 
 def _fitted_space(reference: Any, key: str) -> str | None:

@@ -58,6 +58,14 @@ def rep_id(adata: AnnData, use_rep: str) -> str | None:
     return recorded(adata, use_rep).get("model_id")
 
 
+def check_same_space(ours: str | None, theirs: str | None, what: str, reference: str, hint: str) -> None:
+    """Refuse a representation (``what``, space id ``ours``) recorded as made in another space than the
+    ``reference`` it is compared with (``theirs``): another model's weights, or a PCA of other cells. Where either
+    side recorded none (:func:`rep_id`), nothing can be checked."""
+    if ours and theirs and ours != theirs:
+        raise InputError(f"{what} lies in another space ({ours}) than {reference} ({theirs}): {hint}")
+
+
 def record(adata: AnnData, key: str, info: dict[str, Any]) -> None:
     """``adata.uns["sslcell"][key] = info``: the model and settings behind a result."""
     adata.uns.setdefault("sslcell", {})[key] = info

@@ -10,7 +10,7 @@ from anndata import AnnData
 
 from sslcell.data.labels import label_strings
 from sslcell.errors import ConfigError, InputError
-from sslcell.tl._keys import check_free, record, recorded
+from sslcell.tl._keys import check_free, check_same_space, record, recorded
 from sslcell.transfer.knn import vote
 from sslcell.transfer.reference import Kind, ReferenceIndex
 
@@ -133,12 +133,8 @@ def _check_same_model(query: AnnData, ref: ReferenceIndex, use_rep: str) -> None
     """Refuse query and reference embeddings recorded as made by different weights: their spaces differ, so
     their neighbours would be meaningless (where either side has no record, nothing can be checked)."""
     made = recorded(query, use_rep)
-    if made.get("model_id") and ref.model_id and made["model_id"] != ref.model_id:
-        raise InputError(
-            f"query.obsm[{use_rep!r}] was embedded by another model ({made.get('model')}, weights "
-            f"{made['model_id']}) than the reference ({ref.model}, weights {ref.model_id}): embed both with the "
-            "same model"
-        )
+    check_same_space(made.get("model_id"), ref.model_id, f"query.obsm[{use_rep!r}] (embedded by {made.get('model')})",
+                     f"the reference's (embedded by {ref.model})", "embed both with the same model")
 
 
 def _reference_rows(adata: AnnData, label_key: str) -> np.ndarray:

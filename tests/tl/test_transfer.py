@@ -250,9 +250,10 @@ def test_query_and_reference_embedded_by_different_models_are_refused(cells, mod
     with torch.no_grad():
         next(other.parameters()).add_(0.01)
     query = tl.embed_crops(cells, other)
-    with pytest.raises(InputError, match=r"embedded by another model .* than the reference"):
+    space = r"query.obsm\[.X_sslcell.\] \(embedded by .*\) lies in another space .* than the reference.s"
+    with pytest.raises(InputError, match=space):
         tl.transfer_labels(query, reference, "label")
     saved = tl.build_reference(reference, "label").save(tmp_path / "ref")
-    with pytest.raises(InputError, match="embedded by another model"):
+    with pytest.raises(InputError, match="lies in another space"):
         tl.transfer_labels(query, ReferenceIndex.load(saved), "label")
     assert "label_pred" not in query.obs
