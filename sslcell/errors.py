@@ -32,6 +32,6 @@ class OverwriteError(SSLCellError, FileExistsError):
 
 
 class RunInterrupted(BaseException):
-    """A pretraining stopped by a signal (SIGTERM: ``kill``, a scheduler's time limit) before its end; its
-    checkpoint resumes it. Like ``KeyboardInterrupt``, not an ``Exception``: code that goes on after a failed step
-    (a benchmark's next recipe) stops with it."""
+    """A training stopped by a signal (SIGTERM: ``kill``, a scheduler's time limit) before its end; a
+    pretraining's checkpoint resumes it, a fine-tuning wrote nothing and is run again. Like ``KeyboardInterrupt``,
+    not an ``Exception``: code that goes on after a failed step (a benchmark's next recipe) stops with it."""

@@ -152,7 +152,7 @@ def _fit(config: RecipeConfig, data: Any, dataset: Any, contract: Contract, out:
     try:
         fit_quietly(trainer, model, loader, ckpt_path=ckpt if resume else None, weights_only=True,
                     also=(".*resuming from a checkpoint that ended before the epoch ended.*",))
-    except SIGTERMException:  # a SystemExit without a code: the run looked finished (exit status 0)
+    except RunInterrupted:  # with where the checkpoint is, and how to go on
         raise RunInterrupted(f"{out}: stopped by SIGTERM at step {trainer.global_step} (epoch "
                              f"{trainer.current_epoch}), before the run's end; its checkpoint was written then: "
                              "continue it with resume=True (--resume)") from None
@@ -298,11 +298,17 @@ if not any(isinstance(f, _NoAdverts) for f in _RANK_ZERO.filters):
 
 
 def fit_quietly(trainer: pl.Trainer, *args: Any, also: tuple[str, ...] = (), **kwargs: Any) -> None:
-    """``trainer.fit(*args, **kwargs)`` without :data:`HARMLESS_WARNINGS` (and ``also``)."""
+    """``trainer.fit(*args, **kwargs)`` without :data:`HARMLESS_WARNINGS` (and ``also``). A SIGTERM (``kill``, a
+    scheduler's time limit) raises :class:`RunInterrupted`: Lightning ends the fit with a ``SystemExit`` without a
+    code, so the process would exit 0 as if it had finished."""
     with warnings.catch_warnings():
         for message in (*HARMLESS_WARNINGS, *also):
             warnings.filterwarnings("ignore", message=message)
-        trainer.fit(*args, **kwargs)
+        try:
+            trainer.fit(*args, **kwargs)
+        except SIGTERMException:
+            raise RunInterrupted(f"stopped by SIGTERM at step {trainer.global_step} (epoch {trainer.current_epoch}) "
+                                 "of training, before its end") from None
 
 
 def resolve_precision(accelerator: str, precision: str) -> str:

@@ -308,3 +308,31 @@ def test_genes_that_never_vary_are_warned_about(small_counts, tmp_path):
     n_genes = data.n_vars
     with pytest.warns(UserWarning, match=rf"n_top_genes={n_genes - 1}, but only {n_genes - 3} genes vary"):
         pretrain(tiny_recipe(data={"n_top_genes": n_genes - 1}), data, tmp_path / "run2", max_steps=1)
+
+
+def test_a_sigterm_during_any_training_raises_run_interrupted():
+    """Lightning ends a fit on SIGTERM with a SystemExit without a code: a fine-tuning killed by a scheduler
+    exited 0, as if it had finished. fit_quietly (every training's fit) raises RunInterrupted (CLI exit 143)."""
+    import signal
+
+    from sslcell.errors import RunInterrupted
+    from sslcell.train import fit_quietly
+
+    class Killed(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return self.layer(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(16, 2)), batch_size=2)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(RunInterrupted, match=r"stopped by SIGTERM at step 3 \(epoch 0\)"):
+        fit_quietly(trainer, Killed(), loader)
