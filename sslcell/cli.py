@@ -23,9 +23,17 @@ def main(argv: list[str] | None = None) -> int:
     except RunInterrupted as err:  # as a process killed by SIGTERM ends: 128 + 15
         print(f"sslcell {args.command}: {err}".replace("resume=True (--resume)", "--resume"), file=sys.stderr)
         return 143
+    except KeyboardInterrupt:  # Ctrl-C: no traceback; 128 + SIGINT, as the shell reports it
+        print(f"sslcell {args.command}: interrupted{RESUMABLE.get(args.command, '')}", file=sys.stderr)
+        return 130
     except (SSLCellError, OSError) as err:  # bad input, or the environment (missing file, full disk, permissions)
         print(f"sslcell {args.command}: error: {_as_cli(str(err), args.command)}", file=sys.stderr)
         return 2
+
+
+# how an interrupted command goes on
+RESUMABLE = {"pretrain": "; run it again with --resume to continue from its last checkpoint",
+             "benchmark": "; run it again with the same --workdir and --resume to keep the trainings it finished"}
 
 
 # what each command offers for log-normalised data, where a library message names the Python argument

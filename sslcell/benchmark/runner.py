@@ -77,7 +77,7 @@ def run_suite(suite: Suite, *, workdir: str | Path | None = None, device: str = 
         raise OverwriteError(f"{suite.out}: is a file; the suite's out (or --out) names the folder for its results")
     md_path, json_path, stem = output_paths(suite, only)
     for path in (md_path, json_path, *_failed_paths(md_path, json_path)):  # before any work: a run is never lost
-        _check_ours(path)
+        _check_ours(path, Path(suite.source).name)
     _check_plots_ours(suite.out, [f"{s}_{t.name}_*.png" for s in (stem, f"{stem}_failed") for t in tasks])
     suite.out.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = provenance(suite.seed) | {
@@ -156,12 +156,19 @@ def _failed_paths(md_path: Path, json_path: Path) -> tuple[Path, Path]:
     return md_path.with_name(f"{md_path.stem}_failed.md"), json_path.with_name(f"{json_path.stem}_failed.json")
 
 
-def _check_ours(path: Path) -> None:
+def _check_ours(path: Path, suite_file: str) -> None:
+    """Refuse to replace ``path`` unless this runner wrote it, for a suite file of the same name ``suite_file``
+    (another suite file that kept the same ``name:`` would silently replace that suite's results)."""
     if not path.exists():
         return
     ours = path.read_text(errors="replace").startswith(HEADER) if path.suffix == ".md" else _record(path) is not None
     if not ours:
         raise OverwriteError(f"{path} exists and was not written by sslcell benchmark; choose another --out")
+    record = _record(path) if path.suffix == ".json" else None
+    source = record["suite"].get("source") if record else None
+    if isinstance(source, str) and Path(source).name != suite_file:
+        raise OverwriteError(f"{path} holds the results of suite file {Path(source).name}, not {suite_file}: give "
+                             "this suite another name: (or --out)")
 
 
 def _record(path: Path) -> dict[str, Any] | None:

@@ -132,16 +132,19 @@ def _suite(values: Any, path: Path, *, quick: bool, data_dir, out, only) -> Suit
         base = Path(data_dir)
     elif values.get("data_dir") is not None:
         base = here / _string(values["data_dir"], "data_dir")
-    else:
-        base = Path.cwd()
+    else:  # like out and recipe paths: beside the suite file
+        base = here
     out_dir = Path(out) if out is not None else here / _string(values.get("out", "results"), "out")
     seed = values.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConfigError(f"seed: expected an integer, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed: expected an integer >= 0, got {seed!r}")
     tasks_raw = values.get("tasks")
     if not isinstance(tasks_raw, list) or not tasks_raw:
         raise ConfigError("tasks: expected a non-empty list of tasks")
     names = [t.get("name", t.get("kind")) if isinstance(t, dict) else None for t in tasks_raw]
+    for i, (raw, name) in enumerate(zip(tasks_raw, names, strict=True)):  # names before they are compared
+        if name is not None:
+            _string(name, f"tasks[{i}].{'name' if 'name' in raw else 'kind'}")
     for i, name in enumerate(names):
         if name is not None and names.index(name) != i:
             raise ConfigError(f"tasks[{i}].name: {name!r} is used twice (task names name the output files)")
@@ -164,10 +167,10 @@ def _task(values: Any, where: str, here: Path, base: Path, quick: bool) -> TaskS
     name = _file_name(values.get("name", kind.name), f"{where}.name")
     params = dict(_mapping(values.get("params") or {}, f"{where}.params"))
     # both read and checked, whichever runs: a suite that passes --quick must not fail the full run, nor the reverse
-    parsed = _params(kind, params, f"{where}.params")
+    full_parsed = _params(kind, params, f"{where}.params")
     quick_values = {**kind.quick, **_mapping(values.get("quick") or {}, f"{where}.quick")}
     quick_parsed = _params(kind, {**params, **quick_values}, f"{where}.quick")
-    parsed = quick_parsed if quick else parsed
+    parsed = quick_parsed if quick else full_parsed
     data = _data(values.get("data"), f"{where}.data", base)
     if kind.needs_data and not data:
         raise ConfigError(f"{where}.data: task kind {kind.name} needs a data file")
@@ -177,6 +180,15 @@ def _task(values: Any, where: str, here: Path, base: Path, quick: bool) -> TaskS
     if not isinstance(recipes_raw, list):
         raise ConfigError(f"{where}.recipes: expected a list, got {recipes_raw!r}")
     recipes = [_recipe(r, f"{where}.recipes[{i}]", here) for i, r in enumerate(recipes_raw)]
+    baselines = check_names(_strings(values.get("baselines"), f"{where}.baselines"), kind.baselines, "baseline",
+                            f"{where}.baselines", kind.name)
+    for checked, at in ((full_parsed, "params"), (quick_parsed, "quick")):  # what refers to the task's entries
+        if hasattr(checked, "check_entries"):
+            try:
+                checked.check_entries([r.name for r in recipes], baselines)
+            except ConfigError as err:
+                raise ConfigError(f"{where}.{at}.{err}" if err.args[0].startswith("probe_only") else
+                                  f"{where}: {err}") from None
     taken = {**{b: "a baseline" for b in kind.baselines}, **{p: "a peer" for p in kind.peers}}
     for i, recipe in enumerate(recipes):  # a recipe's name keys its embedding, scores and folder in the task
         if recipe.name in taken:
@@ -189,8 +201,7 @@ def _task(values: Any, where: str, here: Path, base: Path, quick: bool) -> TaskS
                               f"task kind {kind.name} reads {kind.modality} data")
     return TaskSpec(
         name=name, kind=kind, params=parsed, data=data, recipes=recipes,
-        baselines=check_names(_strings(values.get("baselines"), f"{where}.baselines"), kind.baselines,
-                              "baseline", f"{where}.baselines", kind.name),
+        baselines=baselines,
         peers=check_names(_strings(values.get("peers"), f"{where}.peers"), kind.peers,
                           "peer", f"{where}.peers", kind.name),
     )
@@ -199,11 +210,15 @@ def _task(values: Any, where: str, here: Path, base: Path, quick: bool) -> TaskS
 def _data(values: Any, where: str, base: Path) -> dict[str, Path]:
     if values is None:
         return {}
+    if not isinstance(values, (str, dict)):
+        raise ConfigError(f"{where}: expected a path, or a mapping of role -> path; got {values!r}")
     roles = {"data": values} if isinstance(values, str) else _mapping(values, where)
     out = {}
     for role, value in roles.items():
         spot = where if isinstance(values, str) else f"{where}.{role}"
-        p = Path(_string(value, spot)).expanduser()
+        if not _string(value, spot).strip():
+            raise ConfigError(f"{spot}: an empty path")
+        p = Path(value).expanduser()
         p = Path(os.path.normpath(p if p.is_absolute() else base / p))  # 'suites/../../data' reads as 'data'
         if not p.exists():
             raise ConfigError(f"{spot}: no such file or folder: {p} (relative paths resolve in the suite's data_dir "

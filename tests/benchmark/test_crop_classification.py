@@ -344,6 +344,26 @@ def test_a_killed_pretraining_goes_on_from_its_checkpoint_with_resume(tmp_path, 
     assert {r["pretrain_s"] for r in run(resume=True).results["toy"].raw["rows"]} == {"reused"}
 
 
+def test_resume_reuses_a_pretraining_the_killed_run_finished(tmp_path, monkeypatch):
+    """Without reuse_pretrained, a run killed while fine-tuning pretrained again on --resume (hours with full
+    settings): a finished model of the same recipe and crops is read back; a run without --resume trains anew."""
+    from sslcell import train
+
+    calls, real = [], train.pretrain
+    monkeypatch.setattr(train, "pretrain", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def run(**kwargs):
+        suite = load_suite(_synthetic_suite(tmp_path, label_fractions=[1.0], tta=False))
+        suite.tasks[0].baselines = []
+        return run_suite(suite, workdir=tmp_path / "work", device="cpu", progress=False, **kwargs)
+
+    assert run().errors == {} and len(calls) == 1
+    again = run(resume=True)
+    assert again.errors == {} and len(calls) == 1
+    assert {r["pretrain_s"] for r in again.results["toy"].raw["rows"]} == {"reused"}
+    assert run().errors == {} and len(calls) == 2
+
+
 def test_a_pretraining_killed_before_its_first_checkpoint_never_resumes_another_recipes(tmp_path, monkeypatch):
     """Recipe A finished in the folder; B is killed before it writes anything: --resume trains B from the start,
     never from A's checkpoint under B's marker."""

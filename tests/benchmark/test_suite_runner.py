@@ -126,6 +126,15 @@ def test_a_failing_run_keeps_the_earlier_results(tmp_path):
     ({"kind": "toy_sum", "recipes": [{"name": "m", "config": {}}, {"name": "m", "config": {}}]},
      "tasks[0].recipes[1].name: 'm' is already recipes[0]'s name"),
     ({"kind": "toy_sum", "recipes": [{"name": "../m", "config": {}}]}, "tasks[0].recipes[0].name: '../m' may hold"),
+    ({"kind": ["toy_sum"]}, "tasks[0].kind: expected a string"),
+    ({"name": 3, "kind": "toy_sum"}, "tasks[0].name: expected a string"),
+    ({"kind": "toy_sum", "data": ""}, "tasks[0].data: an empty path"),
+    ({"kind": "toy_sum", "data": 5}, "tasks[0].data: expected a path, or a mapping of role -> path; got 5"),
+    ({"kind": "crop_classification", "data": "."}, "tasks[0]: recipes, baselines: the task lists neither"),
+    ({"kind": "crop_classification", "data": ".", "baselines": ["pixel_pca"], "params": {"probe_only": ["m"]}},
+     "tasks[0].params.probe_only: no recipe named 'm' in this task; its recipes are []"),
+    ({"kind": "crop_classification", "data": ".", "baselines": ["pixel_pca"],
+      "params": {"label_fractions": [1.0, 1.0]}}, "tasks[0].params.label_fractions: each fraction once"),
 ])
 def test_bad_suite_names_the_field(tmp_path, task, field):
     path = _write(tmp_path, {"tasks": [task]})
@@ -199,6 +208,33 @@ def test_bad_suite_files(tmp_path):
         load_suite(_write(tmp_path, {"name": "x"}))
     with pytest.raises(ConfigError, match=r"tasks\[1\].name: 'a' is used twice"):
         load_suite(_write(tmp_path, {"tasks": [{"name": "a", "kind": "toy_sum"}] * 2}))
+
+
+def test_bad_seeds_and_duplicate_keys_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="seed: expected an integer >= 0, got -1"):
+        load_suite(_write(tmp_path, _suite() | {"seed": -1}))
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("tasks:\n  - kind: toy_sum\n    params: {n: 3, n: 5}\n")
+    with pytest.raises(ConfigError, match="key 'n' is given twice in one mapping"):
+        load_suite(twice)
+
+
+def test_data_paths_resolve_beside_the_suite_without_a_data_dir(tmp_path, monkeypatch):
+    """As out and recipe paths do; the current folder holding a file of the same name is not read."""
+    (tmp_path / "suites").mkdir()
+    (tmp_path / "suites" / "x.bin").write_bytes(b"12")
+    (tmp_path / "x.bin").write_bytes(b"1")
+    monkeypatch.chdir(tmp_path)
+    assert load_suite(_write(tmp_path / "suites", _suite(data="x.bin"))).tasks[0].path == tmp_path / "suites" / "x.bin"
+
+
+def test_another_suite_file_with_the_same_name_never_replaces_its_results(tmp_path):
+    first = run_suite(load_suite(_write(tmp_path, _suite(), "mine.yaml")), progress=False)
+    kept = first.markdown_path.read_text()
+    with pytest.raises(OverwriteError, match="holds the results of suite file mine.yaml, not copy.yaml"):
+        run_suite(load_suite(_write(tmp_path, _suite(params={"n": 4}), "copy.yaml")), progress=False)
+    assert first.markdown_path.read_text() == kept
+    assert run_suite(load_suite(_write(tmp_path, _suite(params={"n": 4}), "mine.yaml")), progress=False).errors == {}
 
 
 def test_data_paths_are_normalised(tmp_path):
@@ -395,3 +431,16 @@ def test_recipes_keeps_some_recipes_into_their_own_files(tmp_path, capsys):
         load_suite(path, only=["a"], recipes=["r1", "zz"])
     assert main(["benchmark", str(path), "--only", "a", "--recipes", "r1", "--out", str(tmp_path / "o")]) == 0
     assert "toy_a_r1.md" in capsys.readouterr().out
+
+
+def test_ctrl_c_ends_the_cli_with_a_hint_not_a_traceback(tmp_path, monkeypatch, capsys):
+    import sslcell.benchmark as benchmark
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(benchmark, "run_suite", interrupted)
+    assert main(["benchmark", str(_write(tmp_path, _suite()))]) == 130
+    err = capsys.readouterr().err
+    assert "sslcell benchmark: interrupted; run it again with the same --workdir and --resume" in err
+    assert "Traceback" not in err

@@ -94,12 +94,23 @@ class CropClassificationParams:
     cnn_min_steps: int | None = None  # None: the largest fine-tuning min_steps of the recipes (0 without recipes)
     tta: bool = True  # also score trained classifiers with test-time augmentation
 
+    def check_entries(self, recipes: list[str], baselines: list[str]) -> None:
+        """Refuse a task with nothing to score, and ``probe_only`` names that are not among its ``recipes`` (a typo
+        would fine-tune the recipe)."""
+        if not recipes and not baselines:
+            raise ConfigError("recipes, baselines: the task lists neither, so it has nothing to score")
+        unknown = [n for n in self.probe_only if n not in recipes]
+        if unknown:
+            raise ConfigError(f"probe_only: no recipe named {unknown[0]!r} in this task; its recipes are {recipes}")
+
     def check(self) -> None:
         for name in ("test_size", "val_size"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise ConfigError(f"{name}: must be in (0, 1), got {getattr(self, name)}")
         if not self.label_fractions or not all(0.0 < f <= 1.0 for f in self.label_fractions):
             raise ConfigError(f"label_fractions: give fractions in (0, 1], got {self.label_fractions}")
+        if len(set(self.label_fractions)) != len(self.label_fractions):
+            raise ConfigError(f"label_fractions: each fraction once, got {self.label_fractions}")
         if self.max_cells is not None and self.max_cells < 20:
             raise ConfigError(f"max_cells: must be >= 20 or null, got {self.max_cells}")
         for name in ("pretrain_epochs", "finetune_epochs"):
@@ -429,7 +440,9 @@ def _recipes(task: Any, ctx: Context, cells: Any, train: np.ndarray, test: np.nd
             config.train.max_epochs = p.pretrain_epochs
         what = _pretraining(config, task.path, cells.channel_names, unlabelled)
         marker = json.loads(json.dumps({**what, "data_content": content}))  # as read back from its file
-        if p.reuse_pretrained and _pretrained_as(out) == marker and (out / "model" / "config.json").is_file():
+        # a model this recipe finished on these crops: reused when asked, and by --resume (a killed run goes on)
+        if ((p.reuse_pretrained or ctx.resume) and _pretrained_as(out) == marker
+                and (out / "model" / "config.json").is_file()):
             model, seconds = load(out / "model"), "reused"
             ctx.log(f"{task.name}: reusing {out / 'model'}")
         else:
@@ -681,7 +694,8 @@ def _protocol_note(task: Any, cells: Any, y: np.ndarray, groups: np.ndarray | No
                   if r["family"] == "sslcell"}
     lines = [
         f"Data: `{task.path.name}`, channels {cells.channel_names}, {len(cells)} crops, {len(np.unique(y))} classes"
-        f"{f' (subsampled to max_cells={p.max_cells})' if p.max_cells else ''}. Test split {split}, seed from the "
+        f"{f' (subsampled to max_cells={p.max_cells})' if p.max_cells == len(cells) else ''}. Test split {split}, "
+        "seed from the "
         f"suite: train {len(train)}, test {len(test)}. Labelled training crops per fraction ({labelled}); the "
         f"validation split is {'by group' if groups is not None else 'stratified'} inside the labelled crops.",
         "Every entry's setting was chosen on the validation split (best macro-F1, plain or with TTA), then trained "
