@@ -5,7 +5,7 @@
     name: crops                      # default: the file's stem
     description: fate and cell type from crops
     seed: 0
-    data_dir: ../../../shared/data   # relative data paths resolve here (relative to this file); --data overrides
+    data_dir: ../../../shared/data   # relative data paths resolve here (default: this file's folder); --data overrides
     out: ../results                  # where tables, plots and the JSON go (relative to this file); --out overrides
     tasks:
       - name: chula                  # unique; names the output files
