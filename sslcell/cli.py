@@ -48,7 +48,8 @@ def _as_cli(message: str, command: str = "embed") -> str:
     """Library messages name Python arguments; on the command line, name the flags (``command``'s own)."""
     message = message.replace("open with counts_are_log_normalized=True", "open with " + LOG_NORMALISED.get(
         command, "the raw counts instead (--layer, e.g. --layer counts)"))
-    for python, flag in (("overwrite=True", "--overwrite"), ("key_added", "--key-added"),
+    for python, flag in (("resume=True (--resume)", "--resume"), ("overwrite=True (--overwrite)", "--overwrite"),
+                         ("overwrite=True", "--overwrite"), ("key_added", "--key-added"),
                          ("counts_are_log_normalized=True", "--counts-are-log-normalized"),
                          ("max_missing_genes", "--max-missing-genes"), ("crops=cells", "--crops"),
                          ("unknown_label=", "--unknown-label "), ("unknown_label", "--unknown-label"),
@@ -233,8 +234,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--class-weight", choices=["balanced"],
                    help="balanced: divide each class's votes by its share of the reference (rare types not outvoted)")
     p.add_argument("--index", choices=["auto", "exact", "ivf", "hnsw"], default="auto")
+    p.add_argument("--key-added", help="the calls go to obs <key-added>_pred and _confidence (default: --label-key)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing --out and the query's obs <label-key>_pred (with --model: both sides' "
+                   help="replace an existing --out and the query's obs <key-added>_pred (with --model: both sides' "
                         "obsm --use-rep)")
     p.set_defaults(run=_transfer)
 
@@ -651,11 +653,12 @@ def _transfer(args: argparse.Namespace) -> int:
                 embed(adata, args.model, key_added=args.use_rep, overwrite=args.overwrite)
     transfer_labels(query, reference, args.label_key, args.use_rep, n_neighbors=args.n_neighbors,
                     class_weight=args.class_weight, min_confidence=args.min_confidence,
-                    unknown_label=args.unknown_label, index=args.index,
+                    unknown_label=args.unknown_label, index=args.index, key_added=args.key_added,
                     overwrite=args.overwrite)
     _write_h5ad(query, out)
-    info = query.uns["sslcell"][f"{args.label_key}_pred"]
-    print(f"wrote {out}: obs['{args.label_key}_pred'] for {query.n_obs} cells from {info['n_reference']} reference "
+    key = f"{args.key_added or args.label_key}_pred"
+    info = query.uns["sslcell"][key]
+    print(f"wrote {out}: obs['{key}'] for {query.n_obs} cells from {info['n_reference']} reference "
           f"cells ({info['index']} index, {info['n_unknown']} unknown)")
     return 0
 

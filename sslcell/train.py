@@ -421,10 +421,11 @@ def _check_new_run(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise OverwriteError(f"{out}: is a file, not a run directory; choose another --out")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        what = "a previous run" if (out / RUN_FILE).exists() else "files"
-        raise OverwriteError(
-            f"{out}: holds {what}; pass --resume to continue it, --overwrite to replace it, or choose another --out"
-        )
+        if (out / RUN_FILE).exists():
+            raise OverwriteError(f"{out}: holds a previous run; pass resume=True (--resume) to continue it, "
+                                 "overwrite=True (--overwrite) to replace it, or choose another output folder")
+        raise OverwriteError(f"{out}: holds files that are not a run; choose another output folder, or pass "
+                             "overwrite=True (--overwrite) to replace them")
 
 
 def _clear_run(out: Path) -> None:

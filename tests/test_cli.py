@@ -165,5 +165,12 @@ def test_transfer_with_model_names_the_side_that_holds_an_embedding(small_run, s
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "--reference" in err and "ref.h5ad: obsm['X_sslcell'] holds an embedding already" in err
-    assert "--key-added" not in err  # transfer has no such flag
+    assert "--key-added" not in err  # nothing --key-added would solve
     assert main([*argv, "--overwrite"]) == 0
+    embedded = ["--reference", str(tmp_path / "out.h5ad"), "--label-key", "cell_type"]  # embedded by the model
+    assert main(["transfer", *embedded, "--query", str(tmp_path / "out.h5ad"), "--out", str(tmp_path / "o2.h5ad")]) == 2
+    assert "choose another --key-added" in capsys.readouterr().err  # the query holds cell_type_pred already
+    assert main(["transfer", *embedded, "--query", str(tmp_path / "out.h5ad"), "--out", str(tmp_path / "o2.h5ad"),
+                 "--key-added", "again"]) == 0
+    assert "obs['again_pred']" in capsys.readouterr().out
+    assert {"again_pred", "again_confidence", "cell_type_pred"} <= set(ad.read_h5ad(tmp_path / "o2.h5ad").obs)

@@ -39,9 +39,13 @@ def test_existing_run_is_not_overwritten(small_counts_file, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    with pytest.raises(OverwriteError, match="--resume.*--overwrite"):
+    with pytest.raises(OverwriteError, match=r"holds files that are not a run; .* overwrite=True \(--overwrite\)"):
         pretrain(tiny_recipe(), small_counts_file, out)
     assert (out / "precious.txt").read_text() == "keep me"
+    out.joinpath("precious.txt").rename(tmp_path / "precious.txt")
+    pretrain(tiny_recipe(), small_counts_file, out, max_steps=1)
+    with pytest.raises(OverwriteError, match=r"holds a previous run; pass resume=True \(--resume\) to continue it"):
+        pretrain(tiny_recipe(), small_counts_file, out)
 
 
 class FailAt(pl.Callback):

@@ -114,6 +114,15 @@ def evaluate(
 def _baselines(adata: ad.AnnData, crops: CellImages | None, baselines: Sequence[str] | None,
                layer: str | None) -> list[str]:
     """The baselines to compute, checked against what ``adata`` and ``crops`` hold."""
+    chosen = _chosen_baselines(adata, crops, baselines, layer)
+    if layer is not None and "pca" not in chosen:
+        raise InputError(f"layer {layer!r}: only the 'pca' baseline reads counts, and it is not computed here; "
+                         "remove the argument")
+    return chosen
+
+
+def _chosen_baselines(adata: ad.AnnData, crops: CellImages | None, baselines: Sequence[str] | None,
+                      layer: str | None) -> list[str]:
     if crops is not None:
         check_crops(adata, crops)
     if baselines is None:

@@ -101,6 +101,8 @@ def test_bad_input():
         evaluate(adata, "cell_type", ["X_sslcell", "X_scvi"])
     with pytest.raises(ConfigError, match="umap"):
         evaluate(adata, "cell_type", baselines=("pca", "umap"))
+    with pytest.raises(InputError, match="layer 'counts': only the 'pca' baseline reads counts"):
+        evaluate(adata, "cell_type", "X_sslcell", baselines=(), layer="counts")  # was ignored
     adata.obsm["X_sslcell"][[5, 9]] = np.nan
     with pytest.raises(InputError, match=r"obsm\['X_sslcell'\].*2 cells.*'cell5'"):
         evaluate(adata, "cell_type", baselines=())
