@@ -608,6 +608,11 @@ def _cell_cycle_crops(args: argparse.Namespace) -> int:
     from sslcell.data.images import CellImages
     from sslcell.pl import cell_cycle as plot_cell_cycle
 
+    defaults = {"use_rep": "X_sslcell", "key_added": "cell_cycle", "reference_key": "cell_cycle"}  # the parser's
+    _refuse_flags(args, ("plot", "anchor_key", "anchor_order", "reference",
+                         *(name for name, value in defaults.items() if getattr(args, name) != value)),
+                  "these read an .h5ad of embeddings; with --model / --recipe the command writes its own folder "
+                  "(cells.h5ad with obs cell_cycle_theta, cell_cycle.png)")
     out = _output_folder(Path(args.out), args.overwrite)
     cells = CellImages.read(args.data)
     if args.model:
