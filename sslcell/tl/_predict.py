@@ -16,6 +16,7 @@ from sslcell.data.expression import ExpressionDataset, open_counts
 from sslcell.data.genes import missing_info
 from sslcell.data.images import CellImages
 from sslcell.data.labels import label_strings
+from sslcell.data.shards import IN_MEMORY
 from sslcell.errors import InputError
 from sslcell.evaluate.metrics import ClassificationReport, classification_report
 from sslcell.inference import default_device, run_batched
@@ -133,7 +134,8 @@ def score(adata: AnnData, label_key: str, key_added: str = "sslcell_pred") -> Cl
 def _labelled(adata: AnnData, label_key: str, classes: list[str]) -> np.ndarray:
     """The mask ``(N,)`` of cells labelled in ``obs[label_key]``; raises unless some are, all among ``classes``."""
     if label_key not in adata.obs.columns:
-        raise InputError(f"adata has no obs column {label_key!r}; columns are {list(adata.obs.columns)}")
+        where = str(adata.filename) if adata.isbacked else IN_MEMORY  # the CLI names an in-memory AnnData's file
+        raise InputError(f"{where}: no obs column {label_key!r}; columns are {list(adata.obs.columns)}")
     truth = label_strings(adata.obs[label_key], f"obs[{label_key!r}]")
     labelled = np.asarray([t is not None for t in truth])
     if not labelled.any():

@@ -272,6 +272,9 @@ def test_cli_finetunes_an_mlp_head_on_an_h5ad_and_predicts(model, split, tmp_pat
                  "--out", str(tmp_path / "pred"), "--tta"]) == 2
     assert "--tta: for image classifiers" in capsys.readouterr().err
     assert main(["predict", "--model", str(tmp_path / "clf"), "--data", str(tmp_path / "test.h5ad"),
+                 "--out", str(tmp_path / "pred"), "--label-key", "celltype"]) == 2
+    assert "test.h5ad: no obs column 'celltype'" in capsys.readouterr().err  # the error names the file
+    assert main(["predict", "--model", str(tmp_path / "clf"), "--data", str(tmp_path / "test.h5ad"),
                  "--out", str(tmp_path / "pred"), "--label-key", "cell_type"]) == 0
     assert (tmp_path / "pred" / "predictions.h5ad").is_file()
     again = ["predict", "--model", str(tmp_path / "clf"), "--data", str(tmp_path / "pred" / "predictions.h5ad"),
