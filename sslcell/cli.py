@@ -430,10 +430,11 @@ def _finetune(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     values.setdefault("progress_bar", sys.stderr.isatty())  # a bar in a terminal; one line an epoch in a log
-    config = FinetuneConfig.from_dict(values)
-    if config.head != "full":
-        _refuse_flags(args, ("encoder_lr_factor", "layer_decay", "drop_path"), f"the {config.head} head trains on the "
+    head = values.get("head", "full")
+    if head != "full":  # before the settings' own check, which names the Python fields
+        _refuse_flags(args, ("encoder_lr_factor", "layer_decay", "drop_path"), f"the {head} head trains on the "
                       "frozen encoder's embeddings; these shape the encoder's training (--head full)")
+    config = FinetuneConfig.from_dict(values)
     if config.head != "mlp":
         _refuse_flags(args, ("hidden_dim",), f"the width of the mlp head's hidden layer, not the {config.head} head's")
     if not config.val_fraction:

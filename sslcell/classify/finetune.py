@@ -180,8 +180,11 @@ class FinetuneConfig:
             raise ConfigError(f"layer_decay: must be in (0, 1], got {self.layer_decay}")
         if self.drop_path is not None and not 0.0 <= self.drop_path < 1.0:
             raise ConfigError(f"drop_path: must be in [0, 1) or null, got {self.drop_path}")
-        if self.head != "full" and (self.layer_decay != 1.0 or self.drop_path is not None):
-            raise ConfigError("layer_decay and drop_path: they shape the encoder's training; use head 'full'")
+        given = [name for name, on in (("layer_decay", self.layer_decay != 1.0),
+                                       ("drop_path", self.drop_path is not None)) if on]
+        if self.head != "full" and given:
+            raise ConfigError(f"{' and '.join(given)}: shape(s) the encoder's training, which head {self.head!r} "
+                              "leaves frozen; use head 'full'")
         if not isinstance(self.oversample, (bool, int, float)) or not 0.0 <= float(self.oversample) <= 1.0:
             raise ConfigError(f"oversample: must be true, false or a power in [0, 1], got {self.oversample!r}")
         self.augment = {**LABEL_PRESERVING_AUGMENT, **self.augment}
