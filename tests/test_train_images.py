@@ -179,7 +179,7 @@ def test_existing_files_are_not_overwritten(npz, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    with pytest.raises(OverwriteError, match="--resume.*--overwrite"):
+    with pytest.raises(OverwriteError, match=r"holds files that are not a run; .*overwrite=True \(--overwrite\)"):
         pretrain(image_recipe("simclr"), npz, out, max_steps=1)
     assert [p.name for p in out.iterdir()] == ["precious.txt"]
 
