@@ -111,12 +111,7 @@ def check_free_files(directory: Path, names: tuple[str, ...], overwrite: bool) -
 def read_model_config(directory: str | Path) -> dict[str, Any]:
     """The parsed ``config.json`` of a model directory (or of a run directory's ``model/``)."""
     directory = model_directory(directory)
-    try:
-        meta = json.loads((directory / CONFIG).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise FileFormatError(f"{directory / CONFIG}: not valid JSON ({err})") from None
-    if not isinstance(meta, dict):
-        raise FileFormatError(f"{directory / CONFIG}: expected a JSON object, got {type(meta).__name__}")
+    meta = _json(directory / CONFIG)
     check_format(meta, directory / CONFIG)
     return meta
 
@@ -164,34 +159,41 @@ def read_weights(module: torch.nn.Module, path: Path, config: str, map_location:
                  meta: dict[str, Any] | None = None) -> None:
     """Load safetensors ``path`` into ``module``, which was built from JSON ``config`` (parsed: ``meta``): every
     tensor must be there with its shape and dtype, finite, and nothing else (no code is executed). From format 2
-    the weights must match ``meta["weights_id"]``; on a mismatch both files are read once more, in case a run was
-    refreshing its model in between (weights first, then the JSON), before they are refused."""
-    state = _weights(path)
-    expected_state = module.state_dict()
-    wrong = [k for k in expected_state if k not in state or state[k].shape != expected_state[k].shape]
-    unexpected = [k for k in state if k not in expected_state]
+    the weights must match ``meta["weights_id"]``; on a mismatch both files are read, and checked, once more, in
+    case a run was refreshing its model in between (weights first, then the JSON), before they are refused."""
+    for attempt in range(2):
+        if attempt:
+            time.sleep(0.5)
+            meta = _json(path.parent / config)
+        state = _weights(path)
+        _check_state(state, module.state_dict(), path, config)
+        expected = _expected_id(meta or {}, path.parent / config)
+        if expected is None or state_id(state) == expected:
+            break
+    else:
+        raise FileFormatError(f"{path}: the weights' checksum differs from weights_id in {config}: the file is "
+                              f"damaged, or was replaced without its {config}; copy or save the model again")
+    module.load_state_dict(state)
+    module.to(map_location)
+
+
+def _check_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: Path, config: str) -> None:
+    """Refuse weights ``state`` that lack a tensor of ``expected`` (the module's state dict), hold another, or one of
+    another shape or dtype, or a NaN or infinite value."""
+    wrong = [k for k in expected if k not in state or state[k].shape != expected[k].shape]
+    unexpected = [k for k in state if k not in expected]
     if wrong or unexpected:
         raise FileFormatError(
             f"{path}: weights do not match the settings in {config} "
             f"(missing or misshapen {wrong[:5]}, unexpected {unexpected[:5]})"
         )
-    retyped = [f"{k} ({state[k].dtype}, expected {expected_state[k].dtype})" for k in expected_state
-               if state[k].dtype != expected_state[k].dtype]
+    retyped = [f"{k} ({state[k].dtype}, expected {expected[k].dtype})" for k in expected
+               if state[k].dtype != expected[k].dtype]
     if retyped:  # a silent cast would change the model's outputs
         raise FileFormatError(f"{path}: weights of the wrong dtype: {', '.join(retyped[:5])}")
     broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if broken:
         raise FileFormatError(f"{path}: weights hold NaN or infinite values: {broken[:5]}")
-    expected = _expected_id(meta or {}, path.parent / config)
-    if expected is not None and state_id(state) != expected:
-        time.sleep(0.5)
-        expected = _expected_id(_json(path.parent / config), path.parent / config)
-        state = _weights(path)
-        if state_id(state) != expected:
-            raise FileFormatError(f"{path}: the weights' checksum differs from weights_id in {config}: the file is "
-                                  f"damaged, or was replaced without its {config}; copy or save the model again")
-    module.load_state_dict(state)
-    module.to(map_location)
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -202,10 +204,11 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _json(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; invalid JSON or another top level raise :class:`FileFormatError`."""
     try:
         meta = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise FileFormatError(f"{path}: cannot read ({err})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise FileFormatError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(meta, dict):
         raise FileFormatError(f"{path}: expected a JSON object, got {type(meta).__name__}")
     return meta

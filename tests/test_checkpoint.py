@@ -159,3 +159,16 @@ def test_a_model_refreshed_while_it_is_read_loads_the_new_one(tmp_path, monkeypa
     monkeypatch.setattr(checkpoint.time, "sleep", lambda seconds: None)
     with pytest.raises(FileFormatError, match="checksum differs"):
         load(target)
+    with torch.no_grad():  # the refreshed pair is checked as fully as the first
+        next(new.parameters()).fill_(float("nan"))
+    save_model(new, tmp_path / "nan")
+    save_model(old, target, overwrite=True)
+    (target / "model.safetensors").write_bytes((tmp_path / "new" / "model.safetensors").read_bytes())
+
+    def refresh_to_nan(seconds):
+        for name in ("model.safetensors", "config.json"):
+            (target / name).write_bytes((tmp_path / "nan" / name).read_bytes())
+
+    monkeypatch.setattr(checkpoint.time, "sleep", refresh_to_nan)
+    with pytest.raises(FileFormatError, match="NaN or infinite"):
+        load(target)
