@@ -206,14 +206,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", type=_channels, help="with --model / --recipe: the label-free channels")
     p.add_argument("--epochs", type=int, help="with --model: fine-tuning epochs")
     p.add_argument("--recipe", help="place new crops with a recipe saved by --model (markers not needed)")
-    p.add_argument("--use-rep", default="X_sslcell", help="obsm key of the representation")
+    p.add_argument("--use-rep", help="obsm key of the representation (default: X_sslcell)")
     p.add_argument("--anchor-key", help="obs column of phase labels (NaN: unlabelled) fixing origin and direction")
     p.add_argument("--anchor-order", type=lambda text: [t.strip() for t in text.split(",") if t.strip()],
                    help="the phases in cycle order, comma-separated, e.g. G1,S,G2,M")
     p.add_argument("--reference", help=".h5ad holding a cell-cycle fit (written by this command) of cells embedded "
                    "with the same model: place --data's cells on it, nothing refitted (e.g. cells all in one phase)")
-    p.add_argument("--reference-key", default="cell_cycle", help="the fit's key in --reference")
-    p.add_argument("--key-added", default="cell_cycle")
+    p.add_argument("--reference-key", help="the fit's key in --reference (default: cell_cycle)")
+    p.add_argument("--key-added", help="obs/uns key of the fit (default: cell_cycle)")
     p.add_argument("--plot", help="also write pl.cell_cycle's figure to this PNG")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out and obs keys")
     p.set_defaults(run=_cell_cycle)
@@ -572,6 +572,9 @@ def _cell_cycle(args: argparse.Namespace) -> int:
         return _cell_cycle_crops(args)
     _refuse_flags(args, ("marker_channels", "channels", "epochs"), "these fit the DeepCycle recipe on crops; give "
                   "--model (or place crops with --recipe)")
+    args.use_rep = args.use_rep or "X_sslcell"  # the .h5ad mode's defaults (None: the crops mode refuses them)
+    args.key_added = args.key_added or "cell_cycle"
+    args.reference_key = args.reference_key or "cell_cycle"
     out = _new_file(Path(args.out), args.overwrite)
     if args.plot:
         _new_file(png_path(args.plot), args.overwrite)  # a new .png, checked before any work
@@ -609,9 +612,7 @@ def _cell_cycle_crops(args: argparse.Namespace) -> int:
     from sslcell.data.images import CellImages
     from sslcell.pl import cell_cycle as plot_cell_cycle
 
-    defaults = {"use_rep": "X_sslcell", "key_added": "cell_cycle", "reference_key": "cell_cycle"}  # the parser's
-    _refuse_flags(args, ("plot", "anchor_key", "anchor_order", "reference",
-                         *(name for name, value in defaults.items() if getattr(args, name) != value)),
+    _refuse_flags(args, ("plot", "anchor_key", "anchor_order", "reference", "use_rep", "key_added", "reference_key"),
                   "these read an .h5ad of embeddings; with --model / --recipe the command writes its own folder "
                   "(cells.h5ad with obs cell_cycle_theta, cell_cycle.png)")
     out = _output_folder(Path(args.out), args.overwrite)

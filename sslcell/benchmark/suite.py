@@ -184,11 +184,7 @@ def _task(values: Any, where: str, here: Path, base: Path, quick: bool) -> TaskS
                             f"{where}.baselines", kind.name)
     for checked, at in ((full_parsed, "params"), (quick_parsed, "quick")):  # what refers to the task's entries
         if hasattr(checked, "check_entries"):
-            try:
-                checked.check_entries([r.name for r in recipes], baselines)
-            except ConfigError as err:
-                raise ConfigError(f"{where}.{at}.{err}" if err.args[0].startswith("probe_only") else
-                                  f"{where}: {err}") from None
+            checked.check_entries([r.name for r in recipes], baselines, task=where, params=f"{where}.{at}")
     taken = {**{b: "a baseline" for b in kind.baselines}, **{p: "a peer" for p in kind.peers}}
     for i, recipe in enumerate(recipes):  # a recipe's name keys its embedding, scores and folder in the task
         if recipe.name in taken:

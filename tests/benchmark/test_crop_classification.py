@@ -563,3 +563,14 @@ def test_finetune_grid_crosses_epochs(tmp_path):
     chosen = next(g["setting"] for g in grid if g["chosen"] == "yes")
     row = next(r for r in run.results["toy"].raw["rows"] if r["entry"] == "sslcell tiny + fine-tune")
     assert row["setting"] == chosen and f"{row['epochs']} epochs" in chosen
+
+
+def test_pixel_pca_name_says_when_few_crops_clip_the_components():
+    cells = _crops(n_per_class=10)
+    y = cells.obs["label"].to_numpy()
+    p = cc.CropClassificationParams(pca_components=10)
+    assert cc._pixel_pca_entry(cells, y, ["a", "b"], p, 0, fewest_fit=11).name == "raw pixels PCA-10 + logistic"
+    clipped = cc._pixel_pca_entry(cells, y, ["a", "b"], p, 0, fewest_fit=6)
+    assert "PCA-10" not in clipped.name and "up to 10 components" in clipped.name
+    x, _ = clipped.fit(0.0, np.array([0, 1, 2, 10, 11, 12]))
+    assert x.shape == (20, 5)  # what the name says: one component fewer than the 6 training crops

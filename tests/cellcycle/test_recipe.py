@@ -150,7 +150,8 @@ def test_cli_fits_a_recipe_on_crops_and_applies_it_to_crops_without_markers(mode
     assert (tmp_path / "fit" / "cell_cycle.png").is_file() and (tmp_path / "fit" / "recipe" / "cycle.json").is_file()
     assert main(["cell-cycle", "--recipe", str(tmp_path / "fit" / "recipe"), "--data", str(tmp_path / "new.npz"),
                  "--out", str(tmp_path / "placed"), "--epochs", "3"]) == 2  # fits nothing: refused, not ignored
-    for flags in (["--plot", str(tmp_path / "mine.png")], ["--key-added", "foo"], ["--anchor-key", "label"]):
+    for flags in (["--plot", str(tmp_path / "mine.png")], ["--key-added", "foo"], ["--anchor-key", "label"],
+                  ["--use-rep", "X_sslcell"]):
         assert main(["cell-cycle", "--recipe", str(tmp_path / "fit" / "recipe"), "--data", str(tmp_path / "new.npz"),
                      "--out", str(tmp_path / "placed"), *flags]) == 2  # .h5ad flags: refused, not ignored
         assert f"{flags[0]}: these read an .h5ad of embeddings" in capsys.readouterr().err

@@ -94,14 +94,15 @@ class CropClassificationParams:
     cnn_min_steps: int | None = None  # None: the largest fine-tuning min_steps of the recipes (0 without recipes)
     tta: bool = True  # also score trained classifiers with test-time augmentation
 
-    def check_entries(self, recipes: list[str], baselines: list[str]) -> None:
+    def check_entries(self, recipes: list[str], baselines: list[str], *, task: str, params: str) -> None:
         """Refuse a task with nothing to score, and ``probe_only`` names that are not among its ``recipes`` (a typo
-        would fine-tune the recipe)."""
+        would fine-tune the recipe). ``task``, ``params``: where the task and these settings sit in the suite file."""
         if not recipes and not baselines:
-            raise ConfigError("recipes, baselines: the task lists neither, so it has nothing to score")
+            raise ConfigError(f"{task}: recipes, baselines: the task lists neither, so it has nothing to score")
         unknown = [n for n in self.probe_only if n not in recipes]
         if unknown:
-            raise ConfigError(f"probe_only: no recipe named {unknown[0]!r} in this task; its recipes are {recipes}")
+            raise ConfigError(f"{params}.probe_only: no recipe named {unknown[0]!r} in this task; its recipes are "
+                              f"{recipes}")
 
     def check(self) -> None:
         for name in ("test_size", "val_size"):
@@ -185,7 +186,7 @@ def run(task: Any, ctx: Context) -> TaskResult:
     ctx.log(f"{task.name}: {len(cells)} crops, train {len(train)}, test {len(test)}")
 
     content = _data_identity(task.path)  # hashed once: fits and reused models are keyed by the bytes, not the path
-    entries = (_baselines(task, ctx, cells, y, train, device)
+    entries = (_baselines(task, ctx, cells, y, train, device, min(len(f.fit) for f in fractions))
                + _recipes(task, ctx, cells, train, test, device, content))
     store = FitStore(ctx.workdir / "fits", resume=ctx.resume)
     run_of = {"data": content, "channels": cells.channel_names, "labels": _digest(y),
@@ -331,14 +332,14 @@ def _classifier_score(cells: Any, label_key: str, device: torch.device) -> Calla
 
 
 def _baselines(task: Any, ctx: Context, cells: Any, y: np.ndarray, train: np.ndarray,
-               device: torch.device) -> list[Entry]:
+               device: torch.device, fewest_fit: int) -> list[Entry]:
     p: CropClassificationParams = task.params
     score = _classifier_score(cells, p.label_key, device)
     classes = [str(c) for c in cells.obs[p.label_key].cat.categories]
     codes = cells.obs[p.label_key].cat.codes.to_numpy()
     entries = []
     if "pixel_pca" in task.baselines:
-        entries.append(_pixel_pca_entry(cells, y, classes, p, ctx.seed))
+        entries.append(_pixel_pca_entry(cells, y, classes, p, ctx.seed, fewest_fit))
     if "random_encoder" in task.baselines:
         if not task.recipes:
             raise ConfigError(f"task {task.name}: the random_encoder baseline takes its architecture from a recipe; "
@@ -374,8 +375,11 @@ def _baselines(task: Any, ctx: Context, cells: Any, y: np.ndarray, train: np.nda
     return entries
 
 
-def _pixel_pca_entry(cells: Any, y: np.ndarray, classes: list[str], p: CropClassificationParams, seed: int) -> Entry:
-    """Raw pixels z-scored, PCA (fitted on the training crops), logistic regression on the scores as they are."""
+def _pixel_pca_entry(cells: Any, y: np.ndarray, classes: list[str], p: CropClassificationParams, seed: int,
+                     fewest_fit: int) -> Entry:
+    """Raw pixels z-scored, PCA (fitted on the training crops), logistic regression on the scores as they are.
+    A PCA keeps at most one component fewer than the crops it is fitted on; where ``fewest_fit`` (the smallest
+    candidate training set) clips ``pca_components``, the name says so."""
     from sslcell.evaluate import class_weight, classification_report, logistic_probe, pixel_pca_baseline
 
     cache: dict[bytes, np.ndarray] = {}
@@ -401,7 +405,9 @@ def _pixel_pca_entry(cells: Any, y: np.ndarray, classes: list[str], p: CropClass
         return classification_report(y[rows], np.asarray(classes)[full.argmax(1)], full, classes=classes)
 
     candidates = [("no class weights" if w == 0 else f"balanced class weights ^ {w:g}", w) for w in p.pca_class_weights]
-    return Entry(name=f"raw pixels PCA-{p.pca_components} + logistic", sslcell=False, candidates=candidates, fit=fit,
+    pca = (f"PCA-{p.pca_components}" if fewest_fit - 1 >= p.pca_components
+           else f"PCA (up to {p.pca_components} components, one fewer than the training crops)")
+    return Entry(name=f"raw pixels {pca} + logistic", sslcell=False, candidates=candidates, fit=fit,
                  score=score, tta=False)
 
 
