@@ -91,7 +91,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from sslcell import __version__
+
     parser = _Parser(prog="sslcell", description="Self-supervised representation learning on single cells.")
+    parser.add_argument("--version", action="version", version=f"sslcell {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("pretrain", help="pretrain an encoder without labels")

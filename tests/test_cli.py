@@ -174,3 +174,11 @@ def test_transfer_with_model_names_the_side_that_holds_an_embedding(small_run, s
                  "--key-added", "again"]) == 0
     assert "obs['again_pred']" in capsys.readouterr().out
     assert {"again_pred", "again_confidence", "cell_type_pred"} <= set(ad.read_h5ad(tmp_path / "o2.h5ad").obs)
+
+
+def test_version(capsys):
+    import sslcell
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"sslcell {sslcell.__version__}"
