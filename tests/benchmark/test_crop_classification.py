@@ -450,14 +450,14 @@ def test_cnn_min_steps_default_to_the_recipes_and_reach_both_sides():
     cells = _crops()
     cells.obs["label"] = cells.obs["label"].astype("category")
     ctx, cpu = SimpleNamespace(seed=0), torch.device("cpu")
-    [entry] = cc._baselines(Task, ctx, cells, cells.obs["label"].to_numpy(), np.arange(80), cpu)
+    [entry] = cc._baselines(Task, ctx, cells, cells.obs["label"].to_numpy(), np.arange(80), cpu, 64)
     assert [s.min_steps for _, s in entry.candidates] == [25, 25] and entry.extra == {"min_steps": 25}
     assert cc._finetune_config(Recipe, Task.params, "full", cpu).min_steps == 25
     Task.params = cc.CropClassificationParams(cnn_epochs=[3])
-    [entry] = cc._baselines(Task, ctx, cells, cells.obs["label"].to_numpy(), np.arange(80), cpu)
+    [entry] = cc._baselines(Task, ctx, cells, cells.obs["label"].to_numpy(), np.arange(80), cpu, 64)
     assert [s.min_steps for _, s in entry.candidates] == [5, 5]
     Task.params = cc.CropClassificationParams(cnn_epochs=[3], cnn_min_steps=9)
-    [entry] = cc._baselines(Task, ctx, cells, cells.obs["label"].to_numpy(), np.arange(80), cpu)
+    [entry] = cc._baselines(Task, ctx, cells, cells.obs["label"].to_numpy(), np.arange(80), cpu, 64)
     assert [s.min_steps for _, s in entry.candidates] == [9, 9]
 
 
