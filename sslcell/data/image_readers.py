@@ -23,14 +23,15 @@ names and a per-cell ``obs``), not yet validated: :meth:`sslcell.data.images.Cel
 
 from __future__ import annotations
 
-import warnings
 import zipfile
+import zlib
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 
+from sslcell._warn import warn_user
 from sslcell.errors import FileFormatError, InputError
 
 CROP_SUFFIXES = (".tif", ".tiff", ".png")
@@ -113,8 +114,7 @@ def _cells_from_arrays(
         elif values.ndim == 2 and len(values) == n and values.shape[1] <= _MAX_SPLIT_COLUMNS:
             columns.update({f"{name}_{j}": values[:, j] for j in range(values.shape[1])})
         elif values.ndim > 0:
-            # stacklevel 4: the frame of CellImages.read (as before the readers moved here)
-            warnings.warn(f"{source}: array {name!r} with shape {values.shape} is not per-cell; skipped", stacklevel=4)
+            warn_user(f"{source}: array {name!r} with shape {values.shape} is not per-cell; skipped")
     ids = columns.pop("cell_id", None)
     index = pd.Index([str(i) for i in (ids if ids is not None else range(n))])
     obs = pd.DataFrame(columns, index=index) if n else None
@@ -143,11 +143,38 @@ def _npz_memmap(path: Path, zf: zipfile.ZipFile, member: str) -> np.memmap | Non
             raise FileFormatError(f"{path}: bad zip local header for member {member!r}")
         name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
         fp.seek(info.header_offset + 30 + name_len + extra_len)  # local extra field may differ from the central one
+        start = fp.tell()
         shape, fortran, dtype = _npy_header(fp)
         offset = fp.tell()
     if dtype.hasobject or 0 in shape:
         return None
+    _check_crc(path, member, start, info.file_size, info.CRC)
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+
+
+_VERIFIED: dict[tuple[str, str, int, int], bool] = {}  # (file, member, size, mtime_ns): checked in this process
+
+
+def _check_crc(path: Path, member: str, start: int, size: int, crc: int) -> None:
+    """Raise if the ``size`` stored bytes of ``member`` from ``start`` do not match the zip's CRC-32: a memory map
+    skips the check that loading does (a flipped byte would read as pixels). One streaming pass per file."""
+    stat = path.stat()
+    key = (str(path.resolve()), member, stat.st_size, stat.st_mtime_ns)
+    if key in _VERIFIED:
+        return
+    value, left = 0, size
+    with open(path, "rb") as fp:
+        fp.seek(start)
+        while left:
+            block = fp.read(min(left, 1 << 24))
+            if not block:
+                break
+            value, left = zlib.crc32(block, value), left - len(block)
+    if left or value != crc:
+        raise FileFormatError(f"{path}: member {member!r} fails its CRC-32 check ("
+                              + (f"{left} bytes missing" if left else "its bytes changed since it was written")
+                              + "); the file is damaged: copy it again")
+    _VERIFIED[key] = True
 
 
 def _read_npz(path: Path, label_key: str | None) -> RawCells:
@@ -168,8 +195,7 @@ def _read_npz(path: Path, label_key: str | None) -> RawCells:
                     with zf.open(member) as fp:
                         arrays[key] = np.lib.format.read_array(fp, allow_pickle=False)
                 else:
-                    # stacklevel 4: the caller of CellImages.read
-                    warnings.warn(f"{path}: array {key!r} with shape {shape} is not per-cell; skipped", stacklevel=4)
+                    warn_user(f"{path}: array {key!r} with shape {shape} is not per-cell; skipped")
             if images is None:
                 with zf.open(members["images"]) as fp:
                     images = np.lib.format.read_array(fp, allow_pickle=False)
@@ -192,12 +218,14 @@ def _read_zarr(path: Path, label_key: str | None) -> RawCells:
         raise FileFormatError(f"{path}: cannot open as zarr ({type(err).__name__}: {err})") from err
     attrs = dict(node.attrs)
     if isinstance(node, zarr.Array):
+        _warn_absent_chunks(node, path)
         return _cells_from_arrays(node, {}, attrs, label_key, str(path))
     try:
         keys = sorted(node.array_keys())
         if "images" not in keys:
             raise FileFormatError(f"{path}: zarr group has no 'images' array; arrays: {keys}")
         images = node["images"]
+        _warn_absent_chunks(images, path)
         attrs = {**dict(images.attrs), **attrs}
         arrays = {k: node[k][...] for k in keys if k != "images" and node[k].ndim <= 2}
     except FileFormatError:
@@ -205,6 +233,19 @@ def _read_zarr(path: Path, label_key: str | None) -> RawCells:
     except Exception as err:  # e.g. an object array whose codec would unpickle: zarr refuses it, we name the store
         raise FileFormatError(f"{path}: cannot read the zarr group's arrays ({type(err).__name__}: {err})") from err
     return _cells_from_arrays(images, arrays, attrs, label_key, str(path))
+
+
+def _warn_absent_chunks(images: Any, path: Path) -> None:
+    """Warn when chunks of the zarr array ``images`` are absent: zarr reads them as the fill value, so crops lost
+    by an interrupted copy would read as blank (a store may also leave out chunks holding only the fill value)."""
+    try:
+        stored, total = images.nchunks_initialized, images.nchunks
+    except Exception:  # noqa: BLE001 - a store that cannot list its keys: nothing to compare
+        return
+    if stored < total:
+        warn_user(f"{path}: {total - stored} of the {total} chunks of its images are absent; zarr reads those crops "
+                  f"as the fill value ({images.fill_value}). An interrupted copy loses chunks; a store written with "
+                  "write_empty_chunks=False leaves out those holding only the fill value")
 
 
 # -------------------------------------------------------------------------------------------------- folder
@@ -336,11 +377,10 @@ def _read_folder(path: Path, label_key: str | None) -> RawCells:
             )
         images[i] = crop
     if n_guessed:
-        warnings.warn(
+        warn_user(
             f"{path}: {n_guessed} of {len(files)} TIFF crops have no square H x W either way, so their channel axis "
             f"was taken by the fallback rule: read as (C, H, W) = {first.shape}. If that is wrong, store the crops "
-            "as .npz or zarr (N, C, H, W)",
-            UserWarning, stacklevel=4,
+            "as .npz or zarr (N, C, H, W)"
         )
     ids = [_strip_crop_suffix(f.relative_to(path).as_posix()) for f in files]
     nested = files[0].parent != path

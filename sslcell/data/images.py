@@ -24,7 +24,7 @@ import pandas as pd
 # CROP_SUFFIXES: compatibility re-export (kept for one release); it now lives in sslcell.data.image_readers
 from sslcell.data.image_readers import CROP_SUFFIXES as CROP_SUFFIXES
 from sslcell.data.image_readers import read_raw_cells
-from sslcell.errors import ChannelMismatchError, InputError
+from sslcell.errors import ChannelMismatchError, FileFormatError, InputError
 
 SUPPORTED_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
 
@@ -59,8 +59,10 @@ class LazyImages:
     stores the file mapping, not the pixels (cheap for loader workers).
     """
 
-    def __init__(self, source: Any, cells: np.ndarray | None = None, channels: np.ndarray | None = None):
+    def __init__(self, source: Any, cells: np.ndarray | None = None, channels: np.ndarray | None = None,
+                 where: str = "the image store"):
         self.source = source
+        self.where = where  # named in read errors (the file the pixels come from)
         n, c = source.shape[0], source.shape[1]
         self.cells = np.arange(n, dtype=np.intp) if cells is None else np.asarray(cells, dtype=np.intp)
         self.channels = np.arange(c, dtype=np.intp) if channels is None else np.asarray(channels, dtype=np.intp)
@@ -80,7 +82,7 @@ class LazyImages:
 
     def take(self, cells: Any = slice(None), channels: Any = slice(None)) -> LazyImages:
         """Sub-view: ``cells`` / ``channels`` index this view (int arrays, bool masks or slices); nothing is read."""
-        return LazyImages(self.source, self.cells[cells], self.channels[channels])
+        return LazyImages(self.source, self.cells[cells], self.channels[channels], self.where)
 
     def __getitem__(self, key: Any) -> np.ndarray:
         key = key if isinstance(key, tuple) else (key,)
@@ -105,12 +107,17 @@ class LazyImages:
         # zarr / h5py: read sorted unique rows (chunk locality; h5py needs increasing indices), then reorder
         uniq, inverse = np.unique(rows, return_inverse=True)
         key = slice(uniq[0], uniq[-1] + 1) if uniq[-1] - uniq[0] + 1 == len(uniq) else uniq
-        if hasattr(self.source, "oindex"):  # zarr: orthogonal read of the rows and only the selected channels
-            block = np.asarray(self.source.oindex[key] if all_channels else self.source.oindex[key, self.channels])
-        elif all_channels:
-            block = np.asarray(self.source[key])
-        else:  # h5py and others: read whole cells, then drop channels
-            block = np.asarray(self.source[key])[:, self.channels]
+        try:
+            if hasattr(self.source, "oindex"):  # zarr: orthogonal read of the rows and only the selected channels
+                block = np.asarray(self.source.oindex[key] if all_channels else
+                                   self.source.oindex[key, self.channels])
+            elif all_channels:
+                block = np.asarray(self.source[key])
+            else:  # h5py and others: read whole cells, then drop channels
+                block = np.asarray(self.source[key])[:, self.channels]
+        except Exception as err:  # a damaged chunk: the codec's own error names neither the file nor the cells
+            raise FileFormatError(f"{self.where}: cannot read the crops at positions {uniq[0]}-{uniq[-1]} "
+                                  f"({type(err).__name__}: {err}); the file is damaged or incomplete") from err
         return block if np.array_equal(inverse, np.arange(len(uniq))) else block[inverse]
 
     def __getstate__(self) -> dict:
@@ -163,8 +170,14 @@ class CellImages:
         turned into strings (default ids ``"0" .. "N-1"``). On-disk arrays are wrapped in :class:`LazyImages`.
         Float32 crops are checked for NaN / inf here when in memory, and batch by batch when on disk.
         """
+        if type(images).__module__.split(".")[0] == "torch":  # a tensor: its dtype is not numpy's
+            images = images.detach().cpu().numpy()
         if not (hasattr(images, "shape") and hasattr(images, "dtype")):
-            images = np.asarray(images)
+            try:
+                images = np.asarray(images)
+            except ValueError as err:  # a ragged list of crops
+                raise InputError(f"images: cannot stack them into one (N, C, H, W) array ({err}); every crop "
+                                 "needs the same channels and size") from None
         shape = tuple(int(s) for s in images.shape)
         if len(shape) != 4:
             hint = " (for single-channel crops (N, H, W) use images[:, None])" if len(shape) == 3 else ""
@@ -188,7 +201,7 @@ class CellImages:
             if dtype.kind == "f":
                 _check_finite(images, "images")
         elif not isinstance(images, LazyImages):
-            images = LazyImages(images)
+            images = LazyImages(images, where=source)
         names = _channel_names(channel_names, shape[1])
         obs = _make_obs(obs, labels, shape[0])
         return cls(images, names, obs, source=source)
@@ -430,13 +443,35 @@ def _make_obs(obs: pd.DataFrame | None, labels: Any, n: int) -> pd.DataFrame:
         if obs.index.has_duplicates:
             raise InputError(f"obs index (cell ids) has duplicates: {list(obs.index[obs.index.duplicated()][:5])}")
     if labels is not None:
-        labels = labels if isinstance(labels, pd.Categorical) else pd.Categorical(np.asarray(labels))
+        if isinstance(labels, pd.Series):
+            labels = _aligned_labels(labels, obs.index)
+        if not isinstance(labels, pd.Categorical):
+            labels = np.asarray(labels)
+            if labels.ndim != 1:
+                raise InputError(f"labels must be 1-D, one per cell (N,); got shape {labels.shape}")
+            labels = pd.Categorical(labels)
         if len(labels) != n:
             raise InputError(f"labels has {len(labels)} entries for {n} cells")
         if "label" in obs.columns:
             raise InputError("labels given and obs already has a 'label' column; give one of them")
         obs["label"] = labels
     return obs
+
+
+def _aligned_labels(labels: pd.Series, ids: pd.Index) -> Any:
+    """A Series of labels in the cells' order: by its index when that holds the cell ids (as ``obs[...] = series``
+    aligns), by position when it is the default 0..N-1; any other index is refused rather than guessed."""
+    index = pd.Index([str(i) for i in labels.index])
+    if index.equals(ids) or not isinstance(labels.index, pd.RangeIndex) and set(index) == set(ids):
+        if index.has_duplicates:
+            raise InputError(f"labels: its index repeats cell ids {list(index[index.duplicated()][:5])}")
+        values = labels.copy()
+        values.index = index
+        return values.reindex(ids).array
+    if isinstance(labels.index, pd.RangeIndex) and labels.index.equals(pd.RangeIndex(len(ids))):
+        return labels.array
+    raise InputError(f"labels: a Series whose index is neither the cell ids (e.g. {list(ids[:3])}) nor 0..N-1; "
+                     "index it by cell id, or pass labels.to_numpy() to take them in order")
 
 
 def placeholder_names(names: Sequence[str]) -> bool:

@@ -110,7 +110,36 @@ def test_a_bad_array_in_a_file_names_the_file(tmp_path, arrays, message):
         CellImages.read(tmp_path / "crops.npz")
 
 
+def test_damaged_bytes_inside_a_memmapped_npz_are_refused(tmp_path, x16):
+    """Loading checks the zip's CRC-32; a memory map does not, so a changed byte would read as pixels."""
+    good = save_npz(tmp_path / "good.npz", x16)
+    assert CellImages.read(good).batch(np.arange(12)).tobytes() == x16.tobytes()
+    data = bytearray(good.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside the images member's pixels
+    (tmp_path / "flipped.npz").write_bytes(bytes(data))
+    with pytest.raises(FileFormatError, match=r"flipped\.npz: member 'images\.npy' fails its CRC-32 check"):
+        CellImages.read(tmp_path / "flipped.npz")
+
+
 # ------------------------------------------------------------------------------------------ zarr
+def test_zarr_damaged_and_absent_chunks(tmp_path, x16):
+    zarr = pytest.importorskip("zarr")
+    arr = zarr.open_array(tmp_path / "a.zarr", mode="w", shape=x16.shape, dtype=x16.dtype, chunks=(4, 3, 8, 10))
+    arr[:] = x16 | 1  # no chunk holds only the fill value: every chunk is stored
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert CellImages.read(tmp_path / "a.zarr").batch(np.arange(12)).tobytes() == (x16 | 1).tobytes()
+    (tmp_path / "a.zarr" / "c" / "1" / "0" / "0" / "0").write_bytes(b"garbage")  # cells 4-7
+    cells = CellImages.read(tmp_path / "a.zarr")  # lazy: read, not opened
+    with pytest.raises(FileFormatError, match=r"a\.zarr: cannot read the crops at positions 0-11 .*damaged"):
+        cells.batch(np.arange(12))
+    np.testing.assert_array_equal(cells.batch(np.arange(4)), x16[:4] | 1)  # the sound chunks still read
+    (tmp_path / "a.zarr" / "c" / "1" / "0" / "0" / "0").unlink()
+    with pytest.warns(UserWarning, match=r"a\.zarr: 1 of the 3 chunks of its images are absent") as caught:
+        CellImages.read(tmp_path / "a.zarr")
+    assert caught[0].filename == __file__  # attributed to the caller
+
+
 def test_zarr_array_and_group_are_lazy(tmp_path, x16):
     zarr = pytest.importorskip("zarr")
     arr = zarr.open_array(tmp_path / "a.zarr", mode="w", shape=x16.shape, dtype=x16.dtype, chunks=(4, 1, 8, 10))

@@ -62,6 +62,28 @@ def test_labels_obs_channel_names_lengths(x16):
         CellImages.from_array(x16, channel_names=["a", "b", "a"])
 
 
+def test_tensors_ragged_lists_and_2d_labels(x16):
+    import torch
+
+    cells = CellImages.from_array(torch.from_numpy(x16.astype(np.uint8)))
+    assert cells.dtype == np.uint8 and cells.shape == (12, 3, 8, 10)
+    with pytest.raises(InputError, match=r"images: cannot stack them .* same channels and size"):
+        CellImages.from_array([np.zeros((1, 8, 8), np.uint8), np.zeros((1, 9, 9), np.uint8)])
+    with pytest.raises(InputError, match=r"labels must be 1-D, one per cell \(N,\); got shape \(12, 2\)"):
+        CellImages.from_array(x16, labels=np.zeros((12, 2)))
+
+
+def test_a_labels_series_aligns_by_cell_id_as_obs_assignment_does(x16):
+    obs = pd.DataFrame(index=[f"c{i}" for i in range(12)])
+    by_id = pd.Series(["b"] * 6 + ["a"] * 6, index=[f"c{i}" for i in range(6, 12)] + [f"c{i}" for i in range(6)])
+    cells = CellImages.from_array(x16, obs=obs, labels=by_id)
+    assert list(cells.obs["label"]) == ["a"] * 6 + ["b"] * 6  # c0..c5 are "a" in the Series, wherever they sit
+    positional = pd.Series(["a"] * 6 + ["b"] * 6)  # the default 0..N-1 index: in order
+    assert list(CellImages.from_array(x16, obs=obs, labels=positional).obs["label"]) == ["a"] * 6 + ["b"] * 6
+    with pytest.raises(InputError, match="neither the cell ids"):
+        CellImages.from_array(x16, obs=obs, labels=pd.Series(["a"] * 12, index=[f"x{i}" for i in range(12)]))
+
+
 # ------------------------------------------------------------------------------------------ selections
 def test_select_channels_by_index_and_name(x16):
     cells = CellImages.from_array(x16, channel_names=NAMES)
