@@ -194,7 +194,30 @@ class ImageInputs(Inputs):
             raise InputError(
                 f"{cells.source}: crops are {tuple(cells.shape[2:])} pixels; the model expects {tuple(self.image_size)}"
             )
+        self._warn_if_rescaled(cells)
         return cells
+
+    def _warn_if_rescaled(self, cells: CellImages, sample: int = 256, factor: float = 16.0) -> None:
+        """Warn when a channel's mean over up to ``sample`` evenly spaced crops is ``factor`` or more times off
+        the model's: integer crops at another scale (8-bit values in a uint16 array, a 12-bit camera's raw values
+        stretched to 16 bits) pass every dtype check yet collapse the embeddings toward one point."""
+        if self.dtype not in _INTEGER_DTYPES or str(cells.dtype) != self.dtype or len(cells) == 0:
+            return  # float models read the user's own scale; another dtype is refused batch by batch
+        import numpy as np
+
+        rows = np.unique(np.linspace(0, len(cells) - 1, min(len(cells), sample)).round().astype(np.intp))
+        means = cells.batch(rows).mean(axis=(0, 2, 3), dtype=np.float64)
+        off = []
+        for name, mean, ref in zip(self.channel_names, means, self.channel_mean.flatten().tolist(), strict=True):
+            if ref > 0 and (mean <= 0 or max(mean / ref, ref / mean) >= factor):
+                off.append(f"{name} {mean:.4g} (model {ref:.4g})")
+        if off:
+            from sslcell._warn import warn_user
+
+            warn_user(f"{cells.source}: channel means {', '.join(off)} are {factor:g}x or more off those of the "
+                      f"crops the model was trained on ({len(rows)} crops sampled): if the intensities are on another "
+                      f"scale ({'e.g. 8-bit values stored as uint16' if self.dtype == 'uint16' else 'another exposure'}"
+                      "), convert them to the training crops' scale, or the embeddings collapse toward one point")
 
     def check(self, batch: Tensor) -> None:
         """Raise if ``batch`` is not ``(N, C, H, W)`` with the model's channel count and crop size."""

@@ -288,3 +288,23 @@ def test_a_channel_that_never_varied_is_not_divided_by_a_millionth():
     x = torch.full((1, 2, 8, 8), 2, dtype=torch.uint8)
     z = inputs.normalize(x)
     assert torch.allclose(z[:, 0], torch.tensor(-4.0)) and torch.allclose(z[:, 1], torch.tensor(2.0))
+
+
+def test_integer_crops_on_another_intensity_scale_warn():
+    """8-bit values in a uint16 array pass every dtype check and collapsed the embeddings without a word."""
+    inputs = ImageInputs({"modality": "image", "channel_names": ["bf", "df"], "channel_mean": [14000.0, 7000.0],
+                          "channel_std": [3000.0, 1500.0], "image_size": [8, 8], "dtype": "uint16"})
+    rng = np.random.default_rng(0)
+    full = rng.normal([14000, 7000], [3000, 1500], size=(40, 8, 8, 2)).clip(0, 65535).astype(np.uint16)
+    full = CellImages.from_array(np.moveaxis(full, -1, 1).copy(), channel_names=["bf", "df"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        inputs.align(full)  # the training scale, or a few times brighter or dimmer: quiet
+        inputs.align(CellImages.from_array(np.asarray(full.images) // 4, channel_names=["bf", "df"]))
+    low = CellImages.from_array(np.asarray(full.images) >> 8, channel_names=["bf", "df"])
+    with pytest.warns(UserWarning, match=r"channel means bf 54\.\d+ \(model 1\.4e\+04\), df 2\d\.\d+ \(model 7000\)"):
+        inputs.align(low)
+    blank = CellImages.from_array(np.asarray(full.images) * np.array([1, 0], np.uint16)[None, :, None, None],
+                                  channel_names=["bf", "df"])
+    with pytest.warns(UserWarning, match=r"channel means df 0 \(model 7000\)"):
+        inputs.align(blank)
