@@ -24,6 +24,10 @@ def _counts_matrix(counts, layer: str | None, what: str = "pca_baseline"):
                              "(adata.to_memory())")
         if layer is not None and layer not in counts.layers:
             raise InputError(f"layer {layer!r} not in adata.layers (available: {list(counts.layers)})")
+        if not counts.var_names.is_unique:
+            repeated = counts.var_names[counts.var_names.duplicated()].unique()
+            raise InputError(f"{what}: gene names repeat in var_names (e.g. {list(repeated[:5])}); make them unique "
+                             "first (adata.var_names_make_unique())")
         counts = counts.X if layer is None else counts.layers[layer]
     elif layer is not None:
         raise InputError("layer is only meaningful when counts is an AnnData")
@@ -32,6 +36,8 @@ def _counts_matrix(counts, layer: str | None, what: str = "pca_baseline"):
     x = sparse.csr_matrix(counts, dtype=np.float32) if sparse.issparse(counts) else np.array(counts, np.float32)
     if x.ndim != 2:
         raise InputError(f"counts must be a 2-D matrix (N cells, G genes); got shape {x.shape}")
+    if 0 in x.shape:
+        raise InputError(f"counts of shape {x.shape}: {what} needs at least one cell and one gene")
     values = x.data if sparse.issparse(x) else x
     if not np.isfinite(values).all():
         raise InputError(f"counts contain NaN or inf; {what} expects raw counts, finite and non-negative")

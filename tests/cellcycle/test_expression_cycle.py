@@ -77,6 +77,14 @@ def test_counts_are_checked(cycling):
         tl.score_cell_cycle(bad, s_genes=s, g2m_genes=g2m)
     with pytest.raises(InputError, match="layer 'counts'"):
         tl.cell_cycle_pca(adata, layer="counts", s_genes=s, g2m_genes=g2m)
+    twice = adata[:40].copy()
+    twice.var_names = [s[1] if name == s[0] else name for name in twice.var_names]  # one S gene named twice
+    empty = adata[:0].copy()
+    for tool in (tl.score_cell_cycle, tl.cell_cycle_pca):  # were pandas' and scikit-learn's own errors
+        with pytest.raises(InputError, match=rf"gene names repeat in var_names \(e\.g\. \['{s[1]}'\]\)"):
+            tool(twice, s_genes=s[1:], g2m_genes=g2m)
+        with pytest.raises(InputError, match=r"counts of shape \(0, 300\): .* at least one cell"):
+            tool(empty, s_genes=s, g2m_genes=g2m)
 
 
 def test_phase_set_calls_follow_the_simulated_phase_groups_all_round():
