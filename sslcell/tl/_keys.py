@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,10 @@ def check_free(adata: AnnData, slot: str, key: str, overwrite: bool) -> None:
     embedding's model, is not replaced without asking either)."""
     if slot == "record":
         records = adata.uns.get("sslcell", {})
-        if isinstance(records, dict) and key in records and not overwrite:
+        if not isinstance(records, Mapping):  # checked before any work: the result would be written, its record not
+            raise InputError(f"adata.uns['sslcell'] holds a {type(records).__name__}, not sslcell's records of the "
+                             "models and settings behind its results; move it to another uns key")
+        if key in records and not overwrite:
             raise OverwriteError(f"adata.uns['sslcell'][{key!r}] holds the record of an earlier result; pass "
                                  "overwrite=True or choose another key_added")
         return

@@ -40,6 +40,10 @@ def test_existing_key_is_kept_unless_overwrite(trained, small_counts):
     assert adata.obsm["X_sslcell"].shape[1] == model.embed_dim
     new = sslcell.tl.embed(adata, model, key_added="X_other", copy=True)
     assert "X_other" in new.obsm and "X_other" not in adata.obsm
+    adata.uns["sslcell"] = "a note of the user's"  # not sslcell's records: refused before any work, nothing written
+    with pytest.raises(InputError, match=r"adata.uns\['sslcell'\] holds a str, not sslcell's records"):
+        sslcell.tl.embed(adata, model, key_added="X_third")
+    assert "X_third" not in adata.obsm and adata.uns["sslcell"] == "a note of the user's"
 
 
 def test_backed_and_reordered_genes_give_the_same_embedding(trained, small_counts, small_counts_file, tmp_path):
