@@ -84,8 +84,9 @@ class ExpressionDataset:
         if isinstance(data, ad.AnnData):
             if data.isbacked:
                 if data.is_view:
-                    raise InputError(f"{data.filename}: a view of a backed AnnData (some of its cells) is not "
-                                     "supported; pass the whole file, or the view's .to_memory()")
+                    raise InputError(f"{data.filename}: a view of a backed AnnData (some of its cells or genes) is "
+                                     "not read in place; pass the whole file, or the view's .to_memory() (tools: "
+                                     "copy=True)")
                 shards: list[_Shard] = [_FileShard(data.filename, layer)]
                 shards[0].var_names = np.asarray(data.var_names, dtype=str).astype(object)  # as renamed in memory
             else:

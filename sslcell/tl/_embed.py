@@ -87,13 +87,15 @@ def embed(
         refuse(crops=crops, channels=channels)
     if batch_size is None:
         batch_size = CROPS_BATCH if model.inputs.modality == "image" else EXPRESSION_BATCH
-    if copy:
+    if copy and (adata.is_view or not adata.isbacked):  # a whole backed file is read from disk (errors name it)
         adata = adata.to_memory() if adata.isbacked else adata.copy()
     if model.inputs.modality == "image":
         embedding, info = _embed_crops(adata, crops, model, channels, batch_size, device)
     else:
         embedding, info = _embed_expression(adata, model, layer, counts_are_log_normalized, batch_size, device,
                                             max_missing_genes)
+    if copy and adata.isbacked:
+        adata = adata.to_memory()
     drop_derived(adata, key_added)
     adata.obsm[key_added] = embedding
     record(adata, key_added, {"model": str(getattr(model, "source", "<in memory>")), "model_id": weights_id(model),

@@ -69,6 +69,8 @@ def predict(
             raise InputError(f"label_key {label_key!r} is a column this call writes (key_added {key_added!r}): the "
                              "predictions would replace the true labels and be scored against themselves")
         _labelled(adata, label_key, [str(c) for c in classifier.classes])  # before anything is written
+    if copy and (adata.is_view or not adata.isbacked):  # a whole backed file is read from disk, as tl.embed does
+        adata = adata.to_memory() if adata.isbacked else adata.copy()
     if classifier.inputs.modality == "image":
         if crops is None:
             raise InputError("the classifier reads image crops: pass crops=cells (one crop per row of adata)")
@@ -86,8 +88,6 @@ def predict(
         data = open_counts(adata, classifier.inputs.genes, layer=layer, max_missing_genes=max_missing_genes,
                            counts_are_log_normalized=counts_are_log_normalized)
         normalize = {"counts_are_log_normalized": counts_are_log_normalized}  # read as tl.embed reads them
-    if copy:
-        adata = adata.to_memory() if adata.isbacked else adata.copy()
     device = default_device(device)
     classifier = classifier.to(device)
     try:
@@ -97,6 +97,8 @@ def predict(
         if isinstance(data, ExpressionDataset):
             data.close()  # the counts file is not held open after predicting
     classes = np.asarray(classifier.classes)
+    if copy and adata.isbacked:
+        adata = adata.to_memory()
     adata.obs[key_added] = pd.Categorical(classes[scores.argmax(axis=1)], categories=list(classes))
     adata.obs[f"{key_added}_confidence"] = scores.max(axis=1)
     adata.obsm[f"{key_added}_proba"] = scores

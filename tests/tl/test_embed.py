@@ -56,6 +56,15 @@ def test_backed_and_reordered_genes_give_the_same_embedding(trained, small_count
     shuffled = small_counts[:, np.random.default_rng(0).permutation(small_counts.n_vars)].copy()
     sslcell.tl.embed(shuffled, model)
     np.testing.assert_allclose(shuffled.obsm["X_sslcell"], reference.obsm["X_sslcell"], atol=1e-5)
+    copied = sslcell.tl.embed(ad.read_h5ad(small_counts_file, backed="r"), model, copy=True)
+    assert not copied.isbacked
+    np.testing.assert_allclose(copied.obsm["X_sslcell"], reference.obsm["X_sslcell"], atol=1e-5)
+    bad = small_counts.copy()
+    bad.X = bad.X.astype(np.float32)
+    bad.X[3, 4] = np.nan
+    bad.write_h5ad(tmp_path / "nan.h5ad")
+    with pytest.raises(InputError, match=r"NaN or inf values in .*nan\.h5ad \(X\)"):  # the file, not <AnnData>
+        sslcell.tl.embed(ad.read_h5ad(tmp_path / "nan.h5ad", backed="r"), model, copy=True)
 
 
 def test_a_backed_anndata_is_read_with_the_gene_names_it_shows(trained, small_counts, small_counts_file, tmp_path):

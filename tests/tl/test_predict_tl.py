@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import replace
 
+import anndata as ad
 import numpy as np
 import pytest
 import torch
@@ -95,6 +96,14 @@ def test_expression_linear_head_end_to_end(small_counts, tmp_path):
     np.testing.assert_allclose(test.obsm["sslcell_pred_proba"], expected, atol=1e-4)
     with pytest.raises(InputError, match="tta: not applicable"):
         tl.predict(test, clf, tta=True, key_added="again")
+    test.write_h5ad(tmp_path / "test.h5ad")  # backed: the whole file read in place, a view only as a copy
+    backed = ad.read_h5ad(tmp_path / "test.h5ad", backed="r")
+    whole = tl.predict(backed, clf, key_added="again", copy=True)
+    np.testing.assert_allclose(whole.obsm["again_proba"], test.obsm["sslcell_pred_proba"], atol=1e-5)
+    with pytest.raises(InputError, match=r"a view of a backed AnnData \(some of its cells or genes\)"):
+        tl.predict(backed[5:10], clf, key_added="again")
+    part = tl.predict(backed[5:10], clf, key_added="again", copy=True)
+    np.testing.assert_allclose(part.obsm["again_proba"], test.obsm["sslcell_pred_proba"][5:10], atol=1e-5)
     with pytest.raises(InputError, match="crops, channels: not applicable|crops: not applicable"):
         tl.predict(test, clf, crops=object(), key_added="again")
     torch.manual_seed(0)
