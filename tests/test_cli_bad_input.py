@@ -167,14 +167,16 @@ def _embed(data, *extra):
 
 
 IMAGE_CASES = {
-    "float crops for a uint8 model": (_embed("float.npz"), "images are float32; the model was trained on uint8"),
+    "float crops for a uint8 model": (_embed("float.npz"),
+                                      "float.npz: images are float32; the model was trained on uint8"),
     "float64 crops": (_embed("float64.npz"), "images dtype float64 is not supported"),
-    "uint16 crops for a uint8 model": (_embed("uint16.npz"), "images are uint16"),
+    "uint16 crops for a uint8 model": (_embed("uint16.npz"), "uint16.npz: images are uint16"),
     "other channel names": (_embed("renamed.npz"), "do not match the model's ['dna', 'actin']"),
     "negative channel index": (_embed("good.npz", "--channels=-1,0"), "negative indices are not accepted"),
     "out-of-range channel": (_embed("good.npz", "--channels", "0,5"), "channel index 5 out of range"),
     "wrong crop size": (_embed("small.npz"), "(12, 12) pixels; the model expects (16, 16)"),
-    "NaN in crops": (_embed("nan.npz"), "NaN"),
+    "NaN in crops": (["pretrain", "--config", "{root}/tiny.yaml", "--data", "{root}/nan.npz", "--out", "{root}/r3"],
+                     "NaN"),  # (embedding them with the uint8 model is refused for their dtype first)
     "npz without images": (_embed("no_images.npz"), "no 'images' array"),
     "corrupt npz": (_embed("corrupt.npz"), "corrupt.npz"),
     "missing crops": (_embed("absent.npz"), "absent.npz"),
@@ -183,7 +185,7 @@ IMAGE_CASES = {
     "corrupt classifier": (["predict", "--model", "{root}/clf_json", "--data", "{root}/good.npz", "--out",
                             "{root}/p"], "classifier.json"),
     "finetune on float crops": (["finetune", "--model", "{root}/run", "--data", "{root}/float.npz", "--out",
-                                 "{root}/c2", "--head", "linear"], "images are float32"),
+                                 "{root}/c2", "--head", "linear"], "float.npz: images are float32"),
     "encoder flags for a frozen encoder": (["finetune", "--model", "{root}/run", "--data", "{root}/good.npz", "--out",
                                             "{root}/c3", "--head", "mlp", "--encoder-lr-factor", "0.25"],
                                            "--encoder-lr-factor: the mlp head trains on the frozen encoder's"),

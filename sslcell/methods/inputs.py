@@ -194,6 +194,7 @@ class ImageInputs(Inputs):
             raise InputError(
                 f"{cells.source}: crops are {tuple(cells.shape[2:])} pixels; the model expects {tuple(self.image_size)}"
             )
+        self._check_dtype(str(cells.dtype), cells.source)
         self._warn_if_rescaled(cells)
         return cells
 
@@ -231,24 +232,30 @@ class ImageInputs(Inputs):
             raise InputError(
                 f"images are {tuple(batch.shape[2:])} pixels (H, W); the model expects {tuple(self.image_size)}"
             )
-        dtype = str(batch.dtype).removeprefix("torch.")
-        if batch.is_floating_point() and self.dtype in _INTEGER_DTYPES:
+        self._check_dtype(str(batch.dtype).removeprefix("torch."))
+
+    def _check_dtype(self, dtype: str, where: str | None = None) -> None:
+        """Raise unless crops of ``dtype`` (numpy's name) are on the scale of the model's statistics; ``where``:
+        the crops' source, named in the message."""
+        images = f"{where}: images" if where else "images"
+        floating = dtype.startswith(("float", "bfloat"))
+        if floating and self.dtype in _INTEGER_DTYPES:
             raise InputError(
-                f"images are {dtype}; the model was trained on {self.dtype} crops and its per-channel statistics are "
-                f"in {self.dtype} units: pass the crops as {self.dtype} at the stored scale (float crops rescaled, "
-                "e.g. to [0, 1], would collapse every embedding to one point)"
+                f"{images} are {dtype}; the model was trained on {self.dtype} crops and its per-channel statistics "
+                f"are in {self.dtype} units: pass the crops as {self.dtype} at the stored scale (float crops "
+                "rescaled, e.g. to [0, 1], would collapse every embedding to one point)"
             )
-        if not batch.is_floating_point() and self.dtype not in _INTEGER_DTYPES:
+        if not floating and self.dtype not in _INTEGER_DTYPES:
             means = ", ".join(f"{m:.3g}" for m in self.channel_mean.flatten().tolist())
             raise InputError(
-                f"images are {dtype}; the model was trained on {self.dtype} crops and its per-channel statistics are "
-                f"on their scale (channel means {means}): pass {self.dtype} crops at that scale (integer crops "
+                f"{images} are {dtype}; the model was trained on {self.dtype} crops and its per-channel statistics "
+                f"are on their scale (channel means {means}): pass {self.dtype} crops at that scale (integer crops "
                 "at another scale would be read silently wrong)"
             )
         if dtype in _INTEGER_DTYPES and self.dtype in _INTEGER_DTYPES and dtype != self.dtype:
             raise InputError(
-                f"images are {dtype}; the model was trained on {self.dtype} crops and its per-channel statistics are "
-                f"in {self.dtype} units (convert the crops to {self.dtype} at the same scale)"
+                f"{images} are {dtype}; the model was trained on {self.dtype} crops and its per-channel statistics "
+                f"are in {self.dtype} units (convert the crops to {self.dtype} at the same scale)"
             )
 
     def normalize(self, batch: Tensor) -> Tensor:
