@@ -1,4 +1,4 @@
-"""``sslcell quickstart``: the whole expression workflow on generated data, in a couple of minutes on a laptop.
+"""``sslcell quickstart``: the whole expression workflow on generated data, in about a minute and a half on 2 cores.
 
 generate counts with known cell types -> pretrain a masked autoencoder without labels -> embed ->
 evaluate against a PCA-50 baseline -> write ``embedded.h5ad``, ``umap.png``, ``report.md``/``.json``.
@@ -21,7 +21,7 @@ from sslcell.train import pretrain
 
 def quickstart_recipe(max_epochs: int = 30) -> RecipeConfig:
     """The shipped ``configs/expression_mae.yaml`` settings (512-256-64 encoder, batch 64, lr 2e-3) on all
-    1,000 generated genes, for 30 epochs: a few minutes on two CPU cores."""
+    1,000 generated genes, for 30 epochs: about a minute and a half on two CPU cores with the rest of the demo."""
     return RecipeConfig.from_dict(
         {
             "modality": "expression",
