@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -265,8 +266,10 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}"
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the umask's mode, as open() gives; not
     # mkstemp's owner-only 0600, which os.replace would keep
+    mode = stat.S_IMODE(tmp.stat().st_mode)
     try:
         write(tmp)
+        os.chmod(tmp, mode)  # a writer that recreates the file (safetensors' save_file: 0600) gets it back
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

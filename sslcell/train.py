@@ -421,17 +421,20 @@ def _check_new_run(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise OverwriteError(f"{out}: is a file, not a run directory; choose another --out")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        if (out / RUN_FILE).exists():
+        if _sslcell_json(out / RUN_FILE, ("recipe", "contract")):
             raise OverwriteError(f"{out}: holds a previous run; pass resume=True (--resume) to continue it, "
                                  "overwrite=True (--overwrite) to replace it, or choose another output folder")
         raise OverwriteError(f"{out}: holds files that are not a run; choose another output folder, or pass "
                              "overwrite=True (--overwrite) to replace them")
+    if out.is_dir() and overwrite:
+        _refuse_foreign_files(out)
 
 
 def _clear_run(out: Path) -> None:
     """Remove a previous run's own files (run record, checkpoint, model and their temp files) before a new run
     writes into ``out``, so a resume can never mix two runs. Every other file stays; ``logs/`` keeps its
     numbered versions."""
+    _refuse_foreign_files(out)
     owned = [out / RUN_FILE, out / "checkpoints" / LAST, out / "checkpoints" / f".{LAST}.tmp",
              *(out / "model" / name for name in (WEIGHTS, CONFIG, CARD))]
     owned += [p for d in ("checkpoints", "model") if (out / d).is_dir() for p in (out / d).glob(".*")
@@ -441,6 +444,30 @@ def _clear_run(out: Path) -> None:
     for folder in ("checkpoints", "model"):
         if (out / folder).is_dir() and not any((out / folder).iterdir()):
             (out / folder).rmdir()
+
+
+def _refuse_foreign_files(out: Path) -> None:
+    """Raise where ``out`` holds a run.json that is not an sslcell run's, or ``out/model`` a config.json or
+    README.md that is not an sslcell model's: the run would write over them (weights alone are taken for a model
+    killed while it was being written)."""
+    model = out / "model"
+    foreign = [] if _sslcell_json(model / CONFIG, ("format_version", "recipe", "contract")) else [
+        model / name for name in (CONFIG, CARD) if (model / name).exists()]
+    if (out / RUN_FILE).exists() and not _sslcell_json(out / RUN_FILE, ("recipe", "contract")):
+        foreign.insert(0, out / RUN_FILE)
+    if foreign:
+        raise OverwriteError(f"{', '.join(map(str, foreign))}: not sslcell's, and the run writes its own files there "
+                             "(overwrite replaces only sslcell's); move them, or choose another output folder")
+
+
+def _sslcell_json(path: Path, keys: tuple[str, ...]) -> bool:
+    """Whether ``path`` is a JSON object holding ``keys``: a file sslcell wrote (a run record, a model's config),
+    not a user's file of the same name."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(value, dict) and all(key in value for key in keys)
 
 
 def _write_run(out: Path, config: RecipeConfig, contract: Contract, data: Any, n_cells: int,

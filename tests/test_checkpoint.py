@@ -36,6 +36,19 @@ def test_weights_are_safetensors_not_pickle(tmp_path):
     assert head != b"\x80\x04" and head[:1] != b"PK"  # neither a pickle nor a torch zip
 
 
+def test_every_file_of_a_model_gets_the_umasks_mode(tmp_path):
+    """safetensors writes owner-only files: colleagues could read a shared model's config but not its weights."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        save_model(build_method(tiny_recipe(), CONTRACT), tmp_path / "m")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "m").iterdir()}
+    assert modes == {"model.safetensors": 0o644, "config.json": 0o644, "README.md": 0o644}
+
+
 def test_corrupt_or_missing_files(tmp_path):
     save_model(build_method(tiny_recipe(), CONTRACT), tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"garbage")

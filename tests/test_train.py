@@ -48,6 +48,20 @@ def test_existing_run_is_not_overwritten(small_counts_file, tmp_path):
         pretrain(tiny_recipe(), small_counts_file, out)
 
 
+def test_overwrite_never_replaces_a_users_files_named_as_sslcells(small_counts_file, tmp_path):
+    """A user's run.json or model/README.md was called a previous run, then replaced by overwrite=True."""
+    out = tmp_path / "run"
+    (out / "model").mkdir(parents=True)
+    (out / "run.json").write_text('{"pipeline": "my nextflow run"}')
+    (out / "model" / "README.md").write_text("my notes")
+    with pytest.raises(OverwriteError, match="holds files that are not a run"):
+        pretrain(tiny_recipe(), small_counts_file, out, max_steps=1)
+    with pytest.raises(OverwriteError, match=r"run\.json, .*README\.md: not sslcell's"):
+        pretrain(tiny_recipe(), small_counts_file, out, max_steps=1, overwrite=True)
+    assert (out / "run.json").read_text() == '{"pipeline": "my nextflow run"}'
+    assert (out / "model" / "README.md").read_text() == "my notes"
+
+
 class FailAt(pl.Callback):
     """Simulates a run that dies after ``step`` optimiser steps, before its first checkpoint."""
 
