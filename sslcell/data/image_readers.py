@@ -265,9 +265,9 @@ def _read_crop(file: Path) -> tuple[np.ndarray, bool]:
             if arr.dtype == np.int32 and arr.size and 0 <= arr.min() and arr.max() <= 65535:  # old 16-bit PNG mode "I"
                 arr = arr.astype(np.uint16)
         else:
-            import tifffile
-
-            arr = tifffile.imread(file)
+            arr = _read_tiff(file)
+    except FileFormatError:
+        raise
     except Exception as err:  # PIL / tifffile raise many types for corrupt files
         raise FileFormatError(f"{file}: cannot read crop ({type(err).__name__}: {err})") from err
     arr = np.squeeze(arr) if arr.ndim > 3 else arr
@@ -279,6 +279,25 @@ def _read_crop(file: Path) -> tuple[np.ndarray, bool]:
         first, ambiguous = _channels_first(arr.shape)
         return (arr if first else np.moveaxis(arr, -1, 0)), ambiguous
     raise FileFormatError(f"{file}: crop has shape {arr.shape}; expected (H, W), (C, H, W) or (H, W, C)")
+
+
+def _read_tiff(file: Path) -> np.ndarray:
+    """A TIFF crop's pixels. Several series (a channel per ``TiffWriter.write`` call) are stacked as channels when
+    each is one (H, W) plane of one shape and dtype; otherwise refused (``imread`` reads the first series only, so
+    the other channels would be dropped without a word)."""
+    import tifffile
+
+    with tifffile.TiffFile(file) as tif:
+        series = tif.series
+        if len(series) <= 1:
+            return series[0].asarray() if series else tif.asarray()
+        planes = [s.asarray() for s in series]
+    kinds = {(p.shape, p.dtype.str) for p in planes}
+    if len(kinds) == 1 and planes[0].ndim == 2:
+        return np.stack(planes)
+    raise FileFormatError(f"{file}: {len(planes)} image series of shapes/dtypes {sorted(kinds)}; a crop file holds one "
+                          "image, or one (H, W) plane per channel of one shape and dtype (save the channels as one "
+                          "(C, H, W) array, e.g. tifffile.imwrite(path, crop))")
 
 
 def _palette_mode(im: Any) -> str:
@@ -324,7 +343,15 @@ def _crop_files(path: Path) -> list[Path]:
             f"{path}: crops both at the top level ({top[0].name}) and in subfolders ({nested[0].relative_to(path)}); "
             "put all crops in class subfolders or all at the top level"
         )
+    folders = [path] if top else sorted(d for d in path.iterdir() if d.is_dir())
+    other = sorted(p for d in folders for p in d.iterdir() if p.is_file() and p.suffix.lower() in _OTHER_IMAGES)
+    if other:  # crops saved in another format would silently be left out of the data set
+        warn_user(f"{path}: {len(other)} image file(s) in formats sslcell does not read as crops were skipped "
+                  f"(e.g. {other[0].relative_to(path)}); crops are {'/'.join(CROP_SUFFIXES)} files")
     return top or nested
+
+
+_OTHER_IMAGES = (".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".jp2", ".czi", ".nd2", ".lif", ".ome.zarr")
 
 
 def _folder_obs(path: Path, ids: list[str], folder_labels: list[str] | None, label_key: str | None) -> pd.DataFrame:

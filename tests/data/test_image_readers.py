@@ -199,7 +199,15 @@ def test_tiff_folder_with_class_subfolders(tmp_path, x16):
             tifffile.imwrite(folder / f"cell{i:02d}.tif", crop, photometric="minisblack")
         else:
             tifffile.imwrite(folder / f"cell{i:02d}.tiff", np.moveaxis(crop, 0, -1), photometric="minisblack")
-    cells = CellImages.read(tmp_path / "crops", channels=[2, 0])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        cells = CellImages.read(tmp_path / "crops", channels=[2, 0])
+    assert not [w for w in seen if "skipped" in str(w.message)]
+    (tmp_path / "crops" / "S" / "cell99.jpg").write_bytes(b"\xff\xd8")  # a crop saved as JPEG is left out: said
+    with pytest.warns(UserWarning, match=r"crops: 1 image file\(s\) .* skipped \(e\.g\. S/cell99\.jpg\)"), \
+            warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*fallback rule")
+        assert len(CellImages.read(tmp_path / "crops")) == 12
     ids = sorted(f"{classes[i % 3]}/cell{i:02d}" for i in range(12))
     assert list(cells.obs.index) == ids
     order = [int(i.split("cell")[1]) for i in ids]
@@ -207,6 +215,24 @@ def test_tiff_folder_with_class_subfolders(tmp_path, x16):
     assert cells.dtype == np.uint16
     assert list(cells.obs["label"]) == [i.split("/")[0] for i in ids]
     assert sorted(cells.obs["label"].cat.categories) == sorted(classes)
+
+
+def test_a_tiff_written_a_channel_at_a_time_keeps_every_channel(tmp_path, x16):
+    """One TiffWriter.write per channel makes one series each; imread's first series dropped the others."""
+    tifffile = pytest.importorskip("tifffile")
+    (tmp_path / "crops").mkdir()
+    for i, crop in enumerate(x16[:4]):
+        with tifffile.TiffWriter(tmp_path / "crops" / f"c{i}.tif") as tif:
+            for channel in crop:
+                tif.write(channel, contiguous=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*fallback rule")
+        np.testing.assert_array_equal(CellImages.read(tmp_path / "crops").batch(np.arange(4)), x16[:4])
+    with tifffile.TiffWriter(tmp_path / "crops" / "c0.tif") as tif:  # channels of two dtypes: not one crop array
+        tif.write(x16[0, 0], contiguous=False)
+        tif.write(x16[0, 1].astype(np.uint8), contiguous=False)
+    with pytest.raises(FileFormatError, match=r"c0\.tif: 2 image series of shapes/dtypes"):
+        CellImages.read(tmp_path / "crops")
 
 
 def test_png_folder_gray16_rgb8_and_obs_csv(tmp_path):
