@@ -116,6 +116,10 @@ class LazyImages:
             else:  # h5py and others: read whole cells, then drop channels
                 block = np.asarray(self.source[key])[:, self.channels]
         except Exception as err:  # a damaged chunk: the codec's own error names neither the file nor the cells
+            source_id = getattr(self.source, "id", None)
+            if source_id is not None and hasattr(source_id, "valid") and not source_id.valid:
+                raise InputError(f"{self.where}: its HDF5 file was closed; keep it open while the crops are used "
+                                 "(or read them into memory: np.asarray(dataset))") from None
             raise FileFormatError(f"{self.where}: cannot read the crops at positions {uniq[0]}-{uniq[-1]} "
                                   f"({type(err).__name__}: {err}); the file is damaged or incomplete") from err
         return block if np.array_equal(inverse, np.arange(len(uniq))) else block[inverse]
@@ -172,6 +176,8 @@ class CellImages:
         """
         if type(images).__module__.split(".")[0] == "torch":  # a tensor: its dtype is not numpy's
             images = images.detach().cpu().numpy()
+        if source == "array" and type(images).__module__.split(".")[0] == "h5py":  # name the file in errors
+            source = f"{images.file.filename}:{images.name}"
         if not (hasattr(images, "shape") and hasattr(images, "dtype")):
             try:
                 images = np.asarray(images)

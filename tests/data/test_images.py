@@ -131,6 +131,9 @@ def test_lazy_view_of_h5py_dataset_composes_selections(tmp_path, x16):
         assert isinstance(sub.images, LazyImages) and sub.shape == (3, 2, 8, 10)
         np.testing.assert_array_equal(sub.batch(np.arange(3)), x16[[9, 2, 2]][:, [2, 0]])
         np.testing.assert_array_equal(sub.images[1, 0], x16[2, 2])
+    assert cells.source.endswith("x.h5:/x")  # errors name the file, not "array"
+    with pytest.raises(InputError, match=r"x\.h5:/x: its HDF5 file was closed; keep it open"):  # not "damaged"
+        cells.batch(np.arange(3))
 
 
 # ------------------------------------------------------------------------------------------ stats, AnnData
