@@ -140,7 +140,7 @@ def _fit(config: RecipeConfig, data: Any, dataset: Any, contract: Contract, out:
     if not spawned and not resume:
         _clear_run(out)  # --overwrite: the previous run goes only now that the new one's data and recipe are good
         out.mkdir(parents=True, exist_ok=True)
-        _write_run(out, config, contract, data, _n_cells(dataset), given)
+        _write_run(out, config, contract, data, dataset, given)
     ckpt = out / "checkpoints" / LAST
     if resume and not ckpt.is_file():
         raise FileNotFoundError(f"{ckpt}: nothing to resume from (the run stopped before its first checkpoint)")
@@ -470,14 +470,15 @@ def _sslcell_json(path: Path, keys: tuple[str, ...]) -> bool:
     return isinstance(value, dict) and all(key in value for key in keys)
 
 
-def _write_run(out: Path, config: RecipeConfig, contract: Contract, data: Any, n_cells: int,
-               given: dict[str, Any]) -> None:
+def _write_run(out: Path, config: RecipeConfig, contract: Contract, data: Any,
+               dataset: ExpressionDataset | CellImages, given: dict[str, Any]) -> None:
     payload = {
         "recipe": config.to_dict(),  # as run: overrides (--max-epochs ...) applied
         "given": given,  # the train settings of the recipe as given: a resume applies only what it changes
         "contract": contract.to_dict(),
         "data": _describe(data),
-        "n_cells": n_cells,
+        "n_cells": _n_cells(dataset),
+        "data_sample": _data_sample(dataset),
         "versions": versions(),
     }
     (out / RUN_FILE).write_text(json.dumps(payload, indent=1))
@@ -485,6 +486,23 @@ def _write_run(out: Path, config: RecipeConfig, contract: Contract, data: Any, n
 
 def _n_cells(dataset: ExpressionDataset | CellImages) -> int:
     return int(len(dataset) if isinstance(dataset, CellImages) else dataset.n_obs)
+
+
+def _data_sample(dataset: ExpressionDataset | CellImages, n: int = 16) -> str:
+    """SHA-256 of ``n`` evenly spaced cells as the run reads them (pixels of its channels, or counts on its
+    genes): other cells as many as the run's are told apart from its own on resuming."""
+    import hashlib
+
+    total = _n_cells(dataset)
+    rows = np.unique(np.linspace(0, total - 1, min(total, n)).round().astype(np.intp))
+    digest = hashlib.sha256(str(total).encode())
+    if isinstance(dataset, CellImages):
+        digest.update(np.ascontiguousarray(dataset.batch(rows)).tobytes())
+    else:
+        for row in rows:
+            x = dataset.read_rows(int(row), int(row) + 1).toarray().astype(np.float32)
+            digest.update(x.tobytes())
+    return digest.hexdigest()
 
 
 def _check_same_data(out: Path, recorded: dict[str, Any], dataset: ExpressionDataset | CellImages,
@@ -500,6 +518,11 @@ def _check_same_data(out: Path, recorded: dict[str, Any], dataset: ExpressionDat
     if alignment is not None and alignment.n_missing:
         raise GeneMismatchError(f"{out}: {alignment}: the run trained on all of its model's genes; resume on the "
                                 "run's data, or start a new run")
+    sample = recorded.get("data_sample")  # runs written before 0.2.0's last fixes have none
+    if sample is not None and sample != _data_sample(dataset):
+        raise InputError(f"{out}: {_describe(data)} holds other cells than the data the run trained on "
+                         f"({recorded.get('data')}): a sample of {min(n or 16, 16)} cells differs; resume on the "
+                         "run's data, or start a new run (--out elsewhere)")
 
 
 def _settings(config: RecipeConfig) -> dict[str, Any]:

@@ -297,6 +297,10 @@ def test_resume_on_other_data_is_refused(small_counts, small_counts_file, tmp_pa
     genes = small_counts[:, 5:].copy()
     with pytest.warns(UserWarning, match="missing"), pytest.raises(GeneMismatchError, match="resume on the run's"):
         pretrain(tiny_recipe("mae"), genes, out, resume=True)
+    other = small_counts.copy()  # as many cells, the same genes, other counts: went on silently
+    other.X = other.X[np.random.default_rng(0).permutation(other.n_obs)]
+    with pytest.raises(InputError, match=r"holds other cells than the data the run trained on .*a sample of 16 cells"):
+        pretrain(tiny_recipe("mae"), other, out, resume=True)
     assert (out / "run.json").read_text() == before
     assert pretrain(tiny_recipe("mae"), small_counts, out, resume=True).trainer.global_step > 2  # in memory: the same
 
