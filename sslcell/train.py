@@ -146,7 +146,9 @@ def _fit(config: RecipeConfig, data: Any, dataset: Any, contract: Contract, out:
         raise FileNotFoundError(f"{ckpt}: nothing to resume from (the run stopped before its first checkpoint)")
     if resume:
         _check_same_data(out, run_record, dataset, data)
-        _position_loader(loader.dataset, ckpt)  # reads the checkpoint: a damaged one stops here, nothing written
+        state = read_checkpoint(ckpt)  # a damaged checkpoint, or another run's, stops here: nothing written
+        _check_checkpoint_fits(state, model, ckpt)
+        _position_loader(loader.dataset, state)
         if not spawned:  # the settings a resume changed (max_epochs, say) hold for the next resume too
             _record_resumed_settings(out, run_record, config, given)
     try:
@@ -179,10 +181,27 @@ def read_checkpoint(ckpt: Path) -> dict[str, Any]:
     return state
 
 
-def _position_loader(dataset: Any, ckpt: Path) -> None:
-    """Put the loader at the saved epoch and batch before ``fit``: Lightning makes the epoch's iterator (and
-    copies the loader into its workers) before any hook of a resumed run, so the hooks are too late for workers."""
-    state = read_checkpoint(ckpt).get("sslcell_loader") or {}
+def _check_checkpoint_fits(state: dict[str, Any], model: torch.nn.Module, ckpt: Path) -> None:
+    """Refuse a checkpoint that is not a Lightning checkpoint of this run's model (every tensor, of its shape):
+    one copied from another run failed inside Lightning with a traceback."""
+    weights = state.get("state_dict")
+    if "pytorch-lightning_version" not in state or not isinstance(weights, dict):
+        raise FileFormatError(f"{ckpt}: not a checkpoint of an sslcell run (no Lightning state); start the run again "
+                              "with --overwrite")
+    expected = model.state_dict()
+    wrong = [k for k in expected if k not in weights or tuple(weights[k].shape) != tuple(expected[k].shape)]
+    extra = [k for k in weights if k not in expected]
+    if wrong or extra:
+        raise FileFormatError(f"{ckpt}: the checkpoint is of another model than this run's recipe builds (missing or "
+                              f"misshapen {wrong[:3]}, unexpected {extra[:3]}); resume with the run's own checkpoint, "
+                              "or start the run again with --overwrite")
+
+
+def _position_loader(dataset: Any, checkpoint: dict[str, Any]) -> None:
+    """Put the loader at the saved epoch and batch (``checkpoint``: as :func:`read_checkpoint` read it) before
+    ``fit``: Lightning makes the epoch's iterator (and copies the loader into its workers) before any hook of a
+    resumed run, so the hooks are too late for workers."""
+    state = checkpoint.get("sslcell_loader") or {}
     epoch, done = int(state.get("epoch", 0)), int(state.get("batches_done", 0))
     if done >= len(dataset):
         epoch, done = epoch + 1, 0

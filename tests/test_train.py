@@ -209,7 +209,7 @@ def test_all_zero_data_is_refused_and_empty_cells_warned(small_counts, tmp_path)
         pretrain(tiny_recipe("mae", train={"max_epochs": 1}), some, tmp_path / "some")
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "pickle", "run_json"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "pickle", "run_json", "plain_dict", "other_model"])
 def test_a_damaged_run_is_a_one_line_error_on_resume(small_counts_file, tmp_path, damage):
     import pickle
 
@@ -227,12 +227,22 @@ def test_a_damaged_run_is_a_one_line_error_on_resume(small_counts_file, tmp_path
     elif damage == "pickle":  # a planted pickle that would run code: refused, and no advice to unsafe-load it
         ckpt.write_bytes(pickle.dumps({"state": os.getcwd}))
         message = "refused: not a checkpoint sslcell wrote .*could run code"
+    elif damage == "plain_dict":  # loads (tensors only), but is no Lightning checkpoint: was a KeyError traceback
+        torch.save({"x": torch.zeros(3)}, ckpt)
+        message = "not a checkpoint of an sslcell run"
+    elif damage == "other_model":  # another run's checkpoint copied over: was Lightning's state-dict traceback
+        other = tmp_path / "other"
+        pretrain(tiny_recipe("byol", train={"max_epochs": 1}), small_counts_file, other)
+        ckpt.write_bytes((other / "checkpoints" / "last.ckpt").read_bytes())
+        message = "the checkpoint is of another model than this run's recipe builds"
     else:
         (out / "run.json").write_text("{ not json")
         message = "run.json: not a readable run record"
+    before = (out / "run.json").read_bytes()
     with pytest.raises(FileFormatError, match=message) as caught:
         pretrain(tiny_recipe("mae", train={"max_epochs": 2}), small_counts_file, out, resume=True)
     assert "weights_only=False" not in str(caught.value)
+    assert (out / "run.json").read_bytes() == before  # its settings were rewritten before the crash
 
 
 def test_lightnings_advertisement_is_not_logged(caplog):
