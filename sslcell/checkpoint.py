@@ -178,11 +178,16 @@ def read_weights(module: torch.nn.Module, path: Path, config: str, map_location:
     module.to(map_location)
 
 
+def mismatched_tensors(state: dict[str, Any], expected: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """``(missing or misshapen, unexpected)`` names of ``state`` against ``expected`` (a module's state dict)."""
+    wrong = [k for k in expected if k not in state or tuple(state[k].shape) != tuple(expected[k].shape)]
+    return wrong, [k for k in state if k not in expected]
+
+
 def _check_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: Path, config: str) -> None:
     """Refuse weights ``state`` that lack a tensor of ``expected`` (the module's state dict), hold another, or one of
     another shape or dtype, or a NaN or infinite value."""
-    wrong = [k for k in expected if k not in state or state[k].shape != expected[k].shape]
-    unexpected = [k for k in state if k not in expected]
+    wrong, unexpected = mismatched_tensors(state, expected)
     if wrong or unexpected:
         raise FileFormatError(
             f"{path}: weights do not match the settings in {config} "

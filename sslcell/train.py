@@ -27,7 +27,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from sslcell.checkpoint import CARD, CONFIG, WEIGHTS, atomic_write, save_model, versions
+from sslcell.checkpoint import CARD, CONFIG, WEIGHTS, atomic_write, mismatched_tensors, save_model, versions
 from sslcell.config import RecipeConfig
 from sslcell.data.expression import ExpressionDataset
 from sslcell.data.gene_stats import gene_statistics, select_highly_variable
@@ -188,9 +188,7 @@ def _check_checkpoint_fits(state: dict[str, Any], model: torch.nn.Module, ckpt: 
     if "pytorch-lightning_version" not in state or not isinstance(weights, dict):
         raise FileFormatError(f"{ckpt}: not a checkpoint of an sslcell run (no Lightning state); start the run again "
                               "with --overwrite")
-    expected = model.state_dict()
-    wrong = [k for k in expected if k not in weights or tuple(weights[k].shape) != tuple(expected[k].shape)]
-    extra = [k for k in weights if k not in expected]
+    wrong, extra = mismatched_tensors(weights, model.state_dict())
     if wrong or extra:
         raise FileFormatError(f"{ckpt}: the checkpoint is of another model than this run's recipe builds (missing or "
                               f"misshapen {wrong[:3]}, unexpected {extra[:3]}); resume with the run's own checkpoint, "

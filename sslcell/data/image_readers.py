@@ -351,7 +351,7 @@ def _crop_files(path: Path) -> list[Path]:
     return top or nested
 
 
-_OTHER_IMAGES = (".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".jp2", ".czi", ".nd2", ".lif", ".ome.zarr")
+_OTHER_IMAGES = (".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".jp2", ".czi", ".nd2", ".lif")
 
 
 def _folder_obs(path: Path, ids: list[str], folder_labels: list[str] | None, label_key: str | None) -> pd.DataFrame:

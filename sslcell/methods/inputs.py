@@ -202,8 +202,8 @@ class ImageInputs(Inputs):
         """Warn when a channel's mean over up to ``sample`` evenly spaced crops is ``factor`` or more times off
         the model's: integer crops at another scale (8-bit values in a uint16 array, a 12-bit camera's raw values
         stretched to 16 bits) pass every dtype check yet collapse the embeddings toward one point."""
-        if self.dtype not in _INTEGER_DTYPES or str(cells.dtype) != self.dtype or len(cells) == 0:
-            return  # float models read the user's own scale; another dtype is refused batch by batch
+        if self.dtype not in _INTEGER_DTYPES or len(cells) == 0:
+            return  # float models read the user's own scale (and _check_dtype has refused any other dtype)
         import numpy as np
 
         rows = np.unique(np.linspace(0, len(cells) - 1, min(len(cells), sample)).round().astype(np.intp))
