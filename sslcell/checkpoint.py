@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -151,6 +152,7 @@ def load(directory: str | Path, *, map_location: str | torch.device = "cpu") -> 
         raise FileFormatError(f"{directory / CONFIG}: embed_dim {meta['embed_dim']!r} does not match the recipe's "
                               f"encoder ({model.embed_dim})")
     read_weights(model, directory / WEIGHTS, CONFIG, map_location, meta)
+    check_statistics(model.inputs, meta["contract"], directory / CONFIG)
     model.trained_info = meta.get("trained", {})
     model.source = str(directory)
     return model.eval()
@@ -176,6 +178,21 @@ def read_weights(module: torch.nn.Module, path: Path, config: str, map_location:
                               f"damaged, or was replaced without its {config}; copy or save the model again")
     module.load_state_dict(state)
     module.to(map_location)
+
+
+STATISTICS = ("gene_mean", "gene_std", "channel_mean", "channel_std")  # contract fields the weights also hold
+
+
+def check_statistics(inputs: torch.nn.Module, stored: dict[str, Any], path: Path) -> None:
+    """Refuse a contract in JSON ``path`` (``stored``) whose normalisation statistics differ from those the loaded
+    weights hold as buffers (``inputs.contract``): the weights' would be used, and the edit ignored without a word."""
+    held = inputs.contract.to_dict()
+    edited = [k for k in STATISTICS if held.get(k) is not None
+              and not np.array_equal(np.asarray(stored.get(k), dtype=np.float32), np.asarray(held[k], np.float32))]
+    if edited:
+        raise FileFormatError(f"{path}: contract.{edited[0]} differs from the one the weights hold (the statistics "
+                              "the model was trained with); they are part of the weights and cannot be changed in "
+                              "the JSON: restore the file, or pretrain on the data they should come from")
 
 
 def mismatched_tensors(state: dict[str, Any], expected: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
@@ -249,6 +266,18 @@ def weights_id(module: torch.nn.Module) -> str:
     however they were loaded, different once any value differs. Recorded with every embedding, so embeddings of
     two different models are never compared as if they shared a space, and in a saved model's JSON."""
     return state_id(module.state_dict())
+
+
+def model_id(model: SSLModule) -> str:
+    """What an embedding's space depends on: :func:`weights_id` and a digest of the input contract (genes and their
+    order, normalisation, channels, crop size, dtype), as ``"<weights>+<contract>"``. Two models with the same
+    weights but another contract (a hand-edited ``config.json``) embed into different spaces, so their ids differ.
+    Recorded with every embedding (``uns["sslcell"][key]["model_id"]``); compared by
+    :func:`sslcell.tl._keys.check_same_space`."""
+    import hashlib
+
+    contract = json.dumps(model.inputs.contract.to_dict(), sort_keys=True)
+    return f"{weights_id(model)}+{hashlib.blake2b(contract.encode(), digest_size=8).hexdigest()}"
 
 
 def model_directory(directory: str | Path) -> Path:

@@ -113,6 +113,21 @@ def test_a_model_config_that_does_not_fit_is_refused(tmp_path, edit, message):
         load(tmp_path / "m")
 
 
+@pytest.mark.parametrize("field", ["gene_mean", "gene_std"])
+def test_statistics_edited_in_the_json_are_refused_not_ignored(tmp_path, field):
+    """The per-gene statistics live in the weights too, and those are used: an edit of the JSON's copy is refused
+    by name (it was ignored without a word), while the model as saved loads."""
+    scaled = {**CONTRACT, "gene_mean": [1.0] * 30, "gene_std": [2.0] * 30}
+    save_model(build_method(tiny_recipe(), scaled), tmp_path / "m")
+    load(tmp_path / "m")
+    config = tmp_path / "m" / "config.json"
+    meta = json.loads(config.read_text())
+    meta["contract"][field][3] = 1.5
+    config.write_text(json.dumps(meta))
+    with pytest.raises(FileFormatError, match=rf"config.json: contract.{field} differs from the one the weights hold"):
+        load(tmp_path / "m")
+
+
 def test_temporary_files_of_a_killed_write_are_removed_by_the_next(tmp_path):
     from sslcell.methods import build_method
     from tests.conftest import tiny_recipe

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from sslcell.augment.image import dihedral_views
-from sslcell.checkpoint import FORMAT_VERSION, check_format, read_weights, versions, write_weights
+from sslcell.checkpoint import FORMAT_VERSION, check_format, check_statistics, read_weights, versions, write_weights
 from sslcell.config import RecipeConfig
 from sslcell.data.images import CellImages
 from sslcell.errors import ConfigError, FileFormatError, InputError
@@ -181,6 +181,7 @@ def load_classifier(directory: str | Path, *, map_location: str | torch.device =
     except (ValueError, KeyError, TypeError, AttributeError, ConfigError) as err:  # ValueError covers bad JSON
         raise FileFormatError(f"{directory / CONFIG}: not a valid classifier description ({err})") from None
     read_weights(classifier, directory / WEIGHTS, CONFIG, map_location, meta)
+    check_statistics(classifier.inputs, base["contract"], directory / CONFIG)
     classifier.info = meta.get("info", {})
     classifier.source = str(directory)
     return classifier.eval()

@@ -308,8 +308,14 @@ class _FileShard(_Shard):
 
 
 def _check_dtype(dtype: np.dtype, where: str) -> np.dtype:
-    """Integer, boolean, float32 or float64 values; anything else is refused with how to convert."""
+    """Integer, boolean (with a warning: read as 0 / 1), float32 or float64 values; anything else is refused with how
+    to convert."""
     dtype = np.dtype(dtype)
+    if dtype.kind == "b":  # a binarised matrix (peaks, detection calls) is a valid input, but never by accident
+        from sslcell._warn import warn_user
+
+        warn_user(f"{where}: boolean values are read as counts of 0 and 1; if X holds something else, convert it "
+                  "first (e.g. adata.X = adata.X.astype('float32'))")
     if dtype.kind in "biu" or (dtype.kind == "f" and dtype.itemsize >= 4):
         return dtype
     raise InputError(f"{where}: values of dtype {dtype} are not supported; sslcell reads integer, float32 or float64 "

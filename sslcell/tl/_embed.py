@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from anndata import AnnData
 
-from sslcell.checkpoint import load, weights_id
+from sslcell.checkpoint import load, model_id
 from sslcell.data.expression import open_counts
 from sslcell.data.genes import missing_info
 from sslcell.data.images import CellImages
@@ -98,7 +98,7 @@ def embed(
         adata = adata.to_memory()
     drop_derived(adata, key_added)
     adata.obsm[key_added] = embedding
-    record(adata, key_added, {"model": str(getattr(model, "source", "<in memory>")), "model_id": weights_id(model),
+    record(adata, key_added, {"model": str(getattr(model, "source", "<in memory>")), "model_id": model_id(model),
                               "method": model.config.method.name, **info})
     return adata if copy else None
 

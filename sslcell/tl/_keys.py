@@ -57,7 +57,7 @@ def recorded(adata: AnnData, key: str) -> dict[str, Any]:
 
 
 def rep_id(adata: AnnData, use_rep: str) -> str | None:
-    """The id of the space ``obsm[use_rep]`` lies in, where sslcell made it: the weights fingerprint ``tl.embed``
+    """The id of the space ``obsm[use_rep]`` lies in, where sslcell made it: the model id ``tl.embed``
     records (``model_id``), or ``cell_cycle_pca``'s id of its own axes. None for a representation made elsewhere."""
     return recorded(adata, use_rep).get("model_id")
 
@@ -65,9 +65,17 @@ def rep_id(adata: AnnData, use_rep: str) -> str | None:
 def check_same_space(ours: str | None, theirs: str | None, what: str, reference: str, hint: str) -> None:
     """Refuse a representation (``what``, space id ``ours``) recorded as made in another space than the
     ``reference`` it is compared with (``theirs``): another model's weights, or a PCA of other cells. Where either
-    side recorded none (:func:`rep_id`), nothing can be checked."""
-    if ours and theirs and ours != theirs:
+    side recorded none (:func:`rep_id`), nothing can be checked. A model's id is ``"<weights>+<contract>"``
+    (:func:`sslcell.checkpoint.model_id`); one recorded before the contract joined it (the weights' alone) is
+    compared with the weights' part of the other."""
+    if ours and theirs and not _same_space(ours, theirs):
         raise InputError(f"{what} lies in another space ({ours}) than {reference} ({theirs}): {hint}")
+
+
+def _same_space(ours: str, theirs: str) -> bool:
+    if "+" in ours and "+" in theirs:
+        return ours == theirs
+    return ours.partition("+")[0] == theirs.partition("+")[0]
 
 
 def record(adata: AnnData, key: str, info: dict[str, Any]) -> None:

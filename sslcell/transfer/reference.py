@@ -132,7 +132,7 @@ class ReferenceIndex:
         if len(self.classes) < 2:
             raise InputError(f"the reference holds a single class ({self.classes[0]!r}): nothing to transfer")
         self.metric, self.model, self.use_rep = metric, model, use_rep
-        self.model_id = model_id  # checkpoint.weights_id of the model that embedded it, where recorded
+        self.model_id = model_id  # checkpoint.model_id of the model that embedded it, where recorded
         self._index = _INDEXES[self.kind](x, metric, batch_size)
 
     @property

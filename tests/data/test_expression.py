@@ -74,6 +74,18 @@ def test_dense_and_csc_storage_and_layers(tmp_path):
     np.testing.assert_array_equal(dense(ExpressionDataset.open(a), 5, 45), x[5:45].toarray())  # dense in memory
 
 
+def test_boolean_values_are_read_as_zero_and_one_with_a_warning(tmp_path):
+    """A binarised matrix is a valid input, but a boolean X made by mistake would be embedded without a word."""
+    x = counts(30, 8, seed=2)
+    a = adata(x.toarray() > 0)
+    a.write_h5ad(tmp_path / "b.h5ad")
+    for source, where in ((a, "<AnnData> \\(X\\)"), (tmp_path / "b.h5ad", "b.h5ad")):
+        with pytest.warns(UserWarning, match=f"{where}.*: boolean values are read as counts of 0 and 1") as caught:
+            dataset = ExpressionDataset.open(source)
+        assert caught[0].filename == __file__  # the user's line, not sslcell's
+        np.testing.assert_array_equal(dense(dataset), (x.toarray() > 0).astype(np.float32))
+
+
 def test_missing_layer_is_reported(tmp_path):
     a = adata(counts(10, 5))
     a.layers["counts"] = a.X.copy()

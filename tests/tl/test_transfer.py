@@ -257,3 +257,26 @@ def test_query_and_reference_embedded_by_different_models_are_refused(cells, mod
     with pytest.raises(InputError, match="lies in another space"):
         tl.transfer_labels(query, ReferenceIndex.load(saved), "label")
     assert "label_pred" not in query.obs
+
+
+def test_the_same_weights_with_another_input_contract_embed_into_another_space(cells, model, tmp_path):
+    """A hand-edited config.json (channel names swapped) keeps the weights but reads the channels the other way
+    round: the embeddings differ, so the model's recorded id does, and a transfer between them is refused. An id
+    recorded before the contract was part of it (the weights' alone) is still compared by the weights."""
+    from sslcell.checkpoint import load, model_id, save_model, weights_id
+
+    save_model(model, tmp_path / "m")
+    config = tmp_path / "m" / "config.json"
+    meta = json.loads(config.read_text())
+    meta["contract"]["channel_names"] = meta["contract"]["channel_names"][::-1]
+    config.write_text(json.dumps(meta))
+    edited = load(tmp_path / "m")
+    assert weights_id(edited) == weights_id(model) and model_id(edited) != model_id(model)
+    reference, query = tl.embed_crops(cells, model), tl.embed_crops(cells, edited)
+    assert not np.allclose(reference.obsm["X_sslcell"], query.obsm["X_sslcell"])
+    with pytest.raises(InputError, match="lies in another space"):
+        tl.transfer_labels(query, reference, "label")
+    old_record = tl.embed_crops(cells, model)
+    old_record.uns["sslcell"]["X_sslcell"]["model_id"] = weights_id(model)  # as sslcell recorded it before
+    tl.transfer_labels(old_record, reference, "label")
+    assert "label_pred" in old_record.obs
