@@ -5,14 +5,22 @@ earlier tasks' tensors), nor the thread pools it has warmed. :func:`run_child` s
 launcher that loads the task's module from its file, under its own name, without running the package's
 ``__init__`` (which imports every task kind, some with Lightning: seconds of start-up per child, and memory a probe
 would count); DataLoader workers that unpickle its classes import it the ordinary way.
+
+Many short children that all import the same heavy libraries (torch, Lightning: ~8 s per start on two cores) pass
+``preload``: they are forked from a zygote, a process started once per set of modules and environment, which has
+imported those modules and nothing else (no tensor allocated, no thread pool started, no CUDA). Each child is still
+a process of its own (its own peak memory, which counts the preloaded modules as an import would), loads the task's
+module by file as above, and leaves nothing behind for the next.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,13 +37,47 @@ with open(result_path, "w") as f:
 """
 
 
+# The zygote: imports the modules named in its arguments, then, for each request line on stdin (JSON: the _CHILD
+# arguments and the files for the child's stdout and stderr), forks a child that runs it as _CHILD would, waits for
+# it, and answers its exit code on stdout.
+_ZYGOTE = """
+import importlib, json, os, sys, traceback
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+sys.stdout.flush()
+for line in sys.stdin:
+    request = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            for fd, path in ((1, request["out"]), (2, request["err"])):
+                os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666), fd)
+            sys.stdin.close()
+            sys.argv = ["-c", *request["argv"]]
+            exec(compile(request["child"], "<sslcell child>", "exec"), {"__name__": "__main__"})
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    print(os.waitstatus_to_exitcode(status), flush=True)
+"""
+_ZYGOTES: dict[tuple, tuple[subprocess.Popen, Path]] = {}
+
+
 def run_child(target: str, spec: dict[str, Any], workdir: Path, *, env: dict[str, str] | None = None,
-              on_line: Callable[[str], None] | None = None) -> dict[str, Any]:
+              on_line: Callable[[str], None] | None = None, preload: tuple[str, ...] = ()) -> dict[str, Any]:
     """Call ``target`` (``"module:function"``) with the JSON-able ``spec`` in a fresh Python process; its result.
 
     The function returns a JSON-able dict, passed back through a file in ``workdir``; each line it prints goes to
-    ``on_line``. ``env`` is added to this process's environment (e.g. variables read when a library loads). Raises
-    ``RuntimeError`` with the end of the child's stderr if it fails.
+    ``on_line`` (as it is printed; with ``preload``, when the child ends). ``env`` is added to this process's
+    environment (e.g. variables read when a library loads). ``preload``: modules imported once, by a zygote the
+    child is forked from (see the module's docstring). Raises ``RuntimeError`` with the end of the child's stderr if
+    it fails.
     """
     import importlib
 
@@ -43,17 +85,68 @@ def run_child(target: str, spec: dict[str, Any], workdir: Path, *, env: dict[str
     path = importlib.import_module(module).__file__
     workdir.mkdir(parents=True, exist_ok=True)
     stem = workdir / function
-    spec_path, result_path, err_path = (stem.with_suffix(s) for s in (".spec.json", ".result.json", ".stderr"))
+    spec_path, result_path, out_path, err_path = (
+        stem.with_suffix(s) for s in (".spec.json", ".result.json", ".stdout", ".stderr"))
     spec_path.write_text(json.dumps(spec))
     result_path.unlink(missing_ok=True)
-    command = [sys.executable, "-c", _CHILD, module, str(path), function, str(spec_path), str(result_path)]
-    with open(err_path, "w") as err, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True,
-                                                      env=os.environ | (env or {})) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if on_line is not None:
-                on_line(line.rstrip("\n"))
-    if proc.returncode != 0 or not result_path.exists():
+    argv = [module, str(path), function, str(spec_path), str(result_path)]
+    environment = os.environ | (env or {})
+    if preload:
+        code = _run_forked(argv, out_path, err_path, preload, environment)
+        for line in out_path.read_text(errors="replace").splitlines() if on_line is not None else ():
+            on_line(line)
+    else:
+        command = [sys.executable, "-c", _CHILD, *argv]
+        with open(err_path, "w") as err, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True,
+                                                          env=environment) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if on_line is not None:
+                    on_line(line.rstrip("\n"))
+        code = proc.returncode
+    if code != 0 or not result_path.exists():
         tail = err_path.read_text(errors="replace").strip().splitlines()[-15:]
-        raise RuntimeError(f"{target} failed in its own process (exit code {proc.returncode}):\n" + "\n".join(tail))
+        raise RuntimeError(f"{target} failed in its own process (exit code {code}):\n" + "\n".join(tail))
     return json.loads(result_path.read_text())
+
+
+def _run_forked(argv: list[str], out: Path, err: Path, preload: tuple[str, ...], environment: dict[str, str]) -> int:
+    """Run the child ``argv`` forked from the zygote of ``preload`` and ``environment`` (started on first use, and
+    kept until a child needs another, or this process exits); its exit code."""
+    key = (sys.executable, tuple(preload), tuple(sorted(environment.items())))
+    proc, log = _ZYGOTES.get(key, (None, Path()))
+    if proc is None or proc.poll() is not None:
+        _stop_zygotes()  # one at a time: each holds its preloaded modules in memory
+        log = Path(tempfile.mkstemp(prefix="sslcell_zygote_", suffix=".stderr")[1])
+        with open(log, "w") as zygote_err:
+            proc = subprocess.Popen([sys.executable, "-c", _ZYGOTE, *preload], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=zygote_err, text=True, env=environment)
+        _ZYGOTES[key] = proc, log
+    assert proc.stdin is not None and proc.stdout is not None
+    request = {"argv": argv, "child": _CHILD, "out": str(out), "err": str(err)}
+    try:
+        proc.stdin.write(json.dumps(request) + "\n")
+        proc.stdin.flush()
+        answer = proc.stdout.readline()
+    except BrokenPipeError:
+        answer = ""
+    if not answer:  # the zygote died: most likely a preloaded module failed to import
+        proc.wait()
+        del _ZYGOTES[key]
+        tail = log.read_text(errors="replace").strip().splitlines()[-15:]
+        raise RuntimeError(f"the process preloading {list(preload)} exited (code {proc.returncode}):\n"
+                           + "\n".join(tail))
+    return int(answer)
+
+
+@atexit.register
+def _stop_zygotes() -> None:
+    for proc, log in _ZYGOTES.values():
+        if proc.stdin is not None:
+            proc.stdin.close()  # its loop ends at end of input
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.unlink(missing_ok=True)
+    _ZYGOTES.clear()

@@ -16,16 +16,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+PRELOAD = ("sslcell.train",)  # torch, Lightning, anndata: what every probe imports (a zygote imports them once)
 GB = 1e9  # memory is reported in decimal GB (the issue's "3 GB"); 1 GB < 1 GiB, so the stricter reading
 
 
 def run_probe(kind: str, **args: Any) -> dict[str, Any]:
     """Run probe ``kind`` (``loader``, ``pretrain`` or ``embed``) with keyword ``args`` in a fresh Python process
-    (:func:`~sslcell.benchmark.child.run_child`); its JSON-able result."""
+    (:func:`~sslcell.benchmark.child.run_child`, forked from a process that has imported ``PRELOAD``: their memory
+    counts as an import's would); its JSON-able result."""
     from sslcell.benchmark.child import run_child
 
     with tempfile.TemporaryDirectory(prefix=f"sslcell_{kind}_probe_") as scratch:
-        return run_child(f"{__name__}:probe", {"kind": kind, "args": args}, Path(scratch))
+        return run_child(f"{__name__}:probe", {"kind": kind, "args": args}, Path(scratch), preload=PRELOAD)
 
 
 def probe(spec: dict[str, Any]) -> dict[str, Any]:

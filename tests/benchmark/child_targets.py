@@ -1,0 +1,21 @@
+"""Functions that tests/benchmark/test_child.py runs in child processes (run_child loads this file by path)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+CALLS: list[int] = []  # grows in a child that calls twice; a fresh child starts with it empty
+
+
+def where(spec: dict[str, Any]) -> dict[str, Any]:
+    CALLS.append(1)
+    print("first line")
+    print("second line")
+    return {"pid": os.getpid(), "parent": os.getppid(), "calls": len(CALLS), "echo": spec,
+            "colorsys": "colorsys" in sys.modules, "omp": os.environ.get("OMP_WAIT_POLICY")}
+
+
+def fail(spec: dict[str, Any]) -> dict[str, Any]:
+    return {"seed": spec["seed"]}  # KeyError without it

@@ -1,0 +1,50 @@
+"""run_child: a fresh process per call, with or without a zygote that preloads modules."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from sslcell.benchmark import child
+from sslcell.benchmark.child import run_child
+
+TARGET = "tests.benchmark.child_targets"
+
+
+@pytest.mark.parametrize("preload", [(), ("colorsys",)])
+def test_each_call_is_a_fresh_process_with_its_output_and_environment(tmp_path, preload):
+    lines: list[str] = []
+    runs = [run_child(f"{TARGET}:where", {"i": i}, tmp_path / str(i), env={"OMP_WAIT_POLICY": "PASSIVE"},
+                      on_line=lines.append, preload=preload) for i in range(2)]
+    assert [r["echo"] for r in runs] == [{"i": 0}, {"i": 1}]
+    assert [r["calls"] for r in runs] == [1, 1]  # nothing left behind by the first child
+    assert len({r["pid"] for r in runs} | {os.getpid()}) == 3
+    assert all(r["omp"] == "PASSIVE" for r in runs)
+    assert lines == ["first line", "second line"] * 2
+    if preload:  # both forked from one zygote, which imported colorsys
+        assert runs[0]["parent"] == runs[1]["parent"] != os.getpid() and all(r["colorsys"] for r in runs)
+    else:
+        assert {r["parent"] for r in runs} == {os.getpid()}
+
+
+@pytest.mark.parametrize("preload", [(), ("colorsys",)])
+def test_a_failing_child_raises_with_its_traceback(tmp_path, preload):
+    with pytest.raises(RuntimeError, match=r"(?s)child_targets:fail failed in its own process \(exit code 1\).*"
+                                           r"KeyError: 'seed'"):
+        run_child(f"{TARGET}:fail", {}, tmp_path, preload=preload)
+    assert run_child(f"{TARGET}:fail", {"seed": 3}, tmp_path, preload=preload) == {"seed": 3}  # the zygote lives on
+
+
+def test_a_module_the_zygote_cannot_import_is_named(tmp_path):
+    with pytest.raises(RuntimeError, match=r"(?s)preloading \['no_such_module_for_sslcell'\] exited.*"
+                                           "ModuleNotFoundError"):
+        run_child(f"{TARGET}:where", {}, tmp_path, preload=("no_such_module_for_sslcell",))
+    assert run_child(f"{TARGET}:where", {}, tmp_path, preload=("colorsys",))["colorsys"]
+
+
+def test_one_zygote_at_a_time(tmp_path):
+    run_child(f"{TARGET}:where", {}, tmp_path, preload=("colorsys",))
+    (first, _), = child._ZYGOTES.values()
+    run_child(f"{TARGET}:where", {}, tmp_path, preload=("colorsys",), env={"SSLCELL_TEST": "1"})
+    assert first.poll() is not None and len(child._ZYGOTES) == 1  # another environment: the first one stopped
