@@ -14,7 +14,6 @@ import torch
 import yaml
 
 from sslcell.benchmark import load_suite, run_suite
-from sslcell.benchmark.child import run_child
 from sslcell.benchmark.tasks.augment_speed import ROWS, images_per_second, load_crops, median_ratio
 from sslcell.cli import main
 from sslcell.errors import ConfigError
@@ -110,11 +109,6 @@ def test_images_per_second_counts_from_the_first_batch():
 def test_median_ratio():
     value, ratios = median_ratio([10.0, 30.0, 20.0], [1.0, 2.0, 4.0])
     assert ratios == [10.0, 15.0, 5.0] and value == 10.0
-
-
-def test_run_child_reports_the_childs_error(tmp_path):
-    with pytest.raises(RuntimeError, match="KeyError"):
-        run_child("sslcell.benchmark.tasks.augment_speed:measure", {"params": {}}, tmp_path)  # no "seed"
 
 
 def test_unknown_data_role_fails_the_task_by_name(tmp_path):
