@@ -151,8 +151,9 @@ def load(directory: str | Path, *, map_location: str | torch.device = "cpu") -> 
     if meta.get("embed_dim", model.embed_dim) != model.embed_dim:
         raise FileFormatError(f"{directory / CONFIG}: embed_dim {meta['embed_dim']!r} does not match the recipe's "
                               f"encoder ({model.embed_dim})")
+    built = model.inputs.contract.to_dict()  # the JSON's statistics, as the input module holds them
     read_weights(model, directory / WEIGHTS, CONFIG, map_location, meta)
-    check_statistics(model.inputs, meta["contract"], directory / CONFIG)
+    check_statistics(model.inputs, built, directory / CONFIG)
     model.trained_info = meta.get("trained", {})
     model.source = str(directory)
     return model.eval()
@@ -183,12 +184,13 @@ def read_weights(module: torch.nn.Module, path: Path, config: str, map_location:
 STATISTICS = ("gene_mean", "gene_std", "channel_mean", "channel_std")  # contract fields the weights also hold
 
 
-def check_statistics(inputs: torch.nn.Module, stored: dict[str, Any], path: Path) -> None:
-    """Refuse a contract in JSON ``path`` (``stored``) whose normalisation statistics differ from those the loaded
-    weights hold as buffers (``inputs.contract``): the weights' would be used, and the edit ignored without a word."""
+def check_statistics(inputs: torch.nn.Module, built: dict[str, Any], path: Path) -> None:
+    """Refuse a contract in JSON ``path`` whose normalisation statistics differ from those the loaded weights hold
+    as buffers: the weights' would be used, and the edit ignored without a word. ``built``: ``inputs.contract``
+    as built from the JSON, before the weights were loaded (the module's own form: a zero std held as 1)."""
     held = inputs.contract.to_dict()
     edited = [k for k in STATISTICS if held.get(k) is not None
-              and not np.array_equal(np.asarray(stored.get(k), dtype=np.float32), np.asarray(held[k], np.float32))]
+              and not np.array_equal(np.asarray(built.get(k), dtype=np.float32), np.asarray(held[k], np.float32))]
     if edited:
         raise FileFormatError(f"{path}: contract.{edited[0]} differs from the one the weights hold (the statistics "
                               "the model was trained with); they are part of the weights and cannot be changed in "

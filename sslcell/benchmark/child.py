@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -38,8 +39,9 @@ with open(result_path, "w") as f:
 
 
 # The zygote: imports the modules named in its arguments, then, for each request line on stdin (JSON: the _CHILD
-# arguments and the files for the child's stdout and stderr), forks a child that runs it as _CHILD would, waits for
-# it, and answers its exit code on stdout.
+# arguments, the caller's working directory, the files for the child's stdout and stderr), forks a child that runs
+# it as _CHILD would (stdin from /dev/null: the request pipe is not the child's), waits for it, and answers its
+# exit code on stdout.
 _ZYGOTE = """
 import importlib, json, os, sys, traceback
 for name in sys.argv[1:]:
@@ -51,12 +53,18 @@ for line in sys.stdin:
     if pid == 0:
         code = 1
         try:
-            for fd, path in ((1, request["out"]), (2, request["err"])):
-                os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666), fd)
-            sys.stdin.close()
+            for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, request["out"], os.O_WRONLY | os.O_CREAT |
+                                    os.O_TRUNC), (2, request["err"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
+                opened = os.open(path, flags, 0o666)
+                os.dup2(opened, fd)
+                os.close(opened)
+            sys.stdin = open(0, closefd=False)
+            os.chdir(request["cwd"])
             sys.argv = ["-c", *request["argv"]]
             exec(compile(request["child"], "<sslcell child>", "exec"), {"__name__": "__main__"})
             code = 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
         except BaseException:
             traceback.print_exc()
         finally:
@@ -117,36 +125,52 @@ def _run_forked(argv: list[str], out: Path, err: Path, preload: tuple[str, ...],
     proc, log = _ZYGOTES.get(key, (None, Path()))
     if proc is None or proc.poll() is not None:
         _stop_zygotes()  # one at a time: each holds its preloaded modules in memory
-        log = Path(tempfile.mkstemp(prefix="sslcell_zygote_", suffix=".stderr")[1])
-        with open(log, "w") as zygote_err:
+        handle, name = tempfile.mkstemp(prefix="sslcell_zygote_", suffix=".stderr")
+        with os.fdopen(handle, "w") as zygote_err:
             proc = subprocess.Popen([sys.executable, "-c", _ZYGOTE, *preload], stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, stderr=zygote_err, text=True, env=environment)
+                                    stdout=subprocess.PIPE, stderr=zygote_err, text=True, env=environment,
+                                    start_new_session=True)
+        log = Path(name)
         _ZYGOTES[key] = proc, log
     assert proc.stdin is not None and proc.stdout is not None
-    request = {"argv": argv, "child": _CHILD, "out": str(out), "err": str(err)}
+    request = {"argv": argv, "child": _CHILD, "cwd": os.getcwd(), "out": str(out), "err": str(err)}
     try:
         proc.stdin.write(json.dumps(request) + "\n")
         proc.stdin.flush()
         answer = proc.stdout.readline()
     except BrokenPipeError:
         answer = ""
+    except BaseException:  # interrupted while the child runs: its answer would be read by the next call
+        _stop_zygotes(kill=True)
+        raise
     if not answer:  # the zygote died: most likely a preloaded module failed to import
         proc.wait()
-        del _ZYGOTES[key]
         tail = log.read_text(errors="replace").strip().splitlines()[-15:]
+        _stop_zygotes()
         raise RuntimeError(f"the process preloading {list(preload)} exited (code {proc.returncode}):\n"
                            + "\n".join(tail))
     return int(answer)
 
 
 @atexit.register
-def _stop_zygotes() -> None:
+def _stop_zygotes(kill: bool = False) -> None:
+    """End every zygote (``kill``: at once, with the child it runs) and remove its log."""
     for proc, log in _ZYGOTES.values():
-        if proc.stdin is not None:
-            proc.stdin.close()  # its loop ends at end of input
+        if kill:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # its own process group: the zygote and the child it runs
+            except ProcessLookupError:
+                pass
+        for pipe in (proc.stdin, proc.stdout):
+            try:
+                if pipe is not None:
+                    pipe.close()  # the zygote's loop ends at the end of its input
+            except OSError:
+                pass
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
         log.unlink(missing_ok=True)
     _ZYGOTES.clear()

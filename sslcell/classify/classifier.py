@@ -180,8 +180,9 @@ def load_classifier(directory: str | Path, *, map_location: str | torch.device =
                                     meta.get("hidden", 0))
     except (ValueError, KeyError, TypeError, AttributeError, ConfigError) as err:  # ValueError covers bad JSON
         raise FileFormatError(f"{directory / CONFIG}: not a valid classifier description ({err})") from None
+    built = classifier.inputs.contract.to_dict()  # the JSON's statistics, as the input module holds them
     read_weights(classifier, directory / WEIGHTS, CONFIG, map_location, meta)
-    check_statistics(classifier.inputs, base["contract"], directory / CONFIG)
+    check_statistics(classifier.inputs, built, directory / CONFIG)
     classifier.info = meta.get("info", {})
     classifier.source = str(directory)
     return classifier.eval()

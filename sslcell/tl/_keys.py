@@ -68,7 +68,7 @@ def check_same_space(ours: str | None, theirs: str | None, what: str, reference:
     side recorded none (:func:`rep_id`), nothing can be checked. A model's id is ``"<weights>+<contract>"``
     (:func:`sslcell.checkpoint.model_id`); one recorded before the contract joined it (the weights' alone) is
     compared with the weights' part of the other."""
-    if ours and theirs and not _same_space(ours, theirs):
+    if ours and theirs and not _same_space(str(ours), str(theirs)):  # a hand-edited record may hold another type
         raise InputError(f"{what} lies in another space ({ours}) than {reference} ({theirs}): {hint}")
 
 

@@ -19,3 +19,24 @@ def where(spec: dict[str, Any]) -> dict[str, Any]:
 
 def fail(spec: dict[str, Any]) -> dict[str, Any]:
     return {"seed": spec["seed"]}  # KeyError without it
+
+
+def read_stdin(spec: dict[str, Any]) -> dict[str, Any]:
+    import subprocess
+
+    return {"got": subprocess.run(["head", "-c", "1"], capture_output=True, text=True, timeout=20).stdout}
+
+
+def cwd(spec: dict[str, Any]) -> dict[str, Any]:
+    return {"cwd": os.getcwd()}
+
+
+def sleep(spec: dict[str, Any]) -> dict[str, Any]:
+    import time
+
+    time.sleep(spec["seconds"])
+    return {"slept": spec["seconds"]}
+
+
+def stop(spec: dict[str, Any]) -> dict[str, Any]:
+    sys.exit(spec["code"])

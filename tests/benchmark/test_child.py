@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import time
 
 import pytest
 
@@ -48,3 +50,31 @@ def test_one_zygote_at_a_time(tmp_path):
     (first, _), = child._ZYGOTES.values()
     run_child(f"{TARGET}:where", {}, tmp_path, preload=("colorsys",), env={"SSLCELL_TEST": "1"})
     assert first.poll() is not None and len(child._ZYGOTES) == 1  # another environment: the first one stopped
+
+
+@pytest.mark.parametrize("preload", [(), ("colorsys",)])
+def test_a_child_runs_in_the_callers_folder_and_reads_no_request_pipe(tmp_path, monkeypatch, preload):
+    run_child(f"{TARGET}:cwd", {}, tmp_path / "first", preload=preload)  # a zygote started in another folder
+    monkeypatch.chdir(tmp_path)
+    assert run_child(f"{TARGET}:cwd", {}, tmp_path / "w", preload=preload)["cwd"] == str(tmp_path)
+    assert run_child(f"{TARGET}:read_stdin", {}, tmp_path / "w", preload=preload) == {"got": ""}  # no deadlock
+    with pytest.raises(RuntimeError, match=r"exit code 3"):
+        run_child(f"{TARGET}:stop", {"code": 3}, tmp_path / "w", preload=preload)
+
+
+def test_an_interrupted_call_leaves_no_answer_for_the_next(tmp_path):
+    def interrupt(*_):
+        raise TimeoutError("interrupted")
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.alarm(1)
+        with pytest.raises(TimeoutError):
+            run_child(f"{TARGET}:sleep", {"seconds": 30}, tmp_path / "a", preload=("colorsys",))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert child._ZYGOTES == {}  # killed with the child it ran
+    start = time.perf_counter()
+    assert run_child(f"{TARGET}:sleep", {"seconds": 0.5}, tmp_path / "b", preload=("colorsys",)) == {"slept": 0.5}
+    assert time.perf_counter() - start >= 0.5

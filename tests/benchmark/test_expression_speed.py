@@ -39,6 +39,8 @@ def test_shipped_suite_quick(tmp_path, monkeypatch):
         assert numbers and all(math.isfinite(v) for v in numbers), name
         assert all(math.isfinite(t["value"]) for t in task["targets"]), name
 
+    for name in ("loader", "memory", "scaling"):  # their probes forked from a preloading process: said so
+        assert any(note.startswith("--quick: each probe was forked") for note in record["tasks"][name]["notes"])
     loader = record["tasks"]["loader"]
     medians = loader["raw"]["cells_per_s_median"]
     assert set(medians) == {"sslcell", "in_memory", "annloader", "sslcell_workers"}

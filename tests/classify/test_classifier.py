@@ -228,3 +228,21 @@ def test_description_with_a_class_twice_is_refused(saved):
     with pytest.raises(FileFormatError, match="classes must be distinct"):
         load_classifier(saved)
 
+
+
+def test_edited_statistics_are_refused_and_a_blank_channel_still_loads(saved, crops, tmp_path):
+    """The JSON's channel statistics must be the weights': an edit is refused by name. A blank channel (std 0,
+    held as 1 by the input module) is no edit: a classifier from scratch on such crops saves and loads."""
+    meta = json.loads((saved / "classifier.json").read_text())
+    meta["base"]["contract"]["channel_mean"][1] += 1.0
+    (saved / "classifier.json").write_text(json.dumps(meta))
+    with pytest.raises(FileFormatError, match="classifier.json: contract.channel_mean differs from the one the wei"):
+        load_classifier(saved)
+    blank = crops.copy()
+    blank[:, 1] = 0
+    cells = CellImages.from_array(blank, channel_names=NAMES)
+    clf = CellClassifier.from_scratch(cells, CLASSES)
+    assert clf.base["contract"]["channel_std"][1] == 0.0
+    x = torch.from_numpy(blank[:4])
+    torch.testing.assert_close(load_classifier(save_classifier(clf, tmp_path / "blank")).predict_proba(x),
+                               clf.eval().predict_proba(x))

@@ -16,18 +16,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-PRELOAD = ("sslcell.train",)  # torch, Lightning, anndata: what every probe imports (a zygote imports them once)
+PRELOAD = ("sslcell.train",)  # torch, Lightning, anndata: what every probe imports (under --quick, imported once)
+PRELOADED_NOTE = ("--quick: each probe was forked from a process that had imported torch, Lightning and anndata "
+                  "once; such a process counts library pages only as it touches them, so its memory figures are "
+                  "lower than a fresh process's (a full run starts each probe afresh).")
 GB = 1e9  # memory is reported in decimal GB (the issue's "3 GB"); 1 GB < 1 GiB, so the stricter reading
 
 
-def run_probe(kind: str, **args: Any) -> dict[str, Any]:
+def run_probe(kind: str, preloaded: bool = False, **args: Any) -> dict[str, Any]:
     """Run probe ``kind`` (``loader``, ``pretrain`` or ``embed``) with keyword ``args`` in a fresh Python process
-    (:func:`~sslcell.benchmark.child.run_child`, forked from a process that has imported ``PRELOAD``: their memory
-    counts as an import's would); its JSON-able result."""
+    (:func:`~sslcell.benchmark.child.run_child`); its JSON-able result. ``preloaded`` (``--quick``): fork it from a
+    process that has imported ``PRELOAD`` once, ~0.2 s instead of ~10 s per probe, but a forked process counts the
+    libraries' pages only as it touches them, so its memory figures are lower than a fresh process's."""
     from sslcell.benchmark.child import run_child
 
     with tempfile.TemporaryDirectory(prefix=f"sslcell_{kind}_probe_") as scratch:
-        return run_child(f"{__name__}:probe", {"kind": kind, "args": args}, Path(scratch), preload=PRELOAD)
+        return run_child(f"{__name__}:probe", {"kind": kind, "args": args}, Path(scratch),
+                         preload=PRELOAD if preloaded else ())
 
 
 def probe(spec: dict[str, Any]) -> dict[str, Any]:

@@ -39,7 +39,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from sslcell.benchmark.registry import Context, Table, Target, TaskKind, TaskResult, register
-from sslcell.benchmark.tasks._expression_probe import GB, pretrain_timed, run_probe
+from sslcell.benchmark.tasks._expression_probe import GB, PRELOADED_NOTE, pretrain_timed, run_probe
 from sslcell.errors import ConfigError
 
 CHUNK_ROWS = 10_000  # rows drawn and written at a time
@@ -216,6 +216,11 @@ def _load_note(start: list[float]) -> str:
             "alike; absolute times suffer).")
 
 
+def _probe_note(ctx: Context) -> list[str]:
+    """Under --quick the probes fork from a process that imported their libraries once (run_probe): say so."""
+    return [PRELOADED_NOTE] if ctx.quick else []
+
+
 def _device_arg(device: str) -> str | None:
     return None if device == "auto" else device
 
@@ -359,7 +364,7 @@ def run_loader(task: Any, ctx: Context) -> TaskResult:
         half = counts_file(ctx, p.n_obs // 2, p.n_genes, p.density, prefix_of=path)
         probes = []
         for file in (half, path):
-            probe = run_probe("loader", path=str(file), batch_size=p.batch_size, block_size=p.block_size,
+            probe = run_probe("loader", ctx.quick, path=str(file), batch_size=p.batch_size, block_size=p.block_size,
                               buffer_blocks=p.buffer_blocks, seed=ctx.seed)
             probes.append(probe | {"x_csr_float32_gb": describe_file(file)["x_csr_float32_gb"]})
         tables.append(Table(
@@ -385,6 +390,7 @@ def run_loader(task: Any, ctx: Context) -> TaskResult:
         "tracemalloc peak of a second epoch; the target compares how much the peak grows from N/2 to N rows with "
         "how much the matrix grows.",
         _load_note(load),
+        *_probe_note(ctx),
     ]
     return TaskResult(tables=tables, targets=targets, notes=notes, raw=raw)
 
@@ -514,9 +520,9 @@ def run_memory(task: Any, ctx: Context) -> TaskResult:
         _check_window(path, config, p.warmup, p.steps, "params.steps")
         out = ctx.workdir / f"{spec.name}_run"
         n_steps = p.warmup + p.steps
-        train = run_probe("pretrain", path=str(path), recipe=config.to_dict(), out=str(out), warmup=p.warmup,
+        train = run_probe("pretrain", ctx.quick, path=str(path), recipe=config.to_dict(), out=str(out), warmup=p.warmup,
                           steps=p.steps, rss_every=max(1, n_steps // 6))
-        emb = run_probe("embed", path=str(path), model=str(out / "model"), batch_size=p.embed_batch_size,
+        emb = run_probe("embed", ctx.quick, path=str(path), model=str(out / "model"), batch_size=p.embed_batch_size,
                         device=_device_arg(ctx.device))
         if emb["embedding_shape"][0] != info["n_obs"] or not emb["finite"]:
             raise RuntimeError(f"embedding {emb['embedding_shape']} (finite: {emb['finite']}) for {info['n_obs']} "
@@ -553,6 +559,7 @@ def run_memory(task: Any, ctx: Context) -> TaskResult:
         "would run in other processes, not counted: the recipes here use "
         + ", ".join(f"{name} {raw[name]['num_workers']}" for name in (s.name for s in task.recipes)) + ".",
         _load_note(load),
+        *_probe_note(ctx),
     ]
     columns = ["recipe", "run", "RSS after imports (GB)", "peak RSS (GB)", "cells/s", "wall (s)"]
     return TaskResult(tables=[Table("Peak memory on a backed file", columns, rows)], targets=targets, notes=notes,
@@ -606,12 +613,12 @@ def run_scaling(task: Any, ctx: Context) -> TaskResult:
             b, d = config.data.batch_size, config.data
             if i == 0 and ("loader", n_obs, b) not in measured:  # the first recipe's loader settings
                 measured["loader", n_obs, b] = run_probe(
-                    "loader", path=str(files[n_obs]), batch_size=b, block_size=d.block_size,
+                    "loader", ctx.quick, path=str(files[n_obs]), batch_size=b, block_size=d.block_size,
                     buffer_blocks=d.buffer_blocks, seed=ctx.seed)
             if (spec.name, n_obs, b) not in measured:
                 _check_window(files[n_obs], config, p.warmup, p.steps, f"params (at {n_obs} cells, batch {b})")
                 measured[spec.name, n_obs, b] = run_probe(
-                    "pretrain", path=str(files[n_obs]), recipe=config.to_dict(),
+                    "pretrain", ctx.quick, path=str(files[n_obs]), recipe=config.to_dict(),
                     out=str(ctx.workdir / f"{spec.name}_{n_obs}_{b}"), warmup=p.warmup, steps=p.steps)
 
     points = [(n, None) for n in sorted(p.sizes)] + [(p.batch_axis_size, b) for b in sorted(p.batch_sizes)]
@@ -633,6 +640,7 @@ def run_scaling(task: Any, ctx: Context) -> TaskResult:
         "included), peak RSS of the whole process (imports and the preparation pass over the file included); "
         "'wall' is the whole call. GB = 1e9 bytes.",
         _load_note(load),
+        *_probe_note(ctx),
     ]
     return TaskResult(
         tables=[Table("Against dataset size (the recipe's batch size)", columns, size_rows),
