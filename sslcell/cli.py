@@ -11,7 +11,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from sslcell.errors import InputError, OverwriteError, RunInterrupted, SSLCellError
+from sslcell.errors import ConfigError, InputError, OverwriteError, RunInterrupted, SSLCellError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,6 +269,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_device(device: str) -> None:
+    """Refuse a ``--device`` that is no device, or one this machine lacks, before any task runs."""
+    if device == "auto":
+        return
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        kind = None
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device: {device!r} is not a device; give auto, cpu, cuda or cuda:<index>")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA device is available on this machine; use cpu or auto")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {device}: no MPS device is available on this machine; use cpu or auto")
+
+
 def _benchmark(args: argparse.Namespace) -> int:
     from sslcell.benchmark import load_suite, run_suite
     from sslcell.benchmark.registry import describe_kinds
@@ -280,6 +298,7 @@ def _benchmark(args: argparse.Namespace) -> int:
         raise SSLCellError("give a suite file (or --list to see the task kinds)")
     suite = load_suite(args.suite, quick=args.quick, data_dir=args.data, out=args.out, only=args.only,
                        recipes=args.recipes)
+    _check_device(args.device)
     run = run_suite(suite, workdir=args.workdir, device=args.device, resume=args.resume)
     print(f"results: {run.markdown_path} (and {run.json_path.name})")
     for missed in run.targets_missed:

@@ -94,6 +94,8 @@ class TaskKind:
     takes_recipes: bool = False
     quick: dict[str, Any] = field(default_factory=dict)  # params overrides under --quick
     modality: str | None = None  # "expression" / "image": the only recipes it takes; None: either, or its own check
+    data_roles: tuple[str, ...] = ("data",)  # the roles of data: it reads ("data": one file); (): none, makes its own
+    check_task: Callable[[Any], None] | None = None  # check_task(task: suite.TaskSpec) at load time: ConfigError
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self.params):

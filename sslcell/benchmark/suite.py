@@ -129,11 +129,12 @@ def _suite(values: Any, path: Path, *, quick: bool, data_dir, out, only) -> Suit
     _mapping(values, "suite", SUITE_FIELDS)
     here = path.resolve().parent
     if data_dir is not None:
-        base = Path(data_dir)
+        base, base_is = Path(data_dir), f"--data {data_dir}"
     elif values.get("data_dir") is not None:
         base = here / _string(values["data_dir"], "data_dir")
+        base_is = f"the suite's data_dir, {base}"
     else:  # like out and recipe paths: beside the suite file
-        base = here
+        base, base_is = here, f"the suite file's folder, {here} (no data_dir or --data given)"
     out_dir = Path(out) if out is not None else here / _string(values.get("out", "results"), "out")
     seed = values.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -151,7 +152,7 @@ def _suite(values: Any, path: Path, *, quick: bool, data_dir, out, only) -> Suit
     unknown = sorted(set(only or []) - set(names))
     if unknown:
         raise ConfigError(f"--only: no task named {unknown[0]!r}; the suite's tasks are {names}")
-    tasks = [_task(t, f"tasks[{i}]", here, base, quick) for i, t in enumerate(tasks_raw)
+    tasks = [_task(t, f"tasks[{i}]", here, (base, base_is), quick) for i, t in enumerate(tasks_raw)
              if not only or names[i] in only]
     return Suite(name=_file_name(values.get("name", _stem_name(path)), "name"),
                  description=_string(values.get("description", ""), "description"),
@@ -159,19 +160,19 @@ def _suite(values: Any, path: Path, *, quick: bool, data_dir, out, only) -> Suit
                  only=[t.name for t in tasks] if only else None)
 
 
-def _task(values: Any, where: str, here: Path, base: Path, quick: bool) -> TaskSpec:
+def _task(values: Any, where: str, here: Path, data_base: tuple[Path, str], quick: bool) -> TaskSpec:
     _mapping(values, where, TASK_FIELDS)
     if "kind" not in values:
         raise ConfigError(f"{where}.kind: missing (the kind of task, e.g. crop_classification)")
     kind = task_kind(_string(values["kind"], f"{where}.kind"), f"{where}.kind")
     name = _file_name(values.get("name", kind.name), f"{where}.name")
-    params = dict(_mapping(values.get("params") or {}, f"{where}.params"))
+    params = dict(_mapping(_or_empty(values.get("params")), f"{where}.params"))
     # both read and checked, whichever runs: a suite that passes --quick must not fail the full run, nor the reverse
     full_parsed = _params(kind, params, f"{where}.params")
-    quick_values = {**kind.quick, **_mapping(values.get("quick") or {}, f"{where}.quick")}
+    quick_values = {**kind.quick, **_mapping(_or_empty(values.get("quick")), f"{where}.quick")}
     quick_parsed = _params(kind, {**params, **quick_values}, f"{where}.quick")
     parsed = quick_parsed if quick else full_parsed
-    data = _data(values.get("data"), f"{where}.data", base)
+    data = _data(values.get("data"), f"{where}.data", *data_base)
     if kind.needs_data and not data:
         raise ConfigError(f"{where}.data: task kind {kind.name} needs a data file")
     recipes_raw = values.get("recipes") or []
@@ -195,15 +196,30 @@ def _task(values: Any, where: str, here: Path, base: Path, quick: bool) -> TaskS
         if kind.modality and recipe.config.modality != kind.modality:
             raise ConfigError(f"{where}.recipes[{i}]: {recipe.name!r} is a recipe for {recipe.config.modality} data; "
                               f"task kind {kind.name} reads {kind.modality} data")
-    return TaskSpec(
+    if data and not kind.data_roles:
+        raise ConfigError(f"{where}.data: task kind {kind.name} reads no data (it makes its own); remove data")
+    unknown = sorted(set(data) - set(kind.data_roles))
+    if unknown:
+        spot = f"{where}.data" + ("" if unknown == ["data"] else f".{unknown[0]}")
+        wanted = ("one file (data: <path>)" if kind.data_roles == ("data",) else
+                  f"the roles {list(kind.data_roles)} (data: {{role: <path>}})")
+        raise ConfigError(f"{spot}: task kind {kind.name} reads {wanted}")
+    spec = TaskSpec(
         name=name, kind=kind, params=parsed, data=data, recipes=recipes,
         baselines=baselines,
         peers=check_names(_strings(values.get("peers"), f"{where}.peers"), kind.peers,
                           "peer", f"{where}.peers", kind.name),
     )
+    if kind.check_task is not None:  # what the kind checks across fields, before any task runs
+        for checked in {id(p): p for p in (full_parsed, quick_parsed)}.values():
+            try:
+                kind.check_task(dataclasses.replace(spec, params=checked))
+            except ConfigError as err:
+                raise ConfigError(f"{where}.{err}") from None
+    return spec
 
 
-def _data(values: Any, where: str, base: Path) -> dict[str, Path]:
+def _data(values: Any, where: str, base: Path, base_is: str) -> dict[str, Path]:
     if values is None:
         return {}
     if not isinstance(values, (str, dict)):
@@ -217,8 +233,7 @@ def _data(values: Any, where: str, base: Path) -> dict[str, Path]:
         p = Path(value).expanduser()
         p = Path(os.path.normpath(p if p.is_absolute() else base / p))  # 'suites/../../data' reads as 'data'
         if not p.exists():
-            raise ConfigError(f"{spot}: no such file or folder: {p} (relative paths resolve in the suite's data_dir "
-                              f"or --data)")
+            raise ConfigError(f"{spot}: no such file or folder: {p} (a relative path is read in {base_is})")
         out[role] = p
     return out
 
@@ -260,9 +275,22 @@ def _recipe(value: Any, where: str, here: Path) -> RecipeSpec:
                       source=str(source), finetune=finetune)
 
 
+def _or_empty(value: Any) -> Any:
+    """An absent mapping (``params:`` left empty is YAML's null) as ``{}``; anything else as given, to be checked."""
+    return {} if value is None else value
+
+
 def _params(kind: Any, values: dict, where: str) -> Any:
-    """``kind.params`` built from ``values`` and checked; errors name ``where`` and the field."""
+    """``kind.params`` built from ``values`` and checked; errors name ``where`` and the field. Every seed (a field
+    named ``seed``/``*_seed``, or ``seeds``) is an integer >= 0, as the suite's own."""
     parsed = from_dict(kind.params, values, where)
+    for f in dataclasses.fields(parsed):
+        if f.name == "seed" or f.name.endswith("_seed") or f.name == "seeds":
+            value = getattr(parsed, f.name)
+            for i, seed in enumerate(value if f.name == "seeds" else [value]):
+                if isinstance(seed, int) and seed < 0:
+                    spot = f"{where}.{f.name}" + (f"[{i}]" if f.name == "seeds" else "")
+                    raise ConfigError(f"{spot}: expected an integer >= 0, got {seed}")
     check = getattr(parsed, "check", None)
     if check is not None:
         try:
@@ -288,6 +316,9 @@ def _file_name(value: Any, where: str) -> str:
 def _mapping(value: Any, where: str, allowed: tuple[str, ...] | None = None) -> dict:
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    odd = [key for key in value if not isinstance(key, str)]
+    if odd:
+        raise ConfigError(f"{where}.{odd[0]}: field names are text, got {type(odd[0]).__name__} {odd[0]!r}")
     if allowed is not None:
         unknown = sorted(set(value) - set(allowed))
         if unknown:

@@ -111,10 +111,11 @@ def test_median_ratio():
     assert ratios == [10.0, 15.0, 5.0] and value == 10.0
 
 
-def test_unknown_data_role_fails_the_task_by_name(tmp_path):
+def test_unknown_data_role_is_refused_by_name_before_any_task_runs(tmp_path):
     np.savez(tmp_path / "crops.npz", images=np.zeros((4, 3, 8, 8), np.uint8))
     suite_file = tmp_path / "roles.yaml"
     suite_file.write_text(yaml.safe_dump({"name": "roles", "tasks": [{
         "kind": "crop_augmentation", "data": {"images": str(tmp_path / "crops.npz")}}]}))
-    run = run_suite(load_suite(suite_file, quick=True, out=tmp_path / "out"), progress=False)
-    assert "data.images" in run.errors["crop_augmentation"] and "rgb" in run.errors["crop_augmentation"]
+    with pytest.raises(ConfigError, match=r"tasks\[0\].data.images: task kind crop_augmentation reads the roles "
+                                          r"\['rgb', 'uint16'\]"):
+        load_suite(suite_file, quick=True, out=tmp_path / "out")

@@ -67,26 +67,23 @@ def test_bad_params_name_the_field(tmp_path, params, field):
         load_suite(path)
 
 
-def test_mismatched_baseline_recipe_or_target_fails_before_training(tmp_path):
-    tasks = [
-        {"name": "wrong_baseline", "kind": "cell_cycle", "params": {"source": "synthetic_expression"},
-         "baselines": ["pixel_pca"]},
-        {"name": "wrong_recipe", "kind": "cell_cycle", "params": {"source": "synthetic_expression"},
-         "recipes": [{"name": "img", "config": TINY_IMAGE}]},
-        {"name": "wrong_target", "kind": "cell_cycle",
-         "params": {"source": "synthetic_expression", "programmes": ["s_g2m"], "target_entry": "m_cycle_genes+"
-                    "deepcycle_phase_sets"}, "recipes": [{"name": "m", "config": TINY_MAE}]},
-        {"name": "no_data", "kind": "cell_cycle", "params": {"source": "crops"}},
-        {"name": "twice", "kind": "cell_cycle", "params": {"source": "synthetic_expression"},
-         "recipes": [{"name": "m", "config": TINY_MAE}, {"name": "m_cycle_genes", "config": TINY_MAE}]},
-    ]
-    run = run_suite(load_suite(_write_suite(tmp_path, tasks)), device="cpu", progress=False)
-    assert run.results == {}
-    assert "baselines[0]: 'pixel_pca'" in run.errors["wrong_baseline"]
-    assert "recipes[0]: 'img' is a recipe for image data" in run.errors["wrong_recipe"]
-    assert "params.target_entry" in run.errors["wrong_target"] and "m_cycle_genes" in run.errors["wrong_target"]
-    assert run.errors["no_data"].startswith("ConfigError: data:")
-    assert "recipes: the entry 'm_cycle_genes' would be made twice" in run.errors["twice"]
+@pytest.mark.parametrize(("task", "message"), [
+    ({"params": {"source": "synthetic_expression"}, "baselines": ["pixel_pca"]},
+     r"tasks\[0\]\.baselines\[0\]: 'pixel_pca' is not a baseline of source synthetic_expression"),
+    ({"params": {"source": "synthetic_expression"}, "recipes": [{"name": "img", "config": TINY_IMAGE}]},
+     r"tasks\[0\]\.recipes\[0\]: 'img' is a recipe for image data"),
+    ({"params": {"source": "synthetic_expression", "programmes": ["s_g2m"],
+                 "target_entry": "m_cycle_genes+deepcycle_phase_sets"}, "recipes": [{"name": "m", "config": TINY_MAE}]},
+     r"tasks\[0\]\.params\.target_entry: 'm_cycle_genes\+deepcycle_phase_sets' is not an entry of this task"),
+    ({"params": {"source": "crops"}}, r"tasks\[0\]\.data: source crops reads crops with phase labels"),
+    ({"params": {"source": "synthetic_expression"},
+      "recipes": [{"name": "m", "config": TINY_MAE}, {"name": "m_cycle_genes", "config": TINY_MAE}]},
+     r"tasks\[0\]\.recipes: the entry 'm_cycle_genes' would be made twice"),
+])
+def test_mismatched_baseline_recipe_target_or_data_is_refused_when_the_suite_loads(tmp_path, task, message):
+    """Before any task runs (they failed when the task ran, after the tasks before it)."""
+    with pytest.raises(ConfigError, match=message):
+        load_suite(_write_suite(tmp_path, [{"name": "t", "kind": "cell_cycle", **task}]))
 
 
 def test_generated_crops_end_to_end(tmp_path):

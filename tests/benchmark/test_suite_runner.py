@@ -135,6 +135,26 @@ def test_a_failing_run_keeps_the_earlier_results(tmp_path):
      "tasks[0].params.probe_only: no recipe named 'm' in this task; its recipes are []"),
     ({"kind": "crop_classification", "data": ".", "baselines": ["pixel_pca"],
       "params": {"label_fractions": [1.0, 1.0]}}, "tasks[0].params.label_fractions: each fraction once"),
+    ({"kind": "toy_sum", "params": {1: 2, "n": 3}}, "tasks[0].params.1: field names are text, got int 1"),
+    ({"kind": "toy_sum", "params": []}, "tasks[0].params: expected a mapping, got []"),
+    ({"kind": "knn_transfer", "params": {"spread": float("nan")}},
+     "tasks[0].params.spread: expected a finite number, got nan"),
+    ({"kind": "knn_transfer", "quick": {"spread": float("inf")}},
+     "tasks[0].quick.spread: expected a finite number, got inf"),
+    ({"kind": "knn_transfer", "params": {"agreement_target": 5.0}},
+     "tasks[0].params.agreement_target: a share of calls, must lie in (0, 1], got 5.0"),
+    ({"kind": "knn_transfer", "params": {"speed_target": -1}}, "tasks[0].params.speed_target: a speed-up, must be"),
+    ({"kind": "expression_celltype", "params": {"seeds": [0, -1]}},
+     "tasks[0].params.seeds[1]: expected an integer >= 0, got -1"),  # --quick's seeds would have hidden it
+    ({"kind": "expression_celltype", "params": {"validation_seed": -3}},
+     "tasks[0].params.validation_seed: expected an integer >= 0, got -3"),
+    ({"kind": "knn_transfer", "data": "."}, "tasks[0].data: task kind knn_transfer reads no data (it makes its own)"),
+    ({"kind": "crop_classification", "data": {"train": "."}, "baselines": ["pixel_pca"]},
+     "tasks[0].data.train: task kind crop_classification reads one file (data: <path>)"),
+    ({"kind": "crop_augmentation", "data": {"rbg": "."}},
+     "tasks[0].data.rbg: task kind crop_augmentation reads the roles ['rgb', 'uint16']"),
+    ({"kind": "cell_cycle", "params": {"source": "crops"}, "baselines": ["pixel_pca"]},
+     "tasks[0].data: source crops reads crops with phase labels"),
 ])
 def test_bad_suite_names_the_field(tmp_path, task, field):
     path = _write(tmp_path, {"tasks": [task]})
@@ -208,6 +228,23 @@ def test_bad_suite_files(tmp_path):
         load_suite(_write(tmp_path, {"name": "x"}))
     with pytest.raises(ConfigError, match=r"tasks\[1\].name: 'a' is used twice"):
         load_suite(_write(tmp_path, {"tasks": [{"name": "a", "kind": "toy_sum"}] * 2}))
+
+
+def test_a_top_level_key_that_is_not_text_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"suite.1: field names are text, got int 1"):
+        load_suite(_write(tmp_path, {1: "x", **_suite()}))
+
+
+def test_a_device_this_machine_lacks_is_refused_before_any_task(tmp_path, capsys):
+    import torch
+
+    path = _write(tmp_path, _suite())
+    assert main(["benchmark", str(path), "--device", "gpu"]) == 2
+    assert "--device: 'gpu' is not a device; give auto, cpu, cuda or cuda:<index>" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["benchmark", str(path), "--device", "cuda"]) == 2
+        assert "--device cuda: no CUDA device is available on this machine" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()  # nothing ran, nothing was written
 
 
 def test_bad_seeds_and_duplicate_keys_are_refused(tmp_path):

@@ -82,6 +82,8 @@ class CropAugmentationParams:
         for name in ("batch_size", "rounds", "size", "workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.target <= 0:
+            raise ConfigError(f"target: a speed-up, must be > 0, got {self.target}")
         if self.n_images < 2 * self.batch_size:
             raise ConfigError(f"n_images: must be >= 2 x batch_size = {2 * self.batch_size} (a round is timed from "
                               f"its first batch to its last), got {self.n_images}")
@@ -101,10 +103,6 @@ def run(task: Any, ctx: Context) -> TaskResult:
     from sslcell.inference import default_device
 
     p: CropAugmentationParams = task.params
-    unknown = sorted(set(task.data) - set(DATA_ROLES))
-    if unknown:
-        raise ConfigError(f"data.{unknown[0]}: crop_augmentation reads the roles {list(DATA_ROLES)} "
-                          "(data: {rgb: <uint8 RGB crops>, uint16: <uint16 crops>}), each optional")
     device = default_device(None if ctx.device == "auto" else ctx.device).type
     spec = {"params": dataclasses.asdict(p), "seed": ctx.seed, "device": device, "peers": list(task.peers),
             "data": {role: str(path) for role, path in task.data.items()}}
@@ -450,4 +448,5 @@ register(TaskKind(
             "sample, DataLoader workers), interleaved rounds; target: median per-round speed-up",
     peers=("lightly",),
     quick={"n_images": 512, "batch_size": 64, "rounds": 1, "breakdown_reps": 1},
+    data_roles=DATA_ROLES,  # each optional: data: {rgb: <uint8 RGB crops>, uint16: <uint16 crops>}
 ))

@@ -158,7 +158,8 @@ def planned_entries(source: str, recipes: list[str], baselines: list[str], progr
     return out
 
 
-def run(task: Any, ctx: Context) -> TaskResult:
+def check_task(task: Any) -> None:
+    """What a cell-cycle task's fields must agree on (run at load time, and again by :func:`run`)."""
     p: CellCycleParams = task.params
     allowed = CROP_BASELINES if p.source == "crops" else EXPRESSION_BASELINES
     for i, name in enumerate(task.baselines):
@@ -176,6 +177,12 @@ def run(task: Any, ctx: Context) -> TaskResult:
         if twice:
             raise ConfigError(f"recipes: the entry {twice[0]!r} would be made twice (a recipe's name is another "
                               f"entry's); rename the recipe. This task's entries: {planned}")
+    _target_entry(task, "" if p.source == "crops" else p.target_programme or p.programmes[0])
+
+
+def run(task: Any, ctx: Context) -> TaskResult:
+    check_task(task)
+    p: CellCycleParams = task.params
     return (_run_crops if p.source == "crops" else _run_expression)(task, ctx)
 
 
@@ -508,4 +515,5 @@ register(TaskKind(
     baselines=CROP_BASELINES + EXPRESSION_BASELINES,
     takes_recipes=True,
     quick={"max_cells": 300, "pretrain_epochs": 1, "finetune_epochs": 1, "n_cells": 300},
+    check_task=check_task,
 ))

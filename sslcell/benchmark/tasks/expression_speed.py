@@ -397,6 +397,7 @@ def run_loader(task: Any, ctx: Context) -> TaskResult:
 
 register(TaskKind(
     name="expression_loader", params=LoaderParams, run=run_loader,
+    data_roles=(),  # makes its own data
     summary="cells/s of sslcell's block-shuffle loader on a backed .h5ad against AnnLoader and in-memory CSR batches, "
             "and its peak memory at N/2 and N rows",
     peers=("annloader", "in_memory"),
@@ -480,6 +481,7 @@ def run_pretrain_backed(task: Any, ctx: Context) -> TaskResult:
 
 register(TaskKind(
     name="expression_pretrain_backed", params=PretrainBackedParams, run=run_pretrain_backed,
+    data_roles=(),  # makes its own data
     summary="pretraining steps/s streamed from a backed .h5ad against the same batches in memory (target 0.9x)",
     takes_recipes=True,
     modality="expression",
@@ -568,6 +570,7 @@ def run_memory(task: Any, ctx: Context) -> TaskResult:
 
 register(TaskKind(
     name="expression_memory", params=MemoryParams, run=run_memory,
+    data_roles=(),  # makes its own data
     summary="peak RSS pretraining on (and embedding) a 2,000,000 x 2,000 .h5ad streamed from disk (target < 3 GB)",
     takes_recipes=True,
     modality="expression",
@@ -689,6 +692,7 @@ def _plot(rows: list[dict[str, Any]], x: str, xlabel: str, path: Path) -> Path:
 
 register(TaskKind(
     name="expression_scaling", params=ScalingParams, run=run_scaling,
+    data_roles=(),  # makes its own data
     summary="loader and pretraining throughput and peak RSS against dataset size and batch size, with plots",
     takes_recipes=True,
     modality="expression",

@@ -569,6 +569,7 @@ def _train_notes(m: dict[str, Any], s: _TrainSettings) -> list[str]:
 
 register(TaskKind(
     name="train_step", params=TrainStepParams, run=run_train_step,
+    data_roles=(),  # makes its own data
     summary="images/s of a pretraining step (augmentation + data loading included) per recipe: sslcell.pretrain vs "
             "lightly's reference loop for the same network and batch; on CUDA also GPU busy share and MFU",
     peers=("lightly",), takes_recipes=True,
@@ -744,6 +745,7 @@ def _time_embedding(case: dict[str, Any], rounds: int, device: torch.device, nam
 
 register(TaskKind(
     name="embed_throughput", params=EmbedThroughputParams, run=run_embed_throughput,
+    data_roles=(),  # makes its own data
     summary="cells/s of sslcell.tl.embed per recipe's model (crops; expression .h5ad in memory and backed) vs a "
             "plain torch no_grad loop over a DataLoader of the same data; reported, no target",
     takes_recipes=True,

@@ -64,6 +64,10 @@ class KnnTransferParams:
             raise ConfigError(f"spread: must be > 0, got {self.spread}")
         if self.index not in INDEXES:
             raise ConfigError(f"index: must be one of {list(INDEXES)}, got {self.index!r}")
+        if self.speed_target <= 0:
+            raise ConfigError(f"speed_target: a speed-up, must be > 0, got {self.speed_target}")
+        if not 0 < self.agreement_target <= 1:
+            raise ConfigError(f"agreement_target: a share of calls, must lie in (0, 1], got {self.agreement_target}")
 
 
 def make_data(folder: Path, n_ref: int, n_query: int, dim: int, seed: int, *, n_clusters: int = 100,
@@ -201,6 +205,7 @@ def _result(p: KnnTransferParams, rows: list[dict[str, Any]], tested: str) -> Ta
 
 register(TaskKind(
     name="knn_transfer", params=KnnTransferParams, run=run,
+    data_roles=(),  # makes its own data
     summary="label-transfer speed and memory of sslcell.tl.transfer_labels (default index and exact) vs "
             "scikit-learn's brute-force KNeighborsClassifier, each in its own process; agreement with exact search",
     peers=("sklearn",),
