@@ -230,6 +230,37 @@ def test_bad_suite_files(tmp_path):
         load_suite(_write(tmp_path, {"tasks": [{"name": "a", "kind": "toy_sum"}] * 2}))
 
 
+@pytest.mark.parametrize(("task", "message"), [
+    ({"kind": "crop_classification", "data": "crops.npz", "params": {"label_key": "fate"}},
+     "tasks[1].params.label_key: crops.npz has no obs column 'fate'; its columns are ['label']"),
+    ({"kind": "crop_classification", "data": "crops.npz", "params": {"channels": [7]}},
+     "tasks[1].params.channels: channel index 7 out of range for 3 channels"),
+    ({"kind": "crop_classification", "data": "broken.npz"}, "tasks[1].data: "),
+    ({"kind": "expression_celltype", "data": "broken.h5ad"}, "tasks[1].data: "),
+    ({"kind": "expression_celltype", "data": "folder"}, "tasks[1].data: "),
+    ({"kind": "expression_celltype", "data": "cells.h5ad", "params": {"label_key": "type"}},
+     "tasks[1].params.label_key: cells.h5ad has no obs column 'type'"),
+    ({"kind": "transfer_quality", "data": "cells.h5ad", "params": {"group_key": "donor"}},
+     "tasks[1].params.group_key: cells.h5ad has no obs column 'donor'"),
+])
+def test_data_that_cannot_be_read_as_the_task_reads_it_is_refused_before_any_task_runs(tmp_path, task, message):
+    """Each failed only when its task ran, after the tasks before it (hours, in a full suite)."""
+    import anndata as ad
+    import numpy as np
+
+    np.savez(tmp_path / "crops.npz", images=np.zeros((6, 3, 8, 8), np.uint8), label=np.array(["a", "b"] * 3))
+    (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    (tmp_path / "broken.h5ad").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 64)
+    (tmp_path / "folder").mkdir()
+    ad.AnnData(np.ones((4, 3), np.float32), obs={"label": list("abab")}).write_h5ad(tmp_path / "cells.h5ad")
+    baselines = {"crop_classification": ["pixel_pca"], "expression_celltype": ["pca_hvg"],
+                 "transfer_quality": ["pca_hvg"]}
+    suite = {"tasks": [{"name": "first", "kind": "toy_sum"},
+                       {"name": "second", "baselines": baselines[task["kind"]], **task}]}
+    with pytest.raises(ConfigError, match=f"^{tmp_path / 'suite.yaml'}: " + __import__("re").escape(message)):
+        load_suite(_write(tmp_path, suite))
+
+
 def test_a_top_level_key_that_is_not_text_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"suite.1: field names are text, got int 1"):
         load_suite(_write(tmp_path, {1: "x", **_suite()}))

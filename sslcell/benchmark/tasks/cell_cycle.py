@@ -65,6 +65,7 @@ from typing import Any, Literal
 import numpy as np
 
 from sslcell.benchmark.registry import Context, Table, Target, TaskKind, TaskResult, register
+from sslcell.benchmark.tasks._preflight import check_crops
 from sslcell.benchmark.tasks.expression_celltype import (
     embed_device,
     pretrain_recipe,
@@ -178,6 +179,8 @@ def check_task(task: Any) -> None:
             raise ConfigError(f"recipes: the entry {twice[0]!r} would be made twice (a recipe's name is another "
                               f"entry's); rename the recipe. This task's entries: {planned}")
     _target_entry(task, "" if p.source == "crops" else p.target_programme or p.programmes[0])
+    if p.source == "crops":
+        check_crops(task.path, {"phase_key": p.phase_key}, p.channels)
 
 
 def run(task: Any, ctx: Context) -> TaskResult:

@@ -55,6 +55,7 @@ import torch
 
 from sslcell.benchmark.fit_store import FitStore
 from sslcell.benchmark.registry import Context, Table, Target, TaskKind, TaskResult, register
+from sslcell.benchmark.tasks._preflight import check_crops
 from sslcell.benchmark.tasks._supervised_cnn import CNNSettings, train_cnn
 from sslcell.classify.finetune import INIT_HEADS
 from sslcell.errors import ConfigError, InputError
@@ -168,6 +169,12 @@ class Entry:
     tta: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
     identity: dict[str, Any] = field(default_factory=dict)  # what else decides a training (pretrained weights)
+
+
+def check_task(task: Any) -> None:
+    """The crops open, with the channels and obs columns the parameters name (when the suite loads)."""
+    p: CropClassificationParams = task.params
+    check_crops(task.path, {"label_key": p.label_key, "group_key": p.group_key}, p.channels)
 
 
 def run(task: Any, ctx: Context) -> TaskResult:
@@ -734,6 +741,7 @@ register(TaskKind(
             "random encoder and a supervised CNN, settings chosen on a validation split, one fixed test split",
     baselines=BASELINES,
     needs_data=True,
+    check_task=check_task,
     takes_recipes=True,
     modality="image",
     quick={"max_cells": 240, "pretrain_epochs": 1, "finetune_epochs": 1, "finetune_min_steps": 0,

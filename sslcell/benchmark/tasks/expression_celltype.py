@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from sslcell.benchmark.registry import Context, Table, Target, TaskKind, TaskResult, register
+from sslcell.benchmark.tasks._preflight import check_h5ad
 from sslcell.errors import ConfigError, InputError, SSLCellError
 
 # the protocols of tl.evaluate, as the tables name them ({k}: neighbours, {s}: folds, {n}: labels per class)
@@ -190,6 +191,11 @@ def _check_raw_counts(adata: Any, path: Path) -> None:
                          "counts; this task's pretraining and baselines read raw integer counts in X and normalise "
                          "and log-transform them themselves. Put the raw counts in "
                          "X (e.g. adata.X = adata.layers['counts']) and write the file again")
+
+
+def check_task(task: Any) -> None:
+    """The .h5ad opens and has the label column (when the suite loads)."""
+    check_h5ad(task.path, {"label_key": task.params.label_key})
 
 
 def run(task: Any, ctx: Context) -> TaskResult:
@@ -396,6 +402,7 @@ register(TaskKind(
             "(kNN / logistic CV, few labels)",
     baselines=("pca_hvg", "scvi", "random_encoder"),
     needs_data=True,
+    check_task=check_task,
     takes_recipes=True,
     modality="expression",
     quick={"max_cells": 400, "max_epochs": 1, "seeds": [0], "scvi_max_epochs": 1, "validation_draws": 2},

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import numpy as np
 
 from sslcell.benchmark.registry import Context, Table, Target, TaskKind, TaskResult, register
+from sslcell.benchmark.tasks._preflight import check_crops, check_h5ad
 from sslcell.benchmark.tasks.expression_celltype import (
     embed_device,
     plot_scores,
@@ -127,6 +128,20 @@ def split_halves(y: np.ndarray, groups: np.ndarray | None, seed: int) -> tuple[n
     return np.sort(ref), np.sort(query)
 
 
+def check_task(task: Any) -> None:
+    """The data opens as its modality and has the label and group columns (when the suite loads)."""
+    p = task.params
+    columns = {"label_key": p.label_key, "group_key": p.group_key}
+    if _modality(task, p) == "expression":
+        check_h5ad(task.path, columns)
+    else:
+        check_crops(task.path, columns)
+
+
+def _modality(task: Any, p: Any) -> str:
+    return p.modality if p.modality != "auto" else ("expression" if task.path.suffix == ".h5ad" else "image")
+
+
 def run(task: Any, ctx: Context) -> TaskResult:
     """Split, pretrain on the reference, embed, fit baselines, score zero-shot and few-label on the query."""
     p: TransferQualityParams = task.params
@@ -217,7 +232,7 @@ def run(task: Any, ctx: Context) -> TaskResult:
 
 def _load(task: Any, p: TransferQualityParams, seed: int) -> tuple[Any, str, int]:
     """The labelled cells of ``task.path`` (a stratified subsample with ``max_cells``), the modality, all cells."""
-    modality = p.modality if p.modality != "auto" else ("expression" if task.path.suffix == ".h5ad" else "image")
+    modality = _modality(task, p)
     if modality == "expression":
         from sslcell.data.expression import read_h5ad
 
@@ -341,6 +356,7 @@ register(TaskKind(
             "half, scored on the query half, vs PCA-50 (genes or raw pixels) and a random encoder",
     baselines=("pca_hvg", "pixel_pca", "random_encoder"),
     needs_data=True,
+    check_task=check_task,
     takes_recipes=True,
     quick={"max_cells": 500, "max_epochs": 1, "seeds": [0], "finetune_epochs": 2},
 ))
