@@ -276,13 +276,17 @@ def _check_device(device: str) -> None:
     import torch
 
     try:
-        kind = torch.device(device).type
+        parsed = torch.device(device)
     except (RuntimeError, ValueError):
-        kind = None
-    if kind not in ("cpu", "cuda", "mps"):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"--device: {device!r} is not a device; give auto, cpu, cuda or cuda:<index>")
+    kind = parsed.type
     if kind == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: no CUDA device is available on this machine; use cpu or auto")
+    if kind == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     if kind == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"--device {device}: no MPS device is available on this machine; use cpu or auto")
 
@@ -296,9 +300,9 @@ def _benchmark(args: argparse.Namespace) -> int:
         return 0
     if not args.suite:
         raise SSLCellError("give a suite file (or --list to see the task kinds)")
+    _check_device(args.device)
     suite = load_suite(args.suite, quick=args.quick, data_dir=args.data, out=args.out, only=args.only,
                        recipes=args.recipes)
-    _check_device(args.device)
     run = run_suite(suite, workdir=args.workdir, device=args.device, resume=args.resume)
     print(f"results: {run.markdown_path} (and {run.json_path.name})")
     for missed in run.targets_missed:

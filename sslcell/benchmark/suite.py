@@ -57,6 +57,8 @@ class TaskSpec:
     recipes: list[RecipeSpec] = field(default_factory=list)
     baselines: list[str] = field(default_factory=list)
     peers: list[str] = field(default_factory=list)
+    where: str = field(default="", repr=False)  # its place in the suite file ("tasks[2]"), for errors
+    param_sets: tuple[Any, ...] = field(default=(), repr=False, compare=False)  # full and --quick, both checked
 
     @property
     def path(self) -> Path:
@@ -108,6 +110,10 @@ def load_suite(path: str | Path, *, quick: bool = False, data_dir: str | Path | 
         raise ConfigError(f"{path}: {err}") from None
     if recipes:
         _keep_recipes(suite, list(dict.fromkeys(recipes)))
+    try:
+        _check_tasks(suite)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
     return suite
 
 
@@ -210,13 +216,21 @@ def _task(values: Any, where: str, here: Path, data_base: tuple[Path, str], quic
         peers=check_names(_strings(values.get("peers"), f"{where}.peers"), kind.peers,
                           "peer", f"{where}.peers", kind.name),
     )
-    if kind.check_task is not None:  # what the kind checks across fields, before any task runs
-        for checked in {id(p): p for p in (full_parsed, quick_parsed)}.values():
-            try:
-                kind.check_task(dataclasses.replace(spec, params=checked))
-            except ConfigError as err:
-                raise ConfigError(f"{where}.{err}") from None
+    spec.where, spec.param_sets = where, (full_parsed, quick_parsed)  # for _check_tasks, once recipes are kept
     return spec
+
+
+def _check_tasks(suite: Suite) -> None:
+    """Each kept task's own checks across its fields and its data (``check_task``), for the full and the --quick
+    settings, on the recipes --recipes kept: before any task runs."""
+    for task in suite.tasks:
+        if task.kind.check_task is None:
+            continue
+        for params in task.param_sets or (task.params,):
+            try:
+                task.kind.check_task(dataclasses.replace(task, params=params))
+            except ConfigError as err:
+                raise ConfigError(f"{task.where}.{err}") from None
 
 
 def _data(values: Any, where: str, base: Path, base_is: str) -> dict[str, Path]:

@@ -172,3 +172,21 @@ def test_cell_cycle_suite_quick(tmp_path):
     assert [t["goal"] for t in targets] == [0.85, 0.9] and all(math.isfinite(t["value"]) for t in targets)
     for plot in jurkat["plots"]:
         assert (tmp_path / plot).stat().st_size > 0
+
+
+def test_cross_field_checks_see_the_recipes_that_recipes_keeps(tmp_path):
+    """--recipes is applied before the checks: a clash with a dropped recipe is no clash, and a target entry made
+    only by a dropped recipe is refused at load (not after the tasks before it have run)."""
+    twice = {"name": "t", "kind": "cell_cycle", "params": {"source": "synthetic_expression"},
+             "recipes": [{"name": "m", "config": TINY_MAE}, {"name": "m_cycle_genes", "config": TINY_MAE}]}
+    path = _write_suite(tmp_path, [twice])
+    with pytest.raises(ConfigError, match="would be made twice"):
+        load_suite(path)
+    assert [r.name for r in load_suite(path, recipes=["m"]).tasks[0].recipes] == ["m"]
+    target = {"name": "t", "kind": "cell_cycle",
+              "params": {"source": "synthetic_expression", "target_entry": "b_cycle_genes"},
+              "recipes": [{"name": "a", "config": TINY_MAE}, {"name": "b", "config": TINY_MAE}]}
+    path = _write_suite(tmp_path, [target])
+    load_suite(path)
+    with pytest.raises(ConfigError, match=r"tasks\[0\]\.params\.target_entry: 'b_cycle_genes' is not an entry"):
+        load_suite(path, recipes=["a"])
