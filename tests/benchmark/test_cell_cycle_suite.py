@@ -190,3 +190,18 @@ def test_cross_field_checks_see_the_recipes_that_recipes_keeps(tmp_path):
     load_suite(path)
     with pytest.raises(ConfigError, match=r"tasks\[0\]\.params\.target_entry: 'b_cycle_genes' is not an entry"):
         load_suite(path, recipes=["a"])
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"channels": ["darkfield"]}, r"tasks\[0\]\.params\.channels: "),
+    ({"marker_channel": "dna"}, r"tasks\[0\]\.params\.marker_channel: "),
+    ({"phase_key": "stage"}, r"tasks\[0\]\.params\.phase_key: crops.npz has no obs column 'stage'"),
+])
+def test_crops_without_the_named_channels_or_phases_are_refused_when_the_suite_loads(tmp_path, params, message):
+    images = np.zeros((8, 3, 8, 8), np.uint8)
+    np.savez(tmp_path / "crops.npz", images=images, channel_names=np.array(NAMES), phase=np.array(QUARTERS * 2))
+    task = {"name": "t", "kind": "cell_cycle", "data": "crops.npz", "baselines": ["pixel_pca"],
+            "params": {"source": "crops", "phase_key": "phase", "order": QUARTERS, "channels": ["brightfield"],
+                       "marker_channel": "sg2m_marker", "acquisitions": {"early": ["P1", "P2"]}, **params}}
+    with pytest.raises(ConfigError, match=message):
+        load_suite(_write_suite(tmp_path, [task]))

@@ -38,8 +38,9 @@ def check_h5ad(path: Path, columns: dict[str, str | None]) -> None:
     _check_columns(path, present, columns)
 
 
-def check_crops(path: Path, columns: dict[str, str | None], channels: Any = None) -> None:
-    """``path`` opens as crops, ``channels`` are among them, and its ``obs`` has each named column."""
+def check_crops(path: Path, columns: dict[str, str | None], channels: Any = None, **more_channels: Any) -> None:
+    """``path`` opens as crops, ``channels`` (and each of ``more_channels``: ``{param field: channel or
+    channels}``) are among them, and its ``obs`` has each named column."""
     import numpy as np
 
     from sslcell.data.image_readers import _ZARR_MARKERS
@@ -57,12 +58,14 @@ def check_crops(path: Path, columns: dict[str, str | None], channels: Any = None
         _CROPS.clear()  # one file's summary at a time: a suite's tasks reading one file check it once
         _CROPS[key] = list(cells.obs.columns), list(cells.channel_names)
     present, names = _CROPS[key]
-    if channels is not None:  # the same selection, and message, on one blank crop with these channels
-        blank = CellImages.from_array(np.zeros((1, len(names), 1, 1), np.uint8), channel_names=names)
-        try:
-            blank.select_channels(channels)
+    blank = CellImages.from_array(np.zeros((1, len(names), 1, 1), np.uint8), channel_names=names)
+    for field, selected in {"channels": channels, **more_channels}.items():
+        if selected is None:
+            continue
+        try:  # the same selection, and message, on one blank crop with these channels
+            blank.select_channels(selected)
         except SSLCellError as err:
-            raise ConfigError(f"params.channels: {err}") from None
+            raise ConfigError(f"params.{field}: {err}") from None
     _check_columns(path, present, columns)
 
 

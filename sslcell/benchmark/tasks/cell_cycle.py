@@ -180,7 +180,7 @@ def check_task(task: Any) -> None:
                               f"entry's); rename the recipe. This task's entries: {planned}")
     _target_entry(task, "" if p.source == "crops" else p.target_programme or p.programmes[0])
     if p.source == "crops":
-        check_crops(task.path, {"phase_key": p.phase_key}, p.channels)
+        check_crops(task.path, {"phase_key": p.phase_key}, p.channels, marker_channel=p.marker_channel)
 
 
 def run(task: Any, ctx: Context) -> TaskResult:
