@@ -9,8 +9,9 @@ would count); DataLoader workers that unpickle its classes import it the ordinar
 Many short children that all import the same heavy libraries (torch, Lightning: ~8 s per start on two cores) pass
 ``preload``: they are forked from a zygote, a process started once per set of modules and environment, which has
 imported those modules and nothing else (no tensor allocated, no thread pool started, no CUDA). Each child is still
-a process of its own (its own peak memory, which counts the preloaded modules as an import would), loads the task's
-module by file as above, and leaves nothing behind for the next.
+a process of its own, loads the task's module by file as above, and leaves nothing behind for the next; but a forked
+process counts the preloaded libraries' pages only as it touches them, so its memory figures are lower than a fresh
+process's: measurements whose memory is reported use it only under ``--quick``, and say so (:func:`preloaded_note`).
 """
 
 from __future__ import annotations
@@ -75,6 +76,13 @@ for line in sys.stdin:
     print(os.waitstatus_to_exitcode(status), flush=True)
 """
 _ZYGOTES: dict[tuple, tuple[subprocess.Popen, Path]] = {}
+
+
+def preloaded_note(what: str, modules: str) -> str:
+    """The results' note for ``--quick`` runs whose ``what`` (probe, entry) forked from a zygote of ``modules``."""
+    return (f"--quick: each {what} was forked from a process that had imported {modules} once; such a process counts "
+            "library pages only as it touches them, so its memory figures are lower than a fresh process's (a full "
+            f"run starts each {what} afresh).")
 
 
 def run_child(target: str, spec: dict[str, Any], workdir: Path, *, env: dict[str, str] | None = None,

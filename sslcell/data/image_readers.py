@@ -52,13 +52,18 @@ class RawCells(NamedTuple):
     source: str
 
 
+def is_zarr_store(path: Path) -> bool:
+    """Whether ``path`` is read as a zarr store: a folder named ``*.zarr`` or holding a zarr marker file."""
+    return path.is_dir() and (path.suffix == ".zarr" or any((path / m).exists() for m in _ZARR_MARKERS))
+
+
 def read_raw_cells(path: Path, label_key: str | None) -> RawCells:
     """Dispatch on the path: ``.npz`` file, zarr store (``.zarr`` or a zarr marker file), or a folder of crops."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
     if path.is_file() and path.suffix.lower() == ".npz":
         return _read_npz(path, label_key)
-    if path.is_dir() and (path.suffix == ".zarr" or any((path / m).exists() for m in _ZARR_MARKERS)):
+    if is_zarr_store(path):
         return _read_zarr(path, label_key)
     if path.is_dir():
         return _read_folder(path, label_key)

@@ -17,9 +17,6 @@ from pathlib import Path
 from typing import Any
 
 PRELOAD = ("sslcell.train",)  # torch, Lightning, anndata: what every probe imports (under --quick, imported once)
-PRELOADED_NOTE = ("--quick: each probe was forked from a process that had imported torch, Lightning and anndata "
-                  "once; such a process counts library pages only as it touches them, so its memory figures are "
-                  "lower than a fresh process's (a full run starts each probe afresh).")
 GB = 1e9  # memory is reported in decimal GB (the "3 GB"); 1 GB < 1 GiB, so the stricter reading
 
 

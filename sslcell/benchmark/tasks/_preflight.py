@@ -43,10 +43,10 @@ def check_crops(path: Path, columns: dict[str, str | None], channels: Any = None
     channels}``) are among them, and its ``obs`` has each named column."""
     import numpy as np
 
-    from sslcell.data.image_readers import _ZARR_MARKERS
+    from sslcell.data.image_readers import is_zarr_store
     from sslcell.data.images import CellImages
 
-    if path.is_dir() and path.suffix != ".zarr" and not any((path / m).exists() for m in _ZARR_MARKERS):
+    if path.is_dir() and not is_zarr_store(path):
         return  # a folder of crop files: checked when the task reads it
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)

@@ -38,8 +38,9 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from sslcell.benchmark.child import preloaded_note
 from sslcell.benchmark.registry import Context, Table, Target, TaskKind, TaskResult, register
-from sslcell.benchmark.tasks._expression_probe import GB, PRELOADED_NOTE, pretrain_timed, run_probe
+from sslcell.benchmark.tasks._expression_probe import GB, pretrain_timed, run_probe
 from sslcell.errors import ConfigError
 
 CHUNK_ROWS = 10_000  # rows drawn and written at a time
@@ -218,7 +219,7 @@ def _load_note(start: list[float]) -> str:
 
 def _probe_note(ctx: Context) -> list[str]:
     """Under --quick the probes fork from a process that imported their libraries once (run_probe): say so."""
-    return [PRELOADED_NOTE] if ctx.quick else []
+    return [preloaded_note("probe", "torch, Lightning and anndata")] if ctx.quick else []
 
 
 def _device_arg(device: str) -> str | None:

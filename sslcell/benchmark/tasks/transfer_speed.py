@@ -85,7 +85,7 @@ def make_data(folder: Path, n_ref: int, n_query: int, dim: int, seed: int, *, n_
 
 def run(task: Any, ctx: Context) -> TaskResult:
     """Make the data, run each entry in its own process, compare the calls, tabulate."""
-    from sslcell.benchmark.child import run_child
+    from sslcell.benchmark.child import preloaded_note, run_child
 
     p: KnnTransferParams = task.params
     folder = ctx.workdir / "data"
@@ -109,9 +109,7 @@ def run(task: Any, ctx: Context) -> TaskResult:
         row["accuracy_vs_cluster_label"] = float(np.mean(pred == truth))
     result = _result(p, rows, entries[0])
     if ctx.quick:
-        result.notes.append("--quick: each entry was forked from a process that had imported its libraries once; "
-                            "such a process counts library pages only as it touches them, so its memory figures "
-                            "differ from a fresh process's (a full run starts each entry afresh).")
+        result.notes.append(preloaded_note("entry", ", ".join(ENTRY_IMPORTS)))
     return result
 
 
