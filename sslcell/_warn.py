@@ -6,10 +6,12 @@ import os
 import sys
 import warnings
 
+from sslcell.errors import SSLCellWarning
+
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
-def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
+def warn_user(message: str, category: type[Warning] = SSLCellWarning) -> None:
     """``warnings.warn`` with the stack level of the first caller outside the sslcell package (``read_images``
     and ``CellImages.read`` reach a reader at different depths)."""
     frame, level = sys._getframe(1), 2

@@ -8,16 +8,23 @@ import contextlib
 import logging
 import shutil
 import sys
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from sslcell.errors import ConfigError, InputError, OverwriteError, RunInterrupted, SSLCellError
+from sslcell.errors import ConfigError, InputError, OverwriteError, RunInterrupted, SSLCellError, SSLCellWarning
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     _show_sslcell_logs()
+    with warnings.catch_warnings():  # restores the caller's warnings.showwarning (tests call main)
+        warnings.showwarning = _show_warning(args.command, warnings.showwarning)
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return args.run(args) or 0
     except RunInterrupted as err:  # as a process killed by SIGTERM ends: 128 + 15
@@ -29,6 +36,19 @@ def main(argv: list[str] | None = None) -> int:
     except (SSLCellError, OSError) as err:  # bad input, or the environment (missing file, full disk, permissions)
         print(f"sslcell {args.command}: error: {_as_cli(str(err), args.command)}", file=sys.stderr)
         return 2
+
+
+def _show_warning(command: str, default: Callable[..., None]) -> Callable[..., None]:
+    """sslcell's warnings as ``sslcell <command>: warning: <message>``, flags named as on the command line (not the
+    line of the console script they are attributed to); other libraries' warnings as ``default`` shows them."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001 (warnings' API)
+        if issubclass(category, SSLCellWarning):
+            print(f"sslcell {command}: warning: {_as_cli(str(message), command)}", file=file or sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    return show
 
 
 # how an interrupted command goes on

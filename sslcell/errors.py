@@ -31,6 +31,11 @@ class OverwriteError(SSLCellError, FileExistsError):
     """An output (file, directory or ``obsm`` key) exists and overwriting was not asked for."""
 
 
+class SSLCellWarning(UserWarning):
+    """A warning about the user's input or settings (``warnings.filterwarnings("ignore", category=SSLCellWarning)``
+    silences sslcell's alone); the command line prints it as ``sslcell <command>: warning: ...``."""
+
+
 class RunInterrupted(BaseException):
     """A training stopped by a signal (SIGTERM: ``kill``, a scheduler's time limit) before its end; a
     pretraining's checkpoint resumes it, a fine-tuning wrote nothing and is run again. Like ``KeyboardInterrupt``,

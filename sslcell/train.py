@@ -34,7 +34,15 @@ from sslcell.data.gene_stats import gene_statistics, select_highly_variable
 from sslcell.data.image_loader import make_image_dataloader
 from sslcell.data.images import CellImages, ChannelText
 from sslcell.data.loader import make_dataloader
-from sslcell.errors import ConfigError, FileFormatError, GeneMismatchError, InputError, OverwriteError, RunInterrupted
+from sslcell.errors import (
+    ConfigError,
+    FileFormatError,
+    GeneMismatchError,
+    InputError,
+    OverwriteError,
+    RunInterrupted,
+    SSLCellWarning,
+)
 from sslcell.methods import SSLModule, build_method
 from sslcell.methods.contracts import Contract, ExpressionContract, ImageContract, contract_from_dict
 
@@ -259,20 +267,20 @@ def _prepare_expression(
         dataset = dataset.with_genes(genes)
         if len(genes) < d.n_top_genes:
             warnings.warn(f"data.n_top_genes={d.n_top_genes}, but only {len(genes)} genes vary in the pretraining "
-                          f"cells: the model reads those {len(genes)}", UserWarning, stacklevel=3)
+                          f"cells: the model reads those {len(genes)}", SSLCellWarning, stacklevel=3)
     stats = gene_statistics(dataset, target_sum=d.target_sum)  # also refuses all-zero data
     if stats.attrs["n_empty_cells"]:
         warnings.warn(
             f"{stats.attrs['n_empty_cells']} of {stats.attrs['n_cells']} cells have no counts over the model's "
             f"{len(genes)} genes: they all give the model the same all-zero input (filter empty cells first)",
-            UserWarning, stacklevel=3,
+            SSLCellWarning, stacklevel=3,
         )
     silent = stats.index[stats["var_log1p"].to_numpy() == 0].tolist()
     if silent:
         warnings.warn(
             f"{len(silent)} of the model's {len(genes)} genes never vary in the pretraining cells (e.g. "
             f"{silent[:3]}): they carry nothing here (data.n_top_genes picks the variable genes)",
-            UserWarning, stacklevel=3,
+            SSLCellWarning, stacklevel=3,
         )
     mean = std = None
     if d.scale:

@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sslcell._warn import warn_user
 from sslcell.benchmark.registry import TaskKind, check_names, task_kind
 from sslcell.config import RecipeConfig, from_dict, load_config, read_yaml
 from sslcell.errors import ConfigError
@@ -135,7 +137,10 @@ def _suite(values: Any, path: Path, *, quick: bool, data_dir, out, only) -> Suit
     _mapping(values, "suite", SUITE_FIELDS)
     here = path.resolve().parent
     if data_dir is not None:
-        base, base_is = Path(data_dir), f"--data {data_dir}"
+        base, base_is = Path(data_dir).expanduser(), f"--data {data_dir}"
+        if not base.is_dir():
+            raise ConfigError(f"--data: no such folder: {data_dir} (the folder where the suite's relative data "
+                              "paths resolve)")
     elif values.get("data_dir") is not None:
         base = here / _string(values["data_dir"], "data_dir")
         base_is = f"the suite's data_dir, {base}"
@@ -160,6 +165,10 @@ def _suite(values: Any, path: Path, *, quick: bool, data_dir, out, only) -> Suit
         raise ConfigError(f"--only: no task named {unknown[0]!r}; the suite's tasks are {names}")
     tasks = [_task(t, f"tasks[{i}]", here, (base, base_is), quick) for i, t in enumerate(tasks_raw)
              if not only or names[i] in only]
+    kept_raw = [t for t, name in zip(tasks_raw, names, strict=True) if not only or name in only]
+    if data_dir is not None and not any(_relative_paths(t.get("data")) for t in kept_raw):
+        warn_user(f"--data {data_dir} is not used: no {'kept ' if only else ''}task of {path.name} reads a relative "
+                  "data path (each makes its own data or names an absolute path)")
     return Suite(name=_file_name(values.get("name", _stem_name(path)), "name"),
                  description=_string(values.get("description", ""), "description"),
                  seed=seed, tasks=tasks, source=path, out=out_dir, quick=quick,
@@ -226,11 +235,29 @@ def _check_tasks(suite: Suite) -> None:
     for task in suite.tasks:
         if task.kind.check_task is None:
             continue
-        for params in task.param_sets or (task.params,):
+        full, *quick = task.param_sets or (task.params,)
+        for params in (full, *quick):
             try:
                 task.kind.check_task(dataclasses.replace(task, params=params))
             except ConfigError as err:
-                raise ConfigError(f"{task.where}.{err}") from None
+                message = str(err) if params is full else _as_quick(str(err), full, params)
+                raise ConfigError(f"{task.where}.{message}") from None
+
+
+def _as_quick(message: str, full: Any, quick: Any) -> str:
+    """A check's message about the --quick settings (the full ones passed): ``params.<field>`` names ``quick.<field>``
+    where the quick value differs; otherwise the message says that the quick settings made it fail."""
+    if message.startswith("params."):
+        name = re.split(r"[.:\[ ]", message[len("params."):], maxsplit=1)[0]
+        if getattr(full, name, None) != getattr(quick, name, None):
+            return "quick." + message[len("params."):]
+    return f"{message} (with the task's --quick settings: the kind's quick defaults and its quick: block)"
+
+
+def _relative_paths(values: Any) -> list[str]:
+    """The relative paths among a task's validated ``data`` (a path, or a mapping of role -> path)."""
+    paths = [values] if isinstance(values, str) else list((values or {}).values())
+    return [v for v in paths if not Path(v).expanduser().is_absolute()]
 
 
 def _data(values: Any, where: str, base: Path, base_is: str) -> dict[str, Path]:

@@ -24,7 +24,7 @@ import pandas as pd
 from scipy import sparse
 
 from sslcell.data.genesets import example_programmes
-from sslcell.errors import InputError
+from sslcell.errors import InputError, SSLCellWarning
 
 PHASE_ORDER = ["G1", "S", "G2M"]
 S_SET, G2M_SET = "TIROSH2016_S_PHASE", "TIROSH2016_G2M_PHASE"
@@ -74,7 +74,7 @@ def score_phases(adata: ad.AnnData, *, layer: str | None = None, s_genes: Sequen
     if silent.any():  # scores of 0 - 0 would call them S: no evidence, so no phase (and no anchor)
         phase[silent] = np.nan
         warnings.warn(f"{int(silent.sum())} cell(s) express none of the {len(s + g2m)} cycle genes: their phase is "
-                      "left missing, so they do not anchor a cycle fit", UserWarning, stacklevel=3)
+                      "left missing, so they do not anchor a cycle fit", SSLCellWarning, stacklevel=3)
     return pd.DataFrame({"S_score": work.obs["S_score"].to_numpy(np.float32),
                          "G2M_score": work.obs["G2M_score"].to_numpy(np.float32), "phase": phase},
                         index=adata.obs_names)

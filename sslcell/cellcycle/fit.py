@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from sslcell.errors import InputError
+from sslcell.errors import InputError, SSLCellWarning
 
 TWO_PI = 2.0 * np.pi
 RESIDUAL_WARN = 0.25
@@ -196,7 +196,7 @@ def fit_cycle(x: np.ndarray, anchors: np.ndarray | None = None, order: list[str]
             "pl.cell_cycle, or fit on a representation that holds the cycle (e.g. a fine-tuned phase classifier's "
             "outputs, or cell-cycle genes); to place cells of one phase, project them onto a fit made on cells of "
             "all phases (CycleFit.theta, sslcell.cellcycle.project.project_cycle, CycleRecipe.apply).",
-            UserWarning, stacklevel=2)
+            SSLCellWarning, stacklevel=2)
     return fit
 
 
@@ -205,7 +205,7 @@ def _warn_contradiction(fit: CycleFit, stacklevel: int = 3) -> None:
         warnings.warn(
             f"the anchors contradict the fitted path: at best {fit.anchor_accuracy:.0%} of the labelled cells fall "
             f"in their phase's arc (by chance {fit.anchor_chance:.0%}; order {fit.phases}); check the phase order "
-            "and the labels", UserWarning, stacklevel=stacklevel)
+            "and the labels", SSLCellWarning, stacklevel=stacklevel)
 
 
 def closure(theta: np.ndarray) -> float:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sslcell.cellcycle.fit import RESIDUAL_WARN, CycleFit, closure
-from sslcell.errors import InputError
+from sslcell.errors import InputError, SSLCellWarning
 
 if TYPE_CHECKING:  # anndata and pandas load on use: importing sslcell.cellcycle stays light
     from anndata import AnnData
@@ -148,7 +148,7 @@ def project_cycle(
             f"these cells lie far from the reference cycle (residual {residual:.2f} around its circle, > "
             f"{RESIDUAL_WARN} and {FARTHER:g}x the reference's own {fit.residual:.2f}): is obsm[{use_rep!r}] the "
             "representation the reference was fitted on (same model, same genes)? θ may mean little.",
-            UserWarning, stacklevel=2)
+            SSLCellWarning, stacklevel=2)
     if copy:
         adata = adata.to_memory() if adata.isbacked else adata.copy()
     write_cycle(adata, fit, theta, plane, keys)

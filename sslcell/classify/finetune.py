@@ -62,7 +62,7 @@ from sslcell.config import check_types, from_dict
 from sslcell.data.expression import CountRows, open_counts
 from sslcell.data.images import CellImages
 from sslcell.data.labels import class_labels
-from sslcell.errors import ConfigError, InputError
+from sslcell.errors import ConfigError, InputError, SSLCellWarning
 from sslcell.evaluate.probes import class_weight, logistic_probe
 from sslcell.evaluate.protocols import label_fraction_split
 from sslcell.inference import embed_rows
@@ -434,7 +434,7 @@ def _validation_mask(codes: np.ndarray, fraction: float, seed: int, groups: np.n
     if val.mean() > 2 * fraction:
         warnings.warn(f"val_group_key: the held-out groups hold {val.mean():.0%} of the labelled cells "
                       f"(val_fraction {fraction}): {n_groups} groups of uneven size cannot be split finer",
-                      UserWarning, stacklevel=4)
+                      SSLCellWarning, stacklevel=4)
     return val
 
 

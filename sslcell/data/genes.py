@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from sslcell.errors import GeneMismatchError, InputError
+from sslcell.errors import GeneMismatchError, InputError, SSLCellWarning
 
 N_EXAMPLES = 5
 
@@ -163,7 +163,7 @@ def check_missing(report: GeneAlignment | None, max_share: float | None = None) 
 def warn_missing(report: GeneAlignment) -> None:
     """Warn once per dataset when model genes are zero-filled."""
     if report.n_missing:
-        warnings.warn(f"gene alignment: {report}", UserWarning, stacklevel=4)
+        warnings.warn(f"gene alignment: {report}", SSLCellWarning, stacklevel=4)
 
 
 # Compatibility forwards (kept for one release): the statistics moved to sslcell.data.gene_stats, which imports

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sslcell.data.expression import ExpressionDataset
 from sslcell.data.shards import Workspace, vstack_csr
-from sslcell.errors import ConfigError
+from sslcell.errors import ConfigError, SSLCellWarning
 
 OUTPUTS = ("dense", "csr")
 
@@ -180,7 +180,7 @@ class BlockShuffleLoader(ShardedBatches):
             warnings.warn(
                 f"BlockShuffleLoader: each epoch reads only {used:.0%} of the {int(self._block_sizes.sum())} cells "
                 f"(every one of {n_streams} streams yields the same number of batches; blocks of {self.block_size} "
-                "rows): lower data.block_size or data.num_workers to read more of them", UserWarning, stacklevel=2)
+                "rows): lower data.block_size or data.num_workers to read more of them", SSLCellWarning, stacklevel=2)
         return n
 
     def __iter__(self) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:

@@ -22,7 +22,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata.io import read_elem, sparse_dataset
 
-from sslcell.errors import FileFormatError, InputError
+from sslcell.errors import FileFormatError, InputError, SSLCellWarning
 
 IN_MEMORY = "<AnnData>"
 
@@ -219,7 +219,7 @@ class _FileShard(_Shard):
                 warnings.warn(
                     f"{self.where} is stored as CSC: every row block read scans the whole matrix; "
                     "rewrite it as CSR for fast out-of-core reads",
-                    UserWarning,
+                    SSLCellWarning,
                     stacklevel=4,
                 )
             obs, var = f["obs"], f["var"]

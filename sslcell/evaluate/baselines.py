@@ -9,7 +9,7 @@ import numpy as np
 import scanpy as sc
 from scipy import sparse
 
-from sslcell.errors import InputError
+from sslcell.errors import InputError, SSLCellWarning
 
 LOG_SCALE_MAX = 20.0  # non-integer "counts" no larger than this are log-normalised values (log1p of CPM <= 13.8)
 
@@ -52,7 +52,7 @@ def _counts_matrix(counts, layer: str | None, what: str = "pca_baseline"):
     if fractional.any():
         warnings.warn(
             f"counts contain non-integer values; {what} expects raw counts (it normalises and log-transforms)",
-            UserWarning,
+            SSLCellWarning,
             stacklevel=3,
         )
     return x

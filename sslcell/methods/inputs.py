@@ -18,7 +18,7 @@ from sslcell.augment.expression import ExpressionAugment, ExpressionAugmentConfi
 from sslcell.augment.image import ImageAugment, ImageAugmentConfig
 from sslcell.config import from_dict
 from sslcell.data.images import CellImages, placeholder_names
-from sslcell.errors import ChannelMismatchError, InputError
+from sslcell.errors import ChannelMismatchError, InputError, SSLCellWarning
 from sslcell.methods.contracts import ExpressionContract, ImageContract, contract_from_dict
 
 
@@ -175,7 +175,7 @@ class ImageInputs(Inputs):
                     warnings.warn(
                         f"{cells.source}: channels {cells.channel_names} are taken as the model's "
                         f"{list(self.channel_names)} (positions in the crops it was trained on); if these crops "
-                        "hold their channels at the same positions, select those", UserWarning, stacklevel=3)
+                        "hold their channels at the same positions, select those", SSLCellWarning, stacklevel=3)
                 cells = cells.rename_channels(self.channel_names)
         elif cells.channel_names != self.channel_names and set(self.channel_names) <= set(cells.channel_names):
             unnamed_model = list(self.channel_names) == [f"channel_{i}" for i in range(self.n_channels)]

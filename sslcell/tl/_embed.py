@@ -14,7 +14,7 @@ from sslcell.checkpoint import load, model_id
 from sslcell.data.expression import open_counts
 from sslcell.data.genes import missing_info
 from sslcell.data.images import CellImages
-from sslcell.errors import InputError
+from sslcell.errors import InputError, SSLCellWarning
 from sslcell.inference import embed_rows
 from sslcell.methods import SSLModule
 from sslcell.tl._keys import check_crops, check_free, drop_derived, record, refuse
@@ -140,7 +140,7 @@ def _embed_expression(adata: AnnData, model: SSLModule, layer: str | None, log_n
         warnings.warn(
             f"{empty[0]} of {len(out)} cells have no counts over the model's {contract.n_genes} genes: they all get "
             "the same embedding (filter empty cells, or check that the gene names match the model's)",
-            UserWarning, stacklevel=3,
+            SSLCellWarning, stacklevel=3,
         )
     return out, {**missing_info(dataset.alignment, contract.n_genes), "n_empty_cells": empty[0]}
 

@@ -12,7 +12,7 @@ from scipy import sparse
 
 from sslcell.data.images import CellImages
 from sslcell.data.labels import label_strings
-from sslcell.errors import ConfigError, InputError
+from sslcell.errors import ConfigError, InputError, SSLCellWarning
 from sslcell.evaluate.baselines import pca_baseline, pixel_pca_baseline
 from sslcell.evaluate.protocols import cross_validated_scores, few_label_scores
 from sslcell.evaluate.report import ROW_FIELDS, EvaluationReport
@@ -182,7 +182,7 @@ def _labels(adata: ad.AnnData, label_key: str, n_splits: int) -> tuple[np.ndarra
     if dropped:
         warnings.warn(
             f"dropping classes of obs['{label_key}'] with fewer than n_splits={n_splits} cells: {dropped}",
-            UserWarning,
+            SSLCellWarning,
             stacklevel=3,
         )
     if (~rare).sum() < 2:
@@ -217,4 +217,4 @@ def _warn_small_classes(y: np.ndarray, n_per_class: int, class_names: list[str])
         names = ", ".join(class_names[c] for c in small[:5]) + (", ..." if small.size > 5 else "")
         warnings.warn(f"n_per_class={n_per_class}: {small.size} of {classes.size} classes have {n_per_class} cells or "
                       f"fewer ({names}); the few-label protocol trains each of them on all its cells but one and tests "
-                      "that one", UserWarning, stacklevel=3)
+                      "that one", SSLCellWarning, stacklevel=3)

@@ -17,7 +17,7 @@ from sslcell.data.genes import missing_info
 from sslcell.data.images import CellImages
 from sslcell.data.labels import label_strings
 from sslcell.data.shards import IN_MEMORY
-from sslcell.errors import InputError
+from sslcell.errors import InputError, SSLCellWarning
 from sslcell.evaluate.metrics import ClassificationReport, classification_report
 from sslcell.inference import default_device, run_batched
 from sslcell.tl._keys import check_crops, check_free, record, refuse
@@ -79,7 +79,8 @@ def predict(
         data: Any = classifier.inputs.align(crops, channels)
         caveat = classifier.tta_caveat() if tta else None
         if caveat:
-            warnings.warn(f"tta: {caveat}; compare with tta=False on labelled cells (label_key)", stacklevel=2)
+            warnings.warn(f"tta: {caveat}; compare with tta=False on labelled cells (label_key)", SSLCellWarning,
+                          stacklevel=2)
         normalize: dict[str, Any] = {}
     else:
         refuse(crops=crops, channels=channels, tta=tta)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -512,3 +513,64 @@ def test_ctrl_c_ends_the_cli_with_a_hint_not_a_traceback(tmp_path, monkeypatch, 
     err = capsys.readouterr().err
     assert "sslcell benchmark: interrupted; run it again with the same --workdir and --resume" in err
     assert "Traceback" not in err
+
+
+def _checked_kind() -> TaskKind:
+    """A toy kind whose load-time check refuses n > 100 (naming params.n) and n == 50 (naming no field)."""
+
+    def check_task(task) -> None:
+        if task.params.n > 100:
+            raise ConfigError(f"params.n: at most 100, got {task.params.n}")
+        if task.params.n == 50:
+            raise ConfigError("recipes: none of them works with n 50")
+
+    return TASKS.get("toy_checked") or register(TaskKind(
+        name="toy_checked", params=ToyParams, run=_toy_run, summary="sum of range(n), checked", check_task=check_task,
+        quick={"n": 3}))
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_a_bad_quick_setting_is_named_under_quick(tmp_path, quick):
+    """Both settings are checked whichever runs; a failure of the quick ones names quick:, not params:."""
+    _checked_kind()
+    bad_quick = _write(tmp_path, {"tasks": [{"kind": "toy_checked", "params": {"n": 5}, "quick": {"n": 200}}]})
+    with pytest.raises(ConfigError, match=r"tasks\[0\]\.quick\.n: at most 100, got 200"):
+        load_suite(bad_quick, quick=quick)
+    bad_full = _write(tmp_path, {"tasks": [{"kind": "toy_checked", "params": {"n": 200}}]})
+    with pytest.raises(ConfigError, match=r"tasks\[0\]\.params\.n: at most 100, got 200"):
+        load_suite(bad_full, quick=quick)
+    cross = _write(tmp_path, {"tasks": [{"kind": "toy_checked", "params": {"n": 5}, "quick": {"n": 50}}]})
+    with pytest.raises(ConfigError, match=r"tasks\[0\]\.recipes: none of them works with n 50 \(with the task's "
+                                          r"--quick settings"):
+        load_suite(cross, quick=quick)
+
+
+def test_data_that_no_task_reads_warns_and_a_missing_data_folder_is_refused(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x.bin").write_bytes(b"1")
+    own = _write(tmp_path, _suite())
+    with pytest.warns(UserWarning, match=r"--data .*d is not used: no task of suite.yaml reads a relative data path"):
+        load_suite(own, data_dir=tmp_path / "d")
+    absolute = _write(tmp_path, _suite(data=str(tmp_path / "d" / "x.bin")), "abs.yaml")
+    with pytest.warns(UserWarning, match="is not used"):
+        load_suite(absolute, data_dir=tmp_path / "d")
+    relative = _write(tmp_path, _suite(data="x.bin"), "rel.yaml")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_suite(relative, data_dir=tmp_path / "d").tasks[0].path == tmp_path / "d" / "x.bin"
+        load_suite(own)  # no --data, nothing to say
+    with pytest.raises(ConfigError, match=r"--data: no such folder: .*absent"):
+        load_suite(relative, data_dir=tmp_path / "absent")
+    with pytest.raises(ConfigError, match="--data: no such folder"):
+        load_suite(own, data_dir=tmp_path / "d" / "x.bin")  # a file, not a folder
+
+
+def test_the_cli_prints_sslcells_warnings_as_its_own_lines(tmp_path, capsys):
+    (tmp_path / "d").mkdir()
+    path = _write(tmp_path, _suite())
+    shown = warnings.showwarning
+    assert main(["benchmark", str(path), "--data", str(tmp_path / "d"), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert f"sslcell benchmark: warning: --data {tmp_path / 'd'} is not used" in err
+    assert "UserWarning" not in err and "main(" not in err  # not the console script's line
+    assert warnings.showwarning is shown  # the caller's, back
