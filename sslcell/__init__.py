@@ -21,6 +21,8 @@ import importlib
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
+from sslcell._namespace import public_dir
+
 try:
     __version__ = version("sslcell")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
@@ -69,4 +71,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return public_dir(globals())

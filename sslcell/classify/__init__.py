@@ -11,9 +11,14 @@
 
 from __future__ import annotations
 
+from sslcell._namespace import public_dir
 from sslcell.classify.classifier import CellClassifier, load_classifier, save_classifier
 from sslcell.classify.finetune import SCRATCH_RECIPE, FinetuneConfig, finetune, train_from_scratch
 from sslcell.classify.predict import predict  # deprecated (moved to sslcell.tl.predict); kept for one release
 
 __all__ = ["SCRATCH_RECIPE", "CellClassifier", "FinetuneConfig", "finetune", "load_classifier", "predict",
            "save_classifier", "train_from_scratch"]
+
+
+def __dir__() -> list[str]:
+    return public_dir(globals())

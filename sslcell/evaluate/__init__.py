@@ -16,6 +16,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+from sslcell._namespace import public_dir
 from sslcell.evaluate.baselines import pca_baseline, pixel_pca_baseline
 from sslcell.evaluate.cycle_metrics import circular_correlation, closure, cyclic_spearman, phase_arc_accuracy
 from sslcell.evaluate.metrics import ClassificationReport, classification_report
@@ -50,3 +51,7 @@ def __getattr__(name: str) -> Any:
 
         return evaluate
     raise AttributeError(f"module 'sslcell.evaluate' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return public_dir(globals())

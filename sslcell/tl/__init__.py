@@ -18,6 +18,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+from sslcell._namespace import public_dir
 from sslcell.tl._cellcycle import cell_cycle, cell_cycle_pca, score_cell_cycle
 from sslcell.tl._embed import embed, embed_crops
 from sslcell.tl._evaluate import evaluate
@@ -42,3 +43,7 @@ def _embed_array(model, cells, *, batch_size: int = 512, device=None):
     from sslcell.inference import embed_rows
 
     return embed_rows(model, cells, batch_size=batch_size, device=device)
+
+
+def __dir__() -> list[str]:
+    return public_dir(globals())

@@ -9,6 +9,7 @@ import importlib
 import warnings
 from typing import Any
 
+from sslcell._namespace import public_dir
 from sslcell.transfer.knn import FaissKNNClassifier, FaissNeighbors, knn_transfer
 from sslcell.transfer.reference import ReferenceIndex
 
@@ -28,3 +29,7 @@ def __getattr__(name: str) -> Any:
         warnings.warn(f"sslcell.transfer.{name} moved to sslcell.evaluate", DeprecationWarning, stacklevel=2)
         return getattr(importlib.import_module(f"sslcell.evaluate.{_MOVED[name]}"), name)
     raise AttributeError(f"module 'sslcell.transfer' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return public_dir(globals())
