@@ -19,9 +19,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     _show_sslcell_logs()
-    with warnings.catch_warnings():  # restores the caller's warnings.showwarning (tests call main)
-        warnings.showwarning = _show_warning(args.command, warnings.showwarning)
+    default = warnings.formatwarning  # the format alone: filters, -W error and recorders stay the caller's
+    warnings.formatwarning = _format_warning(args.command, default)
+    try:
         return _run(args)
+    finally:
+        warnings.formatwarning = default
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -36,19 +39,22 @@ def _run(args: argparse.Namespace) -> int:
     except (SSLCellError, OSError) as err:  # bad input, or the environment (missing file, full disk, permissions)
         print(f"sslcell {args.command}: error: {_as_cli(str(err), args.command)}", file=sys.stderr)
         return 2
+    except SSLCellWarning as err:  # raised as an error: python -W error, PYTHONWARNINGS=error
+        print(f"sslcell {args.command}: error: {_as_cli(str(err), args.command)} (a warning, raised as an error by "
+              "the warnings filter)", file=sys.stderr)
+        return 2
 
 
-def _show_warning(command: str, default: Callable[..., None]) -> Callable[..., None]:
+def _format_warning(command: str, default: Callable[..., str]) -> Callable[..., str]:
     """sslcell's warnings as ``sslcell <command>: warning: <message>``, flags named as on the command line (not the
-    line of the console script they are attributed to); other libraries' warnings as ``default`` shows them."""
+    line of the console script they are attributed to); other libraries' warnings as ``default`` formats them."""
 
-    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001 (warnings' API)
+    def format_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001 (warnings' API)
         if issubclass(category, SSLCellWarning):
-            print(f"sslcell {command}: warning: {_as_cli(str(message), command)}", file=file or sys.stderr)
-        else:
-            default(message, category, filename, lineno, file, line)
+            return f"sslcell {command}: warning: {_as_cli(str(message), command)}\n"
+        return default(message, category, filename, lineno, line)
 
-    return show
+    return format_warning
 
 
 # how an interrupted command goes on

@@ -20,16 +20,14 @@ Matching is case-insensitive by default, so mouse symbols (``Mki67``, ``mt-Co1``
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
+from sslcell._warn import warn_user
 from sslcell.errors import ConfigError, FileFormatError, GeneMismatchError
-
-logger = logging.getLogger(__name__)
 
 EXAMPLE_GMT = "example_programmes.gmt"
 
@@ -119,8 +117,6 @@ def programme_index(
             f"(first genes: {list(genes[:3])}); check species, symbols vs. IDs, or case_sensitive"
         )
     if dropped:
-        logger.warning(
-            "programme_index: dropped %d of %d programmes with < %d genes present: %s",
-            len(dropped), len(programmes), min_size, ", ".join(dropped[:10]) + (" ..." if len(dropped) > 10 else ""),
-        )
+        warn_user(f"programme_index: dropped {len(dropped)} of {len(programmes)} programmes with < {min_size} genes "
+                  f"present: {', '.join(dropped[:10])}{' ...' if len(dropped) > 10 else ''}")
     return names, index

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import yaml
@@ -12,7 +15,7 @@ import yaml
 from sslcell.benchmark import Table, Target, TaskKind, TaskResult, load_suite, register, run_suite
 from sslcell.benchmark.registry import TASKS
 from sslcell.cli import main
-from sslcell.errors import ConfigError, OverwriteError
+from sslcell.errors import ConfigError, OverwriteError, SSLCellWarning
 
 
 @dataclass
@@ -565,12 +568,24 @@ def test_data_that_no_task_reads_warns_and_a_missing_data_folder_is_refused(tmp_
         load_suite(own, data_dir=tmp_path / "d" / "x.bin")  # a file, not a folder
 
 
-def test_the_cli_prints_sslcells_warnings_as_its_own_lines(tmp_path, capsys):
+def test_the_cli_prints_sslcells_warnings_as_its_own_lines(tmp_path):
+    """As a user runs it: one line, the flags' names, not the console script's line; -W error: an error, not a
+    traceback."""
+    suite = Path(__file__).parents[2] / "benchmarks" / "suites" / "transfer_speed.yaml"  # makes its own data
+    command = ["-m", "sslcell", "benchmark", str(suite), "--data", str(tmp_path), "--recipes", "none"]
+    shown = subprocess.run([sys.executable, *command], capture_output=True, text=True)
+    assert shown.returncode == 2  # --recipes none: refused after the warning
+    assert f"sslcell benchmark: warning: --data {tmp_path} is not used" in shown.stderr
+    assert "UserWarning" not in shown.stderr and "main()" not in shown.stderr
+    strict = subprocess.run([sys.executable, "-W", "error", *command], capture_output=True, text=True)
+    assert strict.returncode == 2 and "Traceback" not in strict.stderr
+    assert f"sslcell benchmark: error: --data {tmp_path} is not used" in strict.stderr
+
+
+def test_in_process_the_cli_leaves_warnings_to_the_callers_recorders_and_filters(tmp_path):
     (tmp_path / "d").mkdir()
     path = _write(tmp_path, _suite())
-    shown = warnings.showwarning
-    assert main(["benchmark", str(path), "--data", str(tmp_path / "d"), "--out", str(tmp_path / "out")]) == 0
-    err = capsys.readouterr().err
-    assert f"sslcell benchmark: warning: --data {tmp_path / 'd'} is not used" in err
-    assert "UserWarning" not in err and "main(" not in err  # not the console script's line
-    assert warnings.showwarning is shown  # the caller's, back
+    formatter, filters = warnings.formatwarning, list(warnings.filters)
+    with pytest.warns(SSLCellWarning, match="is not used"):  # recorded, as any warning raised in a call
+        assert main(["benchmark", str(path), "--data", str(tmp_path / "d"), "--out", str(tmp_path / "out")]) == 0
+    assert warnings.formatwarning is formatter and warnings.filters == filters

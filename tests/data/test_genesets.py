@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +7,7 @@ import pytest
 
 from sslcell.data.genesets import example_programmes, programme_index, read_gmt
 from sslcell.data.synthetic import make_expression, programmes_of
-from sslcell.errors import ConfigError, FileFormatError, GeneMismatchError
+from sslcell.errors import ConfigError, FileFormatError, GeneMismatchError, SSLCellWarning
 
 SHARED = Path(__file__).parents[2] / ".." / "shared" / "data"
 GMT = Path(__file__).parents[2] / "sslcell" / "data" / "resources" / "example_programmes.gmt"
@@ -96,11 +95,10 @@ def test_programme_index_case_insensitive_mouse_symbols():
         programme_index(progs, genes, case_sensitive=True)
 
 
-def test_programme_index_reports_dropped(caplog):
-    with caplog.at_level(logging.WARNING, logger="sslcell.data.genesets"):
+def test_programme_index_reports_dropped():
+    with pytest.warns(SSLCellWarning, match=r"dropped 1 of 2 programmes with < 3 genes present: B \(1/2\)"):
         names, _ = programme_index({"A": ["a", "b", "c"], "B": ["a", "z"]}, ["A", "B", "C", "A"])
     assert names == ["A"]
-    assert "dropped 1 of 2" in caplog.text and "B (1/2)" in caplog.text
     with pytest.raises(ConfigError, match="min_size"):
         programme_index({"A": ["a"]}, ["a"], min_size=0)
 

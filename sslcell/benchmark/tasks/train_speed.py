@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sslcell._warn import warn_user
 from sslcell.benchmark.registry import Context, Table, Target, TaskKind, TaskResult, register
 from sslcell.errors import ConfigError
 
@@ -325,9 +326,8 @@ def _train_settings(p: TrainStepParams, device: torch.device) -> _TrainSettings:
     one_epoch = batch * (total + max(workers, 1))  # every worker's share of an epoch holds its steps
     n_images = p.n_images or one_epoch
     if n_images < one_epoch:
-        logging.getLogger("sslcell.benchmark").warning(
-            "train_step: n_images=%d < %d: an epoch ends inside a round's %d steps, and the workers restart among the "
-            "timed steps", n_images, one_epoch, total)
+        warn_user(f"train_step: n_images={n_images} < {one_epoch}: an epoch ends inside a round's {total} steps, and "
+                  "the workers restart among the timed steps")
     bf16 = p.precision == "bf16" or (p.precision == "auto" and cuda)
     return _TrainSettings(batch, workers, n_images, bf16, p.steps, p.warmup, p.rounds, profile, p.size)
 
