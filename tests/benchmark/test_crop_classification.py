@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -130,6 +131,44 @@ def test_evaluate_resumes_only_the_trainings_an_earlier_run_finished(tmp_path):
     fits.clear()
     cc._evaluate(_fake_entry(fits), LABELLED, np.arange(20, 25), True, FitStore(tmp_path, resume=True), {"seed": 1})
     assert len(fits) == 4
+
+
+@dataclasses.dataclass
+class _Seeded:
+    value: float
+    seed: int = 0
+
+
+def _seeded_entry(fits: list) -> cc.Entry:
+    """``_fake_entry`` with settings that have a training seed; a test score of value / 10 + seed / 100."""
+    entry = _fake_entry(fits)
+    fit, score = entry.fit, entry.score
+    entry.candidates = [(label, _Seeded(value)) for label, value in entry.candidates]
+    entry.fit = lambda setting, rows: (fit(setting, rows), setting)[1]
+    entry.score = lambda s, rows, tta: (score(s.value, rows, tta) if len(rows) == 3 else
+                                        score(s.value + s.seed / 10, rows, tta))
+    return entry
+
+
+def test_repeat_seeds_train_the_chosen_setting_again_with_the_next_seeds(tmp_path):
+    fits = []
+    store = FitStore(tmp_path, resume=False)
+    rows, _, _ = cc._evaluate(_seeded_entry(fits), LABELLED, np.arange(20, 25), False, store, {}, repeat_seeds=2)
+    assert [(s.value, s.seed, n) for s, n in fits] == [(0.2, 0, 7), (0.4, 0, 7), (0.3, 0, 7), (0.4, 0, 10),
+                                                       (0.4, 1, 10), (0.4, 2, 10)]
+    (row,) = rows
+    assert row["seeds"] == [0, 1, 2] and row["accuracy"] == pytest.approx(0.04)  # the first seed's, as before
+    assert row["accuracy_seeds"] == pytest.approx([0.04, 0.05, 0.06])
+    assert len(list(tmp_path.glob("*.json"))) == 6  # each seed its own stored training, read back by --resume
+    fits.clear()
+    again, _, _ = cc._evaluate(_seeded_entry(fits), LABELLED, np.arange(20, 25), False, FitStore(tmp_path, resume=True),
+                               {}, repeat_seeds=2)
+    assert fits == [] and again == rows
+    # a setting without a seed (a deterministic fit) is not repeated
+    plain, _, _ = cc._evaluate(_fake_entry([]), LABELLED, np.arange(20, 25), False,
+                               FitStore(tmp_path / "p", resume=False), {}, repeat_seeds=2)
+    assert "seeds" not in plain[0]
+    assert cc._spread([0.04, 0.05, 0.06]) == "0.050 ± 0.010"
 
 
 def test_stored_fine_tuning_settings_keep_their_keys_when_fields_are_added():
@@ -264,7 +303,7 @@ def _synthetic_suite(tmp_path, **params) -> Path:
 
 
 def test_synthetic_task_end_to_end_with_tta(tmp_path):
-    run = run_suite(load_suite(_synthetic_suite(tmp_path)), workdir=tmp_path / "work", device="cpu",
+    run = run_suite(load_suite(_synthetic_suite(tmp_path, repeat_seeds=1)), workdir=tmp_path / "work", device="cpu",
                     progress=False)
     assert run.errors == {}
     result = run.results["toy"]
@@ -287,7 +326,12 @@ def test_synthetic_task_end_to_end_with_tta(tmp_path):
     assert [g["setting"] for g in grid] == ["lr 0.003, 15 epochs", "lr 0.0001, 15 epochs"]
     assert sum(g["chosen"] == "yes" for g in grid) == 1
     assert (tmp_path / "out" / result.plots[0]).is_file()
-    assert "by smear (GroupShuffleSplit" in run.markdown_path.read_text()
+    text = run.markdown_path.read_text()
+    assert "by smear (GroupShuffleSplit" in text
+    # repeat_seeds: 1: the chosen CNN and sslcell settings trained again with the next seed; PCA is not repeated
+    assert cnn["seeds"] == [0, 1] and len(cnn["accuracy_seeds"]) == 2 and cnn["accuracy_seeds"][0] == cnn["accuracy"]
+    assert "seeds" not in rows["raw pixels PCA-10 + logistic", "100%"]
+    assert "test scores over training seeds" in text and "Over 2 training seeds (100% labels" in text
 
 
 def test_a_resumed_run_gives_the_same_table_as_the_run_it_resumes(tmp_path):

@@ -40,6 +40,7 @@ labels; with 10% the issue asks to beat it).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -94,6 +95,10 @@ class CropClassificationParams:
     cnn_batch_size: int = 128
     cnn_min_steps: int | None = None  # None: the largest fine-tuning min_steps of the recipes (0 without recipes)
     tta: bool = True  # also score trained classifiers with test-time augmentation
+    # each entry's chosen setting trained again on all labelled crops this many more times, with training seeds
+    # seed + 1, seed + 2, ... (the split stays the suite seed's), and scored on test: a table of the mean and spread
+    # over training seeds beside the first seed's rows (which the targets use)
+    repeat_seeds: int = 0
 
     def check_entries(self, recipes: list[str], baselines: list[str], *, task: str, params: str) -> None:
         """Refuse a task with nothing to score, and ``probe_only`` names that are not among its ``recipes`` (a typo
@@ -141,6 +146,8 @@ class CropClassificationParams:
             raise ConfigError(f"cnn_epochs: give epoch counts >= 1, got {self.cnn_epochs}")
         if not self.cnn_widths or not all(w >= 1 for w in self.cnn_widths) or self.cnn_batch_size < 1:
             raise ConfigError("cnn_widths and cnn_batch_size: must be >= 1")
+        if self.repeat_seeds < 0:
+            raise ConfigError(f"repeat_seeds: must be >= 0, got {self.repeat_seeds}")
 
 
 @dataclass
@@ -201,7 +208,8 @@ def run(task: Any, ctx: Context) -> TaskResult:
     rows, grid, reports = [], [], {}
     for labelled, entry in ctx.steps([(f, e) for f in fractions for e in entries], desc=f"{task.name} entries"):
         ctx.log(f"{task.name}: {entry.name}, {labelled.name} labels")
-        entry_rows, entry_grid, entry_reports = _evaluate(entry, labelled, test, p.tta, store, run_of)
+        entry_rows, entry_grid, entry_reports = _evaluate(entry, labelled, test, p.tta, store, run_of,
+                                                          repeat_seeds=p.repeat_seeds)
         rows += entry_rows
         grid += entry_grid
         reports |= entry_reports
@@ -573,8 +581,6 @@ _LATER_FIELDS = {"mixup": 0.0, "cutmix": 0.0}
 def _asdict(setting: Any) -> Any:
     """A dataclass's fields as a dict (a candidate setting as data, the fields of :data:`_LATER_FIELDS` left out at
     their default); anything else as it is."""
-    import dataclasses
-
     if not dataclasses.is_dataclass(setting):
         return setting
     return {name: value for name, value in dataclasses.asdict(setting).items()
@@ -583,11 +589,13 @@ def _asdict(setting: Any) -> Any:
 
 # ---------------------------------------------------------------------------------------------- protocol
 def _evaluate(entry: Entry, labelled: Labelled, test: np.ndarray, tta: bool, store: FitStore,
-              run_of: dict[str, Any]) -> tuple[list, list, dict]:
+              run_of: dict[str, Any], repeat_seeds: int = 0) -> tuple[list, list, dict]:
     """Every candidate trained on ``labelled.fit`` and scored on ``labelled.val``; the best (validation macro-F1,
-    plain or with TTA) trained on all labelled crops and scored on ``test``. Each training's scores go to ``store``
-    (read back instead of training when resuming; ``run_of``: what else decides them). Returns the table rows, the
-    grid rows and the test reports keyed by ``(row entry, labels)``."""
+    plain or with TTA) trained on all labelled crops and scored on ``test``, and ``repeat_seeds`` more times with
+    the training seeds after its own where the setting has one (rows gain ``seeds``, ``accuracy_seeds``,
+    ``macro_f1_seeds``). Each training's scores go to ``store`` (read back instead of training when resuming;
+    ``run_of``: what else decides them). Returns the table rows, the grid rows and the test reports keyed by
+    ``(row entry, labels)``."""
     variants = (False, True) if tta and entry.tta else (False,)
 
     def trained(label: str, setting: Any, fit: np.ndarray, scored: np.ndarray, what: str) -> dict[str, Any]:
@@ -613,9 +621,18 @@ def _evaluate(entry: Entry, labelled: Labelled, test: np.ndarray, tta: bool, sto
     chosen, setting = max(entry.candidates, key=lambda c: best[c[0]])  # the first of equals
     done = trained(chosen, setting, labelled.rows, test, "test")
     seconds, epochs = done["seconds"], done["epochs"]
+    seeded = dataclasses.is_dataclass(setting) and "seed" in {f.name for f in dataclasses.fields(setting)}
+    seeds = [setting.seed + i for i in range(repeat_seeds + 1)] if seeded and repeat_seeds else []
+    again = [trained(chosen, dataclasses.replace(setting, seed=s), labelled.rows, test, f"test, training seed {s}")
+             for s in seeds[1:]]
     rows, reports = [], {}
     for v in variants:
         report = ClassificationReport.from_dict(done["reports"][str(v)])
+        repeated = {}
+        if seeds:
+            runs = [report, *(ClassificationReport.from_dict(d["reports"][str(v)]) for d in again)]
+            repeated = {"seeds": seeds, "accuracy_seeds": [r.accuracy for r in runs],
+                        "macro_f1_seeds": [r.macro_f1 for r in runs]}
         name = entry.name + (" + TTA" if v else "")
         reports[name, labelled.name] = report
         rows.append({"entry": name, "family": "sslcell" if entry.sslcell else "baseline", "labels": labelled.name,
@@ -623,7 +640,7 @@ def _evaluate(entry: Entry, labelled: Labelled, test: np.ndarray, tta: bool, sto
                      "val_macro_f1": val[chosen, v].macro_f1, "accuracy": report.accuracy, "macro_f1": report.macro_f1,
                      "balanced_accuracy": report.balanced_accuracy, "macro_roc_auc": report.macro_roc_auc,
                      "train_s": round(seconds, 1), **({"epochs": epochs} if epochs is not None else {}),
-                     **entry.extra})
+                     **entry.extra, **repeated})
     grid = [{"entry": entry.name, "labels": labelled.name, "setting": label,
              "val_accuracy": val[label, False].accuracy, "val_macro_f1": val[label, False].macro_f1,
              "val_macro_f1_tta": val[label, True].macro_f1 if True in variants else math.nan,
@@ -670,6 +687,24 @@ def _result(task: Any, ctx: Context, cells: Any, y: np.ndarray, groups: np.ndarr
                      f"{ours['setting']}) {verdict} the supervised CNN chosen the same way ({cnn['entry']}, "
                      f"{cnn['setting']}): test accuracy {ours['accuracy']:.3f} vs {cnn['accuracy']:.3f}, macro-F1 "
                      f"{ours['macro_f1']:.3f} vs {cnn['macro_f1']:.3f}.")
+        if "seeds" in ours and "seeds" in cnn:
+            notes.append(f"Over {len(ours['seeds'])} training seeds ({labelled.name} labels; the targets use the "
+                         f"first): test accuracy {_spread(ours['accuracy_seeds'])} vs "
+                         f"{_spread(cnn['accuracy_seeds'])}, macro-F1 {_spread(ours['macro_f1_seeds'])} vs "
+                         f"{_spread(cnn['macro_f1_seeds'])} (mean ± sample std).")
+    repeated = [r for r in rows if "seeds" in r]
+    if repeated:
+        tables.append(Table(
+            f"{task.name}: test scores over training seeds (the chosen setting trained again on all labelled crops; "
+            "the split stays the suite seed's)",
+            ["entry", "labels", "seeds", "accuracy", "macro-F1", "accuracy per seed", "macro-F1 per seed"],
+            [{"entry": r["entry"], "labels": r["labels"], "seeds": ", ".join(map(str, r["seeds"])),
+              "accuracy": _spread(r["accuracy_seeds"]), "macro-F1": _spread(r["macro_f1_seeds"]),
+              "accuracy per seed": " / ".join(f"{a:.3f}" for a in r["accuracy_seeds"]),
+              "macro-F1 per seed": " / ".join(f"{f:.3f}" for f in r["macro_f1_seeds"])}
+             for r in sorted(repeated, key=lambda r: (r["labels"], -float(np.mean(r["macro_f1_seeds"]))))],
+            note="mean ± sample standard deviation over the training seeds; entries without a training seed (the "
+                 "raw-pixel PCA's logistic regression is deterministic) are not repeated."))
     tables.append(Table(f"{task.name}: every candidate setting on the validation split", [
         "entry", "labels", "setting", "val acc.", "val macro-F1", "val macro-F1 + TTA", "chosen"],
         [{"entry": g["entry"], "labels": g["labels"], "setting": g["setting"], "val acc.": g["val_accuracy"],
@@ -693,6 +728,11 @@ def _result(task: Any, ctx: Context, cells: Any, y: np.ndarray, groups: np.ndarr
            "classes": {str(c): int(n) for c, n in zip(*np.unique(y, return_counts=True), strict=True)},
            "recipes": {r.name: {"source": r.source, "finetune": r.finetune} for r in task.recipes}}
     return TaskResult(tables=tables, targets=targets, plots=plots, notes=notes, raw=raw)
+
+
+def _spread(values: list[float]) -> str:
+    """``mean ± sample std`` of ``values``, 3 decimals."""
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.3f}"
 
 
 def _protocol_note(task: Any, cells: Any, y: np.ndarray, groups: np.ndarray | None, train: np.ndarray,
