@@ -618,3 +618,13 @@ def test_pixel_pca_name_says_when_few_crops_clip_the_components():
     assert "PCA-10" not in clipped.name and "up to 10 components" in clipped.name
     x, _ = clipped.fit(0.0, np.array([0, 1, 2, 10, 11, 12]))
     assert x.shape == (20, 5)  # what the name says: one component fewer than the 6 training crops
+
+
+def test_fine_tuning_trains_with_the_suites_seed_unless_the_recipe_sets_one():
+    """As the CNN does (CNNSettings.seed is the suite's); seed 0 keeps the settings and stored keys as they were."""
+    cpu, params = torch.device("cpu"), cc.CropClassificationParams()
+    own = SimpleNamespace(finetune={"epochs": 2})
+    assert cc._finetune_config(own, params, "linear", cpu, seed=3).seed == 3
+    assert [c.seed for _, c in cc._finetune_grid(own, params, cpu, seed=3)] == [3]
+    assert cc._finetune_config(own, params, "full", cpu).seed == 0
+    assert cc._finetune_config(SimpleNamespace(finetune={"seed": 9}), params, "full", cpu, seed=3).seed == 9

@@ -434,7 +434,7 @@ def _random_encoder_entry(recipe: Any, contract: Any, cells: Any, p: CropClassif
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_method(copy.deepcopy(recipe.config), contract)
-    config = _finetune_config(recipe, p, "linear", device)
+    config = _finetune_config(recipe, p, "linear", device, seed)
     return Entry(name=f"random-weight {recipe.config.encoder.name} ({recipe.name}'s encoder) + linear probe",
                  sslcell=False, candidates=[("linear probe", config)],
                  fit=lambda cfg, rows: finetune(cells[rows], model, p.label_key, cfg, device=device), score=score,
@@ -470,14 +470,14 @@ def _recipes(task: Any, ctx: Context, cells: Any, train: np.ndarray, test: np.nd
             model, seconds = _pretrain(ctx, task.name, config, cells[unlabelled], out, marker)
         extra = {"pretrain_s": seconds, "pretrain_epochs": config.train.max_epochs}
         identity = {"pretrained": what, "weights": _weights_digest(out / "model")}
-        linear = _finetune_config(recipe, p, "linear", device)
+        linear = _finetune_config(recipe, p, "linear", device, ctx.seed)
         entries.append(Entry(
             name=f"sslcell {recipe.name} + linear probe", sslcell=True, candidates=[("linear probe", linear)],
             fit=lambda cfg, rows, model=model: finetune(cells[rows], model, p.label_key, cfg, device=device),
             score=score, extra=extra, identity=identity))
         if recipe.name in p.probe_only:
             continue
-        candidates = _finetune_grid(recipe, p, device)
+        candidates = _finetune_grid(recipe, p, device, ctx.seed)
         entries.append(Entry(
             name=f"sslcell {recipe.name} + fine-tune", sslcell=True, candidates=candidates,
             fit=lambda cfg, rows, model=model: finetune(cells[rows], model, p.label_key, cfg, device=device),
@@ -538,12 +538,14 @@ def _pretrained_as(out: Any, name: str = PRETRAINED_AS) -> dict[str, Any] | None
         return None
 
 
-def _finetune_config(recipe: Any, p: CropClassificationParams, head: str, device: torch.device) -> Any:
-    """The recipe's ``finetune`` settings (FinetuneConfig's defaults where it has none) for ``head``; MixUp / CutMix
-    only for ``head="full"``."""
+def _finetune_config(recipe: Any, p: CropClassificationParams, head: str, device: torch.device,
+                     seed: int = 0) -> Any:
+    """The recipe's ``finetune`` settings (FinetuneConfig's defaults where it has none) for ``head``, trained with
+    the suite's ``seed`` unless they set their own; MixUp / CutMix only for ``head="full"``."""
     from sslcell.classify import FinetuneConfig
 
-    values = {**(recipe.finetune or {}), "head": head, "progress_bar": False, "accelerator": _accelerator(device)}
+    values = {"seed": seed, **(recipe.finetune or {}), "head": head, "progress_bar": False,
+              "accelerator": _accelerator(device)}
     if head != "full":  # the probe of a recipe that fine-tunes with blended crops: blending is for fine-tuning only
         values.update(mixup=0.0, cutmix=0.0)
     if p.finetune_epochs is not None:
@@ -553,13 +555,14 @@ def _finetune_config(recipe: Any, p: CropClassificationParams, head: str, device
     return FinetuneConfig.from_dict(values)
 
 
-def _finetune_grid(recipe: Any, p: CropClassificationParams, device: torch.device) -> list[tuple[str, Any]]:
+def _finetune_grid(recipe: Any, p: CropClassificationParams, device: torch.device,
+                   seed: int = 0) -> list[tuple[str, Any]]:
     """The recipe's fine-tuning candidates, ``(label, FinetuneConfig)``: ``finetune_epoch_grid`` x
     ``finetune_init_heads`` x ``finetune_lrs`` x ``encoder_lr_factors`` x ``layer_decays``, each the recipe's own
     where empty; the label names the grid's axes (the encoder rate always)."""
     from sslcell.classify import FinetuneConfig
 
-    full = _finetune_config(recipe, p, "full", device)
+    full = _finetune_config(recipe, p, "full", device, seed)
     lrs = p.finetune_lrs or [full.lr]
     factors = p.encoder_lr_factors or [full.encoder_lr_factor]
     heads = p.finetune_init_heads or [full.init_head]
