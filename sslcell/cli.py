@@ -51,7 +51,7 @@ def _format_warning(command: str, default: Callable[..., str]) -> Callable[..., 
 
     def format_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001 (warnings' API)
         if issubclass(category, SSLCellWarning):
-            return f"sslcell {command}: warning: {_as_cli(str(message), command)}\n"
+            return f"sslcell {command}: warning: {_as_cli(_named(str(message)), command)}\n"
         return default(message, category, filename, lineno, line)
 
     return format_warning
@@ -394,12 +394,10 @@ def _embed(args: argparse.Namespace) -> int:
     if read_model_config(args.model)["contract"]["modality"] == "image":
         return _embed_images(args)
     _refuse_flags(args, ("channels", "label_key"), "crops only; this model reads expression (labels stay in obs)")
-    src, out = Path(args.data), _new_file(Path(args.out), args.overwrite)
+    src, out = Path(args.data), _new_h5ad(args.out, args.overwrite, args.data)
     if src.is_dir():
         raise InputError(f"--data {src}: a folder; embed writes the input .h5ad with its embedding, so give one "
                          ".h5ad file (embed each shard on its own)")
-    if out.resolve() == src.resolve():
-        raise OverwriteError(f"{out}: is the input file; write to another path")
     ExpressionDataset.open(src, layer=args.layer, counts_are_log_normalized=args.counts_are_log_normalized)  # validates
     adata = ad.read_h5ad(src, backed="r")
     embed(
@@ -444,9 +442,7 @@ def _embed_images(args: argparse.Namespace) -> int:
 
     _refuse_flags(args, ("layer", "counts_are_log_normalized", "max_missing_genes"),
                   "not applicable to an image model; remove it")
-    out = _new_file(Path(args.out), args.overwrite)
-    if out.resolve() == Path(args.data).resolve():
-        raise OverwriteError(f"{out}: is the input file; write to another path")
+    out = _new_h5ad(args.out, args.overwrite, args.data)
     cells = CellImages.read(args.data, label_key=args.label_key)
     adata = embed_crops(cells, args.model, key_added=args.key, channels=args.channels,
                         batch_size=min(args.batch_size, 1024))
@@ -562,23 +558,47 @@ def _refuse_flags(args: argparse.Namespace, names: tuple[str, ...], why: str) ->
         raise InputError(f"{', '.join(given)}: {why}")
 
 
+_NAMING: list[str] = []  # the files whose AnnData the command is working on, innermost last (see _naming)
+
+
 @contextlib.contextmanager
 def _naming(path: str) -> Iterator[None]:
-    """Errors about an AnnData read into memory name its file instead of the library's ``<AnnData>``."""
-    from sslcell.data.shards import IN_MEMORY
-
+    """Errors and warnings about an AnnData read into memory name its file instead of the library's
+    ``<AnnData>``."""
+    _NAMING.append(str(path))
     try:
         yield
     except SSLCellError as err:
-        if err.args and isinstance(err.args[0], str) and IN_MEMORY in err.args[0]:
-            err.args = (err.args[0].replace(IN_MEMORY, str(path)), *err.args[1:])
+        if err.args and isinstance(err.args[0], str):
+            err.args = (_named(err.args[0]), *err.args[1:])
         raise
+    finally:
+        _NAMING.pop()
+
+
+def _named(message: str) -> str:
+    """``message`` with the library's ``<AnnData>`` replaced by the file the innermost :func:`_naming` names."""
+    from sslcell.data.shards import IN_MEMORY
+
+    return message.replace(IN_MEMORY, _NAMING[-1]) if _NAMING else message
 
 
 def _read_h5ad(path: str, backed: str | None = None):
     from sslcell.data.expression import read_h5ad
 
     return read_h5ad(path, backed)
+
+
+def _new_h5ad(path: str, overwrite: bool, *inputs: str | None) -> Path:
+    """``--out`` for an AnnData: a new ``.h5ad`` (``--overwrite`` replaces one), never one of the command's
+    ``inputs``, checked before any work."""
+    out = Path(path)
+    for given in inputs:
+        if given is not None and out.resolve() == Path(given).resolve():
+            raise OverwriteError(f"{out}: is an input file; write to another path")
+    if out.suffix != ".h5ad" and not out.is_dir():  # (a folder: _new_file says so)
+        raise InputError(f"--out {out}: the output is an AnnData; give a path ending in .h5ad")
+    return _new_file(out, overwrite)
 
 
 def _new_file(path: Path, overwrite: bool) -> Path:
@@ -627,7 +647,7 @@ def _cell_cycle(args: argparse.Namespace) -> int:
     args.use_rep = args.use_rep or "X_sslcell"  # the .h5ad mode's defaults (None: the crops mode refuses them)
     args.key_added = args.key_added or "cell_cycle"
     args.reference_key = args.reference_key or "cell_cycle"
-    out = _new_file(Path(args.out), args.overwrite)
+    out = _new_h5ad(args.out, args.overwrite, args.data, args.reference)
     if args.plot:
         _new_file(png_path(args.plot), args.overwrite)  # a new .png, checked before any work
     adata = _read_h5ad(args.data)
@@ -697,7 +717,7 @@ def _transfer(args: argparse.Namespace) -> int:
     from sslcell.checkpoint import read_model_config
     from sslcell.tl import embed, transfer_labels
 
-    out = _new_file(Path(args.out), args.overwrite)
+    out = _new_h5ad(args.out, args.overwrite, args.reference, args.query)
     if args.model and read_model_config(args.model)["contract"]["modality"] == "image":
         raise InputError(f"--model {args.model}: an image model reads crops, not these .h5ad files; embed the crops "
                          "first (sslcell embed --model ... --data crops.npz --out cells.h5ad) and pass the embedded "

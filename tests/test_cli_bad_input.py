@@ -108,7 +108,7 @@ EXPRESSION_CASES = {
     "embed a folder of shards": (["embed", "--model", "{root}/run", "--data", "{root}/folder", "--out",
                                   "{root}/e.h5ad"], "folder: a folder; embed writes the input .h5ad"),
     "embed over the input": (["embed", "--model", "{root}/run", "--data", "{root}/good.h5ad", "--out",
-                              "{root}/good.h5ad", "--overwrite"], "is the input file"),
+                              "{root}/good.h5ad", "--overwrite"], "is an input file"),
     "no model": (["embed", "--model", "{root}/folder", "--data", "{root}/good.h5ad", "--out", "{root}/e.h5ad"],
                  "not an sslcell model directory"),
     "channels for expression": (PRETRAIN + ["{root}/good.h5ad", "--out", "{root}/new", "--channels", "0,1"],

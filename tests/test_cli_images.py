@@ -296,4 +296,4 @@ def test_embed_never_writes_over_its_input_crops(files, tmp_path, capsys):
     npz = tmp_path / "crops.npz"
     npz.write_bytes(files["npz"].read_bytes())
     assert main(["embed", "--model", str(files["run"]), "--data", str(npz), "--out", str(npz), "--overwrite"]) == 2
-    assert "is the input file" in capsys.readouterr().err and npz.read_bytes() == files["npz"].read_bytes()
+    assert "is an input file" in capsys.readouterr().err and npz.read_bytes() == files["npz"].read_bytes()

@@ -13,7 +13,7 @@ from sslcell.cellcycle.fit import CycleFit, default_phase_order, fit_cycle
 from sslcell.cellcycle.project import cycle_keys, project_cycle, write_cycle
 from sslcell.data.labels import label_strings
 from sslcell.errors import InputError
-from sslcell.tl._keys import check_free, fingerprint, record, rep_id
+from sslcell.tl._keys import check_free, check_in_place, fingerprint, record, rep_id
 
 
 def cell_cycle(
@@ -58,6 +58,7 @@ def cell_cycle(
     if use_rep not in adata.obsm:
         raise InputError(f"adata.obsm has no {use_rep!r} (embed it first with tl.embed); it has {list(adata.obsm)}")
     keys = cycle_keys(adata, key_added, overwrite)
+    check_in_place(adata, copy)
     anchors, order = None, None
     if anchor_key is not None:
         if anchor_key not in adata.obs.columns:
@@ -103,6 +104,7 @@ def score_cell_cycle(adata: AnnData, *, layer: str | None = None, s_genes: Seque
     for key in keys.values():
         check_free(adata, "obs", key, overwrite)
     check_free(adata, "record", key_added, overwrite)
+    check_in_place(adata, copy)
     scores = score_phases(adata, layer=layer, s_genes=s_genes, g2m_genes=g2m_genes)
     if copy:
         adata = adata.to_memory() if adata.isbacked else adata.copy()
@@ -122,6 +124,7 @@ def cell_cycle_pca(adata: AnnData, *, layer: str | None = None, s_genes: Sequenc
 
     check_free(adata, "obsm", key_added, overwrite)
     check_free(adata, "record", key_added, overwrite)
+    check_in_place(adata, copy)
     x = cycle_gene_pca(adata, layer=layer, s_genes=s_genes, g2m_genes=g2m_genes, n_comps=n_comps)
     if copy:
         adata = adata.to_memory() if adata.isbacked else adata.copy()

@@ -17,7 +17,7 @@ from sslcell.data.images import CellImages
 from sslcell.errors import InputError, SSLCellWarning
 from sslcell.inference import embed_rows
 from sslcell.methods import SSLModule
-from sslcell.tl._keys import check_crops, check_free, drop_derived, record, refuse
+from sslcell.tl._keys import check_crops, check_free, check_in_place, drop_derived, record, refuse
 
 EXPRESSION_BATCH, CROPS_BATCH = 4096, 512
 
@@ -76,6 +76,7 @@ def embed(
     model = model if isinstance(model, SSLModule) else load(model)
     check_free(adata, "obsm", key_added, overwrite)
     check_free(adata, "record", key_added, overwrite)
+    check_in_place(adata, copy)
     if model.inputs.modality == "image":
         if crops is None:
             raise InputError(

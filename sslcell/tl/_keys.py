@@ -33,6 +33,15 @@ def check_free(adata: AnnData, slot: str, key: str, overwrite: bool) -> None:
         raise OverwriteError(f"adata.{slot}[{key!r}] exists; pass overwrite=True or choose another key_added")
 
 
+def check_in_place(adata: AnnData, copy: bool) -> None:
+    """Refuse, before any work, to write results into a view of a backed AnnData (anndata would have to copy the
+    view into memory, which it refuses in backed mode, after the work)."""
+    if not copy and adata.isbacked and adata.is_view:
+        raise InputError(f"{adata.filename}: a view of a backed AnnData (some of its cells or genes) cannot take "
+                         "results in place: pass copy=True (the result is a new AnnData in memory), or "
+                         "view.to_memory() first")
+
+
 def refuse(**given: Any) -> None:
     """Raise for arguments that do not apply to this input (never ignore them silently)."""
     used = [name for name, value in given.items() if not (value is None or value is False)]  # arrays too

@@ -20,7 +20,7 @@ from sslcell.data.shards import IN_MEMORY
 from sslcell.errors import InputError, SSLCellWarning
 from sslcell.evaluate.metrics import ClassificationReport, classification_report
 from sslcell.inference import default_device, run_batched
-from sslcell.tl._keys import check_crops, check_free, record, refuse
+from sslcell.tl._keys import check_crops, check_free, check_in_place, record, refuse
 
 
 def predict(
@@ -64,6 +64,7 @@ def predict(
     for slot, key in (("obs", key_added), ("obs", f"{key_added}_confidence"), ("obsm", f"{key_added}_proba")):
         check_free(adata, slot, key, overwrite)
     check_free(adata, "record", key_added, overwrite)
+    check_in_place(adata, copy)
     if label_key is not None:
         if label_key in (key_added, f"{key_added}_confidence"):
             raise InputError(f"label_key {label_key!r} is a column this call writes (key_added {key_added!r}): the "

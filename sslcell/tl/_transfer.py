@@ -10,7 +10,7 @@ from anndata import AnnData
 
 from sslcell.data.labels import label_strings
 from sslcell.errors import ConfigError, InputError
-from sslcell.tl._keys import check_free, check_same_space, record, recorded
+from sslcell.tl._keys import check_free, check_in_place, check_same_space, record, recorded
 from sslcell.transfer.knn import vote
 from sslcell.transfer.reference import Kind, ReferenceIndex
 
@@ -50,7 +50,7 @@ def transfer_labels(
             benchmark's reference half it raised kNN macro-F1 in cross-validation, for the sslcell embedding and
             for PCA alike (``benchmarks/results/transfer_quality.md``). ``None``: votes as they are.
         index: ``"auto"`` (exact up to ``APPROX_ABOVE`` reference cells, else IVF), ``"exact"``, ``"ivf"`` or
-            ``"hnsw"`` (:mod:`sslcell.transfer.reference`).
+            ``"hnsw"`` (:mod:`sslcell.transfer.reference`); a saved reference keeps the kind it was built with.
         leave_one_out: ``query`` is ``reference``: leave each cell out of its own vote (to score the reference
             against its own labels). Otherwise a cell present on both sides is its own nearest neighbour.
     """
@@ -59,10 +59,13 @@ def transfer_labels(
     for key in (pred_key, conf_key):
         check_free(query, "obs", key, overwrite)
     check_free(query, "record", pred_key, overwrite)
+    check_in_place(query, copy)
     if not 0.0 <= float(min_confidence) <= 1.0:
         raise ConfigError(f"min_confidence must lie in [0, 1]; got {min_confidence}")
-    if int(n_neighbors) < 1:
-        raise ConfigError(f"n_neighbors must be >= 1; got {n_neighbors}")
+    if isinstance(n_neighbors, bool) or not float(n_neighbors).is_integer() or int(n_neighbors) < 1:
+        raise ConfigError(f"n_neighbors must be an integer >= 1; got {n_neighbors!r}")
+    if not isinstance(unknown_label, str) or not unknown_label:
+        raise ConfigError(f"unknown_label must be a non-empty string; got {unknown_label!r}")
     if class_weight not in (None, "balanced"):
         raise ConfigError(f"class_weight must be None or 'balanced'; got {class_weight!r}")
     if leave_one_out and query is not reference:
@@ -72,6 +75,12 @@ def transfer_labels(
     ref = reference if isinstance(reference, ReferenceIndex) else _reference(reference, label_key, use_rep, index)
     if ref.use_rep != use_rep:
         raise InputError(f"the reference index was built from {ref.use_rep!r}, not {use_rep!r}")
+    if ref is reference and index not in ("auto", ref.kind):
+        raise ConfigError(f"index={index!r}: the reference index was built as {ref.kind!r}; index= chooses the kind "
+                          "when the reference is an AnnData (build_reference(..., index=) for a saved one)")
+    if ref.label_key is not None and ref.label_key != label_key:
+        raise InputError(f"label_key {label_key!r}: the reference index holds the labels of obs[{ref.label_key!r}]; "
+                         f"pass label_key={ref.label_key!r} (or build the reference from {label_key!r})")
     _check_same_model(query, ref, use_rep)
     if float(min_confidence) > 0 and unknown_label in ref.classes:
         raise InputError(f"the reference has a class named {unknown_label!r}, the label cells below min_confidence "
@@ -100,7 +109,7 @@ def transfer_labels(
     info: dict[str, Any] = {"label_key": label_key, "use_rep": use_rep, "n_neighbors": int(n_neighbors),
                             "weights": weights, "class_weight": class_weight,
                             "min_confidence": float(min_confidence), "unknown_label": unknown_label,
-                            "index": ref.kind,
+                            "index": ref.kind, "metric": ref.metric,
                             "leave_one_out": bool(leave_one_out), "n_reference": ref.n,
                             "n_unknown": int(unknown.sum()), "model": ref.model}
     record(query, pred_key, info)
@@ -126,7 +135,7 @@ def _reference(adata: AnnData, label_key: str, use_rep: str, index: Kind, metric
     embedding = np.asarray(adata.obsm[use_rep])[labelled]
     labels = label_strings(adata.obs[label_key], f"obs[{label_key!r}] of the reference")[labelled]
     return ReferenceIndex(embedding, labels, kind=index, metric=metric, model=made.get("model"), use_rep=use_rep,
-                          model_id=made.get("model_id"))
+                          model_id=made.get("model_id"), label_key=label_key)
 
 
 def _check_same_model(query: AnnData, ref: ReferenceIndex, use_rep: str) -> None:

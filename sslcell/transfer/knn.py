@@ -110,8 +110,8 @@ def vote(dist: np.ndarray, codes: np.ndarray, n_classes: int, weights: str = "di
     """Neighbour votes -> class shares ``(M, n_classes)``: ``dist`` and the neighbours' class ``codes`` are
     ``(M, k)``. ``"distance"`` weighs a vote by ``1 / distance`` (neighbours at distance 0, if any, take the whole
     vote); ``"uniform"`` counts votes."""
-    if weights == "uniform":
-        w = np.ones_like(dist, dtype=np.float64)
+    if weights == "uniform":  # a missing neighbour (an approximate index's padding, at distance inf) has no vote
+        w = np.isfinite(dist).astype(np.float64)
     elif weights == "distance":
         with np.errstate(divide="ignore"):
             w = 1.0 / dist.astype(np.float64)

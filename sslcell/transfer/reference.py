@@ -27,12 +27,15 @@ setting tried reached 0.97 agreement (this one 0.94 at 1,000,000 cells and 0.93 
 
 Approximate kinds find candidates approximately; their distances are exact (re-scored from the vectors, as the
 exact index does). Saved as a folder: ``index.faiss`` (faiss's own format, approximate kinds only),
-``vectors.npy`` and ``labels.npy`` (``allow_pickle=False``) and ``reference.json``. Nothing in it executes code on load.
+``vectors.npy`` and ``labels.npy`` (``allow_pickle=False``) and ``reference.json``, which records the settings and
+a sha256 of the vectors, labels and settings: files edited or mixed from two references are refused on load, as is an
+``index.faiss`` of another kind, size or metric. Nothing in it executes code on load.
 A reference saved with the previous IVF default (float32 lists) loads and is searched with the settings above.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +46,7 @@ import numpy as np
 
 from sslcell.checkpoint import check_free_files
 from sslcell.errors import ConfigError, FileFormatError, InputError
-from sslcell.transfer.knn import Metric, _as_float32, _ExactIndex
+from sslcell.transfer.knn import _METRICS, Metric, _as_float32, _ExactIndex
 
 APPROX_ABOVE = 200_000  # reference cells above which kind="auto" builds an IVF index
 HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 128
@@ -120,7 +123,7 @@ class ReferenceIndex:
 
     def __init__(self, embedding, labels, *, kind: Kind = "auto", metric: Metric = "euclidean",
                  model: str | None = None, use_rep: str = "X_sslcell", batch_size: int = 8192,
-                 model_id: str | None = None) -> None:
+                 model_id: str | None = None, label_key: str | None = None) -> None:
         x = _as_float32(embedding, "reference embedding")
         labels = np.asarray(labels).astype(str)
         if labels.shape != (x.shape[0],):
@@ -130,9 +133,10 @@ class ReferenceIndex:
         self.kind = ("ivf" if x.shape[0] > APPROX_ABOVE else "exact") if kind == "auto" else kind
         self.classes, self.codes = np.unique(labels, return_inverse=True)
         if len(self.classes) < 2:
-            raise InputError(f"the reference holds a single class ({self.classes[0]!r}): nothing to transfer")
+            raise InputError(f"the reference holds a single class ({str(self.classes[0])!r}): nothing to transfer")
         self.metric, self.model, self.use_rep = metric, model, use_rep
         self.model_id = model_id  # checkpoint.model_id of the model that embedded it, where recorded
+        self.label_key = label_key  # the obs column its labels came from, where known
         self._index = _INDEXES[self.kind](x, metric, batch_size)
 
     @property
@@ -160,12 +164,15 @@ class ReferenceIndex:
         check_free_files(directory, ("reference.json", "vectors.npy", "labels.npy"), overwrite)
         directory.mkdir(parents=True, exist_ok=True)
         x, offset = self._index.x, self._index.offset  # euclidean vectors are stored centred: undo it
-        np.save(directory / "vectors.npy", x if offset is None else x + offset)
-        np.save(directory / "labels.npy", self.classes[self.codes])
+        vectors, labels = (x if offset is None else x + offset), self.classes[self.codes]
+        np.save(directory / "vectors.npy", vectors)
+        np.save(directory / "labels.npy", labels)
         if self.kind != "exact":
             faiss.write_index(self._index.index, str(directory / "index.faiss"))
         meta = {"format_version": FORMAT_VERSION, "kind": self.kind, "metric": self.metric, "model": self.model,
-                "model_id": self.model_id, "use_rep": self.use_rep, "n": self.n, "dim": self.dim}
+                "model_id": self.model_id, "use_rep": self.use_rep, "label_key": self.label_key, "n": self.n,
+                "dim": self.dim}
+        meta["sha256"] = _content_digest(meta, vectors, labels)
         (directory / "reference.json").write_text(json.dumps(meta, indent=1))
         return directory
 
@@ -189,24 +196,56 @@ class ReferenceIndex:
             raise FileFormatError(f"{where}: missing {missing}")
         if meta["kind"] not in _INDEXES:
             raise FileFormatError(f"{where}: unknown index kind {meta['kind']!r}")
+        if meta["metric"] not in _METRICS:
+            raise FileFormatError(f"{where}: unknown metric {meta['metric']!r}; known: {list(_METRICS)}")
         if vectors.ndim != 2 or vectors.shape != (meta["n"], meta["dim"]):
             raise FileFormatError(f"{directory}: vectors.npy {vectors.shape} does not match reference.json "
                                   f"(n {meta['n']}, dim {meta['dim']})")
         if labels.shape != (meta["n"],):
             raise FileFormatError(f"{directory}: labels.npy {labels.shape} does not match the {meta['n']} vectors")
+        if "sha256" in meta and meta["sha256"] != _content_digest(meta, vectors, labels):  # absent before 0.2
+            raise FileFormatError(f"{directory}: vectors.npy, labels.npy and reference.json do not match the digest "
+                                  "recorded when the reference was saved (edited, or files of another reference); "
+                                  "build and save it again from its AnnData")
         out = cls.__new__(cls)
         out.kind, out.metric, out.model, out.use_rep = meta["kind"], meta["metric"], meta["model"], meta["use_rep"]
         out.model_id = meta.get("model_id")  # absent in references saved before sslcell recorded it
+        out.label_key = meta.get("label_key")
         out.classes, out.codes = np.unique(labels.astype(str), return_inverse=True)
+        if len(out.classes) < 2:
+            raise FileFormatError(f"{directory}: labels.npy holds a single class ({str(out.classes[0])!r}): nothing to "
+                                  "transfer")
         try:
             index = None if out.kind == "exact" else faiss.read_index(str(directory / "index.faiss"))
+            if index is not None:
+                _check_index(index, out.kind, meta)
             out._index = _INDEXES[out.kind](_as_float32(vectors, "reference vectors"), out.metric, 8192, index=index)
         except (ConfigError, InputError, RuntimeError) as err:  # a bad metric; faiss: a missing or corrupt index
             raise FileFormatError(f"{directory}: cannot read the reference ({err})") from None
-        if out.n != meta["n"] or out.dim != meta["dim"]:
-            raise FileFormatError(f"{directory}: index.faiss holds {out.n} x {out.dim}, reference.json says "
-                                  f"{meta['n']} x {meta['dim']}")
         return out
+
+
+def _check_index(index: faiss.Index, kind: str, meta: dict) -> None:
+    """A loaded ``index.faiss`` is the kind, size and metric ``reference.json`` says (a file copied from another
+    reference would search other cells, or fail mid-search)."""
+    expected = {"ivf": faiss.IndexIVF, "hnsw": faiss.IndexHNSW}[kind]
+    metric = faiss.METRIC_L2 if meta["metric"] == "euclidean" else faiss.METRIC_INNER_PRODUCT
+    found = (f"a {type(index).__name__} of {index.ntotal} x {index.d} vectors, metric "
+             f"{'L2' if index.metric_type == faiss.METRIC_L2 else 'inner product'}")
+    if (not isinstance(index, expected) or index.ntotal != meta["n"] or index.d != meta["dim"]
+            or index.metric_type != metric):
+        raise InputError(f"index.faiss holds {found}; reference.json says a {kind} index of {meta['n']} x "
+                         f"{meta['dim']}, metric {meta['metric']}")
+
+
+def _content_digest(meta: dict, vectors: np.ndarray, labels: np.ndarray) -> str:
+    """sha256 of what decides a transfer: the vectors, the labels and the settings recorded beside them."""
+    h = hashlib.sha256()
+    settings = {k: meta.get(k) for k in ("kind", "metric", "model", "model_id", "use_rep", "label_key", "n", "dim")}
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    h.update(np.ascontiguousarray(vectors, dtype=np.float32).tobytes())
+    h.update("\n".join(np.asarray(labels).astype(str)).encode())
+    return h.hexdigest()
 
 
 _INDEXES = {"exact": _ExactIndex, "ivf": _IVFIndex, "hnsw": _HNSWIndex}

@@ -119,9 +119,17 @@ def test_hnsw_agrees_with_exact_search_and_a_saved_reference_reloads(tmp_path):
     ("short_labels", r"labels.npy \(10,\) does not match the 300 vectors"),
     ("long_labels", r"labels.npy \(600,\) does not match the 300 vectors"),
     ("no_kind", r"reference.json: missing \['kind'\]"),
-    ("bad_metric", r"ref: cannot read the reference \(metric must be one of"),
+    ("bad_metric", r"reference.json: unknown metric 'manhattan'"),
     ("vectors", r"vectors.npy \(300, 3\) does not match reference.json"),
     ("no_index", r"ref: cannot read the reference"),
+    # files that fit together but are not this reference's: another reference's index, shuffled labels, an edited
+    # record (the model check would pass), each read back silently before
+    ("small_index", r"index.faiss holds a IndexHNSWFlat of 100 x 8 vectors.*reference.json says a hnsw index of 300"),
+    ("ivf_index", r"index.faiss holds a IndexIVFScalarQuantizer of 300 x 8 .*says a hnsw index"),
+    ("cosine_index", r"index.faiss holds .*metric inner product; reference.json says .*metric euclidean"),
+    ("shuffled_labels", r"do not match the digest recorded when the reference was saved"),
+    ("model_id", r"do not match the digest"),
+    ("single_class", r"labels.npy holds a single class \('A'\)"),
 ])
 def test_a_damaged_saved_reference_is_refused_naming_the_file(tmp_path, damage, message):
     ref = _cells(300, 0)
@@ -137,6 +145,18 @@ def test_a_damaged_saved_reference_is_refused_naming_the_file(tmp_path, damage, 
         (path / "reference.json").write_text(json.dumps(meta))
     elif damage == "vectors":
         np.save(path / "vectors.npy", np.zeros((300, 3), np.float32))
+    elif damage in ("small_index", "ivf_index", "cosine_index"):
+        other = {"small_index": (ref[:100], "hnsw", "euclidean"), "ivf_index": (ref, "ivf", "euclidean"),
+                 "cosine_index": (ref, "hnsw", "cosine")}[damage]
+        donor = tl.build_reference(other[0], "cell_type", index=other[1], metric=other[2]).save(tmp_path / "other")
+        (path / "index.faiss").write_bytes((donor / "index.faiss").read_bytes())
+    elif damage == "shuffled_labels":
+        np.save(path / "labels.npy", np.random.default_rng(0).permutation(labels))
+    elif damage == "model_id":
+        (path / "reference.json").write_text(json.dumps({**meta, "model_id": "another"}))
+    elif damage == "single_class":  # a reference saved before the digest was recorded
+        np.save(path / "labels.npy", np.full_like(labels, "A"))
+        (path / "reference.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "sha256"}))
     else:
         (path / "index.faiss").unlink()
     with pytest.raises(FileFormatError, match=message):
@@ -280,3 +300,70 @@ def test_the_same_weights_with_another_input_contract_embed_into_another_space(c
     old_record.uns["sslcell"]["X_sslcell"]["model_id"] = weights_id(model)  # as sslcell recorded it before
     tl.transfer_labels(old_record, reference, "label")
     assert "label_pred" in old_record.obs
+
+
+def test_a_saved_reference_keeps_its_kind_label_column_and_records_its_metric(tmp_path):
+    ref, query = _cells(300, 0), _cells(50, 1)
+    ref.obs["code"] = pd.factorize(ref.obs["cell_type"])[0]
+    loaded = ReferenceIndex.load(tl.build_reference(ref, "code", metric="cosine").save(tmp_path / "ref"))
+    assert loaded.label_key == "code"
+    with pytest.raises(InputError, match=r"label_key 'cell_type': the reference index holds the labels of "
+                                         r"obs\['code'\]"):
+        tl.transfer_labels(query, loaded, "cell_type")  # would write codes as cell types
+    with pytest.raises(ConfigError, match="index='hnsw': the reference index was built as 'exact'"):
+        tl.transfer_labels(query, loaded, "code", index="hnsw")
+    tl.transfer_labels(query, loaded, "code", index="exact")
+    assert query.uns["sslcell"]["code_pred"]["metric"] == "cosine"
+
+
+def test_bad_settings_are_refused_before_the_search():
+    ref, query = _cells(100, 0), _cells(50, 1)
+    with pytest.raises(ConfigError, match=r"n_neighbors must be an integer >= 1; got 2.7"):
+        tl.transfer_labels(query, ref, "cell_type", n_neighbors=2.7)
+    for bad in (None, "", 0):
+        with pytest.raises(ConfigError, match="unknown_label must be a non-empty string"):
+            tl.transfer_labels(query, ref, "cell_type", min_confidence=0.5, unknown_label=bad)
+    assert not any(c.endswith("_pred") for c in query.obs)
+
+
+def test_a_view_of_a_backed_query_is_refused_in_place_before_any_work(tmp_path):
+    ref, query = _cells(600, 0), _cells(300, 1)
+    query = ad.AnnData(np.zeros((300, 2), np.float32), obs=query.obs, obsm=dict(query.obsm))
+    query.write_h5ad(tmp_path / "q.h5ad")
+    view = ad.read_h5ad(tmp_path / "q.h5ad", backed="r")[:50]
+    with pytest.raises(InputError, match=r"q.h5ad: a view of a backed AnnData \(some of its cells or genes\) "
+                                         "cannot take results in place: pass copy=True"):
+        tl.transfer_labels(view, ref, "cell_type")
+    assert tl.transfer_labels(view, ref, "cell_type", copy=True).n_obs == 50
+
+
+def test_uniform_votes_ignore_the_neighbours_an_approximate_index_did_not_find():
+    """faiss pads a short candidate list with row -1 (distance inf here): no vote, not the last cell's class."""
+    dist = np.array([[0.5, 1.0, np.inf, np.inf]])
+    codes = np.array([[0, 0, 1, 1]])  # the padding's codes: whatever class the last reference cell has
+    np.testing.assert_allclose(vote(dist, codes, 2, "uniform"), [[1.0, 0.0]])
+    np.testing.assert_allclose(vote(dist, codes, 2, "distance"), [[1.0, 0.0]])
+
+
+def test_cli_transfer_writes_a_new_h5ad_that_is_not_an_input(tmp_path, capsys):
+    ref, query = _cells(100, 0), _cells(50, 1)
+    for name, adata in (("ref", ref), ("query", query)):
+        ad.AnnData(np.zeros((adata.n_obs, 2), np.float32), obs=adata.obs, obsm=dict(adata.obsm)).write_h5ad(
+            tmp_path / f"{name}.h5ad")
+    common = ["transfer", "--reference", str(tmp_path / "ref.h5ad"), "--query", str(tmp_path / "query.h5ad"),
+              "--label-key", "cell_type"]
+    kept = (tmp_path / "ref.h5ad").read_bytes()
+    assert main([*common, "--out", str(tmp_path / "ref.h5ad"), "--overwrite"]) == 2
+    assert "is an input file" in capsys.readouterr().err and (tmp_path / "ref.h5ad").read_bytes() == kept
+    assert main([*common, "--out", str(tmp_path / "calls.csv")]) == 2
+    assert "give a path ending in .h5ad" in capsys.readouterr().err and not (tmp_path / "calls.csv").exists()
+
+
+def test_cli_warnings_name_the_file_not_the_in_memory_anndata():
+    from sslcell import cli
+    from sslcell.data.shards import IN_MEMORY
+
+    with cli._naming("query.h5ad"):
+        assert cli._named(f"gene alignment: {IN_MEMORY}: 300/500 model genes") == \
+            "gene alignment: query.h5ad: 300/500 model genes"
+    assert cli._named(IN_MEMORY) == IN_MEMORY  # outside any command's file: as the library says it
