@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from sslcell.data.labels import label_strings
+from sslcell.data.labels import class_labels, label_strings
 from sslcell.errors import ConfigError, InputError
 from sslcell.tl._keys import check_free, check_in_place, check_same_space, record, recorded
 from sslcell.transfer.knn import vote
@@ -133,9 +133,11 @@ def _reference(adata: AnnData, label_key: str, use_rep: str, index: Kind, metric
         raise InputError(f"the reference has no labelled cell in obs[{label_key!r}]")
     made = recorded(adata, use_rep)  # tl.embed's record of the model behind it
     embedding = np.asarray(adata.obsm[use_rep])[labelled]
-    labels = label_strings(adata.obs[label_key], f"obs[{label_key!r}] of the reference")[labelled]
+    what = f"obs[{label_key!r}] of the reference"
+    labels = label_strings(adata.obs[label_key], what)[labelled]
+    order = [str(c) for c in class_labels(adata.obs[label_key], what).cat.categories]  # the column's own order
     return ReferenceIndex(embedding, labels, kind=index, metric=metric, model=made.get("model"), use_rep=use_rep,
-                          model_id=made.get("model_id"), label_key=label_key)
+                          model_id=made.get("model_id"), label_key=label_key, classes=order)
 
 
 def _check_same_model(query: AnnData, ref: ReferenceIndex, use_rep: str) -> None:

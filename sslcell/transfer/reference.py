@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -123,7 +124,8 @@ class ReferenceIndex:
 
     def __init__(self, embedding, labels, *, kind: Kind = "auto", metric: Metric = "euclidean",
                  model: str | None = None, use_rep: str = "X_sslcell", batch_size: int = 8192,
-                 model_id: str | None = None, label_key: str | None = None) -> None:
+                 model_id: str | None = None, label_key: str | None = None,
+                 classes: Sequence[str] | None = None) -> None:
         x = _as_float32(embedding, "reference embedding")
         labels = np.asarray(labels).astype(str)
         if labels.shape != (x.shape[0],):
@@ -131,7 +133,7 @@ class ReferenceIndex:
         if kind not in KINDS:
             raise ConfigError(f"kind must be one of {KINDS}; got {kind!r}")
         self.kind = ("ivf" if x.shape[0] > APPROX_ABOVE else "exact") if kind == "auto" else kind
-        self.classes, self.codes = np.unique(labels, return_inverse=True)
+        self.classes, self.codes = _class_codes(labels, classes)
         if len(self.classes) < 2:
             raise InputError(f"the reference holds a single class ({str(self.classes[0])!r}): nothing to transfer")
         self.metric, self.model, self.use_rep = metric, model, use_rep
@@ -171,7 +173,7 @@ class ReferenceIndex:
             faiss.write_index(self._index.index, str(directory / "index.faiss"))
         meta = {"format_version": FORMAT_VERSION, "kind": self.kind, "metric": self.metric, "model": self.model,
                 "model_id": self.model_id, "use_rep": self.use_rep, "label_key": self.label_key, "n": self.n,
-                "dim": self.dim}
+                "dim": self.dim, "classes": [str(c) for c in self.classes]}
         meta["sha256"] = _content_digest(meta, vectors, labels)
         (directory / "reference.json").write_text(json.dumps(meta, indent=1))
         return directory
@@ -211,7 +213,10 @@ class ReferenceIndex:
         out.kind, out.metric, out.model, out.use_rep = meta["kind"], meta["metric"], meta["model"], meta["use_rep"]
         out.model_id = meta.get("model_id")  # absent in references saved before sslcell recorded it
         out.label_key = meta.get("label_key")
-        out.classes, out.codes = np.unique(labels.astype(str), return_inverse=True)
+        try:  # in the order saved (the reference column's categories), where recorded
+            out.classes, out.codes = _class_codes(labels.astype(str), meta.get("classes"))
+        except InputError as err:
+            raise FileFormatError(f"{directory}: labels.npy and reference.json's classes differ ({err})") from None
         if len(out.classes) < 2:
             raise FileFormatError(f"{directory}: labels.npy holds a single class ({str(out.classes[0])!r}): nothing to "
                                   "transfer")
@@ -238,10 +243,25 @@ def _check_index(index: faiss.Index, kind: str, meta: dict) -> None:
                          f"{meta['dim']}, metric {meta['metric']}")
 
 
+def _class_codes(labels: np.ndarray, classes: Sequence[str] | None) -> tuple[np.ndarray, np.ndarray]:
+    """The classes present in ``labels`` ``(N,)`` in the order of ``classes`` (sorted where None), and each label's
+    position among them ``(N,)``."""
+    present, inverse = np.unique(labels, return_inverse=True)
+    if classes is None:
+        return present, inverse
+    order = [str(c) for c in dict.fromkeys(classes) if str(c) in set(present)]
+    missing = sorted(set(present) - set(order))
+    if missing:
+        raise InputError(f"labels {missing[:3]} are not among the classes given")
+    rank = np.asarray([order.index(c) for c in present], dtype=np.int64)  # sorted class -> its place in the order
+    return np.asarray(order, dtype=present.dtype), rank[inverse]
+
+
 def _content_digest(meta: dict, vectors: np.ndarray, labels: np.ndarray) -> str:
     """sha256 of what decides a transfer: the vectors, the labels and the settings recorded beside them."""
     h = hashlib.sha256()
-    settings = {k: meta.get(k) for k in ("kind", "metric", "model", "model_id", "use_rep", "label_key", "n", "dim")}
+    settings = {k: meta.get(k) for k in ("kind", "metric", "model", "model_id", "use_rep", "label_key", "n", "dim",
+                                         "classes")}
     h.update(json.dumps(settings, sort_keys=True).encode())
     h.update(np.ascontiguousarray(vectors, dtype=np.float32).tobytes())
     h.update("\n".join(np.asarray(labels).astype(str)).encode())

@@ -367,3 +367,18 @@ def test_cli_warnings_name_the_file_not_the_in_memory_anndata():
         assert cli._named(f"gene alignment: {IN_MEMORY}: 300/500 model genes") == \
             "gene alignment: query.h5ad: 300/500 model genes"
     assert cli._named(IN_MEMORY) == IN_MEMORY  # outside any command's file: as the library says it
+
+
+def test_predicted_classes_keep_the_reference_columns_order_saved_or_not(tmp_path):
+    ref, query = _cells(300, 0), _cells(50, 1)
+    order = ["D", "B", "A", "C", "never"]  # an unused category is dropped, the others keep their place
+    ref.obs["cell_type"] = pd.Categorical(ref.obs["cell_type"], categories=order)
+    tl.transfer_labels(query, ref, "cell_type")
+    assert list(query.obs["cell_type_pred"].cat.categories) == ["D", "B", "A", "C"]
+    loaded = ReferenceIndex.load(tl.build_reference(ref, "cell_type").save(tmp_path / "ref"))
+    again = tl.transfer_labels(query, loaded, "cell_type", key_added="again", copy=True)
+    assert list(again.obs["again_pred"].cat.categories) == ["D", "B", "A", "C"]
+    assert (again.obs["again_pred"].astype(str) == query.obs["cell_type_pred"].astype(str)).all()
+    ref.obs["n"] = pd.factorize(ref.obs["cell_type"].astype(str), sort=True)[0] * 5  # 0, 5, 10, 15: numeric order
+    tl.transfer_labels(query, ref, "n")
+    assert list(query.obs["n_pred"].cat.categories) == ["0", "5", "10", "15"]
