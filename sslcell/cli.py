@@ -568,7 +568,7 @@ def _naming(path: str) -> Iterator[None]:
     _NAMING.append(str(path))
     try:
         yield
-    except SSLCellError as err:
+    except (SSLCellError, SSLCellWarning) as err:  # a warning too: raised as an error by -W error
         if err.args and isinstance(err.args[0], str):
             err.args = (_named(err.args[0]), *err.args[1:])
         raise
@@ -596,7 +596,7 @@ def _new_h5ad(path: str, overwrite: bool, *inputs: str | None) -> Path:
     for given in inputs:
         if given is not None and out.resolve() == Path(given).resolve():
             raise OverwriteError(f"{out}: is an input file; write to another path")
-    if out.suffix != ".h5ad" and not out.is_dir():  # (a folder: _new_file says so)
+    if out.suffix.lower() != ".h5ad" and not out.is_dir():  # (a folder: _new_file says so)
         raise InputError(f"--out {out}: the output is an AnnData; give a path ending in .h5ad")
     return _new_file(out, overwrite)
 

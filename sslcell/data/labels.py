@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from sslcell._warn import warn_user
 from sslcell.errors import InputError
 
 
@@ -20,7 +21,16 @@ def class_labels(values: pd.Series, what: str) -> pd.Series:
             raise InputError(f"{what} holds continuous values ({np.unique(known).size} distinct, e.g. {known[0]!r}); "
                              "labels are classes: pass a categorical or string column")
         values = values.astype("Int64")
-    return values if isinstance(values.dtype, pd.CategoricalDtype) else values.astype("category")
+    values = values if isinstance(values.dtype, pd.CategoricalDtype) else values.astype("category")
+    like_missing = [c for c in values.cat.categories if isinstance(c, str) and c.strip() in MISSING_TEXT]
+    if like_missing:
+        warn_user(f"{what}: the label(s) {like_missing} are read as classes; if they mark cells without a label "
+                  "(missing values written as text by astype(str)), set them to NaN first, e.g. "
+                  f".replace({like_missing[0]!r}, np.nan)")
+    return values
+
+
+MISSING_TEXT = {"", "nan", "NaN", "None", "<NA>", "NA"}  # how missing labels read once converted to text
 
 
 def label_strings(values: pd.Series, what: str) -> np.ndarray:

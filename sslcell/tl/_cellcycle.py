@@ -50,6 +50,7 @@ def cell_cycle(
             categories (or an unordered one's when not in sorted order), else known phase names in cycle order
             (:func:`~sslcell.cellcycle.fit.default_phase_order`); other names need it.
     """
+    check_in_place(adata, copy)
     if reference is not None:
         if anchor_key is not None or anchor_order is not None:
             raise InputError("anchor_key / anchor_order fix a new fit; with reference= the reference's anchors apply")
@@ -58,7 +59,6 @@ def cell_cycle(
     if use_rep not in adata.obsm:
         raise InputError(f"adata.obsm has no {use_rep!r} (embed it first with tl.embed); it has {list(adata.obsm)}")
     keys = cycle_keys(adata, key_added, overwrite)
-    check_in_place(adata, copy)
     anchors, order = None, None
     if anchor_key is not None:
         if anchor_key not in adata.obs.columns:

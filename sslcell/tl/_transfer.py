@@ -62,7 +62,8 @@ def transfer_labels(
     check_in_place(query, copy)
     if not 0.0 <= float(min_confidence) <= 1.0:
         raise ConfigError(f"min_confidence must lie in [0, 1]; got {min_confidence}")
-    if isinstance(n_neighbors, bool) or not float(n_neighbors).is_integer() or int(n_neighbors) < 1:
+    if (isinstance(n_neighbors, bool) or not isinstance(n_neighbors, (int, np.integer, float))
+            or not float(n_neighbors).is_integer() or n_neighbors < 1):
         raise ConfigError(f"n_neighbors must be an integer >= 1; got {n_neighbors!r}")
     if not isinstance(unknown_label, str) or not unknown_label:
         raise ConfigError(f"unknown_label must be a non-empty string; got {unknown_label!r}")

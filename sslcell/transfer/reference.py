@@ -28,8 +28,9 @@ setting tried reached 0.97 agreement (this one 0.94 at 1,000,000 cells and 0.93 
 Approximate kinds find candidates approximately; their distances are exact (re-scored from the vectors, as the
 exact index does). Saved as a folder: ``index.faiss`` (faiss's own format, approximate kinds only),
 ``vectors.npy`` and ``labels.npy`` (``allow_pickle=False``) and ``reference.json``, which records the settings and
-a sha256 of the vectors, labels and settings: files edited or mixed from two references are refused on load, as is an
-``index.faiss`` of another kind, size or metric. Nothing in it executes code on load.
+a sha256 of the vectors, labels, index file and settings: files edited or mixed from two references are refused on
+load, as is (in a reference saved before the digest) an ``index.faiss`` of another kind, size or metric. Nothing in
+it executes code on load.
 A reference saved with the previous IVF default (float32 lists) loads and is searched with the settings above.
 """
 
@@ -169,12 +170,14 @@ class ReferenceIndex:
         vectors, labels = (x if offset is None else x + offset), self.classes[self.codes]
         np.save(directory / "vectors.npy", vectors)
         np.save(directory / "labels.npy", labels)
+        index_bytes = None
         if self.kind != "exact":
             faiss.write_index(self._index.index, str(directory / "index.faiss"))
+            index_bytes = (directory / "index.faiss").read_bytes()
         meta = {"format_version": FORMAT_VERSION, "kind": self.kind, "metric": self.metric, "model": self.model,
                 "model_id": self.model_id, "use_rep": self.use_rep, "label_key": self.label_key, "n": self.n,
                 "dim": self.dim, "classes": [str(c) for c in self.classes]}
-        meta["sha256"] = _content_digest(meta, vectors, labels)
+        meta["sha256"] = _content_digest(meta, vectors, labels, index_bytes)
         (directory / "reference.json").write_text(json.dumps(meta, indent=1))
         return directory
 
@@ -205,8 +208,15 @@ class ReferenceIndex:
                                   f"(n {meta['n']}, dim {meta['dim']})")
         if labels.shape != (meta["n"],):
             raise FileFormatError(f"{directory}: labels.npy {labels.shape} does not match the {meta['n']} vectors")
-        if "sha256" in meta and meta["sha256"] != _content_digest(meta, vectors, labels):  # absent before 0.2
-            raise FileFormatError(f"{directory}: vectors.npy, labels.npy and reference.json do not match the digest "
+        index_bytes = None
+        if meta["kind"] != "exact":
+            try:
+                index_bytes = (directory / "index.faiss").read_bytes()
+            except OSError as err:
+                raise FileFormatError(f"{directory}: cannot read the reference ({err})") from None
+        if "sha256" in meta and meta["sha256"] != _content_digest(meta, vectors, labels, index_bytes):  # since 0.2
+            raise FileFormatError(f"{directory}: its files (vectors.npy, labels.npy, index.faiss, reference.json) do "
+                                  "not match the digest "
                                   "recorded when the reference was saved (edited, or files of another reference); "
                                   "build and save it again from its AnnData")
         out = cls.__new__(cls)
@@ -257,14 +267,17 @@ def _class_codes(labels: np.ndarray, classes: Sequence[str] | None) -> tuple[np.
     return np.asarray(order, dtype=present.dtype), rank[inverse]
 
 
-def _content_digest(meta: dict, vectors: np.ndarray, labels: np.ndarray) -> str:
-    """sha256 of what decides a transfer: the vectors, the labels and the settings recorded beside them."""
+def _content_digest(meta: dict, vectors: np.ndarray, labels: np.ndarray, index_bytes: bytes | None) -> str:
+    """sha256 of what decides a transfer: the vectors, the labels (fixed-width, so no two arrays read alike), the
+    faiss index's file and the settings recorded beside them."""
     h = hashlib.sha256()
     settings = {k: meta.get(k) for k in ("kind", "metric", "model", "model_id", "use_rep", "label_key", "n", "dim",
                                          "classes")}
-    h.update(json.dumps(settings, sort_keys=True).encode())
-    h.update(np.ascontiguousarray(vectors, dtype=np.float32).tobytes())
-    h.update("\n".join(np.asarray(labels).astype(str)).encode())
+    labels = np.ascontiguousarray(np.asarray(labels).astype(str))
+    h.update(json.dumps({**settings, "labels_dtype": labels.dtype.str}, sort_keys=True).encode())
+    h.update(np.ascontiguousarray(vectors, dtype=np.float32))  # the buffer itself, not a copy
+    h.update(labels)
+    h.update(index_bytes or b"")
     return h.hexdigest()
 
 

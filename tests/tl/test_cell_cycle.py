@@ -285,3 +285,14 @@ def test_plot_colours_a_score_by_a_colour_map_not_one_class_per_cell(cells):
     panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
     assert len(panels) == 3 and panels[1].get_legend() is None  # θ, the score, θ by the fitted phase
     assert len(panels[2].get_yticks()) == len(PHASES) and CLASSES_AT_MOST < 400
+
+
+def test_a_view_of_a_backed_anndata_is_refused_in_place_with_or_without_a_reference(cells, tmp_path):
+    ad.AnnData(np.zeros((cells.n_obs, 1), np.float32), obs=cells.obs, obsm=dict(cells.obsm)).write_h5ad(
+        tmp_path / "c.h5ad")
+    view = ad.read_h5ad(tmp_path / "c.h5ad", backed="r")[:50]
+    fitted = tl.cell_cycle(cells, "X_sslcell", anchor_key="phase", copy=True)
+    for reference in (None, fitted):
+        with pytest.raises(InputError, match=r"c.h5ad: a view of a backed AnnData .* cannot take results in place"):
+            tl.cell_cycle(view, "X_sslcell", reference=reference)
+    assert "cell_cycle_theta" in tl.cell_cycle(view, "X_sslcell", reference=fitted, copy=True).obs

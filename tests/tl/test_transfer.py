@@ -130,6 +130,7 @@ def test_hnsw_agrees_with_exact_search_and_a_saved_reference_reloads(tmp_path):
     ("shuffled_labels", r"do not match the digest recorded when the reference was saved"),
     ("model_id", r"do not match the digest"),
     ("single_class", r"labels.npy holds a single class \('A'\)"),
+    ("same_shape_index", r"do not match the digest"),  # the same cells embedded by another model: kind, size fit
 ])
 def test_a_damaged_saved_reference_is_refused_naming_the_file(tmp_path, damage, message):
     ref = _cells(300, 0)
@@ -149,6 +150,13 @@ def test_a_damaged_saved_reference_is_refused_naming_the_file(tmp_path, damage, 
         other = {"small_index": (ref[:100], "hnsw", "euclidean"), "ivf_index": (ref, "ivf", "euclidean"),
                  "cosine_index": (ref, "hnsw", "cosine")}[damage]
         donor = tl.build_reference(other[0], "cell_type", index=other[1], metric=other[2]).save(tmp_path / "other")
+        (path / "index.faiss").write_bytes((donor / "index.faiss").read_bytes())
+        # the digest refuses it first; a reference saved before the digest is checked by the index's shape
+        (path / "reference.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "sha256"}))
+    elif damage == "same_shape_index":
+        other = ref.copy()
+        other.obsm["X_sslcell"] = np.random.default_rng(1).normal(size=other.obsm["X_sslcell"].shape).astype("f4")
+        donor = tl.build_reference(other, "cell_type", index="hnsw").save(tmp_path / "other")
         (path / "index.faiss").write_bytes((donor / "index.faiss").read_bytes())
     elif damage == "shuffled_labels":
         np.save(path / "labels.npy", np.random.default_rng(0).permutation(labels))
@@ -318,8 +326,9 @@ def test_a_saved_reference_keeps_its_kind_label_column_and_records_its_metric(tm
 
 def test_bad_settings_are_refused_before_the_search():
     ref, query = _cells(100, 0), _cells(50, 1)
-    with pytest.raises(ConfigError, match=r"n_neighbors must be an integer >= 1; got 2.7"):
-        tl.transfer_labels(query, ref, "cell_type", n_neighbors=2.7)
+    for bad in (2.7, "15", None, True):
+        with pytest.raises(ConfigError, match=r"n_neighbors must be an integer >= 1; got"):
+            tl.transfer_labels(query, ref, "cell_type", n_neighbors=bad)
     for bad in (None, "", 0):
         with pytest.raises(ConfigError, match="unknown_label must be a non-empty string"):
             tl.transfer_labels(query, ref, "cell_type", min_confidence=0.5, unknown_label=bad)
@@ -382,3 +391,21 @@ def test_predicted_classes_keep_the_reference_columns_order_saved_or_not(tmp_pat
     ref.obs["n"] = pd.factorize(ref.obs["cell_type"].astype(str), sort=True)[0] * 5  # 0, 5, 10, 15: numeric order
     tl.transfer_labels(query, ref, "n")
     assert list(query.obs["n_pred"].cat.categories) == ["0", "5", "10", "15"]
+
+
+def test_the_digest_tells_labels_apart_that_a_separator_would_merge():
+    from sslcell.transfer.reference import _content_digest
+
+    x = np.zeros((4, 2), np.float32)
+    assert (_content_digest({"n": 4}, x, np.array(["a\nb", "c", "d", "e"]), None)
+            != _content_digest({"n": 4}, x, np.array(["a", "b\nc", "d", "e"]), None))
+
+
+def test_cli_errors_from_warnings_name_the_file_too():
+    from sslcell import cli
+    from sslcell.data.shards import IN_MEMORY
+    from sslcell.errors import SSLCellWarning
+
+    with pytest.raises(SSLCellWarning, match="gene alignment: query.h5ad: 300/500"):  # -W error raises them
+        with cli._naming("query.h5ad"):
+            raise SSLCellWarning(f"gene alignment: {IN_MEMORY}: 300/500 model genes")

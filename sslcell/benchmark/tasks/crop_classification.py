@@ -705,7 +705,8 @@ def _result(task: Any, ctx: Context, cells: Any, y: np.ndarray, groups: np.ndarr
               "accuracy": _spread(r["accuracy_seeds"]), "macro-F1": _spread(r["macro_f1_seeds"]),
               "accuracy per seed": " / ".join(f"{a:.3f}" for a in r["accuracy_seeds"]),
               "macro-F1 per seed": " / ".join(f"{f:.3f}" for f in r["macro_f1_seeds"])}
-             for r in sorted(repeated, key=lambda r: (r["labels"], -float(np.mean(r["macro_f1_seeds"]))))],
+             for r in sorted(repeated, key=lambda r: (-float(r["labels"].rstrip("%")),
+                                                      -float(np.mean(r["macro_f1_seeds"]))))],
             note="mean ± sample standard deviation over the training seeds; entries without a training seed (the "
                  "raw-pixel PCA's logistic regression is deterministic) are not repeated."))
     tables.append(Table(f"{task.name}: every candidate setting on the validation split", [
