@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from sslcell._warn import warn_user
 from sslcell.data.labels import class_labels, label_strings
 from sslcell.errors import ConfigError, InputError
 from sslcell.tl._keys import check_free, check_in_place, check_same_space, record, recorded
@@ -147,6 +148,11 @@ def _check_same_model(query: AnnData, ref: ReferenceIndex, use_rep: str) -> None
     made = recorded(query, use_rep)
     check_same_space(made.get("model_id"), ref.model_id, f"query.obsm[{use_rep!r}] (embedded by {made.get('model')})",
                      f"the reference's (embedded by {ref.model})", "embed both with the same model")
+    if (made.get("model_id") is None) != (ref.model_id is None):  # e.g. ad.concat drops uns, and the record with it
+        unrecorded = "the query" if made.get("model_id") is None else "the reference"
+        warn_user(f"{unrecorded}'s obsm[{use_rep!r}] has no record of the model that embedded it (uns['sslcell'], "
+                  "which ad.concat and some copies drop), the other side has: that both lie in one space cannot be "
+                  "checked")
 
 
 def _reference_rows(adata: AnnData, label_key: str) -> np.ndarray:

@@ -14,7 +14,7 @@ from sklearn.neighbors import KNeighborsClassifier
 
 from sslcell import tl
 from sslcell.cli import main
-from sslcell.errors import ConfigError, FileFormatError, InputError, OverwriteError
+from sslcell.errors import ConfigError, FileFormatError, InputError, OverwriteError, SSLCellWarning
 from sslcell.transfer.knn import vote
 from sslcell.transfer.reference import ReferenceIndex
 
@@ -285,6 +285,10 @@ def test_query_and_reference_embedded_by_different_models_are_refused(cells, mod
     with pytest.raises(InputError, match="lies in another space"):
         tl.transfer_labels(query, ReferenceIndex.load(saved), "label")
     assert "label_pred" not in query.obs
+    merged = ad.concat([query[:10], query[10:]])  # ad.concat drops uns: the record of the model is gone
+    with pytest.warns(SSLCellWarning, match=r"the query's obsm\['X_sslcell'\] has no record of the model .* cannot "
+                                            "be checked"):
+        tl.transfer_labels(merged, reference, "label")
 
 
 def test_the_same_weights_with_another_input_contract_embed_into_another_space(cells, model, tmp_path):
