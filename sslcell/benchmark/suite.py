@@ -163,10 +163,9 @@ def _suite(values: Any, path: Path, *, quick: bool, data_dir, out, only) -> Suit
     unknown = sorted(set(only or []) - set(names))
     if unknown:
         raise ConfigError(f"--only: no task named {unknown[0]!r}; the suite's tasks are {names}")
-    tasks = [_task(t, f"tasks[{i}]", here, (base, base_is), quick) for i, t in enumerate(tasks_raw)
-             if not only or names[i] in only]
-    kept_raw = [t for t, name in zip(tasks_raw, names, strict=True) if not only or name in only]
-    if data_dir is not None and not any(_relative_paths(t.get("data")) for t in kept_raw):
+    kept = [i for i, name in enumerate(names) if not only or name in only]
+    tasks = [_task(tasks_raw[i], f"tasks[{i}]", here, (base, base_is), quick) for i in kept]
+    if data_dir is not None and not any(_relative_paths(tasks_raw[i].get("data")) for i in kept):
         warn_user(f"--data {data_dir} is not used: no {'kept ' if only else ''}task of {path.name} reads a relative "
                   "data path (each makes its own data or names an absolute path)")
     return Suite(name=_file_name(values.get("name", _stem_name(path)), "name"),

@@ -136,8 +136,9 @@ def _reference(adata: AnnData, label_key: str, use_rep: str, index: Kind, metric
     made = recorded(adata, use_rep)  # tl.embed's record of the model behind it
     embedding = np.asarray(adata.obsm[use_rep])[labelled]
     what = f"obs[{label_key!r}] of the reference"
-    labels = label_strings(adata.obs[label_key], what)[labelled]
-    order = [str(c) for c in class_labels(adata.obs[label_key], what).cat.categories]  # the column's own order
+    column = class_labels(adata.obs[label_key], what)
+    labels = label_strings(column, what)[labelled]
+    order = [str(c) for c in column.cat.categories]  # the column's own order
     return ReferenceIndex(embedding, labels, kind=index, metric=metric, model=made.get("model"), use_rep=use_rep,
                           model_id=made.get("model_id"), label_key=label_key, classes=order)
 

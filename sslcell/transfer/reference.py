@@ -171,9 +171,9 @@ class ReferenceIndex:
         np.save(directory / "vectors.npy", vectors)
         np.save(directory / "labels.npy", labels)
         index_bytes = None
-        if self.kind != "exact":
-            faiss.write_index(self._index.index, str(directory / "index.faiss"))
-            index_bytes = (directory / "index.faiss").read_bytes()
+        if self.kind != "exact":  # serialised once: written, and hashed into the digest
+            index_bytes = faiss.serialize_index(self._index.index).tobytes()
+            (directory / "index.faiss").write_bytes(index_bytes)
         meta = {"format_version": FORMAT_VERSION, "kind": self.kind, "metric": self.metric, "model": self.model,
                 "model_id": self.model_id, "use_rep": self.use_rep, "label_key": self.label_key, "n": self.n,
                 "dim": self.dim, "classes": [str(c) for c in self.classes]}
@@ -230,8 +230,8 @@ class ReferenceIndex:
         if len(out.classes) < 2:
             raise FileFormatError(f"{directory}: labels.npy holds a single class ({str(out.classes[0])!r}): nothing to "
                                   "transfer")
-        try:
-            index = None if out.kind == "exact" else faiss.read_index(str(directory / "index.faiss"))
+        try:  # the index from the bytes the digest was checked on (the file is read once)
+            index = None if index_bytes is None else faiss.deserialize_index(np.frombuffer(index_bytes, np.uint8))
             if index is not None:
                 _check_index(index, out.kind, meta)
             out._index = _INDEXES[out.kind](_as_float32(vectors, "reference vectors"), out.metric, 8192, index=index)
@@ -259,8 +259,9 @@ def _class_codes(labels: np.ndarray, classes: Sequence[str] | None) -> tuple[np.
     present, inverse = np.unique(labels, return_inverse=True)
     if classes is None:
         return present, inverse
-    order = [str(c) for c in dict.fromkeys(classes) if str(c) in set(present)]
-    missing = sorted(set(present) - set(order))
+    known = set(present)
+    order = [str(c) for c in dict.fromkeys(classes) if str(c) in known]
+    missing = sorted(known - set(order))
     if missing:
         raise InputError(f"labels {missing[:3]} are not among the classes given")
     rank = np.asarray([order.index(c) for c in present], dtype=np.int64)  # sorted class -> its place in the order
