@@ -79,7 +79,8 @@ def _as_cli(message: str, command: str = "embed") -> str:
                          ("counts_are_log_normalized=True", "--counts-are-log-normalized"),
                          ("max_missing_genes", "--max-missing-genes"), ("crops=cells", "--crops"),
                          ("unknown_label=", "--unknown-label "), ("unknown_label", "--unknown-label"),
-                         ("min_confidence", "--min-confidence"),
+                         ("min_confidence", "--min-confidence"), ("label_key=", "--label-key "),
+                         ("label_key ", "--label-key "),
                          ("baselines=()", "--baselines alone")):
         message = message.replace(python, flag)
     return " ".join(message.split())  # one line, whatever the wrapped error (YAML, HDF5) printed
@@ -248,13 +249,17 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_cell_cycle)
 
     p = sub.add_parser("transfer", help="label query cells from a labelled reference by nearest neighbours")
-    p.add_argument("--reference", required=True, help="labelled .h5ad (embedded, or embedded here with --model)")
-    p.add_argument("--query", required=True, help=".h5ad to label (embedded, or embedded here with --model)")
-    p.add_argument("--label-key", required=True, help="obs column of the reference with the labels")
+    p.add_argument("--reference", required=True,
+                   help="labelled .h5ad (embedded, or embedded here with --model), or a reference folder saved by "
+                        "--save-reference (or ReferenceIndex.save)")
+    p.add_argument("--query", help=".h5ad to label (embedded, or embedded here with --model)")
+    p.add_argument("--label-key", help="obs column of the reference with the labels (a saved reference knows it)")
     p.add_argument("--out", required=True, help="output .h5ad: the query with obs <label-key>_pred / _confidence")
-    p.add_argument("--model", help="embed both sides with this model first (else obsm[--use-rep] must exist)")
-    p.add_argument("--use-rep", default="X_sslcell", help="obsm key of the embeddings")
+    p.add_argument("--model", help="embed the .h5ad files first (else obsm[--use-rep] must exist)")
+    p.add_argument("--use-rep", help="obsm key of the embeddings (default: X_sslcell, or a saved reference's)")
     p.add_argument("--n-neighbors", type=int, default=15)
+    p.add_argument("--weights", choices=["distance", "uniform"], default="distance",
+                   help="distance: votes weighted by 1 / distance (default); uniform: one vote per neighbour")
     p.add_argument("--min-confidence", type=float, default=0.0,
                    help="below this vote share the call is --unknown-label")
     p.add_argument("--unknown-label", default="unknown",
@@ -262,11 +267,18 @@ def _parser() -> argparse.ArgumentParser:
                         "is refused then)")
     p.add_argument("--class-weight", choices=["balanced"],
                    help="balanced: divide each class's votes by its share of the reference (rare types not outvoted)")
-    p.add_argument("--index", choices=["auto", "exact", "ivf", "hnsw"], default="auto")
+    p.add_argument("--index", choices=["auto", "exact", "ivf", "hnsw"], default="auto",
+                   help="the kind of index built over an .h5ad reference (a saved reference keeps its own)")
+    p.add_argument("--save-reference", metavar="DIR",
+                   help="also save the index built over the .h5ad reference here, to label later queries with "
+                        "--reference DIR without rebuilding it")
+    p.add_argument("--leave-one-out", action="store_true",
+                   help="no --query: label the reference's own cells, each left out of its own vote, and print the "
+                        "accuracy and macro-F1 against its labels (--out: the reference with the calls)")
     p.add_argument("--key-added", help="the calls go to obs <key-added>_pred and _confidence (default: --label-key)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing --out and the query's obs <key-added>_pred (with --model: both sides' "
-                        "obsm --use-rep)")
+                   help="replace an existing --out, --save-reference and the query's obs <key-added>_pred (with "
+                        "--model: the .h5ad files' obsm --use-rep)")
     p.set_defaults(run=_transfer)
 
     p = sub.add_parser("benchmark", help="run a benchmark suite (tasks x recipes x baselines x peers) and write tables")
@@ -714,32 +726,90 @@ def _cell_cycle_crops(args: argparse.Namespace) -> int:
 
 
 def _transfer(args: argparse.Namespace) -> int:
-    from sslcell.checkpoint import read_model_config
-    from sslcell.tl import embed, transfer_labels
+    from sslcell.checkpoint import check_free_files, read_model_config
+    from sslcell.tl import build_reference, embed, transfer_labels
+    from sslcell.transfer.reference import FILES, ReferenceIndex
 
+    saved = Path(args.reference).is_dir()
+    _check_transfer_flags(args, saved)
     out = _new_h5ad(args.out, args.overwrite, args.reference, args.query)
+    if args.save_reference:  # before any work
+        check_free_files(Path(args.save_reference), FILES, args.overwrite)
     if args.model and read_model_config(args.model)["contract"]["modality"] == "image":
         raise InputError(f"--model {args.model}: an image model reads crops, not these .h5ad files; embed the crops "
                          "first (sslcell embed --model ... --data crops.npz --out cells.h5ad) and pass the embedded "
                          "files as --reference / --query, without --model")
-    reference, query = _read_h5ad(args.reference), _read_h5ad(args.query)
+    if saved:
+        reference = ReferenceIndex.load(args.reference)
+        if args.index not in ("auto", reference.kind):
+            raise InputError(f"--index {args.index}: the saved reference {args.reference} was built as "
+                             f"{reference.kind!r}; --index chooses the kind built over an .h5ad reference")
+        args.label_key = args.label_key or reference.label_key
+        if args.label_key is None:  # saved before references kept their label column
+            raise InputError(f"--label-key: required; the saved reference {args.reference} does not record which "
+                             "obs column its labels came from")
+        args.use_rep = args.use_rep or reference.use_rep
+    else:
+        reference = _read_h5ad(args.reference)
+        args.use_rep = args.use_rep or "X_sslcell"
+    query = reference if args.leave_one_out else _read_h5ad(args.query)
     if args.model:
-        for flag, path, adata in (("--reference", args.reference, reference), ("--query", args.query, query)):
+        sides = [("--query", args.query, query)] if saved else [("--reference", args.reference, reference)]
+        if not saved and not args.leave_one_out:
+            sides.append(("--query", args.query, query))
+        for flag, path, adata in sides:
             if args.use_rep in adata.obsm and not args.overwrite:
                 raise OverwriteError(f"{flag} {path}: obsm[{args.use_rep!r}] holds an embedding already; pass "
                                      "--overwrite to replace it with --model's, or leave out --model to use it")
             with _naming(path):
                 embed(adata, args.model, key_added=args.use_rep, overwrite=args.overwrite)
-    transfer_labels(query, reference, args.label_key, args.use_rep, n_neighbors=args.n_neighbors,
-                    class_weight=args.class_weight, min_confidence=args.min_confidence,
-                    unknown_label=args.unknown_label, index=args.index, key_added=args.key_added,
-                    overwrite=args.overwrite)
+    built = build_reference(reference, args.label_key, args.use_rep, index=args.index) if args.save_reference else None
+    transfer_labels(query, built if built is not None and not args.leave_one_out else reference, args.label_key,
+                    args.use_rep, n_neighbors=args.n_neighbors, weights=args.weights, class_weight=args.class_weight,
+                    min_confidence=args.min_confidence, unknown_label=args.unknown_label, index=args.index,
+                    leave_one_out=args.leave_one_out, key_added=args.key_added, overwrite=args.overwrite)
     _write_h5ad(query, out)
     key = f"{args.key_added or args.label_key}_pred"
     info = query.uns["sslcell"][key]
     print(f"wrote {out}: obs['{key}'] for {query.n_obs} cells from {info['n_reference']} reference "
           f"cells ({info['index']} index, {info['n_unknown']} unknown)")
+    if built is not None:
+        built.save(args.save_reference, overwrite=args.overwrite)
+        print(f"saved the reference index to {args.save_reference}: label later queries with --reference "
+              f"{args.save_reference}")
+    if args.leave_one_out:
+        print(_leave_one_out_scores(query, args.label_key, key))
     return 0
+
+
+def _check_transfer_flags(args: argparse.Namespace, saved: bool) -> None:
+    """Refuse flag combinations ``sslcell transfer`` cannot honour, before any file is read."""
+    if args.leave_one_out:
+        _refuse_flags(args, ("query",), "--leave-one-out labels the reference's own cells; leave out --query")
+        if saved:
+            raise InputError(f"--reference {args.reference}: --leave-one-out labels the cells of a labelled .h5ad; "
+                             "a saved reference holds no AnnData to write them to")
+    elif args.query is None:
+        raise InputError("--query: required (or --leave-one-out, to score the reference against its own labels)")
+    if saved:
+        _refuse_flags(args, ("save_reference",), f"--reference {args.reference} is a saved reference already")
+    elif args.label_key is None:
+        raise InputError("--label-key: required with an .h5ad --reference (the obs column with its labels)")
+
+
+def _leave_one_out_scores(adata, label_key: str, pred_key: str) -> str:
+    """One line: accuracy and macro-F1 of the leave-one-out calls against the labelled cells' own labels."""
+    import numpy as np
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from sslcell.data.labels import label_strings
+
+    truth = label_strings(adata.obs[label_key], f"obs[{label_key!r}] of the reference")
+    labelled = np.asarray([t is not None for t in truth])
+    truth, pred = truth[labelled].astype(str), adata.obs[pred_key].astype(str).to_numpy()[labelled]
+    f1 = f1_score(truth, pred, labels=np.unique(truth), average="macro")  # an 'unknown' call is a miss, not a class
+    return (f"leave-one-out on {labelled.sum()} labelled cells: accuracy {accuracy_score(truth, pred):.3f}, "
+            f"macro-F1 {f1:.3f}")
 
 
 def _evaluate(args: argparse.Namespace) -> int:

@@ -68,6 +68,8 @@ def transfer_labels(
         raise ConfigError(f"n_neighbors must be an integer >= 1; got {n_neighbors!r}")
     if not isinstance(unknown_label, str) or not unknown_label:
         raise ConfigError(f"unknown_label must be a non-empty string; got {unknown_label!r}")
+    if weights not in ("distance", "uniform"):
+        raise ConfigError(f"weights must be 'distance' or 'uniform'; got {weights!r}")
     if class_weight not in (None, "balanced"):
         raise ConfigError(f"class_weight must be None or 'balanced'; got {class_weight!r}")
     if leave_one_out and query is not reference:

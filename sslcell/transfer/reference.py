@@ -55,6 +55,7 @@ HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 128
 FORMAT_VERSION = 1
 Kind = Literal["auto", "exact", "ivf", "hnsw"]
 KINDS = ("auto", "exact", "ivf", "hnsw")
+FILES = ("reference.json", "vectors.npy", "labels.npy", "index.faiss")  # what save writes (exact: no index.faiss)
 
 
 class _HNSWIndex(_ExactIndex):
@@ -164,7 +165,7 @@ class ReferenceIndex:
         """Write the reference into ``directory`` (created): reloadable with :meth:`load`. A reference already saved
         there is replaced only with ``overwrite=True``."""
         directory = Path(directory)
-        check_free_files(directory, ("reference.json", "vectors.npy", "labels.npy"), overwrite)
+        check_free_files(directory, FILES, overwrite)
         directory.mkdir(parents=True, exist_ok=True)
         x, offset = self._index.x, self._index.offset  # euclidean vectors are stored centred: undo it
         vectors, labels = (x if offset is None else x + offset), self.classes[self.codes]
@@ -174,6 +175,8 @@ class ReferenceIndex:
         if self.kind != "exact":  # serialised once: written, and hashed into the digest
             index_bytes = faiss.serialize_index(self._index.index).tobytes()
             (directory / "index.faiss").write_bytes(index_bytes)
+        else:  # an earlier (replaced) approximate reference's index would be left behind
+            (directory / "index.faiss").unlink(missing_ok=True)
         meta = {"format_version": FORMAT_VERSION, "kind": self.kind, "metric": self.metric, "model": self.model,
                 "model_id": self.model_id, "use_rep": self.use_rep, "label_key": self.label_key, "n": self.n,
                 "dim": self.dim, "classes": [str(c) for c in self.classes]}
