@@ -13,7 +13,9 @@ The method, in three steps (:func:`fit_cycle`):
    for unlabelled cells) and the phases' order around the cycle, every direction and origin (1° steps) is tried;
    each phase gets an arc as wide as its share of the labelled cells, in order from θ = 0; the choice that puts
    the most labelled cells in their own phase's arc wins. θ = 0 is then the start of the first phase, θ grows in
-   the phase order, and every cell gets the phase of the arc it falls in.
+   the phase order, and every cell gets the phase of the arc it falls in. Every phase of the order needs labelled
+   cells (a phase without any would get no arc). Three or more phases fix the direction; two fix only the origin
+   (two arcs follow each other both ways round, so noise picks the direction): warned.
 
 Quality, recorded with the fit: ``explained_variance`` (share of the representation's variance in the plane),
 ``residual`` (median |r - R| / R: 0 for cells on the circle; about 0.4 for a round gaussian blob, which has no
@@ -34,11 +36,13 @@ the circle and takes direction, origin and phase arcs from other labelled cells.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
+from sslcell._warn import warn_user
 from sslcell.errors import InputError, SSLCellWarning
 
 TWO_PI = 2.0 * np.pi
@@ -132,6 +136,7 @@ class CycleFit:
         _anchor(fit, self.raw_angle(self.plane(x)), anchors, order)
         if warn:
             _warn_contradiction(fit)
+            _warn_two_phases(fit)
         return fit
 
     def phase(self, theta: np.ndarray) -> np.ndarray:
@@ -152,12 +157,86 @@ class CycleFit:
     def from_dict(cls, values: dict[str, Any]) -> CycleFit:
         return cls(**{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in values.items()})
 
+    @classmethod
+    def from_record(cls, values: Any, where: str, error: type[InputError] = InputError) -> CycleFit:
+        """A fit from a stored record (``adata.uns["sslcell"][key]``, a recipe's ``cycle.json``), each field it uses
+        checked first: numbers, ``basis (D, 2)`` matching ``mean (D,)``, ``scale`` and ``centre`` of 2, finite values,
+        ``radius`` and ``scale`` > 0, ``direction`` ±1, one ``phase_starts`` per phase, rising from 0 within
+        ``[0, 2π)``. Other keys are ignored. A bad field raises ``error`` naming ``where`` and the field."""
+        if not isinstance(values, Mapping):
+            raise error(f"{where}: a cell-cycle fit is a dict of its fields; got {type(values).__name__}")
+        missing = [k for k in ("mean", "basis", "scale", "centre", "radius") if k not in values]
+        if missing:
+            raise error(f"{where}: the fit lacks {missing}: not a cell-cycle fit")
+
+        def fail(name: str, problem: str) -> InputError:
+            return error(f"{where}: the fit's {name!r} {problem}; the fit was damaged or edited: fit it again")
+
+        def numbers(name: str, shape: tuple[int, ...] | None = None, ndim: int = 0) -> np.ndarray:
+            try:
+                value = np.asarray(values[name])
+            except ValueError:  # ragged lists
+                raise fail(name, "is not an array of numbers") from None
+            if value.dtype.kind not in "iuf" and not (value.size == 0 and value.dtype.kind in "OU"):
+                raise fail(name, f"is not numbers ({str(values[name])[:40]!r})")
+            if (shape is not None and value.shape != shape) or (shape is None and value.ndim != ndim):
+                wanted = str(shape) if shape is not None else f"{ndim} dimension(s)"
+                raise fail(name, f"has shape {value.shape}, not {wanted}")
+            value = value.astype(np.float64)
+            if not np.isfinite(value).all():
+                raise fail(name, "holds NaN or inf values")
+            return value
+
+        mean = numbers("mean", ndim=1)
+        if mean.size < 2:
+            raise fail("mean", f"has {mean.size} values (a fit is made on D >= 2 dimensions)")
+        basis, scale, centre = numbers("basis", (mean.size, 2)), numbers("scale", (2,)), numbers("centre", (2,))
+        radius = float(numbers("radius", ()))
+        if radius <= 0 or (scale <= 0).any():
+            raise fail("radius" if radius <= 0 else "scale", f"is {radius if radius <= 0 else scale.tolist()}: "
+                       "radius and scale are > 0")
+        direction = float(numbers("direction", ())) if "direction" in values else 1.0
+        if direction not in (1.0, -1.0):
+            raise fail("direction", f"is {values['direction']!r}, not 1 or -1")
+        extra = {k: float(numbers(k, ())) for k in ("origin", "explained_variance", "residual", "closure",
+                                                    "closure_unscaled", "anchor_accuracy", "anchor_chance")
+                 if k in values and values[k] is not None}
+        anchored = values.get("anchored", False)
+        if np.asarray(anchored).dtype.kind not in "biu" or np.ndim(anchored) != 0 or anchored not in (0, 1):
+            raise fail("anchored", f"is {anchored!r}, not True or False")
+        phases = values.get("phases", [])
+        try:
+            phases = np.asarray(phases).tolist() if np.ndim(phases) == 1 else phases
+        except ValueError:  # ragged lists
+            pass
+        if not isinstance(phases, list) or not all(isinstance(p, str) for p in phases):
+            raise fail("phases", f"is {str(values['phases'])[:60]!r}, not a list of phase names")
+        if len(set(phases)) != len(phases):
+            raise fail("phases", f"repeats a phase ({phases})")
+        if "phase_starts" not in values and phases:
+            raise fail("phase_starts", f"is missing (the phases {phases} need their arcs' starts)")
+        starts = numbers("phase_starts", ndim=1) if phases or "phase_starts" in values else np.zeros(0)
+        if starts.size != len(phases):
+            raise fail("phase_starts", f"holds {starts.size} starts for the {len(phases)} phases {phases}")
+        if phases and not (abs(starts[0]) < 1e-12 and (np.diff(starts) > 0).all() and starts[-1] < TWO_PI):
+            raise fail("phase_starts", f"{np.round(starts, 4).tolist()} do not rise from 0 within [0, 2π) (one "
+                       "start per phase, in cycle order)")
+        method = values.get("method", cls.method)
+        if not isinstance(method, str):
+            raise fail("method", f"is {method!r}, not a text")
+        return cls(mean=mean.tolist(), basis=basis.tolist(), scale=scale.tolist(), centre=centre.tolist(),
+                   radius=radius, direction=int(direction), anchored=bool(anchored), phases=phases,
+                   phase_starts=starts.tolist(), method=method, **extra)
+
 
 def fit_cycle(x: np.ndarray, anchors: np.ndarray | None = None, order: list[str] | None = None,
-              warn: bool = True) -> CycleFit:
+              warn: bool = True, *, what: str = "the representation", anchors_what: str = "") -> CycleFit:
     """Fit a cycle through ``x (N, D)`` (module doc). ``anchors (N,)``: each cell's phase label or NaN / None;
-    ``order``: the phases in cycle order (default: :func:`default_phase_order`). Returns the :class:`CycleFit`."""
-    x = _as_matrix(x)
+    ``order``: the phases in cycle order (default: :func:`default_phase_order`), each with labelled cells; three or
+    more fix origin and direction, two only the origin (warned). ``what`` and ``anchors_what`` name ``x`` and the
+    anchors in errors (``"obsm['X']"``, ``"obs['phase']"``).
+    Returns the :class:`CycleFit`."""
+    x = _as_matrix(x, what=what)
     mean = x.mean(axis=0)
     centred = x - mean
     if x.shape[1] == 2:
@@ -183,9 +262,10 @@ def fit_cycle(x: np.ndarray, anchors: np.ndarray | None = None, order: list[str]
     iso_centre, _ = _robust_circle(iso)
     fit.closure_unscaled = closure(np.arctan2(iso[:, 1] - iso_centre[1], iso[:, 0] - iso_centre[0]))
     if anchors is not None:
-        _anchor(fit, raw, anchors, order)
+        _anchor(fit, raw, anchors, order, anchors_what)
         if warn:
             _warn_contradiction(fit, stacklevel=3)
+            _warn_two_phases(fit)
     failed = ([f"residual {fit.residual:.2f} > {RESIDUAL_WARN} (a blob, not a ring)"] * (fit.residual > RESIDUAL_WARN)
               + [f"closure {value:.3f}{how} < {CLOSURE_WARN} (an arc, not a ring, e.g. cells of one phase only)"
                  for value, how in ((fit.closure, ""), (fit.closure_unscaled, " without axis scaling"))
@@ -208,6 +288,13 @@ def _warn_contradiction(fit: CycleFit, stacklevel: int = 3) -> None:
             "and the labels", SSLCellWarning, stacklevel=stacklevel)
 
 
+def _warn_two_phases(fit: CycleFit) -> None:
+    if len(fit.phases) == 2:
+        warn_user(f"two anchored phases {fit.phases} set θ's origin but not its direction: their arcs follow each "
+                  "other both ways round, so noise chose it (θ may run backwards); anchor at least three phases in "
+                  "cycle order to fix the direction")
+
+
 def closure(theta: np.ndarray) -> float:
     """1 minus the largest empty arc between consecutive angles ``(N,)``, over 2π: 1 when the cells cover the whole
     circle evenly (large N), 0.5 when they fill only half of it."""
@@ -218,18 +305,23 @@ def closure(theta: np.ndarray) -> float:
     return float(1.0 - gaps.max() / TWO_PI)
 
 
-def _as_matrix(x: Any, width: int | None = None) -> np.ndarray:
+def _as_matrix(x: Any, width: int | None = None, what: str = "the representation",
+               made_on: str | None = None) -> np.ndarray:
     """``x`` as float64 ``(N, D)``: N >= 3 cells to fit a cycle (``width`` None), N >= 1 to place cells on a fit
-    made on ``width`` dimensions."""
+    made on ``width`` dimensions (``made_on``: what that fit was made on, for the message). ``what`` names ``x``."""
     x = np.asarray(x, dtype=np.float64)
     if width is not None and (x.ndim != 2 or x.shape[0] < 1):
-        raise InputError(f"cells are placed on a cycle from a representation (N >= 1 cells, D); got shape {x.shape}")
+        raise InputError(f"cells are placed on a cycle from a representation (N >= 1 cells, D); {what} has shape "
+                         f"{x.shape}")
     if width is None and (x.ndim != 2 or x.shape[0] < 3 or x.shape[1] < 2):
-        raise InputError(f"a cycle is fitted to a representation (N >= 3 cells, D >= 2); got shape {x.shape}")
+        raise InputError(f"a cycle is fitted to a representation (N >= 3 cells, D >= 2); {what} has shape {x.shape}")
     if width is not None and x.shape[1] != width:
-        raise InputError(f"the representation has {x.shape[1]} dimensions; this fit was made on {width}")
-    if not np.isfinite(x).all():
-        raise InputError("the representation holds NaN or inf values")
+        raise InputError(f"{what} has {x.shape[1]} dimensions; this fit was made on {width}"
+                         + (f" ({made_on})" if made_on else ""))
+    bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+    if bad.size:
+        raise InputError(f"{what} holds NaN or inf values in {bad.size} row(s) of {x.shape[0]} (rows "
+                         f"{', '.join(map(str, bad[:5]))}{', ...' if bad.size > 5 else ''}; 0-based)")
     return x
 
 
@@ -253,7 +345,7 @@ def _robust_circle(p: np.ndarray, rounds: int = 3, cut: float = 2.5) -> tuple[np
     return centre, radius
 
 
-def _anchor(fit: CycleFit, raw: np.ndarray, anchors: Any, order: list[str] | None) -> None:
+def _anchor(fit: CycleFit, raw: np.ndarray, anchors: Any, order: list[str] | None, what: str = "") -> None:
     """Choose direction and origin from labelled cells (module doc); sets the fit's phases and arcs."""
     labels = np.asarray(anchors, dtype=object)
     if labels.shape != raw.shape:
@@ -266,10 +358,17 @@ def _anchor(fit: CycleFit, raw: np.ndarray, anchors: Any, order: list[str] | Non
     unknown = sorted(str(v) for v in set(labels) - set(order))  # str: no np.str_ reprs in the message
     if unknown:
         raise InputError(f"anchor labels {unknown[:10]} are not in the phase order {order}")
-    if labels.size < len(order):
-        raise InputError(f"{labels.size} anchored cells for {len(order)} phases: label at least one cell per phase")
-    codes = np.array([order.index(v) for v in labels])
+    codes = np.array([order.index(v) for v in labels], dtype=np.int64)
     counts = np.bincount(codes, minlength=len(order))
+    if (counts == 0).any():
+        empty = [p for p, n in zip(order, counts, strict=True) if n == 0]
+        held = ", ".join(f"{p} {n}" for p, n in zip(order, counts, strict=True) if n) or "none"
+        raise InputError(
+            f"{what + ': ' if what else ''}no cell is anchored in the phase(s) {empty} of the anchor order {order} "
+            f"(anchored cells per phase: {held}): each phase's arc is as wide as its share of the anchored cells, so "
+            "these would get none and their cells would be called other phases. Label cells of every phase, or leave "
+            "these phases out of anchor_order (a categorical column's unused categories count as phases: "
+            "column.cat.remove_unused_categories())")
     starts = TWO_PI * np.concatenate([[0.0], np.cumsum(counts)[:-1]]) / counts.sum()
     best = (-1.0, 1, 0.0)
     for direction in (1, -1):

@@ -20,6 +20,7 @@ crops that lack the markers (:meth:`CycleRecipe.apply`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -152,18 +153,41 @@ class CycleRecipe:
 
     @classmethod
     def load(cls, directory: str | Path) -> CycleRecipe:
-        """Restore a saved recipe; nothing in it executes code."""
+        """Restore a saved recipe; nothing in it executes code. ``cycle.json`` is checked against the classifier: a
+        valid 2-D fit (:meth:`CycleFit.from_record`) and ``info.order`` naming each of the classifier's classes once;
+        a damaged or mismatched file raises :class:`FileFormatError` naming it and the field."""
         directory = Path(directory)
+        path = directory / RECIPE_JSON
         try:
-            meta = json.loads((directory / RECIPE_JSON).read_text())
-            if meta.get("kind") != "cycle_recipe":
-                raise KeyError("kind")
-            fit = CycleFit.from_dict(meta["fit"])
+            meta = json.loads(path.read_text())
         except FileNotFoundError:
             raise FileFormatError(f"{directory}: no {RECIPE_JSON}; not a saved cell-cycle recipe") from None
-        except (ValueError, KeyError, TypeError) as err:
-            raise FileFormatError(f"{directory / RECIPE_JSON}: not a valid cell-cycle recipe ({err})") from None
-        return cls(load_classifier(directory / "classifier"), fit, meta.get("info", {}))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise FileFormatError(f"{path}: not a valid cell-cycle recipe ({err})") from None
+        if not isinstance(meta, dict) or meta.get("kind") != "cycle_recipe":
+            raise FileFormatError(f"{path}: not a valid cell-cycle recipe (no \"kind\": \"cycle_recipe\")")
+        values = meta.get("fit")
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(CycleFit)}) if isinstance(values, dict) \
+            else []
+        if unknown:
+            raise FileFormatError(f"{path}: field 'fit' holds unknown field(s) {unknown}; not a cell-cycle fit")
+        fit = CycleFit.from_record(values, f"{path} (field 'fit')", FileFormatError)
+        if len(fit.mean) != 2:
+            raise FileFormatError(f"{path}: field 'fit' was made on {len(fit.mean)} dimensions; a recipe's cycle is "
+                                  "fitted on its 2-D phase wheel (damaged or edited)")
+        info = meta.get("info")
+        order = info.get("order") if isinstance(info, dict) else None
+        if not isinstance(order, list) or not all(isinstance(p, str) for p in order):
+            raise FileFormatError(f"{path}: field 'info' lacks 'order', the pseudo-phases in cycle order (a list of "
+                                  f"names); got {order!r}: damaged or edited")
+        classifier = load_classifier(directory / "classifier")
+        if sorted(order) != sorted(classifier.classes):
+            raise FileFormatError(f"{path}: field 'info.order' {order} does not name each of the classifier's classes "
+                                  f"{classifier.classes} once: damaged, edited, or another recipe's classifier")
+        if fit.phases and fit.phases != order:
+            raise FileFormatError(f"{path}: the fit's phases {fit.phases} are not field 'info.order' {order}: "
+                                  "damaged or edited")
+        return cls(classifier, fit, info)
 
 
 def fit_recipe(cells: CellImages, model: Any, markers: Sequence[int | str], channels: Sequence[int | str] | None,
@@ -174,6 +198,11 @@ def fit_recipe(cells: CellImages, model: Any, markers: Sequence[int | str], chan
     ``config``: a :class:`~sslcell.classify.FinetuneConfig`. Returns the recipe and the pseudo-phases ``(N,)``."""
     from sslcell.classify import FinetuneConfig, finetune
 
+    modality = getattr(getattr(model, "inputs", None), "modality", None)
+    if modality != "image":
+        raise InputError(f"{getattr(model, 'source', None) or 'the model'}: the DeepCycle recipe fine-tunes a model of "
+                         f"crops, and this model reads {modality or 'no crops'}, not crops; for expression use "
+                         "tl.score_cell_cycle and tl.cell_cycle")
     used = cells.channel_index(list(channels) if channels is not None else list(model.inputs.channel_names))
     leaked = set(cells.channel_index(list(markers))) & set(used)
     if leaked:

@@ -37,15 +37,17 @@ def cell_cycle(
 
     Writes ``obs[f"{key_added}_theta"]`` (θ in ``[0, 2π)``), ``obsm[f"{key_added}_plane"]`` (the scaled 2-D plane the
     circle was fitted in, ``(N, 2)``) and, with anchors, ``obs[f"{key_added}_phase"]`` (the phase arc each cell
-    falls in; without anchors an earlier fit's phase column is removed, with ``overwrite=True``); the fit (method,
+    falls in; without anchors the phase column of an earlier fit under ``key_added`` is removed, with
+    ``overwrite=True``, and a column no such fit wrote is left alone); the fit (method,
     direction, origin, closure, residual, explained variance, phase arcs) goes to ``uns["sslcell"][key_added]``.
     Warns when the cells do not seem to lie on a closed path.
 
     Args:
         use_rep: the ``obsm`` key of the representation ``(N, D)``: an embedding, a fine-tuned phase classifier's
             outputs, or a PCA of cell-cycle genes.
-        anchor_key: an ``obs`` column of phase labels that fixes origin and direction; cells without a label (NaN)
-            are placed but not used, so a few labelled cells suffice.
+        anchor_key: an ``obs`` column of phase labels that fixes the origin and, with at least three phases in
+            cycle order, the direction (two phases fix only the origin: warned); cells without a label (NaN) are
+            placed but not used, so a few labelled cells suffice, but every phase of the order needs some.
         anchor_order: the phases in cycle order (e.g. ``["G1", "S", "G2M"]``); default: an ordered categorical's
             categories (or an unordered one's when not in sorted order), else known phase names in cycle order
             (:func:`~sslcell.cellcycle.fit.default_phase_order`); other names need it.
@@ -58,7 +60,7 @@ def cell_cycle(
                              overwrite=overwrite, copy=copy)
     if use_rep not in adata.obsm:
         raise InputError(f"adata.obsm has no {use_rep!r} (embed it first with tl.embed); it has {list(adata.obsm)}")
-    keys = cycle_keys(adata, key_added, overwrite)
+    keys = cycle_keys(adata, key_added, overwrite, phases=anchor_key is not None)
     anchors, order = None, None
     if anchor_key is not None:
         if anchor_key not in adata.obs.columns:
@@ -83,10 +85,11 @@ def cell_cycle(
     elif anchor_order is not None:
         raise InputError("anchor_order needs anchor_key (the obs column of phase labels it orders)")
     x = np.asarray(adata.obsm[use_rep])
-    fit: CycleFit = fit_cycle(x, anchors, order)
+    fit: CycleFit = fit_cycle(x, anchors, order, what=f"obsm[{use_rep!r}]",
+                              anchors_what=f"obs[{anchor_key!r}]" if anchor_key else "")
     if copy:
         adata = adata.to_memory() if adata.isbacked else adata.copy()
-    write_cycle(adata, fit, fit.theta(x), fit.plane(x), keys)
+    write_cycle(adata, fit, fit.theta(x), fit.plane(x), keys, key_added)
     info = {"use_rep": use_rep, "rep_id": rep_id(adata, use_rep), "anchor_key": anchor_key, **fit.to_dict()}
     record(adata, key_added, {k: v for k, v in info.items() if v is not None})  # .h5ad cannot hold None
     return adata if copy else None

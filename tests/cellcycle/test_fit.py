@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
 from sslcell.cellcycle import CycleFit, closure, fit_cycle
 from sslcell.cellcycle.fit import default_phase_order
-from sslcell.errors import InputError
+from sslcell.errors import FileFormatError, InputError, SSLCellWarning
 from sslcell.evaluate import circular_correlation, cyclic_spearman, phase_arc_accuracy
 
 PHASES = ["G1", "S", "G2M"]
@@ -202,3 +204,71 @@ def test_phase_labels_without_an_order_run_theta_forwards():
     x, theta, phase = ring(seed=3)
     estimate = fit_cycle(x, phase).theta(x)  # plain strings: sorted by name they would read G1, G2M, S
     assert circular_correlation(estimate, theta) > 0.95
+
+
+def test_every_phase_of_the_order_needs_anchored_cells():
+    """A phase of the order without anchored cells got an arc of zero width and its cells were called other phases,
+    silently (the old check counted labels, not phases)."""
+    x, _, phase = ring(seed=8)
+    partial = np.where(phase == "G2M", None, phase)
+    counts = {p: int((phase == p).sum()) for p in ("G1", "S")}
+    with pytest.raises(InputError, match=rf"no cell is anchored in the phase\(s\) \['G2M'\] of the anchor order "
+                       rf"\['G1', 'S', 'G2M'\] \(anchored cells per phase: G1 {counts['G1']}, S {counts['S']}\)"):
+        fit_cycle(x, partial, PHASES)
+    with pytest.raises(InputError, match=r"\['S', 'G2M'\] .*G1 \d+\)"):
+        fit_cycle(x, np.where(phase == "G1", phase, None), PHASES)
+    with pytest.raises(InputError, match=r"\['G2M'\]"):
+        fit_cycle(x, warn=False).reanchored(x, partial, PHASES)
+
+
+def test_two_anchored_phases_warn_that_they_set_the_origin_not_the_direction():
+    x, _, phase = ring(seed=3)
+    two = np.where(phase == "G1", "G1", "S")
+    with pytest.warns(SSLCellWarning, match=r"two anchored phases \['G1', 'S'\] set θ's origin but not its direction"):
+        fit_cycle(x, two, ["G1", "S"])
+    with pytest.warns(SSLCellWarning, match="not its direction"):
+        fit_cycle(x, warn=False).reanchored(x, two, ["G1", "S"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit_cycle(x, phase, PHASES)  # three phases fix the direction
+        fit_cycle(x, two, ["G1", "S"], warn=False)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("basis", "truncated", r"'basis' has shape \(5, 2\), not \(10, 2\)"),
+    ("phases", ["G1", "S"], r"'phase_starts' holds 3 starts for the 2 phases"),
+    ("origin", "abc", r"'origin' is not numbers \('abc'\)"),
+    ("mean", "nan", r"'mean' holds NaN or inf"),
+    ("phase_starts", None, r"'phase_starts' is missing"),
+    ("direction", 5, r"'direction' is 5, not 1 or -1"),
+    ("radius", 0.0, r"'radius' is 0.0: radius and scale are > 0"),
+    ("scale", [0.0, 1.0], r"'scale' is \[0.0, 1.0\]"),
+    ("centre", [1.0], r"'centre' has shape \(1,\), not \(2,\)"),
+    ("phase_starts", [0.0, 4.0, 3.0], r"'phase_starts' \[0.0, 4.0, 3.0\] do not rise from 0"),
+    ("phases", ["G1", "S", "S"], r"'phases' repeats a phase"),
+])
+def test_a_damaged_record_is_refused_naming_the_field(field, value, match):
+    x, _, phase = ring(seed=3)
+    record = fit_cycle(x, phase, PHASES).to_dict()
+    assert CycleFit.from_record(record, "here").theta(x) == pytest.approx(CycleFit.from_dict(record).theta(x))
+    record = {**record, "use_rep": "X_sslcell"}  # other keys of a record are ignored
+    if value is None:
+        del record[field]
+    else:
+        record[field] = record[field][:5] if value == "truncated" else [np.nan] * 10 if value == "nan" else value
+    with pytest.raises(InputError, match=rf"^here: the fit's {match}"):
+        CycleFit.from_record(record, "here")
+    with pytest.raises(FileFormatError, match=rf"^cycle.json: the fit's {match}"):
+        CycleFit.from_record(record, "cycle.json", FileFormatError)
+
+
+def test_bad_rows_of_the_representation_are_named():
+    x, _, _ = ring(n=50)
+    bad = x.copy()
+    bad[[3, 7, 9, 11, 20, 30], 1] = np.inf
+    with pytest.raises(InputError, match=r"^obsm\['X'\] holds NaN or inf values in 6 row\(s\) of 50 \(rows 3, 7, 9, "
+                       r"11, 20, \.\.\.; 0-based\)"):
+        fit_cycle(bad, what="obsm['X']")
+    fit = fit_cycle(x)
+    with pytest.raises(InputError, match=r"^the representation holds NaN or inf values in 6 row"):
+        fit.theta(bad)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -171,3 +176,49 @@ def test_a_marker_channel_that_does_not_exist_is_refused():
     cells, _ = cycling_crops(20, 8)
     with pytest.raises(Exception, match="dapi"):
         marker_phases(cells, ["dapi"], "quantiles")
+
+
+def test_a_model_of_expression_is_refused_naming_its_directory():
+    """An expression model gave AttributeError: 'ExpressionInputs' object has no attribute 'channel_names'."""
+    from sslcell.checkpoint import load
+
+    folder = Path(__file__).parents[1] / "fixtures" / "checkpoints" / "format1" / "expression_mae"
+    cells, _ = cycling_crops(20, 8)
+    with pytest.raises(InputError, match=rf"^{re.escape(str(folder))}: .* this model reads expression, not crops"):
+        fit_recipe(cells, load(folder), ["g1_marker", "sg2m_marker"], ["brightfield"], scheme="grid")
+
+
+def _edit(meta: dict, field: str, value: Any) -> None:
+    part, _, name = field.partition(".")
+    if value is None:
+        meta[part].pop(name) if name else meta.pop(part)
+    else:
+        meta[part][name] = value
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("info", None, r"cycle.json: field 'info' lacks 'order'"),
+    ("info.order", ["G1", "S", "G2", "M"], r"cycle.json: field 'info.order' \['G1', 'S', 'G2', 'M'\] does not name "
+                                           r"each of the classifier's classes \['hi/hi', 'hi/lo', 'lo/hi', 'lo/lo'\]"),
+    ("info.order", ["lo/lo", "hi/lo"], r"cycle.json: field 'info.order' \['lo/lo', 'hi/lo'\] does not name each"),
+    ("info.order", ["hi/lo", "lo/lo", "hi/hi", "lo/hi"], r"cycle.json: the fit's phases .* are not field 'info.order'"),
+    ("fit.basis", [[1, 0], [0, 1], [0, 0]], r"cycle.json \(field 'fit'\): the fit's 'basis' has shape \(3, 2\), not "
+                                            r"\(2, 2\)"),
+    ("fit.mean", [0.0, 0.0, 0.0], r"cycle.json \(field 'fit'\): the fit's 'basis' has shape \(2, 2\), not \(3, 2\)"),
+    ("fit.direction", 5, r"cycle.json \(field 'fit'\): the fit's 'direction' is 5, not 1 or -1"),
+    ("fit.radius", 0, r"cycle.json \(field 'fit'\): the fit's 'radius' is 0.0"),
+    ("fit.phase_starts", None, r"cycle.json \(field 'fit'\): the fit's 'phase_starts' is missing"),
+    ("fit.foo", 1, r"cycle.json: field 'fit' holds unknown field\(s\) \['foo'\]"),
+])
+def test_a_damaged_or_mismatched_recipe_folder_is_refused_naming_cycle_json_and_the_field(recipe, tmp_path, field,
+                                                                                          value, match):
+    """No info: KeyError 'order'; an order of other names: ValueError from wheel; a shortened order: ran silently;
+    a 3 x 2 basis: a matmul traceback."""
+    fitted, _ = recipe
+    folder = fitted.save(tmp_path / "recipe")
+    meta = json.loads((folder / "cycle.json").read_text())
+    CycleRecipe.load(folder)  # as saved: loads
+    _edit(meta, field, value)
+    (folder / "cycle.json").write_text(json.dumps(meta))
+    with pytest.raises(FileFormatError, match=match):
+        CycleRecipe.load(folder)

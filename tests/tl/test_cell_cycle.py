@@ -88,9 +88,9 @@ def test_refusals(cells):
     tl.cell_cycle(cells, anchor_key="phase", overwrite=True)
     tl.cell_cycle(cells, overwrite=True)  # unanchored again: the anchored fit's phases go with it
     assert "cell_cycle_phase" not in cells.obs and not cells.uns["sslcell"]["cell_cycle"]["anchored"]
-    cells.obs["cc_phase"] = "mine"  # a column the unanchored fit would remove is not removed without asking
+    cells.obs["cc_phase"] = "mine"  # a column no fit under "cc" wrote: an anchored fit does not replace it unasked
     with pytest.raises(OverwriteError, match="cc_phase"):
-        tl.cell_cycle(cells, key_added="cc")
+        tl.cell_cycle(cells, anchor_key="phase", key_added="cc")
     assert (cells.obs["cc_phase"] == "mine").all() and "cc_theta" not in cells.obs
     cells.uns["sslcell"]["X_sslcell"] = {"model_id": "weights_a"}  # the embedding's record, as tl.embed keeps it
     with pytest.raises(OverwriteError, match=r"uns\['sslcell'\]\['X_sslcell'\] holds the record"):
@@ -296,3 +296,81 @@ def test_a_view_of_a_backed_anndata_is_refused_in_place_with_or_without_a_refere
         with pytest.raises(InputError, match=r"c.h5ad: a view of a backed AnnData .* cannot take results in place"):
             tl.cell_cycle(view, "X_sslcell", reference=reference)
     assert "cell_cycle_theta" in tl.cell_cycle(view, "X_sslcell", reference=fitted, copy=True).obs
+
+
+def test_a_category_without_anchored_cells_is_refused_and_all_three_score_phases_work(cells):
+    """An unused category (G2M of a G1 / S / G2M column, as tl.score_cell_cycle writes it) got an arc of zero width:
+    its cells were called other phases, silently."""
+    cells.obs["scored"] = pd.Categorical(cells.obs["phase"].astype(str), categories=["G1", "S", "G2M"])
+    tl.cell_cycle(cells, anchor_key="scored")  # all three present: fitted, in the categories' order
+    assert list(cells.uns["sslcell"]["cell_cycle"]["phases"]) == PHASES
+    assert set(cells.obs["cell_cycle_phase"]) == set(PHASES)
+    cells.obs["scored"] = cells.obs["scored"].where(cells.obs["phase"] != "G2M")  # no cell labelled G2M
+    with pytest.raises(InputError, match=r"obs\['scored'\]: no cell is anchored in the phase\(s\) \['G2M'\] .*"
+                       r"remove_unused_categories"):
+        tl.cell_cycle(cells, anchor_key="scored", key_added="cc")
+    with pytest.raises(InputError, match=r"\['G2M'\] of the anchor order \['G1', 'S', 'G2M'\]"):
+        tl.cell_cycle(cells, anchor_key="scored", anchor_order=PHASES, key_added="cc")
+    assert "cc_theta" not in cells.obs
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("basis", "truncated", r"'basis' has shape"), ("phases", ["G1", "S"], r"'phase_starts' holds 3 starts"),
+    ("origin", "abc", r"'origin' is not numbers"), ("mean", "nan", r"'mean' holds NaN"),
+    ("phase_starts", None, r"'phase_starts' is missing"), ("direction", 5, r"'direction' is 5"),
+    ("radius", 0.0, r"'radius' is 0.0"), ("scale", [0.0, 1.0], r"'scale' is \[0.0, 1.0\]"),
+])
+def test_a_damaged_reference_fit_in_an_h5ad_is_refused_naming_the_key_and_field(field, value, match, tmp_path):
+    """An edited or damaged fit gave tracebacks, or silently NaN θ and phases of one kind."""
+    reference, new = _one_phase("S")
+    tl.cell_cycle(reference, anchor_key="phase")
+    info = reference.uns["sslcell"]["cell_cycle"]
+    if value is None:
+        del info[field]
+    else:
+        info[field] = info[field][:5] if value == "truncated" else [np.nan] * 10 if value == "nan" else value
+    reference.uns["sslcell"]["cycle"] = reference.uns["sslcell"].pop("cell_cycle")
+    reference.write_h5ad(tmp_path / "ref.h5ad")
+    with pytest.raises(InputError, match=rf"uns\['sslcell'\]\['cycle'\]: the fit's {match}"):
+        tl.cell_cycle(new, reference=ad.read_h5ad(tmp_path / "ref.h5ad"), reference_key="cycle")
+    assert "cell_cycle_theta" not in new.obs
+
+
+def test_an_unanchored_fit_keeps_a_phase_column_no_fit_wrote_and_refusals_name_every_column(cells):
+    """make_expression's true cycle_theta / cycle_phase: tl.cell_cycle(key_added="cycle", overwrite=True) without
+    anchors deleted the user's cycle_phase though no fit had written it."""
+    truth = pd.Categorical(cells.obs["phase"].astype(str), categories=PHASES)
+    cells.obs["cycle_theta"], cells.obs["cycle_phase"] = cells.obs["theta_true"], truth
+    with pytest.raises(OverwriteError, match=r"obs\['cycle_theta'\] exists: these would be replaced"):
+        tl.cell_cycle(cells, key_added="cycle")
+    tl.cell_cycle(cells, key_added="cycle", overwrite=True)
+    assert (cells.obs["cycle_phase"] == truth).all()  # kept: the user's, not an earlier fit's
+    # another tool's record under the key (tl.score_cell_cycle's writes {key}_phase): its column is kept too
+    cells.obs["score_phase"], cells.uns["sslcell"]["score"] = truth, {"genes": "Tirosh et al. 2016"}
+    tl.cell_cycle(cells, key_added="score", overwrite=True)
+    assert (cells.obs["score_phase"] == truth).all()
+    # an earlier anchored fit's phases are removed by an unanchored one, which names them when refused
+    tl.cell_cycle(cells, anchor_key="phase", key_added="cc")
+    with pytest.raises(OverwriteError) as refused:
+        tl.cell_cycle(cells, key_added="cc")
+    for named in ("obs['cc_theta']", "obs['cc_phase'] holds the earlier fit's phases (removed", "obsm['cc_plane']",
+                  "uns['sslcell']['cc'] holds the record"):
+        assert named in str(refused.value)
+    tl.cell_cycle(cells, key_added="cc", overwrite=True)
+    assert "cc_phase" not in cells.obs
+
+
+def test_nan_rows_and_a_representation_of_another_width_are_named():
+    reference, new = _one_phase("G1")
+    tl.cell_cycle(reference, anchor_key="phase")
+    bad = new.obsm["X_sslcell"].copy()
+    bad[[2, 5]] = np.nan
+    new.obsm["bad"] = bad
+    for ref in (None, reference):
+        with pytest.raises(InputError, match=rf"^obsm\['bad'\] holds NaN or inf values in 2 row\(s\) of "
+                           rf"{new.n_obs} \(rows 2, 5; 0-based\)"):
+            tl.cell_cycle(new, "bad", reference=ref)
+    new.obsm["narrow"] = new.obsm["X_sslcell"][:, :4]
+    with pytest.raises(InputError, match=r"^obsm\['narrow'\] has 4 dimensions; this fit was made on 10 \(the "
+                       r"reference's obsm\['X_sslcell'\]\)"):
+        tl.cell_cycle(new, "narrow", reference=reference)
