@@ -87,17 +87,18 @@ def model_card(meta: dict[str, Any]) -> str:
 
 def write_weights(
     module: torch.nn.Module, meta: dict[str, Any], directory: str | Path, weights: str, config: str, *,
-    overwrite: bool = False,
+    overwrite: bool = False, header: dict[str, str] | None = None,
 ) -> Path:
     """``module``'s state dict as safetensors ``weights`` and ``meta`` as JSON ``config`` in ``directory``
     (created), each written atomically; files already there are replaced only with ``overwrite``. The JSON also
-    gets ``weights_id``, the weights' checksum (:func:`state_id`), which :func:`read_weights` checks."""
+    gets ``weights_id``, the weights' checksum (:func:`state_id`), which :func:`read_weights` checks. ``header``:
+    text entries for the safetensors header (:func:`weights_header` reads them back)."""
     directory = Path(directory)
     check_free_files(directory, (weights, config), overwrite)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     meta = {**meta, "weights_id": state_id(state)}
-    atomic_write(directory / weights, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    atomic_write(directory / weights, lambda p: save_file(state, str(p), metadata={**(header or {}), "format": "pt"}))
     atomic_write(directory / config, lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
     return directory
 
@@ -219,6 +220,17 @@ def _check_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Tenso
     broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if broken:
         raise FileFormatError(f"{path}: weights hold NaN or infinite values: {broken[:5]}")
+
+
+def weights_header(path: Path) -> dict[str, str]:
+    """The text entries of safetensors ``path``'s header (:func:`write_weights`' ``header``)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError) as err:
+        raise FileFormatError(f"{path}: cannot read weights ({err})") from None
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:

@@ -31,7 +31,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         return args.run(args) or 0
     except RunInterrupted as err:  # as a process killed by SIGTERM ends: 128 + 15
-        print(f"sslcell {args.command}: {err}".replace("resume=True (--resume)", "--resume"), file=sys.stderr)
+        after = "" if args.command in RESUMABLE else "; nothing was written (it does not resume): run it again"
+        print(f"sslcell {args.command}: {err}{after}".replace("resume=True (--resume)", "--resume"), file=sys.stderr)
         return 143
     except KeyboardInterrupt:  # Ctrl-C: no traceback; 128 + SIGINT, as the shell reports it
         print(f"sslcell {args.command}: interrupted{RESUMABLE.get(args.command, '')}", file=sys.stderr)
@@ -80,7 +81,10 @@ def _as_cli(message: str, command: str = "embed") -> str:
                          ("max_missing_genes", "--max-missing-genes"), ("crops=cells", "--crops"),
                          ("unknown_label=", "--unknown-label "), ("unknown_label", "--unknown-label"),
                          ("min_confidence", "--min-confidence"), ("label_key=", "--label-key "),
-                         ("label_key ", "--label-key "),
+                         ("label_key ", "--label-key "), ("(label_key)", "(--label-key)"), ("tta=False", "no --tta"),
+                         ("channels=[...] / --channels", "--channels"), ("channels=... / --channels", "--channels"),
+                         ("anchor_order", "--anchor-order"), ("anchor_key", "--anchor-key"),
+                         ("reference_key", "--reference-key"), ("reference=", "--reference "),
                          ("baselines=()", "--baselines alone")):
         message = message.replace(python, flag)
     return " ".join(message.split())  # one line, whatever the wrapped error (YAML, HDF5) printed
@@ -157,7 +161,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="train a cell-type / fate classifier on labelled cells")
     p.add_argument("--model", required=True, help="pretrained model or run directory")
     p.add_argument("--data", required=True, help="labelled crops (.npz, zarr or folder) or, for expression, .h5ad")
-    p.add_argument("--label-key", default="label", help="obs column (npz/zarr array, obs.csv column) with labels")
+    p.add_argument("--label-key", default="label",
+                   help="expression: obs column with the labels (default: label); crops: npz/zarr array or obs.csv "
+                        "column (default: a labels array, or class subfolders)")
     p.add_argument("--out", required=True, help="classifier directory")
     p.add_argument("--config", help="YAML with FinetuneConfig fields (flags below override it)")
     p.add_argument("--head", choices=["linear", "mlp", "full"],
@@ -237,7 +243,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="with --model: fine-tuning epochs")
     p.add_argument("--recipe", help="place new crops with a recipe saved by --model (markers not needed)")
     p.add_argument("--use-rep", help="obsm key of the representation (default: X_sslcell)")
-    p.add_argument("--anchor-key", help="obs column of phase labels (NaN: unlabelled) fixing origin and direction")
+    p.add_argument("--anchor-key", help="obs column of phase labels (NaN: unlabelled) fixing the origin and, with "
+                   "three or more phases, the direction; every phase of --anchor-order needs labelled cells")
     p.add_argument("--anchor-order", type=lambda text: [t.strip() for t in text.split(",") if t.strip()],
                    help="the phases in cycle order, comma-separated, e.g. G1,S,G2,M")
     p.add_argument("--reference", help=".h5ad holding a cell-cycle fit (written by this command) of cells embedded "
@@ -479,7 +486,6 @@ def _finetune(args: argparse.Namespace) -> int:
     from sslcell.checkpoint import load
     from sslcell.classify import FinetuneConfig, finetune, save_classifier
     from sslcell.config import read_yaml
-    from sslcell.data.images import CellImages
 
     out = _output_folder(Path(args.out), args.overwrite)
     values = {}
@@ -508,7 +514,7 @@ def _finetune(args: argparse.Namespace) -> int:
     else:
         _refuse_flags(args, ("layer", "counts_are_log_normalized"), "for expression models; this one reads crops, "
                       "remove it")
-        cells = CellImages.read(args.data, label_key=args.label_key if args.label_key != "label" else None)
+        cells = _read_labelled_crops(args.data, args.label_key)
         classifier = finetune(cells, model, "label", config, channels=args.channels,
                               max_missing_genes=args.max_missing_genes, val_group_key=args.val_group_key)
     save_classifier(classifier, out, overwrite=args.overwrite)
@@ -516,12 +522,25 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_labelled_crops(path: str, label_key: str | None):
+    """Crops with their labels as ``obs['label']``: ``label_key`` names the npz / zarr array or ``obs.csv`` column;
+    ``None``, or ``"label"`` where the crops hold no array or column of that name, reads their default labels (a
+    ``labels`` array, class subfolders)."""
+    from sslcell.data.images import CellImages
+
+    try:
+        return CellImages.read(path, label_key=label_key)
+    except InputError as err:
+        if label_key != "label" or not any(why in str(err) for why in ("not found", "no obs.csv", "not a column")):
+            raise
+    return CellImages.read(path, label_key=None)
+
+
 def _predict(args: argparse.Namespace) -> int:
     import numpy as np
 
     from sslcell.classify import load_classifier
     from sslcell.classify.predict import METRIC_FILES, write_metrics
-    from sslcell.data.images import CellImages
     from sslcell.data.labels import label_strings
     from sslcell.tl import predict, score
 
@@ -536,12 +555,11 @@ def _predict(args: argparse.Namespace) -> int:
     if classifier.inputs.modality == "image":
         _refuse_flags(args, ("layer", "counts_are_log_normalized"), "for expression classifiers; this one reads "
                       "crops, remove it")
-        cells = CellImages.read(args.data, label_key=args.label_key if args.label_key not in (None, "label") else None)
+        cells = _read_labelled_crops(args.data, args.label_key)
         label_key = None if args.label_key is None else "label"
-        cells = classifier.inputs.align(cells, args.channels)
         adata = cells.to_anndata()
-        predict(adata, classifier, crops=cells, label_key=label_key, key_added=key, tta=args.tta,
-                overwrite=args.overwrite)
+        predict(adata, classifier, crops=cells, label_key=label_key, key_added=key, channels=args.channels,
+                tta=args.tta, overwrite=args.overwrite)  # (aligns the crops, and warns, once)
     else:
         _refuse_flags(args, ("channels", "tta"), "for image classifiers; this one reads expression, remove them")
         adata, label_key = _read_h5ad(args.data), args.label_key

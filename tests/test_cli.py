@@ -182,3 +182,30 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
     assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"sslcell {sslcell.__version__}"
+
+
+def test_cell_cycle_messages_name_the_flags(tmp_path, capsys):
+    """Library messages named anchor_order, anchor_key and reference= on the command line."""
+    angle = np.linspace(0, 2 * np.pi, 60, endpoint=False)
+    adata = ad.AnnData(np.zeros((60, 2), np.float32))
+    adata.obsm["X_sslcell"] = np.c_[np.cos(angle), np.sin(angle)].astype(np.float32)
+    adata.write_h5ad(tmp_path / "ring.h5ad")
+    argv = ["cell-cycle", "--data", str(tmp_path / "ring.h5ad"), "--out", str(tmp_path / "o.h5ad")]
+    assert main([*argv, "--anchor-order", "G1,S,G2M"]) == 2
+    assert "--anchor-order needs --anchor-key (the obs column" in capsys.readouterr().err
+
+
+def test_a_stopped_command_that_cannot_resume_says_nothing_was_written(capsys):
+    import argparse
+
+    from sslcell.cli import _run
+    from sslcell.errors import RunInterrupted
+
+    def stopped(args):
+        raise RunInterrupted("stopped by SIGTERM at step 13 (epoch 4) of training, before its end")
+
+    assert _run(argparse.Namespace(command="finetune", run=stopped)) == 143
+    assert "of training, before its end; nothing was written (it does not resume): run it again" in \
+        capsys.readouterr().err
+    assert _run(argparse.Namespace(command="pretrain", run=stopped)) == 143
+    assert "nothing was written" not in capsys.readouterr().err  # its checkpoint was: --resume goes on

@@ -297,3 +297,30 @@ def test_embed_never_writes_over_its_input_crops(files, tmp_path, capsys):
     npz.write_bytes(files["npz"].read_bytes())
     assert main(["embed", "--model", str(files["run"]), "--data", str(npz), "--out", str(npz), "--overwrite"]) == 2
     assert "is an input file" in capsys.readouterr().err and npz.read_bytes() == files["npz"].read_bytes()
+
+
+def test_label_key_label_names_a_column_where_there_is_one_else_the_default_labels(tmp_path):
+    """A folder in class subfolders with an obs.csv 'label' column: `--label-key label` was dropped, and the reader
+    then asked for label_key; where no 'label' array or column exists, 'label' still reads the default labels."""
+    import pandas as pd
+    import tifffile
+
+    from sslcell.cli import _read_labelled_crops
+    from sslcell.errors import InputError
+
+    x = crops(np.arange(8) % 2, 0)[:, :1]
+    rows = []
+    for i, crop in enumerate(x):
+        (tmp_path / "crops" / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+        tifffile.imwrite(tmp_path / "crops" / f"class{i % 2}" / f"c{i}.tif", crop[0])
+        rows.append((f"class{i % 2}/c{i}", ["early", "late"][i // 4]))
+    pd.DataFrame(rows, columns=["file", "label"]).to_csv(tmp_path / "crops" / "obs.csv", index=False)
+    cells = _read_labelled_crops(str(tmp_path / "crops"), "label")
+    assert dict(zip(cells.obs.index, cells.obs["label"], strict=True)) == dict(rows)
+    assert set(cells.obs["folder"]) == {"class0", "class1"}
+    with pytest.raises(InputError, match="pass label_key='label' to use the column"):
+        _read_labelled_crops(str(tmp_path / "crops"), None)
+    np.savez(tmp_path / "plain.npz", images=x, labels=np.arange(8) % 2)  # a 'labels' array, no 'label'
+    assert list(_read_labelled_crops(str(tmp_path / "plain.npz"), "label").obs["label"]) == [0, 1] * 4
+    with pytest.raises(InputError, match="label_key 'fate' not found"):
+        _read_labelled_crops(str(tmp_path / "plain.npz"), "fate")

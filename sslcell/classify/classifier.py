@@ -10,7 +10,15 @@ import torch
 from torch import Tensor, nn
 
 from sslcell.augment.image import dihedral_views
-from sslcell.checkpoint import FORMAT_VERSION, check_format, check_statistics, read_weights, versions, write_weights
+from sslcell.checkpoint import (
+    FORMAT_VERSION,
+    check_format,
+    check_statistics,
+    read_weights,
+    versions,
+    weights_header,
+    write_weights,
+)
 from sslcell.config import RecipeConfig
 from sslcell.data.images import CellImages
 from sslcell.errors import ConfigError, FileFormatError, InputError
@@ -156,7 +164,8 @@ def save_classifier(classifier: CellClassifier, directory: str | Path, *, info: 
         "versions": versions(),
         "info": {**classifier.info, **(info or {})},
     }
-    return write_weights(classifier, meta, directory, WEIGHTS, CONFIG, overwrite=overwrite)
+    return write_weights(classifier, meta, directory, WEIGHTS, CONFIG, overwrite=overwrite,
+                         header={"classes": json.dumps(classifier.classes)})  # the order the head's outputs follow
 
 
 def load_classifier(directory: str | Path, *, map_location: str | torch.device = "cpu") -> CellClassifier:
@@ -183,6 +192,11 @@ def load_classifier(directory: str | Path, *, map_location: str | torch.device =
     built = classifier.inputs.contract.to_dict()  # the JSON's statistics, as the input module holds them
     read_weights(classifier, directory / WEIGHTS, CONFIG, map_location, meta)
     check_statistics(classifier.inputs, built, directory / CONFIG)
+    trained = weights_header(directory / WEIGHTS).get("classes")  # absent in classifiers saved before 0.2
+    if trained is not None and json.loads(trained) != classifier.classes:
+        raise FileFormatError(f"{directory / CONFIG}: classes {classifier.classes} are not those the weights were "
+                              f"trained on, in their order ({json.loads(trained)}): each output of the head is one "
+                              "class, so an edited list would relabel every prediction; restore the file")
     classifier.info = meta.get("info", {})
     classifier.source = str(directory)
     return classifier.eval()

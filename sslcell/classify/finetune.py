@@ -187,6 +187,12 @@ class FinetuneConfig:
                               "leaves frozen; use head 'full'")
         if not isinstance(self.oversample, (bool, int, float)) or not 0.0 <= float(self.oversample) <= 1.0:
             raise ConfigError(f"oversample: must be true, false or a power in [0, 1], got {self.oversample!r}")
+        if not isinstance(self.augment, dict):
+            raise ConfigError(f"augment: a mapping of image augmentation fields; got {self.augment!r}")
+        if self.augment.get("output_size") is not None:  # prediction reads crops at their own size
+            raise ConfigError(f"augment.output_size: {self.augment['output_size']!r}: fine-tuning trains on views "
+                              "of the crops' own size, as the classifier predicts on them (views of another size "
+                              "would show it cells at another scale than at prediction); remove it")
         self.augment = {**LABEL_PRESERVING_AUGMENT, **self.augment}
         image_augment_config(self.augment)  # raises ConfigError naming the bad augment field
 

@@ -6,7 +6,9 @@ names and a per-cell ``obs``), not yet validated: :meth:`sslcell.data.images.Cel
 * ``.npz``: key ``images`` ``(N, C, H, W)``; optional ``channel_names`` ``(C,)``; per-cell arrays become ``obs``
   columns (1-D of length ``N``, or ``(N, k)`` with ``k <= 16`` split into ``key_0 .. key_{k-1}``); the label
   array (``labels`` / ``label`` or ``label_key``) becomes the categorical column ``label``, named through
-  ``label_names`` ``(K,)`` when given (code ``-1`` = unlabelled); ``cell_id`` ``(N,)``, if present, is the index.
+  ``label_names`` ``(K,)`` when given (integer code ``-1`` = unlabelled, with or without names); ``cell_id``
+  ``(N,)``, if present, is the index. Object (pickled) arrays are never unpickled: a label array of that kind is
+  refused, naming it, any other skipped with a warning.
   Scalars (e.g. ``description``) are skipped; a compressed ``images`` member is decompressed into memory.
 * zarr: an array ``(N, C, H, W)``, or a group with an ``images`` array and per-cell arrays as above;
   ``channel_names`` / ``label_names`` from the attributes (or arrays of the group).
@@ -75,8 +77,11 @@ def read_raw_cells(path: Path, label_key: str | None) -> RawCells:
 
 # ------------------------------------------------------------------------------------------ per-cell arrays
 def _label_column(values: np.ndarray, names: np.ndarray | None, where: str) -> pd.Categorical:
-    """Integer codes + ``names`` (K,) -> categorical with those names; else the values as categories."""
+    """Integer codes + ``names`` (K,) -> categorical with those names; else the values as categories. Integer code
+    ``-1`` is unlabelled (missing) either way."""
     if names is None:
+        if values.dtype.kind == "i":  # -1: unlabelled, as with names (not a class of its own)
+            return pd.Categorical(values, categories=np.unique(values[values != -1]))
         return pd.Categorical(values)
     names = [str(x) for x in np.asarray(names).ravel()]
     if values.dtype.kind not in "iu":
@@ -195,7 +200,14 @@ def _read_npz(path: Path, label_key: str | None) -> RawCells:
                 if key == "images":
                     continue
                 with zf.open(member) as fp:
-                    shape, _, _ = _npy_header(fp)
+                    shape, _, dtype = _npy_header(fp)
+                if np.dtype(dtype).hasobject:  # pickled: never loaded (allow_pickle=False)
+                    fix = f"save it as a string array, e.g. np.savez(..., {key}=values.astype(str))"
+                    if key == label_key or (label_key is None and key in ("labels", "label")):
+                        raise FileFormatError(f"{path}: the label array {key!r} is an object (pickled) array, "
+                                              f"which sslcell does not load: {fix}")
+                    warn_user(f"{path}: array {key!r} is an object (pickled) array, not loaded; skipped ({fix})")
+                    continue
                 if len(shape) <= 1 or (len(shape) == 2 and shape[1] <= _MAX_SPLIT_COLUMNS):
                     with zf.open(member) as fp:
                         arrays[key] = np.lib.format.read_array(fp, allow_pickle=False)
@@ -380,7 +392,8 @@ def _folder_obs(path: Path, ids: list[str], folder_labels: list[str] | None, lab
                 obs["folder"] = folder_labels
             obs["label"] = obs.pop(label_key)
         elif folder_labels is not None and "label" in obs.columns:
-            raise InputError(f"{csv}: has a 'label' column and crops sit in class subfolders; pass label_key")
+            raise InputError(f"{csv}: has a 'label' column and crops sit in class subfolders; pass label_key='label' "
+                             "to use the column (the subfolder name then goes to 'folder')")
     if folder_labels is not None and "label" not in obs.columns:
         obs["label"] = folder_labels
     if "label" in obs.columns:

@@ -198,27 +198,35 @@ class ImageInputs(Inputs):
         self._warn_if_rescaled(cells)
         return cells
 
-    def _warn_if_rescaled(self, cells: CellImages, sample: int = 256, factor: float = 16.0) -> None:
-        """Warn when a channel's mean over up to ``sample`` evenly spaced crops is ``factor`` or more times off
-        the model's: integer crops at another scale (8-bit values in a uint16 array, a 12-bit camera's raw values
-        stretched to 16 bits) pass every dtype check yet collapse the embeddings toward one point."""
-        if self.dtype not in _INTEGER_DTYPES or len(cells) == 0:
-            return  # float models read the user's own scale (and _check_dtype has refused any other dtype)
+    def _warn_if_rescaled(self, cells: CellImages, sample: int = 256, factor: float = 1.5, spread: float = 3.0) -> None:
+        """Warn when a channel's mean over up to ``sample`` evenly spaced crops is ``factor`` or more times off the
+        model's and more than ``spread`` of the model's standard deviations away: crops on another scale (8-bit
+        values in a uint16 array, a 14-bit camera's values stretched to 16 bits, twice the exposure) pass every
+        dtype check, yet the model reads them far outside what it was trained on (a 2x brighter Jurkat brightfield
+        lies 11 standard deviations off, and a classifier then calls one class for every crop). A sparse channel
+        (a stain's bright spots on a dark field) has a spread as wide as its mean and only warns when far off."""
+        if len(cells) == 0:
+            return
         import numpy as np
 
         rows = np.unique(np.linspace(0, len(cells) - 1, min(len(cells), sample)).round().astype(np.intp))
         means = cells.batch(rows).mean(axis=(0, 2, 3), dtype=np.float64)
         off = []
-        for name, mean, ref in zip(self.channel_names, means, self.channel_mean.flatten().tolist(), strict=True):
-            if ref > 0 and (mean <= 0 or max(mean / ref, ref / mean) >= factor):
-                off.append(f"{name} {mean:.4g} (model {ref:.4g})")
+        for name, mean, ref, std in zip(self.channel_names, means, self.channel_mean.flatten().tolist(),
+                                        self.channel_std.flatten().tolist(), strict=True):
+            ratio = np.inf if min(mean, ref) <= 0 else max(mean / ref, ref / mean)
+            if mean != ref and ratio >= factor and abs(mean - ref) > spread * std:
+                off.append(f"{name} {mean:.4g} (model {ref:.4g} \u00b1 {std:.4g})")
         if off:
             from sslcell._warn import warn_user
 
-            warn_user(f"{cells.source}: channel means {', '.join(off)} are {factor:g}x or more off those of the "
-                      f"crops the model was trained on ({len(rows)} crops sampled): if the intensities are on another "
-                      f"scale ({'e.g. 8-bit values stored as uint16' if self.dtype == 'uint16' else 'another exposure'}"
-                      "), convert them to the training crops' scale, or the embeddings collapse toward one point")
+            hint = "e.g. 8-bit values stored as uint16, or another exposure" if self.dtype == "uint16" else \
+                "e.g. another exposure or normalisation"
+            warn_user(f"{cells.source}: channel means {', '.join(off)} are {factor:g}x or more and over {spread:g} "
+                      f"standard deviations off those of the crops the model was trained on ({len(rows)} crops "
+                      f"sampled): if the intensities are on another scale ({hint}), convert them to the training "
+                      "crops' scale; the model reads them as it never saw crops, and its embeddings and predictions "
+                      "mean little")
 
     def check(self, batch: Tensor) -> None:
         """Raise if ``batch`` is not ``(N, C, H, W)`` with the model's channel count and crop size."""

@@ -192,6 +192,19 @@ def test_weights_that_do_not_match_the_description(saved, change):
         load_classifier(saved)
 
 
+def test_reordered_or_renamed_classes_are_refused(saved):
+    """Same count, another order: loaded without a word before, and every prediction was relabelled."""
+    meta = json.loads((saved / "classifier.json").read_text())
+    trained = list(meta["classes"])
+    for edited in ([trained[1], trained[0], *trained[2:]], ["x", *trained[1:]]):
+        (saved / "classifier.json").write_text(json.dumps({**meta, "classes": edited}))
+        with pytest.raises(FileFormatError, match=r"classifier\.json: classes .* are not those the weights were "
+                                                  r"trained on, in their order"):
+            load_classifier(saved)
+    (saved / "classifier.json").write_text(json.dumps(meta))
+    assert load_classifier(saved).classes == trained
+
+
 def test_description_with_other_classes_than_the_weights(saved):
     meta = json.loads((saved / "classifier.json").read_text())
     meta["classes"] = ["neg", "pos"]  # the weights have 3 outputs

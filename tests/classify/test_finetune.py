@@ -288,6 +288,8 @@ def test_expression_model_is_refused(train):
     ({"cutmix": -1.0}, "cutmix"),
     ({"head": "mlp", "mixup": 0.8}, "mixup"),  # soft labels blend crops while fine-tuning only
     ({"cutmix": 1.0, "supcon_weight": 0.5}, "supcon_weight"),
+    ({"augment": {"output_size": 20}}, "augment.output_size: 20: fine-tuning trains on views of the crops' own size"),
+    ({"augment": ["hflip"]}, "augment: expected a mapping"),
 ])
 def test_config_validation(values, field):
     with pytest.raises(ConfigError, match=field):

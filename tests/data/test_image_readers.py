@@ -76,6 +76,28 @@ def test_npz_label_key_and_bad_codes(tmp_path, x16):
         CellImages.read(wrong_names)
 
 
+def test_code_minus_one_is_unlabelled_with_or_without_label_names(tmp_path, x16):
+    """Without label_names, -1 became a class '-1' that a classifier then learned as a cell type."""
+    codes = np.array([0, 1, -1, 2] * 3)
+    named = CellImages.read(save_npz(tmp_path / "n.npz", x16, labels=codes, label_names=np.array(["a", "b", "c"])))
+    plain = CellImages.read(save_npz(tmp_path / "p.npz", x16, labels=codes))
+    assert list(plain.obs["label"].cat.categories) == [0, 1, 2]
+    np.testing.assert_array_equal(plain.obs["label"].isna(), codes == -1)
+    np.testing.assert_array_equal(plain.obs["label"].isna(), named.obs["label"].isna())
+
+
+def test_object_arrays_are_never_unpickled_and_named(tmp_path, x16):
+    labels = np.array(["G1", "S", None] * 4, dtype=object)
+    with pytest.raises(FileFormatError, match=r"o\.npz: the label array 'labels' is an object \(pickled\) array, "
+                                              r"which sslcell does not load: save it as a string array, e\.g\. "
+                                              r"np\.savez\(\.\.\., labels=values\.astype\(str\)\)"):
+        CellImages.read(save_npz(tmp_path / "o.npz", x16, labels=labels))
+    path = save_npz(tmp_path / "m.npz", x16, note=labels, phase=np.array(["G1", "S"] * 6))
+    with pytest.warns(UserWarning, match=r"array 'note' is an object \(pickled\) array, not loaded; skipped"):
+        cells = CellImages.read(path, label_key="phase")
+    assert "note" not in cells.obs and list(cells.obs["label"][:2]) == ["G1", "S"]
+
+
 def test_npz_corrupt_files_name_the_path(tmp_path, x16):
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"this is not a zip file at all" * 10)

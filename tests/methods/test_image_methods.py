@@ -299,12 +299,35 @@ def test_integer_crops_on_another_intensity_scale_warn():
     full = CellImages.from_array(np.moveaxis(full, -1, 1).copy(), channel_names=["bf", "df"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        inputs.align(full)  # the training scale, or a few times brighter or dimmer: quiet
-        inputs.align(CellImages.from_array(np.asarray(full.images) // 4, channel_names=["bf", "df"]))
+        inputs.align(full)  # the training scale, or 20% brighter (within the spread): quiet
+        brighter = (np.asarray(full.images) * 1.2).astype(np.uint16)
+        inputs.align(CellImages.from_array(brighter, channel_names=["bf", "df"]))
     low = CellImages.from_array(np.asarray(full.images) >> 8, channel_names=["bf", "df"])
-    with pytest.warns(UserWarning, match=r"channel means bf 54\.\d+ \(model 1\.4e\+04\), df 2\d\.\d+ \(model 7000\)"):
+    with pytest.warns(UserWarning, match=r"channel means bf 54\.\d+ \(model 1\.4e\+04 ± 3000\), df 2\d\.\d+ "
+                                         r"\(model 7000 ± 1500\)"):
         inputs.align(low)
+    dimmer = CellImages.from_array(np.asarray(full.images) // 4, channel_names=["bf", "df"])  # 2 bits short
+    with pytest.warns(UserWarning, match=r"channel means bf 3\d{3}\.?\d* \(model 1\.4e\+04 ± 3000\), df 1\d{3}"):
+        inputs.align(dimmer)
     blank = CellImages.from_array(np.asarray(full.images) * np.array([1, 0], np.uint16)[None, :, None, None],
                                   channel_names=["bf", "df"])
-    with pytest.warns(UserWarning, match=r"channel means df 0 \(model 7000\)"):
+    with pytest.warns(UserWarning, match=r"channel means df 0 \(model 7000 ± 1500\)"):
         inputs.align(blank)
+
+
+def test_twice_the_exposure_warns_but_not_on_a_sparse_channel():
+    """A Jurkat-like brightfield (mean 675, spread 63) at twice the exposure lies 11 spreads off: a classifier called
+    one class for every crop without a word (the warning came only at 16x). A stain's sparse bright spots (spread
+    wider than the mean) at twice the intensity stay inside what the model saw."""
+    inputs = ImageInputs({"modality": "image", "channel_names": ["bf", "spots"], "channel_mean": [675.0, 30.0],
+                          "channel_std": [63.0, 100.0], "image_size": [8, 8], "dtype": "uint16"})
+    rng = np.random.default_rng(0)
+    bf = rng.normal(675, 63, size=(40, 1, 8, 8))
+    spots = np.where(rng.random((40, 1, 8, 8)) < 0.1, 300.0, 0.0)
+    x = np.concatenate([bf, spots], axis=1).clip(0, 65535)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        inputs.align(CellImages.from_array(x.astype(np.uint16), channel_names=["bf", "spots"]))
+        inputs.align(CellImages.from_array((x * [[[[1]], [[2]]]]).astype(np.uint16), channel_names=["bf", "spots"]))
+    with pytest.warns(UserWarning, match=r"channel means bf 13\d\d \(model 675 ± 63\) are 1.5x or more and over 3 "):
+        inputs.align(CellImages.from_array((x * 2).astype(np.uint16), channel_names=["bf", "spots"]))

@@ -34,7 +34,8 @@ class ImageAugmentConfig:
     Attributes:
         output_size: side (or ``(h, w)``) of the output; ``None`` keeps the input size.
         scale: range of the crop area as a fraction of the image area.
-        ratio: range of the crop aspect ratio (width / height, in pixels), sampled log-uniformly.
+        ratio: range of the crop aspect ratio (width / height) relative to the image's, sampled log-uniformly: 1 keeps
+            the image's own shape (a non-square crop is never stretched by scale 1, ratio 1).
         hflip, vflip: probability of a horizontal / vertical flip.
         rot90: turn by a random multiple of 90 degrees.
         rotation_degrees: extra rotation, uniform in ``[-rotation_degrees, rotation_degrees]``,
@@ -235,11 +236,12 @@ def draw_geometry(b: int, height: int, width: int, scale: tuple[float, float],
     """The ``(B,)`` parameters and ``theta`` (B, 2, 3) of ``random_resized_crop_flip_rotate``
     for images of ``(height, width)``, drawn on ``like``'s device and dtype."""
     device = like.device
-    # crop extent as a fraction of the image side, and crop centre in normalised coordinates
+    # crop extent as a fraction of the image side, and crop centre in normalised coordinates; the aspect is the
+    # crop's relative to the image's, so scale 1 and ratio 1 read the whole image unstretched, square or not
     area = _uniform((b,), scale[0], scale[1], generator, like)
     aspect = _uniform((b,), math.log(ratio[0]), math.log(ratio[1]), generator, like).exp()
-    crop_w = (area * aspect * (height / width)).sqrt().clamp(max=1.0)
-    crop_h = (area / aspect * (width / height)).sqrt().clamp(max=1.0)
+    crop_w = (area * aspect).sqrt().clamp(max=1.0)
+    crop_h = (area / aspect).sqrt().clamp(max=1.0)
     centre_x = _uniform((b,), -1.0, 1.0, generator, like) * (1.0 - crop_w)
     centre_y = _uniform((b,), -1.0, 1.0, generator, like) * (1.0 - crop_h)
     # F D: flips then k quarter turns, as a signed permutation of (x, y)
@@ -250,6 +252,8 @@ def draw_geometry(b: int, height: int, width: int, scale: tuple[float, float],
     if rot90:
         gen_device = generator.device if generator is not None else device
         k = torch.randint(0, 4, (b,), generator=generator, device=gen_device).to(device)
+        if height != width:  # a quarter turn of an H x W crop into an H x W view would stretch it: half turns only
+            k = (k // 2) * 2
     else:
         k = torch.zeros(b, dtype=torch.long, device=device)
     # (x, y) of the output reads input (cos_k x - sin_k y, sin_k x + cos_k y) with turn k

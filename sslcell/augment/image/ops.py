@@ -48,7 +48,8 @@ def random_resized_crop_flip_rotate(
     The crop follows torchvision's ``RandomResizedCrop`` parameters (area fraction ``scale``,
     log-uniform aspect ``ratio``) but clamps to the image instead of retrying. Bilinear sampling
     at pixel centres, so with no crop, no rotation and unchanged size it returns the input
-    exactly (flips and 90-degree turns too, for square images). The rotation is applied with
+    exactly, square or not (flips and turns too; a non-square image turns by half turns only, as a quarter turn
+    into its own shape would stretch it). The rotation is applied with
     probability ``rotation_p`` (keyword only; ``ImageAugmentConfig`` defaults it to 0.5).
 
     The values are ``grid_sample``'s (bilinear, ``padding_mode``, align_corners=False) for
