@@ -717,6 +717,9 @@ def _cell_cycle_crops(args: argparse.Namespace) -> int:
     _refuse_flags(args, ("plot", "anchor_key", "anchor_order", "reference", "use_rep", "key_added", "reference_key"),
                   "these read an .h5ad of embeddings; with --model / --recipe the command writes its own folder "
                   "(cells.h5ad with obs cell_cycle_theta, cell_cycle.png)")
+    if args.model and args.recipe:
+        raise InputError(f"--model and --recipe: --model {args.model} fits a new recipe, --recipe {args.recipe} places "
+                         "crops with a saved one; give one of them")
     out = _output_folder(Path(args.out), args.overwrite)
     cells = CellImages.read(args.data)
     if args.model:

@@ -193,6 +193,9 @@ def test_cell_cycle_messages_name_the_flags(tmp_path, capsys):
     argv = ["cell-cycle", "--data", str(tmp_path / "ring.h5ad"), "--out", str(tmp_path / "o.h5ad")]
     assert main([*argv, "--anchor-order", "G1,S,G2M"]) == 2
     assert "--anchor-order needs --anchor-key (the obs column" in capsys.readouterr().err
+    crops = ["cell-cycle", "--data", str(tmp_path / "c.npz"), "--out", str(tmp_path / "cc")]
+    assert main([*crops, "--model", str(tmp_path / "m"), "--recipe", str(tmp_path / "r")]) == 2  # --recipe was ignored
+    assert "give one of them" in capsys.readouterr().err and not (tmp_path / "cc").exists()
 
 
 def test_a_stopped_command_that_cannot_resume_says_nothing_was_written(capsys):
