@@ -31,7 +31,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         return args.run(args) or 0
     except RunInterrupted as err:  # as a process killed by SIGTERM ends: 128 + 15
-        after = "" if args.command in RESUMABLE else "; nothing was written (it does not resume): run it again"
+        stops_for_good = args.command in ("finetune", "cell-cycle")
+        after = "; nothing was written (it does not resume): run it again" * stops_for_good
         print(f"sslcell {args.command}: {err}{after}".replace("resume=True (--resume)", "--resume"), file=sys.stderr)
         return 143
     except KeyboardInterrupt:  # Ctrl-C: no traceback; 128 + SIGINT, as the shell reports it
@@ -75,6 +76,8 @@ def _as_cli(message: str, command: str = "embed") -> str:
     """Library messages name Python arguments; on the command line, name the flags (``command``'s own)."""
     message = message.replace("open with counts_are_log_normalized=True", "open with " + LOG_NORMALISED.get(
         command, "the raw counts instead (--layer, e.g. --layer counts)"))
+    if command == "pretrain":  # its label key is the recipe's data.label_key, not a flag
+        message = message.replace("label_key", "data.label_key")
     for python, flag in (("resume=True (--resume)", "--resume"), ("overwrite=True (--overwrite)", "--overwrite"),
                          ("overwrite=True", "--overwrite"), ("key_added", "--key-added"),
                          ("counts_are_log_normalized=True", "--counts-are-log-normalized"),
@@ -755,6 +758,8 @@ def _transfer(args: argparse.Namespace) -> int:
     _check_transfer_flags(args, saved)
     out = _new_h5ad(args.out, args.overwrite, args.reference, args.query)
     if args.save_reference:  # before any work
+        if Path(args.save_reference).exists() and not Path(args.save_reference).is_dir():
+            raise OverwriteError(f"--save-reference {args.save_reference}: is a file; give a folder for the reference")
         check_free_files(Path(args.save_reference), FILES, args.overwrite)
     if args.model and read_model_config(args.model)["contract"]["modality"] == "image":
         raise InputError(f"--model {args.model}: an image model reads crops, not these .h5ad files; embed the crops "

@@ -111,3 +111,11 @@ def test_low_confidence_calls_count_as_misses_not_as_a_class(files, capsys):
 def test_missing_or_clashing_flags_are_named(files, capsys, argv, message):
     assert main(["transfer", *[a.format(tmp=files) for a in argv], "--out", str(files / "o.h5ad")]) == 2
     assert message in capsys.readouterr().err and not (files / "o.h5ad").exists()
+
+
+def test_save_reference_naming_a_file_is_refused_before_any_work(files, capsys):
+    (files / "taken.txt").write_text("mine")
+    assert main(["transfer", "--reference", str(files / "ref.h5ad"), "--query", str(files / "q.h5ad"), "--label-key",
+                 "cell_type", "--save-reference", str(files / "taken.txt"), "--out", str(files / "o.h5ad")]) == 2
+    assert "taken.txt: is a file" in capsys.readouterr().err
+    assert not (files / "o.h5ad").exists() and (files / "taken.txt").read_text() == "mine"

@@ -78,7 +78,7 @@ def default_phase_order(labels: Any, categories: Any = None, ordered: bool = Fal
     if all(n.lower() in CYCLE_PHASES for n in names):
         return sorted(names, key=lambda n: CYCLE_PHASES.index(n.lower()))
     raise InputError(f"the cycle order of the phases {names} is not known (only a sort by name, which would set "
-                     "θ's direction by the alphabet): give it, anchor_order=[...] (--anchor-order), or make the "
+                     "θ's direction by the alphabet): give it as anchor_order=[...], or make the "
                      "column an ordered categorical")
 
 
@@ -218,9 +218,13 @@ class CycleFit:
         starts = numbers("phase_starts", ndim=1) if phases or "phase_starts" in values else np.zeros(0)
         if starts.size != len(phases):
             raise fail("phase_starts", f"holds {starts.size} starts for the {len(phases)} phases {phases}")
-        if phases and not (abs(starts[0]) < 1e-12 and (np.diff(starts) > 0).all() and starts[-1] < TWO_PI):
-            raise fail("phase_starts", f"{np.round(starts, 4).tolist()} do not rise from 0 within [0, 2π) (one "
+        if phases and not (abs(starts[0]) < 1e-12 and (np.diff(starts) >= 0).all() and starts[-1] <= TWO_PI + 1e-9):
+            raise fail("phase_starts", f"{np.round(starts, 4).tolist()} do not rise from 0 within [0, 2π] (one "
                        "start per phase, in cycle order)")
+        empty = [p for p, w in zip(phases, np.diff(np.r_[starts, TWO_PI]), strict=True) if w <= 0]
+        if empty:  # a fit from before sslcell refused phases without anchored cells
+            warn_user(f"{where}: the phase(s) {empty} have an empty arc (no anchored cell when it was fitted), so no "
+                      "cell is placed in them; fit it again with every phase anchored")
         method = values.get("method", cls.method)
         if not isinstance(method, str):
             raise fail("method", f"is {method!r}, not a text")

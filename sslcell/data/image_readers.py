@@ -203,8 +203,9 @@ def _read_npz(path: Path, label_key: str | None) -> RawCells:
                     shape, _, dtype = _npy_header(fp)
                 if np.dtype(dtype).hasobject:  # pickled: never loaded (allow_pickle=False)
                     fix = f"save it as a string array, e.g. np.savez(..., {key}=values.astype(str))"
-                    if key == label_key or (label_key is None and key in ("labels", "label")):
-                        raise FileFormatError(f"{path}: the label array {key!r} is an object (pickled) array, "
+                    if key in ("label_names", "channel_names", label_key) or (label_key is None and key in
+                                                                              ("labels", "label")):
+                        raise FileFormatError(f"{path}: the array {key!r} is an object (pickled) array, "
                                               f"which sslcell does not load: {fix}")
                     warn_user(f"{path}: array {key!r} is an object (pickled) array, not loaded; skipped ({fix})")
                     continue

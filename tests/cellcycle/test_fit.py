@@ -272,3 +272,17 @@ def test_bad_rows_of_the_representation_are_named():
     fit = fit_cycle(x)
     with pytest.raises(InputError, match=r"^the representation holds NaN or inf values in 6 row"):
         fit.theta(bad)
+
+
+def test_a_fit_saved_with_an_empty_phase_before_the_check_still_loads_with_a_warning():
+    """Fits made before unanchored phases were refused hold a phase whose start is 2π: they place cells still."""
+    fit = fit_cycle(_ring_for_record(), np.array(["G1", "S"] * 30), ["G1", "S"], warn=False).to_dict()
+    fit["phases"], fit["phase_starts"] = ["G1", "S", "G2M"], [*fit["phase_starts"], 2 * np.pi]
+    with pytest.warns(UserWarning, match=r"phase\(s\) \['G2M'\] have an empty arc"):
+        loaded = CycleFit.from_record(fit, "old.h5ad")
+    assert loaded.phases == ["G1", "S", "G2M"]
+
+
+def _ring_for_record() -> np.ndarray:
+    angle = np.linspace(0, 2 * np.pi, 60, endpoint=False)
+    return np.c_[np.cos(angle), np.sin(angle), np.zeros(60)]

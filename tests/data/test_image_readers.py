@@ -88,10 +88,13 @@ def test_code_minus_one_is_unlabelled_with_or_without_label_names(tmp_path, x16)
 
 def test_object_arrays_are_never_unpickled_and_named(tmp_path, x16):
     labels = np.array(["G1", "S", None] * 4, dtype=object)
-    with pytest.raises(FileFormatError, match=r"o\.npz: the label array 'labels' is an object \(pickled\) array, "
+    with pytest.raises(FileFormatError, match=r"o\.npz: the array 'labels' is an object \(pickled\) array, "
                                               r"which sslcell does not load: save it as a string array, e\.g\. "
                                               r"np\.savez\(\.\.\., labels=values\.astype\(str\)\)"):
         CellImages.read(save_npz(tmp_path / "o.npz", x16, labels=labels))
+    names = save_npz(tmp_path / "n.npz", x16, labels=np.arange(12) % 2, label_names=np.array(["a", "b"], object))
+    with pytest.raises(FileFormatError, match=r"the array 'label_names' is an object"):  # was skipped: codes as classes
+        CellImages.read(names)
     path = save_npz(tmp_path / "m.npz", x16, note=labels, phase=np.array(["G1", "S"] * 6))
     with pytest.warns(UserWarning, match=r"array 'note' is an object \(pickled\) array, not loaded; skipped"):
         cells = CellImages.read(path, label_key="phase")
