@@ -642,11 +642,11 @@ def _new_file(path: Path, overwrite: bool) -> Path:
     return path
 
 
-def _output_folder(path: Path, overwrite: bool, *, empty: bool = True) -> Path:
-    """``--out`` of a command that writes a folder, checked before any work: refused where it is a file, or
-    (``empty``: the command replaces the folder's contents) holds files and ``overwrite`` is off."""
+def _output_folder(path: Path, overwrite: bool, *, empty: bool = True, flag: str = "--out") -> Path:
+    """``--out`` (or ``flag``) of a command that writes a folder, checked before any work: refused where it is a
+    file, or (``empty``: the command replaces the folder's contents) holds files and ``overwrite`` is off."""
     if path.exists() and not path.is_dir():
-        raise OverwriteError(f"{path}: is a file; --out names a folder to write into")
+        raise OverwriteError(f"{path}: is a file; {flag} names a folder to write into")
     if empty and path.exists() and any(path.iterdir()) and not overwrite:
         raise OverwriteError(f"{path}: is not empty; pass --overwrite to replace it or choose another --out")
     return path
@@ -758,9 +758,8 @@ def _transfer(args: argparse.Namespace) -> int:
     _check_transfer_flags(args, saved)
     out = _new_h5ad(args.out, args.overwrite, args.reference, args.query)
     if args.save_reference:  # before any work
-        if Path(args.save_reference).exists() and not Path(args.save_reference).is_dir():
-            raise OverwriteError(f"--save-reference {args.save_reference}: is a file; give a folder for the reference")
-        check_free_files(Path(args.save_reference), FILES, args.overwrite)
+        folder = _output_folder(Path(args.save_reference), args.overwrite, empty=False, flag="--save-reference")
+        check_free_files(folder, FILES, args.overwrite)
     if args.model and read_model_config(args.model)["contract"]["modality"] == "image":
         raise InputError(f"--model {args.model}: an image model reads crops, not these .h5ad files; embed the crops "
                          "first (sslcell embed --model ... --data crops.npz --out cells.h5ad) and pass the embedded "
@@ -780,9 +779,8 @@ def _transfer(args: argparse.Namespace) -> int:
         args.use_rep = args.use_rep or "X_sslcell"
     query = reference if args.leave_one_out else _read_h5ad(args.query)
     if args.model:
-        sides = [("--query", args.query, query)] if saved else [("--reference", args.reference, reference)]
-        if not saved and not args.leave_one_out:
-            sides.append(("--query", args.query, query))
+        sides = [("--reference", args.reference, reference)] * (not saved)  # a saved reference holds no counts
+        sides += [("--query", args.query, query)] * (not args.leave_one_out)  # (the query is the reference then)
         for flag, path, adata in sides:
             if args.use_rep in adata.obsm and not args.overwrite:
                 raise OverwriteError(f"{flag} {path}: obsm[{args.use_rep!r}] holds an embedding already; pass "
